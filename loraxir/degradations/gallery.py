@@ -1,0 +1,70 @@
+"""A labelled contact sheet of degradations on one image, to see what a suite does."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from loraxir.degradations.registry import available, get
+from loraxir.degradations.suites import Suite
+
+
+def square(image: Tensor, size: int) -> Tensor:
+    """Resize a ``uint8`` ``(3, H, W)`` image so its short side is ``size`` (bicubic,
+    anti-aliased), centre-crop it square, and return float ``(1, 3, size, size)`` in [0, 1]."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    shape = (max(size, round(height * scale)), max(size, round(width * scale)))
+    resized = F.interpolate(image[None].float() / 255, size=shape, mode="bicubic", antialias=True)
+    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    return resized[..., top : top + size, left : left + size].clamp(0, 1)
+
+
+def render_gallery(
+    image: Tensor, path: str | Path, suite: Suite | None = None, seed: int = 0, columns: int = 3
+) -> Path:
+    """Degrade ``image`` (float ``(1, 3, H, W)``) by every task of ``suite`` (every registered
+    degradation with its default ranges when ``suite`` is None), and save a grid with the
+    clean image first, each cell titled with the task and the parameters drawn."""
+    from matplotlib.figure import Figure
+
+    generator = torch.Generator().manual_seed(seed)
+    cells: list[tuple[str, Tensor]] = [("clean", image)]
+    if suite is None:
+        for name in available():
+            degraded, params = get(name)(image, generator)
+            cells.append((f"{name}\n{_format_params(params)}", degraded))
+    else:
+        for task in suite.tasks:
+            degraded, params = task.degrade(image, generator)
+            steps = " + ".join(_format_step(step) for step in params["steps"])
+            cells.append((f"{task.name}\n{steps}", degraded))
+    rows = -(-len(cells) // columns)
+    figure = Figure(figsize=(3.0 * columns, 3.5 * rows), dpi=100, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, (title, pixels) in zip(axes, cells, strict=False):
+        axis.imshow(pixels[0].permute(1, 2, 0).cpu().numpy())
+        heading, _, detail = title.partition("\n")
+        axis.set_title(f"{heading}\n{textwrap.fill(detail, 42)}", fontsize=8)
+    for axis in axes:
+        axis.axis("off")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def _format_step(step: dict[str, Any]) -> str:
+    params = {key: value for key, value in step.items() if key != "name"}
+    return f"{step['name']}({_format_params(params)})"
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    shown = [f"{k}={v:.3g}" for k, v in params.items() if k != "seed" and isinstance(v, float)]
+    shown += [f"{k}={v}" for k, v in params.items() if k != "seed" and isinstance(v, int)]
+    return ", ".join(shown)

@@ -1,0 +1,326 @@
+"""The registry of named degradations and the contract they all share.
+
+A degradation is a pure function of a clean batch, a parameter set and a seed. Parameters
+are *sampled* once per call from ranges (or fixed by the caller) and *reported*, together
+with the seed that drives every random pattern (noise, streaks, drops), so that
+``apply(name, images, **reported)`` reproduces a sample bit for bit. One parameter set is
+drawn per call, shared by the whole batch; to vary parameters image by image, call per
+image (as :class:`loraxir.data.SyntheticPairs` does).
+
+Contract of every degradation: input float ``(B, 3, H, W)`` in ``[0, 1]`` on any device;
+output of the same shape, dtype and device, clipped to ``[0, 1]`` and rounded to the 256
+levels of an 8-bit file, because the benchmark sets the paper evaluates on are 8-bit
+files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loraxir.errors import ConfigError, DataError, unknown_name
+
+Number = int | float
+# A caller's value for one parameter: a number (fixed), a (low, high) pair (sampled
+# uniformly) or, for parameters with choices, a list of allowed values (one is drawn).
+ParamValue = Number | Sequence[Number]
+_SEED_HIGH = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a degradation: its allowed range and what is drawn by default.
+
+    ``low``/``high`` bound every value a caller may pass (inclusive). ``default`` is the
+    value or ``(low, high)`` range drawn when the caller passes nothing. ``choices``
+    restricts an integer parameter to a finite set (e.g. a scale factor of 2 or 4).
+    """
+
+    low: float
+    high: float
+    default: ParamValue
+    help: str
+    integer: bool = False
+    choices: tuple[int, ...] | None = None
+
+    def validate(self, degradation: str, name: str, value: Any) -> None:
+        """Raise :class:`ConfigError` unless ``value`` is a fixed value, range or choice list."""
+        values = _as_numbers(degradation, name, value)
+        if self.choices is not None:
+            bad = [v for v in values if v not in self.choices]
+            if bad:
+                raise ConfigError(
+                    f"{degradation}: {name}={bad[0]!r} is not one of {list(self.choices)} "
+                    f"({self.help}). Pass one of them, or a list of them to draw from."
+                )
+            return
+        if not isinstance(value, int | float) and len(values) != 2:
+            raise ConfigError(
+                f"{degradation}: {name}={list(values)!r} must be a number or a [low, high] "
+                f"range of two numbers ({self.help})."
+            )
+        for v in values:
+            if not self.low <= v <= self.high:
+                raise ConfigError(
+                    f"{degradation}: {name}={v!r} is out of range [{self.low:g}, {self.high:g}] "
+                    f"({self.help}). Pass a value inside the range."
+                )
+            if self.integer and v != int(v):
+                raise ConfigError(f"{degradation}: {name}={v!r} must be an integer ({self.help}).")
+        if len(values) == 2 and values[0] > values[1]:
+            raise ConfigError(
+                f"{degradation}: {name} range {list(values)!r} has low > high; write it as "
+                f"[{values[1]!r}, {values[0]!r}]."
+            )
+
+    def draw(self, value: ParamValue, generator: torch.Generator | None) -> Number:
+        """Return a concrete value: ``value`` itself if fixed, else one drawn with ``generator``."""
+        if isinstance(value, int | float):
+            return int(value) if self.integer else float(value)
+        if self.choices is not None:
+            index = _randint(0, len(value) - 1, generator)
+            return int(value[index])
+        low, high = value
+        if self.integer:
+            return _randint(int(low), int(high), generator)
+        u = torch.rand((), generator=generator, dtype=torch.float64, device=_device(generator))
+        return float(low + (high - low) * u.item())
+
+
+DegradeFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """A registered degradation: ``fn(images, generator, **params) -> images``.
+
+    ``fn`` receives concrete parameter values and a generator seeded from the reported
+    ``seed``, on the images' device; it must draw every random pattern from it.
+    """
+
+    name: str
+    fn: DegradeFn
+    params: Mapping[str, Param]
+    summary: str
+    extras: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """A plain-text summary: the name, what it does and each parameter's range."""
+        lines = [f"{self.name}: {self.summary}"]
+        for key, spec in self.params.items():
+            allowed = list(spec.choices) if spec.choices else f"[{spec.low:g}, {spec.high:g}]"
+            default = spec.default if isinstance(spec.default, int | float) else list(spec.default)
+            lines.append(f"    {key:<11} {spec.help}; allowed {allowed}, default {default}")
+        lines.extend(f"    {key:<11} optional input, see the docs" for key in self.extras)
+        return "\n".join(lines)
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Raise a typed error for unknown parameter names or values out of range."""
+        for key, value in params.items():
+            if key == "seed":
+                _check_seed(self.name, value)
+            elif key in self.params:
+                self.params[key].validate(self.name, key, value)
+            elif key not in self.extras:
+                raise unknown_name(
+                    f"parameter of {self.name!r}",
+                    key,
+                    [*self.params, *self.extras, "seed"],
+                    hint=f"See `loraxir degradations --list` for {self.name!r}'s parameters.",
+                )
+
+    def sample(self, generator: torch.Generator | None = None, **params: Any) -> dict[str, Any]:
+        """Return a full, concrete parameter set (including ``seed``) for one call."""
+        self.check_params(params)
+        drawn: dict[str, Any] = {}
+        for key, spec in self.params.items():
+            drawn[key] = spec.draw(params.get(key, spec.default), generator)
+        drawn.update({key: params[key] for key in self.extras if key in params})
+        seed = params.get("seed")
+        drawn["seed"] = _randint(0, _SEED_HIGH, generator) if seed is None else int(seed)
+        return drawn
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None, **params: Any
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """Degrade ``images``; return the degraded batch and the parameters that made it."""
+        check_images(images)
+        drawn = self.sample(generator, **params)
+        local = torch.Generator(device=images.device).manual_seed(drawn["seed"])
+        kwargs = {key: value for key, value in drawn.items() if key != "seed"}
+        with torch.no_grad():
+            out = self.fn(images, local, **kwargs)
+        return quantize(out), drawn
+
+
+_REGISTRY: dict[str, Degradation] = {}
+
+
+def register(
+    name: str,
+    params: Mapping[str, Param],
+    summary: str,
+    extras: tuple[str, ...] = (),
+) -> Callable[[DegradeFn], DegradeFn]:
+    """Decorator registering ``fn`` under ``name``; registering a name twice is an error.
+
+    ``extras`` names optional keyword arguments that are passed through untouched and are
+    not sampled (e.g. a depth map for ``haze``).
+    """
+
+    def decorate(fn: DegradeFn) -> DegradeFn:
+        if name in _REGISTRY:
+            raise ConfigError(f"A degradation named {name!r} is already registered.")
+        _REGISTRY[name] = Degradation(name, fn, dict(params), summary, extras)
+        return fn
+
+    return decorate
+
+
+def available() -> list[str]:
+    """The registered degradation names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Degradation:
+    """The :class:`Degradation` registered as ``name``; lists the known names if unknown."""
+    if name not in _REGISTRY:
+        raise unknown_name("degradation", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def apply(
+    name: str, images: Tensor, generator: torch.Generator | None = None, **params: Any
+) -> tuple[Tensor, dict[str, Any]]:
+    """Degrade ``images`` (float ``(B, 3, H, W)`` in ``[0, 1]``) with the degradation ``name``.
+
+    Parameters not given are drawn from their default ranges with ``generator`` (the global
+    generator when ``None``); a parameter given as a number is fixed, as ``[low, high]`` is
+    drawn from that range. Returns ``(degraded, params)`` where ``params`` holds every
+    concrete value and the ``seed``: ``apply(name, images, **params)`` reproduces the batch.
+    """
+    return get(name)(images, generator, **params)
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Degradations applied in sequence (e.g. rain then haze), for mixed degradations.
+
+    Each step draws its own parameters and seed. The reported parameters are
+    ``{"steps": [{"name": ..., **params}, ...]}``; ``compose(reported["steps"])`` rebuilds a
+    pipeline that reproduces the sample exactly.
+    """
+
+    steps: tuple[tuple[str, Mapping[str, Any]], ...]
+
+    @property
+    def names(self) -> list[str]:
+        """The degradation names of the steps, in order."""
+        return [name for name, _ in self.steps]
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """Apply every step to ``images``; return the result and ``{"steps": [...]}``."""
+        reported = []
+        for name, params in self.steps:
+            images, drawn = get(name)(images, generator, **params)
+            reported.append({"name": name, **drawn})
+        return images, {"steps": reported}
+
+
+StepSpec = str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]
+
+
+def compose(steps: Sequence[StepSpec]) -> Compose:
+    """Build a :class:`Compose` from steps, each a name, a ``(name, params)`` pair or a
+    ``{"name": ..., **params}`` dict (the form ``Compose`` reports). Names and parameters are
+    checked now, so a bad pipeline fails when built rather than mid-training."""
+    if isinstance(steps, str) or not isinstance(steps, Sequence) or not steps:
+        raise ConfigError(
+            f"compose() takes a non-empty list of steps, got {steps!r}; e.g. "
+            "compose(['rain', ('haze', {'beta': 1.0})])."
+        )
+    parsed = []
+    for step in steps:
+        if isinstance(step, str):
+            name, params = step, {}
+        elif isinstance(step, tuple) and len(step) == 2:
+            name, params = step[0], dict(step[1])
+        elif isinstance(step, Mapping) and "name" in step:
+            params = dict(step)
+            name = params.pop("name")
+        else:
+            raise ConfigError(
+                f"compose(): cannot read step {step!r}; write a name, a (name, params) pair "
+                "or a {'name': ..., **params} dict."
+            )
+        get(name).check_params(params)
+        parsed.append((name, params))
+    return Compose(tuple(parsed))
+
+
+def check_images(images: Any) -> None:
+    """Raise :class:`DataError` unless ``images`` is a float ``(B, 3, H, W)`` batch in [0, 1]."""
+    if not isinstance(images, Tensor):
+        raise DataError(
+            f"Expected images as a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(
+            f"Expected images of shape (B, 3, H, W), got {tuple(images.shape)}. Add a batch "
+            "dimension with images[None]; convert grayscale with images.expand(-1, 3, -1, -1)."
+        )
+    if not images.is_floating_point():
+        raise DataError(
+            f"Expected floating-point images in [0, 1], got dtype {images.dtype}. "
+            "Convert 8-bit images with images.float() / 255."
+        )
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise DataError(
+            f"Expected images in [0, 1], got values in [{images.min().item():.3g}, "
+            f"{images.max().item():.3g}]. Scale 0-255 images by 1/255 and clamp to [0, 1]."
+        )
+
+
+def quantize(images: Tensor) -> Tensor:
+    """Clip to [0, 1] and round to 8-bit levels, as saving a PNG would."""
+    return torch.round(images.clamp(0, 1) * 255) / 255
+
+
+def _as_numbers(degradation: str, name: str, value: Any) -> list[Number]:
+    values = [value] if isinstance(value, int | float) else value
+    if isinstance(value, bool) or not isinstance(values, Sequence) or isinstance(values, str):
+        raise ConfigError(
+            f"{degradation}: {name}={value!r} must be a number or a [low, high] list of numbers."
+        )
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if not values or not numbers:
+        raise ConfigError(
+            f"{degradation}: {name}={value!r} must be a number or a non-empty list of numbers."
+        )
+    return list(values)
+
+
+def _check_seed(degradation: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _SEED_HIGH:
+        raise ConfigError(
+            f"{degradation}: seed={value!r} must be an integer in [0, {_SEED_HIGH}]; pass the "
+            "seed reported by a previous call, or leave it out to draw one."
+        )
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """An integer uniform in ``[low, high]`` (inclusive) drawn with ``generator``."""
+    draw = torch.randint(low, high + 1, (), generator=generator, device=_device(generator))
+    return int(draw.item())

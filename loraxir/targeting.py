@@ -1,0 +1,95 @@
+"""Which modules of a backbone get experts.
+
+Resolves ``target_modules`` (names, a regex, or a preset name), the preset detected from the
+backbone, and ``exclude_modules`` into the exact list of module paths to wrap, before any
+module is touched, so that a pattern that matches nothing fails with the closest names
+instead of leaving a half-injected model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from loraxir.errors import TargetModulesError
+from loraxir.layers import LAYER_TYPES, LoraIRLayer
+from loraxir.registry import Preset, detect_preset, get_preset, list_presets
+
+
+def resolve_preset(backbone: nn.Module, preset: str | None, target_modules) -> Preset | None:
+    """The preset to use: the named one, else one detected from the backbone, else None.
+
+    ``target_modules`` given as a preset name counts as naming that preset.
+    """
+    if isinstance(target_modules, str) and target_modules in list_presets():
+        return get_preset(target_modules)
+    if preset is not None:
+        return get_preset(preset)
+    return detect_preset(backbone, getattr(backbone, "_loraxir_architecture", None))
+
+
+def matches(pattern: str | list[str] | None, path: str) -> bool:
+    """Does module ``path`` match a regex (full match) or a list of names (path or suffix)?"""
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, path) is not None
+    return any(path == name or path.endswith("." + name) for name in pattern)
+
+
+def resolve_targets(
+    backbone: nn.Module,
+    target_modules: str | list[str] | None,
+    exclude_modules: str | list[str] | None,
+    preset: str | None,
+) -> list[str]:
+    """Dotted paths of the modules to wrap, in module order.
+
+    Raises :class:`TargetModulesError` when nothing of a supported type matches, listing
+    the closest module names; a matched module of an unsupported type is an error only
+    when it was named explicitly (a regex may sweep over norms and activations).
+    """
+    chosen = resolve_preset(backbone, preset, target_modules)
+    if target_modules is None or (chosen is not None and target_modules == chosen.name):
+        if chosen is None:
+            raise TargetModulesError(
+                f"No target_modules given and no preset matches a {type(backbone).__name__}. "
+                f"Pass target_modules (names or a regex) or preset= one of {list_presets()}, or "
+                "register a preset with loraxir.register_preset."
+            )
+        target_modules = chosen.target_modules
+        exclude = [exclude_modules, chosen.exclude_modules]
+    else:
+        exclude = [exclude_modules]
+    targets = []
+    paths = []
+    for path, module in backbone.named_modules():
+        if not path or isinstance(module, LoraIRLayer):
+            continue
+        if any(path.startswith(f"{t}.") for t in targets):
+            continue
+        paths.append(path)
+        if not matches(target_modules, path) or any(matches(e, path) for e in exclude):
+            continue
+        if type(module) in LAYER_TYPES:
+            targets.append(path)
+        elif isinstance(target_modules, list):
+            raise TargetModulesError(
+                f"Target {path!r} is a {type(module).__name__}; experts attach to "
+                f"{', '.join(t.__name__ for t in LAYER_TYPES)}. Name its inner layers instead."
+            )
+    if not targets:
+        wanted = target_modules if isinstance(target_modules, list) else [target_modules]
+        close = sorted(
+            {c for w in wanted for c in difflib.get_close_matches(w, paths, n=5, cutoff=0.3)}
+        )
+        supported = [p for p in paths if type(backbone.get_submodule(p)) in LAYER_TYPES][:10]
+        raise TargetModulesError(
+            f"target_modules={target_modules!r} matched no Linear/Conv2d/ConvTranspose2d module "
+            f"of the {type(backbone).__name__}. Closest module names: {close or supported}. "
+            "Names match a module path or its last components; a string is a regex that must "
+            "match the whole dotted path."
+        )
+    return targets

@@ -1,0 +1,161 @@
+"""Save/load: bit-identical round trips (ours and peft's), atomic writes, refused inputs."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+
+import loraxir
+from loraxir import CheckpointError, ConfigError, LoraIRConfig
+from loraxir.layers import LoraIRLayer
+from tests.conftest import randomize_experts
+
+DEGRADATIONS = ["noise", "rain", "haze"]
+X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def _backbone(name: str = "nafnet-tiny", **hyper):
+    torch.manual_seed(123)  # the same base weights every time: the adapter is what differs
+    return loraxir.create_backbone(name, **hyper).eval()
+
+
+def _trained_model(**config):
+    model = loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS, **config)).eval()
+    randomize_experts(model)
+    return model
+
+
+def _outputs(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X, degradation=["rain", "haze"])
+
+
+def _base_state(backbone) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in backbone.state_dict().items()}
+
+
+def test_save_writes_config_weights_and_model_card(tmp_path):
+    model = _trained_model()
+    model.save_pretrained(tmp_path / "adapter", metrics={"psnr_rain": 31.2})
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORAXIR" and config["degradations"] == DEGRADATIONS
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "noise, rain, haze" in card and "psnr_rain" in card
+
+
+def test_save_load_ours_is_bit_identical(tmp_path):
+    model = _trained_model(r=4, exclude_modules=["ending"])
+    expected = _outputs(model)
+    model.save_pretrained(tmp_path / "a")
+    loaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
+    assert torch.equal(_outputs(loaded), expected)
+    assert "ending" not in {p for p, _ in loaded.expert_layers()}
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_save_load_through_peft_both_ways_is_bit_identical(tmp_path):
+    model = _trained_model()
+    expected = _outputs(model)
+    model.save_pretrained(tmp_path / "ours")
+    peft_model = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "ours")
+    with loraxir.route(peft_model, degradation=["rain", "haze"], batch_size=2), torch.no_grad():
+        assert torch.equal(peft_model(X), expected)
+    peft_model.save_pretrained(tmp_path / "peft")
+    back = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "peft")
+    assert torch.equal(_outputs(back), expected)
+
+
+def test_get_peft_model_trains_only_experts_and_refuses_gate_kwargs():
+    peft_model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and all(".loraxir_experts." in n for n in names)
+    with pytest.raises(loraxir.RoutingError, match="loraxir.route"):
+        peft_model(X, gates=torch.ones(2, 3))
+    with pytest.raises(loraxir.RoutingError, match="No routing"):
+        peft_model(X)
+
+
+def test_grown_adapter_round_trips(tmp_path):
+    model = _trained_model()
+    model.add_degradation("snow")
+    randomize_experts(model)
+    with torch.no_grad():
+        expected = model(X, degradation=["snow", "rain"])
+    model.save_pretrained(tmp_path / "grown")
+    loaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "grown", is_trainable=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(X, degradation=["snow", "rain"]), expected)
+    assert loaded.config.expert_chunks == [3, 1]
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = _trained_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    randomize_experts(model)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loraxir.checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left behind
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "mine"  # user files carried over
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupted_safetensors_is_refused_and_backbone_unchanged(tmp_path, damage):
+    _trained_model().save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
+    backbone = _backbone()
+    state = _base_state(backbone)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        loraxir.LoraIRModel.from_pretrained(backbone, tmp_path / "a")
+    assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+    assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())
+
+
+def test_other_backbone_shapes_name_first_mismatched_layer_and_leave_it_unchanged(tmp_path):
+    _trained_model().save_pretrained(tmp_path / "a")
+    wider = _backbone(width=16)
+    state = _base_state(wider)
+    with pytest.raises(CheckpointError, match=r"Layer 'intro' does not fit.*\(3, 8, 8\).*needs \(3, 16, 8\)"):
+        loraxir.LoraIRModel.from_pretrained(wider, tmp_path / "a")
+    assert not any(isinstance(m, LoraIRLayer) for m in wider.modules())
+    assert wider.state_dict().keys() == state.keys()
+
+
+def test_pickle_adapters_are_refused(tmp_path):
+    _trained_model().save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="pickle.*safetensors only"):
+        loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="is a pickle file"):
+        loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a" / "adapter_model.bin")
+
+
+def test_unknown_config_keys_and_offline_hub_ids_are_clear_errors(tmp_path):
+    _trained_model().save_pretrained(tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    data["future_option"] = 1
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="future_option"):
+        loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
+    with pytest.warns(UserWarning, match="future_option"):
+        loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a", strict=False)
+    with pytest.raises(CheckpointError, match="offline"):
+        loraxir.LoraIRModel.from_pretrained(_backbone(), "someone/not-cached-adapter")

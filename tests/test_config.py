@@ -1,0 +1,79 @@
+"""LoraIRConfig: validation errors that name the field, and an exact JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraxir import ConfigError, LoraIRConfig
+
+
+def test_num_experts_defaults_to_degradation_count_and_names_default():
+    assert LoraIRConfig(degradations=["noise", "rain"]).num_experts == 2
+    assert LoraIRConfig(num_experts=3).degradations == ["expert_0", "expert_1", "expert_2"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": 0}, "r must be an integer >= 1"),
+        ({"r": -2}, "r must be an integer >= 1"),
+        ({"r": 2.5}, "r must be an integer"),
+        ({"lora_alpha": 0}, "lora_alpha must be a finite number > 0"),
+        ({"top_k": 4}, "top_k=4 is larger than num_experts=3"),
+        ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+        ({"trainable": "everything"}, "trainable must be one of 'experts', 'new_experts'"),
+        ({"init": "xavier"}, "init must be one of 'default', 'gaussian'"),
+        ({"compute": "fast"}, "compute must be one of 'auto'"),
+        ({"num_experts": 4}, "num_experts=4 does not match the 3 degradations"),
+        ({"target_modules": []}, "target_modules must be None, a regex string or a non-empty list"),
+        ({"task_type": "CAUSAL_LM"}, "task_type must be None"),
+    ],
+)
+def test_invalid_values_raise_config_error_naming_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LoraIRConfig(degradations=["noise", "rain", "haze"], **kwargs)
+
+
+def test_degradations_must_be_unique_names():
+    with pytest.raises(ConfigError, match="repeated"):
+        LoraIRConfig(degradations=["noise", "noise"])
+    with pytest.raises(ConfigError, match="Give the degradation class names"):
+        LoraIRConfig()
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    config = LoraIRConfig(
+        degradations=["noise", "rain", "haze"], r=4, lora_alpha=8, top_k=2, temperature=0.5,
+        target_modules=["conv1", "conv2"], exclude_modules="ending", lora_dropout=0.1,
+        trainable="all", init="gaussian",
+    )
+    path = tmp_path / "adapter_config.json"
+    path.write_text(config.to_json_string())
+    loaded = LoraIRConfig.from_file(path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.peft_type == "LORAXIR"
+
+
+def test_unknown_keys_from_another_version_are_named(tmp_path):
+    data = LoraIRConfig(degradations=["noise"]).to_dict()
+    data["expert_sharding"] = "rows"
+    data["loraxir_version"] = "9.0.0"
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"\['expert_sharding'\].*loraxir 9.0.0.*strict=False"):
+        LoraIRConfig.from_file(path)
+    with pytest.warns(UserWarning, match="expert_sharding"):
+        assert LoraIRConfig.from_file(path, strict=False).degradations == ["noise"]
+
+
+def test_corrupt_json_and_foreign_peft_type_are_refused(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        LoraIRConfig.from_file(path)
+    with pytest.raises(ConfigError, match="peft_type='LORA'"):
+        LoraIRConfig.from_dict({"peft_type": "LORA", "r": 8})

@@ -1,0 +1,380 @@
+"""Datasets: shapes, labels, determinism, the by-image split, image conversions, real pairs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader
+
+from loraxir import degradations
+from loraxir.data import (
+    SKIMAGE_IMAGES,
+    PairedFolder,
+    SyntheticPairs,
+    TaskBalancedSampler,
+    read_image,
+    skimage_image,
+    split_by_image,
+    task_labels,
+)
+from loraxir.errors import DataError, UnknownNameError
+
+PATCH = 32
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[SyntheticPairs, SyntheticPairs]:
+    return SyntheticPairs.splits("skimage", suite="three_task", patch_size=PATCH)
+
+
+def _save(path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+
+
+def _rgb(seed: int, height: int = 24, width: int = 20) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------- SyntheticPairs
+
+
+def test_items_have_the_documented_shapes_ranges_and_labels(splits):
+    train, _ = splits
+    suite = degradations.suite("three_task")
+    for index in range(len(suite)):
+        item = train[index]
+        assert set(item) == {"lq", "gt", "task", "task_name", "label", "image_id"}
+        for key in ("lq", "gt"):
+            assert item[key].shape == (3, PATCH, PATCH) and item[key].dtype == torch.float32
+            assert 0 <= item[key].min() and item[key].max() <= 1
+        assert item["task"] == index and item["task_name"] == suite.task_names[index]
+        assert item["label"] == suite.label_index(index)
+        assert item["image_id"] in SKIMAGE_IMAGES
+        assert not torch.equal(item["lq"], item["gt"])
+
+
+def test_every_task_gets_the_same_number_of_items(splits):
+    train, _ = splits
+    assert len(train) == len(train.image_ids) * 5
+    assert train.task_labels == [train[i]["task"] for i in range(len(train))][: len(train)]
+    assert set(Counter(train.task_labels).values()) == {len(train.image_ids)}
+
+
+def test_split_by_image_leaks_no_image(splits):
+    train, test = splits
+    assert not set(train.image_ids) & set(test.image_ids)
+    assert sorted(train.image_ids + test.image_ids) == sorted(SKIMAGE_IMAGES)
+    assert len(test.image_ids) == round(0.2 * len(SKIMAGE_IMAGES))
+    assert {test[i]["image_id"] for i in range(len(test))} == set(test.image_ids)
+    again, _ = SyntheticPairs.splits("skimage", suite="five_task", patch_size=8)
+    assert again.image_ids == train.image_ids  # the split depends on the images, not the suite
+
+
+def test_split_by_image_keeps_repeated_ids_together():
+    ids = ["a", "b", "a", "c", "d", "b"]
+    test = split_by_image(ids, "test", 0.5, seed=3)
+    train = split_by_image(ids, "train", 0.5, seed=3)
+    assert sorted(test + train) == list(range(6))
+    assert not {ids[i] for i in test} & {ids[i] for i in train}
+
+
+def test_items_are_deterministic_and_change_with_the_epoch(splits):
+    train, _ = splits
+    other = SyntheticPairs("skimage", "three_task", PATCH, split="train")
+    first, again = train[7], other[7]
+    assert torch.equal(first["lq"], again["lq"]) and torch.equal(first["gt"], again["gt"])
+    other.set_epoch(1)
+    assert not torch.equal(other[7]["lq"], first["lq"])
+
+
+def test_test_set_is_not_augmented_and_uses_another_seed(splits):
+    train, test = splits
+    assert train.augment and not test.augment and test.seed == train.seed + 1
+
+
+def test_task_subset_keeps_the_suite_indices():
+    rain_only = SyntheticPairs("skimage", "three_task", 16, tasks=["rain", "haze"])
+    assert set(rain_only.task_labels) == {3, 4}
+    assert rain_only[1]["task_name"] == "haze" and rain_only[1]["label"] == 2
+
+
+def test_loader_batches_do_not_depend_on_the_number_of_workers(splits):
+    train, _ = splits
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(
+            train,
+            batch_size=4,
+            shuffle=True,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return [batch["lq"] for batch in itertools.islice(loader, 3)]
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_seeded_loader_resumes_bit_exactly(splits):
+    train, _ = splits
+
+    def loader() -> DataLoader:
+        return DataLoader(
+            train, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+
+    full = [batch["lq"] for batch in itertools.islice(loader(), 4)]
+    resumed = [batch["lq"] for batch in itertools.islice(loader(), 2, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(full[2:], resumed, strict=True))
+
+
+def test_whole_images_without_patch_size():
+    full = SyntheticPairs("skimage", "five_task", None, tasks=["noise"])
+    item = full[0]
+    assert item["gt"].shape == skimage_image(item["image_id"]).shape
+
+
+# ----------------------------------------------------------------- folders of clean images
+
+
+def test_folder_converts_grayscale_rgba_and_16_bit(tmp_path):
+    gray = np.arange(24 * 20, dtype=np.uint8).reshape(24, 20)
+    rgba = np.dstack([_rgb(1), np.full((24, 20), 7, np.uint8)])
+    deep = (np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 131).astype(np.uint16)
+    _save(tmp_path / "gray.png", gray)
+    _save(tmp_path / "rgba.png", rgba)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert torch.equal(read_image(tmp_path / "gray.png"), torch.from_numpy(gray).expand(3, -1, -1))
+    assert torch.equal(
+        read_image(tmp_path / "rgba.png"), torch.from_numpy(rgba[..., :3]).permute(2, 0, 1)
+    )
+    expected = torch.from_numpy(np.round(deep / 257).astype(np.uint8)).expand(3, -1, -1)
+    assert torch.equal(read_image(tmp_path / "deep.png"), expected)
+    data = SyntheticPairs(tmp_path, "five_task", 16, split="all")
+    assert sorted(data.image_ids) == ["deep.png", "gray.png", "rgba.png"]
+    assert data[0]["gt"].shape == (3, 16, 16)
+
+
+def test_image_smaller_than_the_patch_is_reflect_padded(tmp_path):
+    small = _rgb(2, 10, 6)
+    _save(tmp_path / "small.png", small)
+    data = SyntheticPairs(tmp_path, "five_task", 16, tasks=["noise"], augment=False)
+    patch = (data[0]["gt"] * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(patch, np.pad(small, ((0, 6), (0, 10), (0, 0)), mode="reflect"))
+
+
+def test_corrupt_and_non_image_files_are_skipped_with_a_counting_warning(tmp_path):
+    _save(tmp_path / "good.png", _rgb(3))
+    _save(tmp_path / "nested" / "good2.png", _rgb(4))
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / ".hidden.png").write_bytes(b"ignored")
+    with pytest.warns(UserWarning, match=r"2 file\(s\).*1 corrupt, 1 without an image extension"):
+        data = SyntheticPairs(tmp_path, "five_task", 16)
+    assert data.image_ids == ["good.png", "nested/good2.png"]
+    with pytest.raises(DataError, match="strict=False"):
+        SyntheticPairs(tmp_path, "five_task", 16, strict=True)
+
+
+def test_empty_folder_raises(tmp_path):
+    with pytest.raises(DataError, match="No images"):
+        SyntheticPairs(tmp_path, "five_task", 16)
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        SyntheticPairs(tmp_path / "nowhere", "five_task", 16)
+
+
+def test_a_split_needs_two_images(tmp_path):
+    _save(tmp_path / "only.png", _rgb(5))
+    with pytest.raises(DataError, match="at least 2"):
+        SyntheticPairs(tmp_path, "five_task", 16, split="train")
+
+
+def test_hf_dataset_source():
+    import datasets
+
+    images = [Image.fromarray(_rgb(seed)) for seed in range(4)]
+    table = datasets.Dataset.from_dict({"picture": images}).cast_column("picture", datasets.Image())
+    data = SyntheticPairs(table, "five_task", 16, image_column="picture", split="train")
+    assert len(data.image_ids) == 3 and data[0]["gt"].shape == (3, 16, 16)
+    with pytest.raises(DataError, match="image_column"):
+        SyntheticPairs(table, "five_task", 16)
+    with pytest.raises(DataError, match="one split"):
+        SyntheticPairs(datasets.DatasetDict({"train": table}), "five_task", 16)
+
+
+def test_unknown_source_type_raises():
+    with pytest.raises(DataError, match="skimage"):
+        SyntheticPairs(42, "five_task", 16)
+
+
+# ----------------------------------------------------------------- PairedFolder
+
+
+def _metadata_folder(root, count: int = 3) -> None:
+    rows = []
+    for index in range(count):
+        _save(root / "lq" / f"{index}.png", _rgb(10 + index))
+        _save(root / "gt" / f"{index}.png", _rgb(20 + index))
+        task = "rain" if index % 2 else "haze"
+        rows.append(
+            {"lq_file_name": f"lq/{index}.png", "gt_file_name": f"gt/{index}.png", "task": task}
+        )
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+def test_paired_folder_reads_a_metadata_jsonl_imagefolder_offline(tmp_path):
+    _metadata_folder(tmp_path)
+    pairs = PairedFolder(tmp_path, task_names=["noise", "rain", "haze"])
+    assert len(pairs) == 3 and pairs.task_labels == [2, 1, 2]
+    item = pairs[1]
+    assert item["task"] == 1 and item["task_name"] == "rain" and item["name"] == "lq/1.png"
+    assert torch.equal(
+        (item["lq"] * 255).round().byte(), torch.from_numpy(_rgb(11)).permute(2, 0, 1)
+    )
+    assert torch.equal(
+        (item["gt"] * 255).round().byte(), torch.from_numpy(_rgb(21)).permute(2, 0, 1)
+    )
+
+    import datasets
+
+    table = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path), split="train", cache_dir=str(tmp_path / ".cache")
+    )
+    assert table.column_names == ["lq", "gt", "task"]
+    assert np.array_equal(np.asarray(table[1]["lq"]), _rgb(11))
+
+
+def test_paired_folder_pairs_differing_names_with_a_key(tmp_path):
+    for index in (1, 2):
+        _save(tmp_path / "rainy" / f"rain-{index:03d}.png", _rgb(index))
+        _save(tmp_path / "norain" / f"norain-{index:03d}.png", _rgb(index))
+    pairs = PairedFolder(tmp_path, "rainy", "norain", key=r"(\d+)", task="rain")
+    assert len(pairs) == 2 and pairs.task_names == ["rain"]
+    assert torch.equal(pairs[0]["lq"], pairs[0]["gt"])
+
+
+def test_paired_folder_reads_nested_sequences_and_many_to_one(tmp_path):
+    for sequence in ("seq_a", "seq_b"):
+        _save(tmp_path / sequence / "blur" / "000001.png", _rgb(1))
+        _save(tmp_path / sequence / "sharp" / "000001.png", _rgb(1))
+    _save(tmp_path / "hazy_set" / "hazy" / "0001_0.8_0.2.png", _rgb(2))
+    _save(tmp_path / "hazy_set" / "hazy" / "0001_0.9_0.1.png", _rgb(2))
+    _save(tmp_path / "hazy_set" / "clear" / "0001.png", _rgb(2))
+    gopro = PairedFolder(tmp_path, "blur", "sharp", task="blur")
+    assert [gopro[i]["name"] for i in range(2)] == [
+        "seq_a/blur/000001.png",
+        "seq_b/blur/000001.png",
+    ]
+    sots = PairedFolder(tmp_path / "hazy_set", "hazy", "clear", key=r"^(\d+)")
+    assert len(sots) == 2 and sots.task_names == ["hazy_set"]
+
+
+def test_paired_patches_stay_aligned(tmp_path):
+    image = _rgb(5, 40, 40)
+    _save(tmp_path / "lq" / "a.png", image)
+    _save(tmp_path / "gt" / "a.png", image)
+    pairs = PairedFolder(tmp_path, patch_size=16, augment=True, seed=3)
+    item = pairs[0]
+    assert item["lq"].shape == (3, 16, 16) and torch.equal(item["lq"], item["gt"])
+    pairs.set_epoch(1)
+    assert not torch.equal(pairs[0]["gt"], item["gt"])
+
+
+def test_unmatched_names_raise_naming_the_first(tmp_path):
+    _save(tmp_path / "lq" / "a.png", _rgb(1))
+    _save(tmp_path / "lq" / "b.png", _rgb(1))
+    _save(tmp_path / "gt" / "a.png", _rgb(1))
+    with pytest.raises(DataError, match=r"'lq/b\.png'"):
+        PairedFolder(tmp_path)
+    _save(tmp_path / "gt" / "b.png", _rgb(1))
+    _save(tmp_path / "gt" / "c.png", _rgb(1))
+    with pytest.raises(DataError, match=r"'gt/c\.png'"):
+        PairedFolder(tmp_path)
+
+
+def test_pairs_of_different_sizes_raise_naming_the_first(tmp_path):
+    _save(tmp_path / "lq" / "a.png", _rgb(1, 24, 20))
+    _save(tmp_path / "gt" / "a.png", _rgb(1, 20, 24))
+    with pytest.raises(DataError, match=r"'lq/a.png' is \(24, 20\).*'gt/a.png' is \(20, 24\)"):
+        PairedFolder(tmp_path)
+
+
+def test_corrupt_pair_members_are_skipped_with_their_partner(tmp_path):
+    _save(tmp_path / "lq" / "a.png", _rgb(1))
+    _save(tmp_path / "gt" / "a.png", _rgb(1))
+    (tmp_path / "lq" / "b.png").write_bytes(b"broken")
+    _save(tmp_path / "gt" / "b.png", _rgb(1))
+    with pytest.warns(UserWarning, match="1 corrupt"):
+        pairs = PairedFolder(tmp_path)
+    assert len(pairs) == 1
+    with pytest.raises(DataError, match="corrupt"):
+        PairedFolder(tmp_path, strict=True)
+
+
+def test_metadata_naming_a_missing_file_raises(tmp_path):
+    _metadata_folder(tmp_path, 1)
+    (tmp_path / "gt" / "0.png").unlink()
+    with pytest.raises(DataError, match=r"line 1.*does not exist"):
+        PairedFolder(tmp_path)
+
+
+def test_unknown_task_in_metadata_lists_the_vocabulary(tmp_path):
+    _metadata_folder(tmp_path, 2)
+    with pytest.raises(UnknownNameError, match="noise"):
+        PairedFolder(tmp_path, task_names=["noise", "rain"])
+
+
+def test_empty_paired_folder_raises(tmp_path):
+    with pytest.raises(DataError, match="No LQ/GT pairs"):
+        PairedFolder(tmp_path)
+
+
+# ----------------------------------------------------------------- sampling
+
+
+def test_task_balanced_sampler_oversamples_small_tasks():
+    labels = [0] * 10 + [1] * 2 + [2] * 5
+    sampler = TaskBalancedSampler(labels, seed=0)
+    drawn = list(sampler)
+    assert len(drawn) == len(sampler) == 30
+    assert Counter(labels[i] for i in drawn) == {0: 10, 1: 10, 2: 10}
+    assert Counter(i for i in drawn if labels[i] == 1) == {10: 5, 11: 5}
+    assert sorted(i for i in drawn if labels[i] == 0) == list(range(10))
+
+
+def test_task_balanced_sampler_is_seeded_per_epoch():
+    labels = [0] * 6 + [1] * 3
+    a, b = TaskBalancedSampler(labels, seed=4), TaskBalancedSampler(labels, seed=4)
+    assert list(a) == list(b)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_task_labels_of_concatenated_datasets(tmp_path):
+    _metadata_folder(tmp_path, 3)
+    pairs = PairedFolder(tmp_path, task_names=["haze", "rain"], patch_size=8)
+    synthetic = SyntheticPairs("skimage", "five_task", 8, tasks=["rain"])
+    combined = ConcatDataset([pairs, synthetic])
+    labels = task_labels(combined)
+    assert labels == [0, 1, 0] + [1] * len(synthetic)
+    sampler = TaskBalancedSampler(labels, samples_per_task=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = next(iter(DataLoader(combined, batch_size=8, sampler=sampler)))
+    assert batch["lq"].shape[0] == 8
+
+
+def test_task_labels_needs_labelled_datasets():
+    with pytest.raises(DataError, match="task_labels"):
+        task_labels([1, 2, 3])

@@ -1,0 +1,353 @@
+"""Behaviour of the degradation registry, each degradation's physics, and task suites."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from kornia.filters import laplacian
+from PIL import Image
+
+from loraxir import degradations as D
+from loraxir.data import skimage_image
+from loraxir.errors import ConfigError, DataError, UnknownNameError
+
+ALL = D.available()
+# Degradations whose output depends on random patterns (not only on drawn parameters).
+PATTERNED = ["noise", "shot_read_noise", "rain", "snow", "raindrop", "low_light"]
+
+
+@pytest.fixture(scope="module")
+def photo() -> torch.Tensor:
+    """A textured 96×96 crop of the astronaut photo, float (1, 3, H, W) on the 8-bit grid."""
+    return skimage_image("astronaut")[:, 100:196, 180:276][None].float() / 255
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _hf_energy(images: torch.Tensor) -> float:
+    return laplacian(images, 3).pow(2).mean().item()
+
+
+def test_available_lists_the_documented_degradations():
+    assert ALL == sorted(
+        [
+            "defocus_blur",
+            "downsample",
+            "gaussian_blur",
+            "haze",
+            "jpeg",
+            "low_light",
+            "motion_blur",
+            "noise",
+            "rain",
+            "raindrop",
+            "shot_read_noise",
+            "snow",
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_keeps_shape_and_lies_on_the_8bit_grid(name, photo):
+    batch = photo.expand(2, -1, -1, -1)
+    out, params = D.apply(name, batch, _gen(0))
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    assert 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, torch.round(out * 255) / 255)
+    assert isinstance(params["seed"], int)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_output_and_reported_params_reproduce_it(name, photo):
+    first, params = D.apply(name, photo, _gen(3))
+    second, params_again = D.apply(name, photo, _gen(3))
+    replay, replay_params = D.apply(name, photo, **params)
+    assert torch.equal(first, second) and params == params_again
+    assert torch.equal(first, replay) and replay_params == params
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_different_seed_draws_different_parameters(name, photo):
+    _, a = D.apply(name, photo, _gen(0))
+    _, b = D.apply(name, photo, _gen(1))
+    assert a != b
+
+
+@pytest.mark.parametrize("name", PATTERNED)
+def test_different_seed_gives_a_different_pattern_for_fixed_parameters(name, photo):
+    _, params = D.apply(name, photo, _gen(0))
+    fixed = {key: value for key, value in params.items() if key != "seed"}
+    a, _ = D.apply(name, photo, seed=1, **fixed)
+    b, _ = D.apply(name, photo, seed=2, **fixed)
+    assert not torch.equal(a, b)
+
+
+def test_global_generator_is_used_when_none_is_given(photo):
+    torch.manual_seed(5)
+    a, pa = D.apply("rain", photo)
+    torch.manual_seed(5)
+    b, pb = D.apply("rain", photo)
+    assert torch.equal(a, b) and pa == pb
+
+
+def test_noise_residual_std_matches_sigma_on_flat_grey():
+    grey = torch.full((1, 3, 128, 128), 128 / 255)
+    noisy, _ = D.apply("noise", grey, _gen(0), sigma=25)
+    assert abs((noisy - grey).std().item() - 25 / 255) < 0.05 * 25 / 255
+
+
+def test_shot_noise_grows_with_brightness():
+    levels = torch.tensor([0.1, 0.4, 0.8]).view(3, 1, 1, 1).expand(3, 3, 64, 64)
+    noisy, _ = D.apply("shot_read_noise", levels, _gen(0), shot=0.01, read=0)
+    stds = (noisy - levels).std(dim=(1, 2, 3))
+    assert torch.allclose(stds, (0.01 * levels[:, 0, 0, 0]).sqrt(), rtol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "strengths"),
+    [
+        ("gaussian_blur", "sigma", [0.5, 1.0, 2.0, 4.0]),
+        ("motion_blur", "length", [3, 7, 15, 31]),
+        ("defocus_blur", "radius", [1.0, 2.0, 4.0, 8.0]),
+        ("downsample", "scale", [2, 4]),
+    ],
+)
+def test_blur_lowers_high_frequency_energy_monotonically(name, param, strengths, photo):
+    energies = [_hf_energy(photo)]
+    for strength in strengths:
+        energies.append(_hf_energy(D.apply(name, photo, _gen(0), **{param: strength})[0]))
+    assert all(a > b for a, b in itertools.pairwise(energies)), energies
+
+
+@pytest.mark.parametrize(
+    ("name", "param"), [("gaussian_blur", "sigma"), ("defocus_blur", "radius")]
+)
+def test_zero_blur_is_the_identity(name, param, photo):
+    assert torch.equal(D.apply(name, photo, **{param: 0})[0], photo)
+
+
+def test_jpeg_error_falls_as_quality_rises(photo):
+    errors = [(D.apply("jpeg", photo, quality=q)[0] - photo).pow(2).mean() for q in (5, 20, 50, 90)]
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+
+
+def test_jpeg_is_a_real_jpeg_file_roundtrip(photo):
+    pixels = (photo[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=30)
+    expected = np.asarray(Image.open(buffer).convert("RGB"))
+    out, _ = D.apply("jpeg", photo, quality=30)
+    assert np.array_equal((out[0].permute(1, 2, 0) * 255).round().byte().numpy(), expected)
+
+
+def test_haze_with_zero_beta_is_the_identity(photo):
+    assert torch.equal(D.apply("haze", photo, _gen(0), beta=0.0)[0], photo)
+
+
+def test_haze_gives_farther_pixels_less_transmission():
+    clean = torch.full((1, 3, 32, 64), 0.2)
+    depth = torch.linspace(0, 1, 64).expand(32, 64)
+    hazy, _ = D.apply("haze", clean, beta=2.0, airlight=1.0, depth=depth)
+    transmission = ((hazy - 1.0) / (clean - 1.0))[0, 0, 16]
+    assert torch.all(transmission[1:] <= transmission[:-1])
+    assert torch.allclose(transmission, torch.exp(-2.0 * depth[0]), atol=2 / 255)
+
+
+def test_estimated_depth_makes_darker_regions_farther():
+    clean = torch.cat([torch.full((1, 3, 64, 32), 0.1), torch.full((1, 3, 64, 32), 0.7)], dim=3)
+    depth = D.estimate_depth(clean)
+    assert depth.shape == (1, 1, 64, 64) and 0 <= depth.min() and depth.max() <= 1
+    hazy, _ = D.apply("haze", clean, beta=1.5, airlight=1.0)
+    transmission = (hazy - 1.0) / (clean - 1.0)
+    assert transmission[..., :8].mean() < transmission[..., -8:].mean()
+
+
+def test_haze_rejects_a_depth_map_of_the_wrong_size(photo):
+    with pytest.raises(DataError, match="depth"):
+        D.apply("haze", photo, depth=torch.ones(10, 10))
+
+
+def test_low_light_lowers_mean_brightness_by_the_factor(photo):
+    dark, _ = D.apply("low_light", photo, factor=0.25, gamma=1.0, shot=0.0, read=0.0)
+    assert dark.mean().item() == pytest.approx(0.25 * photo.mean().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["rain", "snow"])
+def test_rain_and_snow_only_brighten(name, photo):
+    out, _ = D.apply(name, photo, _gen(0))
+    assert torch.all(out >= photo - 1 / 255)
+    assert (out > photo + 0.1).float().mean() > 0.001
+
+
+def test_compose_reports_every_step_and_reproduces(photo):
+    pipeline = D.compose(["rain", ("haze", {"beta": 1.0})])
+    out, params = pipeline(photo, _gen(0))
+    assert [step["name"] for step in params["steps"]] == ["rain", "haze"]
+    assert params["steps"][1]["beta"] == 1.0
+    assert torch.equal(D.compose(params["steps"])(photo)[0], out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ALL)
+def test_gpu_output_is_seeded_and_reproducible(name, photo):
+    images = photo.cuda()
+    out, params = D.apply(name, images, torch.Generator(device="cuda").manual_seed(0))
+    assert out.device.type == "cuda"
+    assert torch.equal(D.apply(name, images, **params)[0], out)
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_unknown_degradation_lists_the_known_ones(photo):
+    with pytest.raises(UnknownNameError, match=r"Did you mean 'noise'.*Known degradations"):
+        D.apply("noize", photo)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("noise", {"sigma": -1}),
+        ("jpeg", {"quality": 0}),
+        ("jpeg", {"quality": 101}),
+        ("jpeg", {"quality": 50.5}),
+        ("motion_blur", {"length": -3}),
+        ("gaussian_blur", {"sigma": [3.0, 1.0]}),
+        ("downsample", {"scale": 3}),
+        ("noise", {"sigma": "high"}),
+        ("noise", {"seed": -1}),
+    ],
+)
+def test_out_of_range_parameters_raise_config_error(name, params, photo):
+    with pytest.raises(ConfigError, match=name):
+        D.apply(name, photo, **params)
+
+
+def test_unknown_parameter_names_the_known_ones(photo):
+    with pytest.raises(UnknownNameError, match="sigma"):
+        D.apply("noise", photo, sigmaa=3)
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (torch.rand(3, 8, 8), "shape"),
+        (torch.rand(1, 1, 8, 8), "grayscale"),
+        (torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8), "float"),
+        (torch.rand(1, 3, 8, 8) * 255, r"\[0, 1\]"),
+        (np.zeros((1, 3, 8, 8)), "torch.Tensor"),
+    ],
+)
+def test_bad_images_raise_data_error(images, match):
+    with pytest.raises(DataError, match=match):
+        D.apply("noise", images, sigma=5)
+
+
+# ----------------------------------------------------------------- suites
+
+
+def test_builtin_suites_name_the_papers_settings():
+    assert D.available_suites() == ["all_weather", "five_task", "three_task", "time_varying"]
+    three = D.suite("three_task")
+    assert three.task_names == ["noise_15", "noise_25", "noise_50", "rain", "haze"]
+    assert three.labels == ["noise", "rain", "haze"]
+    assert [three.label_index(t) for t in three.task_names] == [0, 0, 0, 1, 2]
+    assert D.suite("five_task").task_names == ["noise", "rain", "haze", "blur", "low_light"]
+    assert D.suite("all_weather").task("rain_haze").pipeline.names == ["rain", "haze"]
+
+
+def test_suite_task_fixes_the_documented_parameters(photo):
+    _, params = D.suite("three_task").degrade(photo, "noise_50", _gen(0))
+    assert params["steps"][0]["name"] == "noise" and params["steps"][0]["sigma"] == 50
+
+
+def test_suite_degrade_is_seeded(photo):
+    five = D.suite("five_task")
+    for task in five.task_names:
+        a, pa = five.degrade(photo, task, _gen(7))
+        b, pb = five.degrade(photo, task, _gen(7))
+        assert torch.equal(a, b) and pa == pb
+
+
+def test_time_varying_switches_task_every_period_frames():
+    video = D.suite("time_varying")
+    assert video.frame_tasks(35) == [0] * 10 + [1] * 10 + [2] * 10 + [0] * 5
+    assert video.frame_tasks(6, period=2) == [0, 0, 1, 1, 2, 2]
+
+
+def test_degrade_video_holds_parameters_per_segment_but_not_noise():
+    frames = torch.full((12, 3, 16, 16), 128 / 255)
+    out, labels, segments = D.suite("time_varying").degrade_video(frames, _gen(0), period=4)
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert [s["frames"] for s in segments] == [[0, 4], [4, 8], [8, 12]]
+    assert [s["task"] for s in segments] == ["noise", "blur", "compression"]
+    assert not torch.equal(out[0], out[1])  # independent noise per frame
+    assert torch.equal(out[4], frames[4])  # blur leaves a flat frame flat
+
+
+USER_SUITE = """
+name: mine
+description: two tasks
+tasks:
+  - name: light_noise
+    label: noise
+    steps:
+      - noise: {sigma: [5, 10]}
+  - name: foggy_rain
+    steps: [rain, {haze: {beta: 0.5}}]
+"""
+
+
+def test_user_suite_loads_from_yaml(tmp_path, photo):
+    path = tmp_path / "mine.yaml"
+    path.write_text(USER_SUITE)
+    for mine in (D.suite(str(path)), D.load_suite(path)):
+        assert mine.name == "mine" and mine.task_names == ["light_noise", "foggy_rain"]
+        _, params = mine.degrade(photo, 0, _gen(0))
+        assert 5 <= params["steps"][0]["sigma"] <= 10
+        _, params = mine.degrade(photo, "foggy_rain", _gen(0))
+        assert [s["name"] for s in params["steps"]] == ["rain", "haze"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "match"),
+    [
+        ("tasks: []", ConfigError, "non-empty"),
+        ("tasks:\n  - {name: a, steps: [fog]}", UnknownNameError, "degradation"),
+        ("tasks:\n  - {name: a, steps: [{noise: {sigma: 300}}]}", ConfigError, "out of range"),
+        ("tasks:\n  - {name: a, step: [noise]}", ConfigError, "unknown key"),
+        (
+            "tasks:\n  - {name: a, steps: [noise]}\n  - {name: a, steps: [rain]}",
+            ConfigError,
+            "unique",
+        ),
+        ("tasks: [{name: a, steps: [noise]}]\nschedule: {period: 0}", ConfigError, "period"),
+        (
+            "tasks: [{name: a, steps: [noise]}]\nschedule: {period: 2, order: [b]}",
+            UnknownNameError,
+            "b",
+        ),
+        ("tasks: [", ConfigError, "not valid YAML"),
+    ],
+)
+def test_bad_suite_files_raise_typed_errors(tmp_path, text, error, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(error, match=match):
+        D.suite(path)
+
+
+def test_unknown_suite_lists_the_builtin_ones():
+    with pytest.raises(UnknownNameError, match="three_task"):
+        D.suite("three_tasks")
+
+
+def test_unknown_task_of_a_suite_lists_its_tasks(photo):
+    with pytest.raises(UnknownNameError, match="noise_25"):
+        D.suite("three_task").degrade(photo, "noise_20")
