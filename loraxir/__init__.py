@@ -5,9 +5,9 @@ Importing loraxir registers it with peft (see :mod:`loraxir.peft_integration`).
 
 __version__ = "0.1.0"
 
-from loraxir.backbones import create_backbone, list_backbones, load_backbone  # noqa: E402
-from loraxir.config import LoraIRConfig  # noqa: E402
-from loraxir.errors import (  # noqa: E402
+from loraxir.backbones import create_backbone, list_backbones, load_backbone
+from loraxir.config import LoraIRConfig
+from loraxir.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -16,9 +16,9 @@ from loraxir.errors import (  # noqa: E402
     TargetModulesError,
     UnknownNameError,
 )
-from loraxir.model import LoraIRModel, get_loraxir_model, route  # noqa: E402
-from loraxir.peft_integration import register_with_peft  # noqa: E402
-from loraxir.registry import Preset, get_preset, list_presets, register_preset  # noqa: E402
+from loraxir.model import LoraIRModel, get_loraxir_model, route
+from loraxir.peft_integration import register_with_peft
+from loraxir.registry import Preset, get_preset, list_presets, register_preset
 
 register_with_peft()
 

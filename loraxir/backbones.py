@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from loraxir.errors import ConfigError, unknown_name
+from loraxir.errors import CheckpointError, ConfigError, unknown_name
 
 # name -> (module, class, default hyper-parameters)
 _BACKBONES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -123,7 +123,7 @@ def load_backbone(path: str) -> nn.Module:
     Returns the trainable ``nn.Module`` (``descriptor.model``), not spandrel's inference
     wrapper, with its architecture id remembered for preset detection.
     """
-    from spandrel import ModelLoader
+    from spandrel import ModelLoader, UnsupportedModelError
 
     try:
         import spandrel_extra_arches
@@ -131,7 +131,15 @@ def load_backbone(path: str) -> nn.Module:
         spandrel_extra_arches.install(ignore_duplicates=True)
     except ImportError:
         pass
-    descriptor = ModelLoader().load_from_file(path)
+    try:
+        descriptor = ModelLoader().load_from_file(path)
+    except UnsupportedModelError:
+        raise CheckpointError(
+            f"spandrel does not recognise the architecture of {path}. Build the network "
+            "yourself, load its state dict, and pass the module to get_loraxir_model."
+        ) from None
+    except (OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"Could not read backbone checkpoint {path}: {error}") from None
     model = descriptor.model
     model._loraxir_architecture = descriptor.architecture.id
     return model

@@ -3,7 +3,7 @@
 It is a ``peft.PeftConfig`` with a plain-string ``peft_type`` (``"LORAXIR"``), so that
 peft's own ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` accept
 it once ``loraxir`` is imported. Every field has a default and a ``help`` line; the
-help lines are the field documentation (``docs/api.md`` is generated from the same text).
+help lines are the field documentation; ``docs/api.md`` repeats them (a test keeps the two equal).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def render_model_card(
         f"| degradations (one expert each) | {', '.join(config.degradations)} |",
         f"| rank r / alpha | {config.r} / {config.lora_alpha:g} |",
         f"| top-k / temperature | {config.top_k} / {config.temperature:g} |",
-        f"| targets | {config.target_modules or config.preset or 'preset detected from the backbone'} |",
+        f"| targets | {config.target_modules or config.preset or 'the detected preset'} |",
         f"| router | {(config.router or {}).get('encoder', 'none (pass gates or degradation)')} |",
         "",
     ]

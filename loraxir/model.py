@@ -140,7 +140,8 @@ class LoraIRModel(BaseTuner):
         if "gates" in kwargs or "degradation" in kwargs:
             raise RoutingError(
                 "peft's PeftModel passes keyword arguments on to the backbone. Route with "
-                "`with loraxir.route(peft_model, gates=...)` or call peft_model.base_model(x, gates=...)."
+                "`with loraxir.route(peft_model, gates=...)` or call "
+                "peft_model.base_model(x, gates=...)."
             )
         if not self.routing.pinned and not self.merged and self._adapters_enabled():
             images = args[0] if args else next(iter(kwargs.values()))

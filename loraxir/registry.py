@@ -48,7 +48,8 @@ def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
     _load_builtin_presets()
     if preset.name in _PRESETS and not overwrite:
         raise ConfigError(
-            f"A preset named {preset.name!r} is already registered; pass overwrite=True to replace it."
+            f"A preset named {preset.name!r} is already registered; "
+            "pass overwrite=True to replace it."
         )
     _PRESETS[preset.name] = preset
     return preset
@@ -61,7 +62,7 @@ def list_presets(pattern: str = "*") -> list[str]:
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``; :class:`~loraxir.errors.UnknownNameError` lists the known ones."""
+    """The preset called ``name`` (an unknown name's error lists the known ones)."""
     _load_builtin_presets()
     if name not in _PRESETS:
         raise unknown_name(

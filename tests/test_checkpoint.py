@@ -23,7 +23,9 @@ def _backbone(name: str = "nafnet-tiny", **hyper):
 
 
 def _trained_model(**config):
-    model = loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS, **config)).eval()
+    model = loraxir.get_loraxir_model(
+        _backbone(), LoraIRConfig(degradations=DEGRADATIONS, **config)
+    ).eval()
     randomize_experts(model)
     return model
 
@@ -74,7 +76,7 @@ def test_get_peft_model_trains_only_experts_and_refuses_gate_kwargs():
     peft_model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert names and all(".loraxir_experts." in n for n in names)
-    with pytest.raises(loraxir.RoutingError, match="loraxir.route"):
+    with pytest.raises(loraxir.RoutingError, match=r"loraxir\.route"):
         peft_model(X, gates=torch.ones(2, 3))
     with pytest.raises(loraxir.RoutingError, match="No routing"):
         peft_model(X)
@@ -131,7 +133,9 @@ def test_other_backbone_shapes_name_first_mismatched_layer_and_leave_it_unchange
     _trained_model().save_pretrained(tmp_path / "a")
     wider = _backbone(width=16)
     state = _base_state(wider)
-    with pytest.raises(CheckpointError, match=r"Layer 'intro' does not fit.*\(3, 8, 8\).*needs \(3, 16, 8\)"):
+    with pytest.raises(
+        CheckpointError, match=r"Layer 'intro' does not fit.*\(3, 8, 8\).*needs \(3, 16, 8\)"
+    ):
         loraxir.LoraIRModel.from_pretrained(wider, tmp_path / "a")
     assert not any(isinstance(m, LoraIRLayer) for m in wider.modules())
     assert wider.state_dict().keys() == state.keys()
@@ -141,7 +145,7 @@ def test_pickle_adapters_are_refused(tmp_path):
     _trained_model().save_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").unlink()
     torch.save({"x": torch.zeros(1)}, tmp_path / "a" / "adapter_model.bin")
-    with pytest.raises(CheckpointError, match="pickle.*safetensors only"):
+    with pytest.raises(CheckpointError, match=r"pickle.*safetensors only"):
         loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
     with pytest.raises(CheckpointError, match="is a pickle file"):
         loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a" / "adapter_model.bin")

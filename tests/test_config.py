@@ -47,9 +47,16 @@ def test_degradations_must_be_unique_names():
 
 def test_json_round_trip_is_exact(tmp_path):
     config = LoraIRConfig(
-        degradations=["noise", "rain", "haze"], r=4, lora_alpha=8, top_k=2, temperature=0.5,
-        target_modules=["conv1", "conv2"], exclude_modules="ending", lora_dropout=0.1,
-        trainable="all", init="gaussian",
+        degradations=["noise", "rain", "haze"],
+        r=4,
+        lora_alpha=8,
+        top_k=2,
+        temperature=0.5,
+        target_modules=["conv1", "conv2"],
+        exclude_modules="ending",
+        lora_dropout=0.1,
+        trainable="all",
+        init="gaussian",
     )
     path = tmp_path / "adapter_config.json"
     path.write_text(config.to_json_string())
@@ -77,3 +84,27 @@ def test_corrupt_json_and_foreign_peft_type_are_refused(tmp_path):
         LoraIRConfig.from_file(path)
     with pytest.raises(ConfigError, match="peft_type='LORA'"):
         LoraIRConfig.from_dict({"peft_type": "LORA", "r": 8})
+
+
+def test_api_docs_list_every_field_with_its_help_and_every_public_name():
+    from dataclasses import fields
+    from pathlib import Path
+
+    import loraxir
+
+    api = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    for f in fields(LoraIRConfig):
+        if f.name in {
+            "base_model_name_or_path",
+            "revision",
+            "peft_type",
+            "task_type",
+            "inference_mode",
+            "auto_mapping",
+            "peft_version",
+        }:
+            continue
+        assert f"| `{f.name}` |" in api and f.metadata["help"] in api, f.name
+    for name in loraxir.__all__:
+        if name != "__version__":
+            assert name in api, name

@@ -28,12 +28,24 @@ CASES = [
     ("conv_depthwise", lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (3, 6, 9, 9)),
     ("conv_depthwise_x2", lambda: nn.Conv2d(6, 12, 3, padding=1, groups=6), (3, 6, 9, 9)),
     ("conv_reflect", lambda: nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect"), (3, 6, 9, 9)),
-    ("conv_replicate", lambda: nn.Conv2d(6, 8, 3, padding=2, padding_mode="replicate"), (3, 6, 9, 9)),
+    (
+        "conv_replicate",
+        lambda: nn.Conv2d(6, 8, 3, padding=2, padding_mode="replicate"),
+        (3, 6, 9, 9),
+    ),
     ("conv_circular", lambda: nn.Conv2d(6, 8, 3, padding=1, padding_mode="circular"), (3, 6, 9, 9)),
     ("conv_same_dilated", lambda: nn.Conv2d(6, 8, 4, padding="same", dilation=2), (3, 6, 9, 9)),
-    ("conv_same_reflect", lambda: nn.Conv2d(6, 8, 3, padding="same", padding_mode="reflect"), (3, 6, 9, 9)),
+    (
+        "conv_same_reflect",
+        lambda: nn.Conv2d(6, 8, 3, padding="same", padding_mode="reflect"),
+        (3, 6, 9, 9),
+    ),
     ("convT", lambda: nn.ConvTranspose2d(6, 8, 2, stride=2), (3, 6, 5, 5)),
-    ("convT_padded", lambda: nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1, output_padding=1), (3, 6, 5, 5)),
+    (
+        "convT_padded",
+        lambda: nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1, output_padding=1),
+        (3, 6, 5, 5),
+    ),
 ]
 MODES = ["activation", "weight", "batched", "auto"]
 
@@ -51,7 +63,14 @@ def _apply(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
         return F.linear(x, weight)
     if isinstance(base, nn.ConvTranspose2d):
         return F.conv_transpose2d(
-            x, weight, None, base.stride, base.padding, base.output_padding, base.groups, base.dilation
+            x,
+            weight,
+            None,
+            base.stride,
+            base.padding,
+            base.output_padding,
+            base.groups,
+            base.dilation,
         )
     if base.padding_mode != "zeros":
         x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)

@@ -75,19 +75,30 @@ def test_bad_routing_raises_documented_error(kwargs, error, message):
 
 def test_target_patterns_that_match_nothing_list_close_names():
     backbone = loraxir.create_backbone("nafnet-tiny")
-    with pytest.raises(TargetModulesError, match="Closest module names.*conv"):
-        loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=DEGRADATIONS, target_modules=["convv1"]))
+    with pytest.raises(TargetModulesError, match=r"Closest module names.*conv"):
+        loraxir.get_loraxir_model(
+            backbone, LoraIRConfig(degradations=DEGRADATIONS, target_modules=["convv1"])
+        )
     assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
     with pytest.raises(TargetModulesError, match="no preset matches a Sequential"):
-        loraxir.get_loraxir_model(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)), LoraIRConfig(num_experts=2))
+        loraxir.get_loraxir_model(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)), LoraIRConfig(num_experts=2)
+        )
 
 
 def test_user_module_with_names_regex_and_exclude():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1))
-    model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules=r"\d", exclude_modules=["2"]))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1)
+    )
+    model = loraxir.get_loraxir_model(
+        net, LoraIRConfig(num_experts=2, target_modules=r"\d", exclude_modules=["2"])
+    )
     assert [p for p, _ in model.expert_layers()] == ["0"]
-    with pytest.raises(UnknownNameError, match="Unknown preset 'nafnett'.*nafnet"):
-        loraxir.get_loraxir_model(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), LoraIRConfig(num_experts=2, preset="nafnett"))
+    with pytest.raises(UnknownNameError, match=r"Unknown preset 'nafnett'.*nafnet"):
+        loraxir.get_loraxir_model(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)),
+            LoraIRConfig(num_experts=2, preset="nafnett"),
+        )
 
 
 def test_trainable_policies():
@@ -103,11 +114,15 @@ def test_trainable_policies():
 @pytest.mark.parametrize("name", ["nafnet-tiny", "swinir-tiny", "scunet-tiny"])
 def test_merged_equals_routed_and_unmerge_is_bit_exact(name):
     size = 64 if name == "scunet-tiny" else 32
-    model = loraxir.get_loraxir_model(loraxir.create_backbone(name), LoraIRConfig(degradations=DEGRADATIONS)).eval()
+    model = loraxir.get_loraxir_model(
+        loraxir.create_backbone(name), LoraIRConfig(degradations=DEGRADATIONS)
+    ).eval()
     randomize_experts(model)
     x = torch.rand(2, 3, size, size)
     gate = torch.tensor([0.2, 0.0, 0.8])
-    original = {n: p.detach().clone() for n, p in model.model.named_parameters() if "base_layer" in n}
+    original = {
+        n: p.detach().clone() for n, p in model.model.named_parameters() if "base_layer" in n
+    }
     with torch.no_grad():
         routed = model(x, gates=gate)
         model.merge(gates=gate)
@@ -146,7 +161,9 @@ def test_add_degradation_keeps_old_outputs_bit_identical_and_trains_only_new_exp
     assert model.degradations == [*DEGRADATIONS, "snow"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith((".A.1", ".B.1")) for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1
+    )
     model.train()
     model(x, degradation="snow").square().mean().backward()
     optimizer.step()
@@ -203,7 +220,8 @@ class _UserUNet(torch.nn.Module):
 
 def test_torch_compile_full_graph_matches_eager():
     model = loraxir.get_loraxir_model(
-        _UserUNet(), LoraIRConfig(degradations=DEGRADATIONS, target_modules=r"head|dw|down|mix|up|tail")
+        _UserUNet(),
+        LoraIRConfig(degradations=DEGRADATIONS, target_modules=r"head|dw|down|mix|up|tail"),
     )
     assert len(list(model.expert_layers())) == 6
     randomize_experts(model)
@@ -244,6 +262,37 @@ def test_autotune_records_a_choice_per_layer_and_keeps_outputs():
         before = model(x, gates=gates)
     timings = model.autotune(x, gates=gates, repeats=1)
     assert set(timings) == {p for p, _ in model.expert_layers()}
-    assert all(layer.tuned_compute in ("activation", "weight", "batched") for _, layer in model.expert_layers())
+    assert all(
+        layer.tuned_compute in ("activation", "weight", "batched")
+        for _, layer in model.expert_layers()
+    )
     with torch.no_grad():
         assert rel_err(model(x, gates=gates), before) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["nafnet-tiny", "swinir-tiny", "restormer-tiny", "scunet-tiny"])
+def test_existing_checkpoint_loads_through_spandrel_and_its_preset_is_detected(tmp_path, name):
+    from safetensors.torch import save_file
+
+    original = loraxir.create_backbone(name)
+    save_file(
+        {k: v.contiguous() for k, v in original.state_dict().items()}, tmp_path / "net.safetensors"
+    )
+    backbone = loraxir.load_backbone(str(tmp_path / "net.safetensors"))
+    assert type(backbone) is type(original)
+    for key, value in original.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], value)
+    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(num_experts=2))
+    expected = {
+        p
+        for p, _ in loraxir.get_loraxir_model(original, LoraIRConfig(num_experts=2)).expert_layers()
+    }
+    assert {p for p, _ in model.expert_layers()} == expected
+
+
+def test_unrecognised_backbone_checkpoint_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weird.weight": torch.zeros(2, 2)}, tmp_path / "net.safetensors")
+    with pytest.raises(loraxir.CheckpointError, match="does not recognise"):
+        loraxir.load_backbone(str(tmp_path / "net.safetensors"))

@@ -1,0 +1,240 @@
+"""Cost of routed experts relative to the bare backbone, measured in one run.
+
+For each backbone: inference (routed top-1/top-2, merged, peft's plain LoRA of matched
+rank) as a ratio of the bare backbone's batched forward, and one training step (experts
+only, and peft LoRA) as a ratio of one full training step of the base. Memory is the
+training step's footprint that the method changes: saved activations plus gradients and
+AdamW state of what trains (deterministic byte counts, not noisy RSS readings).
+
+    python benchmarks/overhead.py                      # NAFNet-w32 + Restormer, 256², batch 1 and 4
+    python benchmarks/overhead.py --size 64 --backbones nafnet-tiny --batches 2   # seconds
+
+Prints a table and writes JSON (default ``benchmarks/results/overhead.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+from torch import nn
+
+import loraxir
+from loraxir import LoraIRConfig
+
+EXPERTS, RANK = 5, 8
+DEGRADATIONS = [f"degradation_{i}" for i in range(EXPERTS)]
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: allocator, caches, autotuned choices
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _train_step(model: nn.Module, call: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        call().abs().mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def _training_bytes(model: nn.Module, call: Callable[[], torch.Tensor]) -> int:
+    """Saved-activation bytes of one forward, plus grads and 2 AdamW moments of trainables."""
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return saved + 3 * trainable
+
+
+def _gates(batch: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """Top-k gates where image b prefers expert b mod E (different experts per image)."""
+    gates = torch.zeros(batch, EXPERTS)
+    for b in range(batch):
+        chosen = [b % EXPERTS, *torch.randperm(EXPERTS, generator=generator)[: top_k - 1].tolist()]
+        chosen = list(dict.fromkeys(chosen))[:top_k]
+        while len(chosen) < top_k:
+            chosen.append((chosen[-1] + 1) % EXPERTS)
+        gates[b, chosen] = torch.softmax(torch.randn(top_k, generator=generator), 0)
+    return gates
+
+
+def _dense_conv_targets(model: loraxir.LoraIRModel) -> list[str]:
+    """Modules peft's LoRA can take: Linear and groups=1 Conv2d among the preset's targets."""
+    return [
+        path
+        for path, layer in model.expert_layers()
+        if isinstance(layer.base_layer, nn.Linear)
+        or (type(layer.base_layer) is nn.Conv2d and layer.base_layer.groups == 1)
+    ]
+
+
+def _lora_params_per_rank(module: nn.Module) -> int:
+    """peft LoRA parameters per unit of rank: A (in * kernel) plus B (out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features + module.out_features
+    return module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels
+
+
+def bench_backbone(name: str, size: int, batches: list[int], repeats: int, seed: int) -> list[dict]:
+    """All measures for one backbone, for each batch size."""
+    return [row for batch in batches for row in _bench_batch(name, size, batch, repeats, seed)]
+
+
+def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> list[dict]:
+    rows: list[dict] = []
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    backbone = loraxir.create_backbone(name)
+    x = torch.rand(batch, 3, size, size, generator=generator)
+    base_state = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    def record(kind: str, value: float, unit: str = "x") -> None:
+        rows.append(
+            {
+                "backbone": name,
+                "batch": batch,
+                "size": size,
+                "measure": kind,
+                "value": value,
+                "unit": unit,
+            }
+        )
+
+    # ---- bare backbone
+    backbone.eval()
+    with torch.no_grad():
+        t_base = _median_time(lambda: backbone(x), repeats)
+        t_loop = _median_time(lambda: [backbone(x[i : i + 1]) for i in range(batch)], repeats)
+    backbone.train()
+    for p in backbone.parameters():
+        p.requires_grad = True
+    t_base_train = _median_time(_train_step(backbone, lambda: backbone(x)), repeats)
+    mem_base = _training_bytes(backbone, lambda: backbone(x))
+    record("base forward (s)", t_base, "s")
+    record("base forward, one image at a time", t_loop / t_base)
+    record("base full train step (s)", t_base_train, "s")
+
+    # ---- loraxir
+    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=DEGRADATIONS, r=RANK))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".loraxir_experts." in n:
+                p.normal_(0, 0.01, generator=generator)
+    for top_k in (1, 2):
+        gates = _gates(batch, top_k, generator)
+        model.eval()
+        with torch.no_grad():
+            t_routed = _median_time(lambda g=gates: model(x, gates=g), repeats)
+            model.autotune(x, gates=gates, repeats=1)
+            t_tuned = _median_time(lambda g=gates: model(x, gates=g), repeats)
+            for _, layer in model.expert_layers():
+                layer.tuned_compute = None
+        record(f"routed top-{top_k} inference (default)", t_routed / t_base)
+        record(f"routed top-{top_k} inference (autotuned)", t_tuned / t_base)
+        model.train()
+        step = _train_step(model, lambda g=gates: model(x, gates=g))
+        record(
+            f"experts-only train step top-{top_k} / full base step",
+            _median_time(step, repeats) / t_base_train,
+        )
+        mem = _training_bytes(model, lambda g=gates: model(x, gates=g))
+        record(f"train memory top-{top_k} / full base", mem / mem_base)
+    model.eval()
+    with torch.no_grad():
+        one = torch.zeros(EXPERTS)
+        one[0] = 1.0
+        t_same = _median_time(lambda: model(x, gates=one), repeats)
+        record("routed, one degradation for the batch", t_same / t_base)
+        model.merge(gates=one)
+        record("merged inference", _median_time(lambda: model(x), repeats) / t_base)
+        model.unmerge()
+    trainable_ours = model.count_parameters()[0]
+    targets = _dense_conv_targets(model)
+    backbone = model.unload()
+
+    # ---- peft plain LoRA on the dense layers, rank matched to our trainable count
+    backbone.load_state_dict(base_state)
+    per_rank = sum(_lora_params_per_rank(backbone.get_submodule(path)) for path in targets)
+    lora_rank = max(1, round(trainable_ours / per_rank))
+    lora = peft.get_peft_model(
+        backbone, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets)
+    )
+    trainable_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    lora.eval()
+    with torch.no_grad():
+        record(
+            f"peft LoRA r={lora_rank} inference (unmerged)",
+            _median_time(lambda: lora(x), repeats) / t_base,
+        )
+    lora.train()
+    record(
+        "peft LoRA train step / full base step",
+        _median_time(_train_step(lora, lambda: lora(x)), repeats) / t_base_train,
+    )
+    record("peft LoRA train memory / full base", _training_bytes(lora, lambda: lora(x)) / mem_base)
+    record("trainable params: loraxir / peft LoRA", trainable_ours / trainable_lora)
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'backbone':<12} {'batch':>5} {'size':>5}  {'measure':<52} {'value':>9}"]
+    lines += [
+        f"{r['backbone']:<12} {r['batch']:>5} {r['size']:>5}  {r['measure']:<52} "
+        f"{r['value']:>8.3f}{'' if r['unit'] == 's' else r['unit']}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["nafnet", "restormer"])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent / "results" / "overhead.json"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.backbones:
+        rows += bench_backbone(name, args.size, args.batches, args.repeats, args.seed)
+        print(_table([r for r in rows if r["backbone"] == name]), flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps({"settings": vars(args) | {"output": str(args.output)}, "rows": rows}, indent=2)
+    )
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
