@@ -45,6 +45,7 @@ def _run_degradations(args: argparse.Namespace) -> int:
     from loraxir import degradations
     from loraxir.data import read_image, skimage_image
     from loraxir.degradations.gallery import render_gallery, square
+    from loraxir.errors import ConfigError
 
     if args.list:
         print("Degradations (parameters: a number fixes it, [low, high] draws from a range):")
@@ -55,7 +56,9 @@ def _run_degradations(args: argparse.Namespace) -> int:
             print(degradations.suite(name).describe())
         return 0
     if args.size < 16 or args.columns < 1:
-        raise SystemExit("loraxir degradations: --size must be >= 16 and --columns >= 1.")
+        raise ConfigError(
+            f"--size must be >= 16 and --columns >= 1, got {args.size}, {args.columns}."
+        )
     if args.image.startswith("skimage:"):
         pixels = skimage_image(args.image.removeprefix("skimage:"))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +352,15 @@ def test_unknown_suite_lists_the_builtin_ones():
 def test_unknown_task_of_a_suite_lists_its_tasks(photo):
     with pytest.raises(UnknownNameError, match="noise_25"):
         D.suite("three_task").degrade(photo, "noise_20")
+
+
+def test_docs_describe_every_degradation_parameter_and_suite():
+    docs = Path(__file__).parents[1] / "docs"
+    text = (docs / "degradations.md").read_text(encoding="utf-8")
+    for name in ALL:
+        assert f"| `{name}` |" in text, name
+        for param in D.get(name).params:
+            assert f"`{param}`" in text, (name, param)
+    for name in D.available_suites():
+        assert (docs / "suites" / f"{name}.md").is_file()
+        assert (docs / "images" / f"gallery_{name}.png").is_file()

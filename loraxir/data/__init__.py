@@ -2,7 +2,7 @@
 
 >>> from loraxir.data import SyntheticPairs
 >>> train, test = SyntheticPairs.splits("skimage", suite="three_task", patch_size=64)
->>> item = train[0]   # {"lq", "gt", "task", "task_name", "label", "image_id"}
+>>> item = train[0]   # {"lq", "gt", "task", "task_name", "label", "name"}
 
 See ``docs/degradations.md`` for the item format and how to plug in BSD68, Rain100L, SOTS,
 GoPro and LOL.

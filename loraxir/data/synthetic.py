@@ -27,7 +27,8 @@ class SyntheticPairs(Dataset):
     - ``"task_name"``: str, that task's name;
     - ``"label"``: int, the degradation class index (``suite.labels``); tasks that differ
       only in strength (noise σ15/25/50) share a class. Train the router on this;
-    - ``"image_id"``: str, the clean image the patch comes from.
+    - ``"name"``: str, the id of the clean image the patch comes from (the same key as
+      :class:`~loraxir.data.PairedFolder` items, so both mix in one ``ConcatDataset``).
 
     Items cycle through tasks fastest, then images, then ``repeats``, so every task has
     the same number of items (no sampler is needed to balance them). Everything random
@@ -43,9 +44,12 @@ class SyntheticPairs(Dataset):
         patch_size: side of the square patches; smaller images are reflect-padded.
         tasks: restrict to these task names (labels stay the suite's indices).
         split: ``"train"``, ``"test"`` or ``"all"``; the split is by image (see
-            :func:`~loraxir.data.split_by_image`), decided by ``split_seed``.
+            :func:`~loraxir.data.split_by_image`): ``test_fraction`` of the images, chosen
+            by ``split_seed``, are test images.
+        seed: seeds every random choice of an item, with the epoch and the index.
         repeats: how many times each (image, task) appears per epoch.
         augment: random flips and 90° rotations; default on for ``split="train"`` only.
+        image_column: the column of a 🤗 dataset that holds the clean images.
         strict: fail on non-image or corrupt files in a folder instead of skipping them.
     """
 
@@ -73,8 +77,6 @@ class SyntheticPairs(Dataset):
         self.tasks = [self.suite.index(name) for name in tasks or self.suite.task_names]
         self.source = open_source(source, image_column, strict)
         self.images = split_by_image(self.source.ids, split, test_fraction, split_seed)
-        if not self.images:
-            raise DataError(f"The {split!r} split holds no images; lower test_fraction.")
         self.patch_size = patch_size
         self.seed = seed
         self.repeats = repeats
@@ -128,7 +130,7 @@ class SyntheticPairs(Dataset):
             "task": task,
             "task_name": self.suite.task_names[task],
             "label": self.suite.label_index(task),
-            "image_id": self.source.ids[image],
+            "name": self.source.ids[image],
         }
 
     def _clean_patch(self, image: int, generator: Any) -> Tensor:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 
 import torch
-from kornia.filters import filter2d, gaussian_blur2d, get_motion_kernel2d
+from kornia.filters import fft_conv, filter2d, gaussian_blur2d, get_motion_kernel2d
 from torch import Tensor
 
 from loraxir.degradations.registry import Param, register
 
 _BORDER = "replicate"
+# Above this kernel side an FFT convolution is faster on a CPU (measured at 256², batch 16).
+_FFT_FROM = 13
 
 
 def motion_kernel(length: int, angle: float, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -24,6 +26,14 @@ def motion_kernel(length: int, angle: float, device: torch.device, dtype: torch.
     size = max(3, length + 1 - length % 2)
     kernel = get_motion_kernel2d(size, float(angle), 0.0, mode="bilinear")
     return kernel.to(device=device, dtype=dtype)
+
+
+def convolve(images: Tensor, kernel: Tensor, border: str = _BORDER) -> Tensor:
+    """Correlate every channel with ``kernel`` ``(1, k, k)`` ("same" size); large kernels
+    go through kornia's FFT convolution, which equals the direct one up to float roundoff."""
+    if kernel.shape[-1] > _FFT_FROM:
+        return fft_conv(images, kernel, border_type=border)
+    return filter2d(images, kernel, border_type=border)
 
 
 def gaussian(images: Tensor, sigma: float) -> Tensor:
@@ -67,8 +77,7 @@ def _gaussian_blur(images: Tensor, generator: torch.Generator, sigma: float) -> 
 def _motion_blur(images: Tensor, generator: torch.Generator, length: int, angle: float) -> Tensor:
     if length <= 1:
         return images
-    kernel = motion_kernel(length, angle, images.device, images.dtype)
-    return filter2d(images, kernel, border_type=_BORDER)
+    return convolve(images, motion_kernel(length, angle, images.device, images.dtype))
 
 
 @register(
@@ -79,4 +88,4 @@ def _motion_blur(images: Tensor, generator: torch.Generator, length: int, angle:
 def _defocus_blur(images: Tensor, generator: torch.Generator, radius: float) -> Tensor:
     if radius <= 0:
         return images
-    return filter2d(images, _disk_kernel(radius, images.device, images.dtype), border_type=_BORDER)
+    return convolve(images, _disk_kernel(radius, images.device, images.dtype))

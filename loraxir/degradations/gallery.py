@@ -13,6 +13,9 @@ from torch import Tensor
 from loraxir.degradations.registry import available, get
 from loraxir.degradations.suites import Suite
 
+# Cells show the images at about one screen pixel per image pixel.
+_DPI = 100
+
 
 def square(image: Tensor, size: int) -> Tensor:
     """Resize a ``uint8`` ``(3, H, W)`` image so its short side is ``size`` (bicubic,
@@ -30,27 +33,33 @@ def render_gallery(
 ) -> Path:
     """Degrade ``image`` (float ``(1, 3, H, W)``) by every task of ``suite`` (every registered
     degradation with its default ranges when ``suite`` is None), and save a grid with the
-    clean image first, each cell titled with the task and the parameters drawn."""
+    clean image first, each cell titled with the task and the parameters drawn.
+
+    A cell is ``W + 20`` pixels wide for a ``W``-pixel-wide image, plus room for the
+    longest title (wrapped to the cell width) above it.
+    """
     from matplotlib.figure import Figure
 
     generator = torch.Generator().manual_seed(seed)
-    cells: list[tuple[str, Tensor]] = [("clean", image)]
+    cells: list[tuple[str, str, Tensor]] = [("clean", "", image)]
     if suite is None:
         for name in available():
             degraded, params = get(name)(image, generator)
-            cells.append((f"{name}\n{_format_params(params)}", degraded))
+            cells.append((name, _format_params(params), degraded))
     else:
         for task in suite.tasks:
             degraded, params = task.degrade(image, generator)
             steps = " + ".join(_format_step(step) for step in params["steps"])
-            cells.append((f"{task.name}\n{steps}", degraded))
+            cells.append((task.name, steps, degraded))
+    width = image.shape[-1] / _DPI + 0.2  # inches
+    titles = [f"{name}\n{textwrap.fill(detail, int(width * 16))}" for name, detail, _ in cells]
+    height = image.shape[-2] / _DPI + 0.3 + 0.14 * max(title.count("\n") + 1 for title in titles)
     rows = -(-len(cells) // columns)
-    figure = Figure(figsize=(3.0 * columns, 3.5 * rows), dpi=100, layout="constrained")
+    figure = Figure(figsize=(width * columns, height * rows), dpi=_DPI, layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for axis, (title, pixels) in zip(axes, cells, strict=False):
+    for axis, title, (_, _, pixels) in zip(axes, titles, cells, strict=False):
         axis.imshow(pixels[0].permute(1, 2, 0).cpu().numpy())
-        heading, _, detail = title.partition("\n")
-        axis.set_title(f"{heading}\n{textwrap.fill(detail, 42)}", fontsize=8)
+        axis.set_title(title, fontsize=8)
     for axis in axes:
         axis.axis("off")
     path = Path(path)

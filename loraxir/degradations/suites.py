@@ -136,14 +136,15 @@ class Suite:
         """
         check_images(frames)
         per_frame = self.frame_tasks(frames.shape[0], period)
-        out, segments, start = frames.clone(), [], 0
+        out, segments, start = torch.empty_like(frames), [], 0
         while start < len(per_frame):
             stop = start
             while stop < len(per_frame) and per_frame[stop] == per_frame[start]:
                 stop += 1
-            out[start:stop], params = self.degrade(frames[start:stop], per_frame[start], generator)
-            segments.append({"task": self.task_names[per_frame[start]], "frames": [start, stop]})
-            segments[-1].update(params)
+            degraded, params = self.degrade(frames[start:stop], per_frame[start], generator)
+            out[start:stop] = degraded
+            task = self.task_names[per_frame[start]]
+            segments.append({"task": task, "frames": [start, stop], **params})
             start = stop
         return out, torch.tensor(per_frame), segments
 
