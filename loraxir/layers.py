@@ -213,20 +213,29 @@ class LoraIRLayer(BaseTunerLayer):
             )
         coeffs = gates.to(x.dtype) * self.scaling(adapter)
         a, b = self.loraxir_experts[adapter].stacked()
+        fresh = False
         if not torch.compiler.is_compiling():
-            # Skip experts that contribute exactly nothing (zero gate for every image, or,
-            # when B gets no gradient, B still zero): faster for top-k, fresh experts return
-            # the base output bit for bit, and old degradations stay bit-identical when
-            # experts are added.
+            # Skip experts that contribute exactly nothing (zero gate for every image, or B
+            # still zero when B gets no gradient): faster for top-k, and old degradations stay
+            # bit-identical when experts are added. Experts with B = 0 that must train go
+            # through the activation form, whose delta is exactly zero, so that fresh
+            # experts return the base output bit for bit in training too.
             contributes = (coeffs != 0).any(0)
-            if not (torch.is_grad_enabled() and b.requires_grad):
-                contributes = contributes & (b.flatten(1) != 0).any(1)
+            b_nonzero = (b.flatten(1) != 0).any(1)
+            if torch.is_grad_enabled() and b.requires_grad:
+                fresh = bool((contributes & ~b_nonzero).any())
+            else:
+                contributes = contributes & b_nonzero
             used = contributes.nonzero().flatten()
             if used.numel() == 0:
                 return self.base_layer(x, *args, **kwargs)
             if used.numel() < coeffs.shape[1]:
                 a, b, coeffs = a[used], b[used], coeffs[:, used]
-        mode = self._choose_compute(adapter, coeffs)
+        mode = (
+            "activation"
+            if fresh and self.compute == "auto"
+            else self._choose_compute(adapter, coeffs)
+        )
         if mode == "activation":
             delta = self._activation_delta(a, b, self._dropped(adapter, x), coeffs)
             return self.base_layer(x, *args, **kwargs) + delta
@@ -244,15 +253,18 @@ class LoraIRLayer(BaseTunerLayer):
             return self.compute
         if torch.compiler.is_compiling():
             return "activation" if self._supports_activation_cheaply() else "batched"
-        if (self.training and self.loraxir_dropout[adapter] > 0) or (
-            coeffs.requires_grad and coeffs.shape[0] > 1
-        ):
+        if self.training and self.loraxir_dropout[adapter] > 0:
             return "activation"
+        if coeffs.requires_grad and coeffs.shape[0] > 1:
+            # Gates being trained: grouping images by gate row would mix their gradients.
+            return "activation" if self._supports_activation_cheaply() else "weight"
         if coeffs.shape[0] == 1 or bool((coeffs == coeffs[:1]).all()):
             return "weight"
         return self.tuned_compute or "weight"
 
     def _supports_activation_cheaply(self) -> bool:
+        """Whether the activation form costs about one LoRA of rank E*r (not for grouped
+        convolutions, where it expands every group to E*r channels)."""
         return True
 
     def _weight_forward(

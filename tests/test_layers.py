@@ -152,9 +152,15 @@ def test_fresh_experts_leave_output_exactly_unchanged(name, factory, shape):
     layer.update_layer("default", r=R, lora_alpha=ALPHA, chunks=[E], dropout=0.0, init="default")
     routing.gates = torch.rand(3, E)
     x = torch.randn(shape)
-    for mode in ("activation", "weight", "batched"):
+    for mode in ("activation", "weight", "batched", "auto"):
         layer.compute = mode
-        assert torch.equal(layer(x), base(x))
+        with torch.no_grad():
+            assert torch.equal(layer(x), base(x))
+    layer.compute = "auto"
+    out = layer(x)  # training: fresh experts must still get gradients
+    assert torch.equal(out, base(x))
+    out.sum().backward()
+    assert layer.loraxir_experts["default"].B[0].grad.abs().sum() > 0
 
 
 def test_zero_gates_run_the_base_layer_only():
