@@ -33,7 +33,7 @@ def render_model_card(
         f"| rank r / alpha | {config.r} / {config.lora_alpha:g} |",
         f"| top-k / temperature | {config.top_k} / {config.temperature:g} |",
         f"| targets | {config.target_modules or config.preset or 'the detected preset'} |",
-        f"| router | {(config.router or {}).get('encoder', 'none (pass gates or degradation)')} |",
+        f"| router | {_router_label(config.router)} |",
         "",
     ]
     if metrics:
@@ -52,6 +52,15 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _router_label(spec: dict[str, Any] | None) -> str:
+    if spec is None:
+        return "none (route with gates= or degradation=)"
+    encoder = spec.get("encoder", {})
+    if isinstance(encoder, dict):
+        encoder = encoder.get("name") or encoder.get("type", "custom")
+    return f"{encoder}, top-{spec.get('top_k', 1)}"
 
 
 def push_to_hub(

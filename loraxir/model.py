@@ -266,13 +266,10 @@ class LoraIRModel(BaseTuner):
         Its class names and ``top_k`` must match the config (the expert order is the
         router's logit order).
         """
+        from loraxir.router import check_degradations
+
         config = self.config
-        names = list(getattr(router, "degradations", []))
-        if names != list(config.degradations):
-            raise ConfigError(
-                f"The router's classes {names} differ from the adapter's degradations "
-                f"{config.degradations}; expert i serves router class i, so they must be equal."
-            )
+        check_degradations(list(getattr(router, "degradations", [])), config.degradations)
         top_k = getattr(router, "top_k", config.top_k)
         if top_k != config.top_k:
             raise ConfigError(
