@@ -54,6 +54,13 @@ class LoraIRModel(BaseTuner):
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
         self.last_routing: torch.Tensor | None = None
         self.loraxir_router: nn.Module | None = None
+        spec = self.config.router
+        if router is None and spec is not None:
+            # A saved config names its router (peft's from_pretrained arrives here): rebuild
+            # it; its trained weights are loaded with the experts.
+            from loraxir.router import DegradationRouter
+
+            router = DegradationRouter.from_config(spec)
         if router is not None:
             self.attach_router(router)
         self._apply_trainable_policy()

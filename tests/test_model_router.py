@@ -99,3 +99,19 @@ def test_add_degradation_grows_router_and_keeps_old_outputs():
         assert model(X).shape == X.shape
         assert model.last_routing.shape == (3, 4)
         assert torch.equal(model(X, degradation=["noise", "rain", "haze"]), before)
+
+
+def test_peft_round_trip_keeps_router_weights(tmp_path):
+    import peft
+
+    model = _model()
+    with torch.no_grad():
+        expected = model(X)
+    model.save_pretrained(tmp_path / "a")
+    peft_model = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(peft_model(X), expected)
+    peft_model.save_pretrained(tmp_path / "b")
+    again = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(again(X), expected)
