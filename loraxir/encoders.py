@@ -1,7 +1,7 @@
 """Degradation encoders: image towers that turn a degraded image into an embedding.
 
 A router needs a view of *how* an image is degraded, not of what it shows. LoRA-IR uses a
-frozen CLIP image tower for that; we support three families behind one small contract:
+frozen CLIP image tower for that; we support four kinds behind one small contract:
 
 * ``"cnn-tiny"`` — a small convolutional network, random-initialised and trained with the
   router. It is what runs on a CPU in seconds and what the tests use.
@@ -33,6 +33,8 @@ import importlib
 import itertools
 import json
 import logging
+import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_CNN_NAME = "cnn-tiny"
 LOCAL_DIR_PREFIX = "local-dir:"
 _INIT_SEED = 0
+# Architectures added with register_open_clip_config, kept so that a saved spec carries them.
+_REGISTERED_OPEN_CLIP: dict[str, dict[str, Any]] = {}
+_REGISTRY_DIR: list[Path] = []
 
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
-class DegradationEncoder(nn.Module):
+class DegradationEncoder(nn.Module, ABC):
     """Base class: resize, normalise, encode. Subclasses implement :meth:`encode_pixels`.
 
     Attributes:
@@ -132,9 +137,9 @@ class DegradationEncoder(nn.Module):
         pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
         return self.encode_pixels(pixels)
 
+    @abstractmethod
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embed normalised ``(N, 3, image_size, image_size)`` pixels → ``(N, embed_dim)``."""
-        raise NotImplementedError
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Embed text prompts → ``(P, text_dim)`` in the tower's joint image-text space."""
@@ -143,9 +148,9 @@ class DegradationEncoder(nn.Module):
             "objective 'contrastive') are not available. Use an open_clip or 🤗 CLIP encoder."
         )
 
+    @abstractmethod
     def spec(self) -> dict[str, Any]:
         """A JSON-serialisable reference from which :func:`encoder_from_spec` rebuilds this."""
-        raise NotImplementedError
 
     @property
     def saves_weights(self) -> bool:
@@ -175,29 +180,37 @@ class DegradationEncoder(nn.Module):
 class TinyCNNEncoder(DegradationEncoder):
     """A small CNN for CPU training and tests (``"cnn-tiny"``), random-initialised.
 
-    The first convolution runs at full input resolution and the features are pooled by
-    mean *and* standard deviation: noise, blur and compression show up in local
-    statistics (energy of high frequencies) more than in the average response.
+    Four stages, the first at full input resolution, each later one halving it. Every
+    stage's output is pooled by mean *and* standard deviation and the pooled statistics of
+    all stages are concatenated: noise, blur and compression show up in the energy of fine
+    detail (early, high-resolution stages) more than in the average deep response, and
+    this gives the head direct access to it.
     """
 
     def __init__(self, image_size: int = 64, width: int = 16, embed_dim: int = 128) -> None:
         super().__init__(image_size, embed_dim)
         self.width = int(width)
         widths = [self.width, 2 * self.width, 4 * self.width, 8 * self.width]
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1), nn.GELU()]
+        stages = [nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1), nn.GELU())]
         for c_in, c_out in itertools.pairwise(widths):
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
-                nn.GroupNorm(min(8, c_out), c_out),
-                nn.GELU(),
-            ]
-        self.features = nn.Sequential(*layers)
-        self.proj = nn.Linear(2 * widths[-1], self.embed_dim)
+            stages.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                    nn.GroupNorm(min(8, c_out), c_out),
+                    nn.GELU(),
+                )
+            )
+        self.stages = nn.ModuleList(stages)
+        self.proj = nn.Linear(2 * sum(widths), self.embed_dim)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.features(pixels).flatten(2)
-        pooled = torch.cat([features.mean(-1), features.std(-1)], dim=-1)
-        return self.proj(pooled)
+        pooled = []
+        features = pixels
+        for stage in self.stages:
+            features = stage(features)
+            flat = features.flatten(2)
+            pooled += [flat.mean(-1), flat.std(-1)]
+        return self.proj(torch.cat(pooled, dim=-1))
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -237,7 +250,7 @@ class OpenCLIPEncoder(DegradationEncoder):
         self.name = name
         self.pretrained = pretrained
         self.image_size_override = image_size
-        self.has_reference_weights = pretrained is not None or name.startswith(LOCAL_DIR_PREFIX)
+        self.has_reference_weights = pretrained is not None or _local_dir_has_weights(name)
         self.text_dim = int(clip.text_projection.shape[-1]) if _has_text(clip) else None
         self.visual = clip.visual
 
@@ -254,13 +267,16 @@ class OpenCLIPEncoder(DegradationEncoder):
             return clip.eval().encode_text(tokens).to(self.mean.device)
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "type": "open_clip",
             "name": self.name,
             "pretrained": self.pretrained,
             "image_size": self.image_size_override,
             **self._common_spec(),
         }
+        if self.name in _REGISTERED_OPEN_CLIP:
+            spec["model_cfg"] = _REGISTERED_OPEN_CLIP[self.name]
+        return spec
 
 
 class HFCLIPEncoder(DegradationEncoder):
@@ -345,6 +361,29 @@ class ModuleEncoder(DegradationEncoder):
         }
 
 
+def register_open_clip_config(name: str, model_cfg: dict[str, Any]) -> str:
+    """Make an open_clip architecture given as a config dict available under ``name``.
+
+    ``model_cfg`` has open_clip's model-config keys (``embed_dim``, ``vision_cfg``,
+    ``text_cfg``, ...). Routers built on it record the config in their spec, so they can be
+    rebuilt in another process without registering it again. Returns ``name``.
+    """
+    import open_clip
+
+    if name == TINY_CNN_NAME or name.startswith(LOCAL_DIR_PREFIX) or "/" in name:
+        raise ConfigError(f"{name!r} cannot name an open_clip config; pick a plain name.")
+    model_cfg = json.loads(json.dumps(model_cfg))
+    if _REGISTERED_OPEN_CLIP.get(name) == model_cfg:
+        return name
+    if not _REGISTRY_DIR:
+        _REGISTRY_DIR.append(Path(tempfile.mkdtemp(prefix="loraxir-open-clip-configs-")))
+    path = _REGISTRY_DIR[0] / f"{name}.json"
+    path.write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(path)
+    _REGISTERED_OPEN_CLIP[name] = model_cfg
+    return name
+
+
 def available_encoders() -> list[str]:
     """Names accepted by :func:`create_encoder` besides folders and modules."""
     import open_clip
@@ -407,6 +446,8 @@ def encoder_from_spec(spec: dict[str, Any], module: nn.Module | None = None) -> 
             spec["image_size"], spec["width"], spec["embed_dim"]
         )
     elif kind == "open_clip":
+        if "model_cfg" in spec:
+            register_open_clip_config(spec["name"], spec["model_cfg"])
         encoder = OpenCLIPEncoder(spec["name"], spec.get("pretrained"), spec.get("image_size"))
     elif kind == "hf_clip":
         encoder = HFCLIPEncoder(spec["path"])
@@ -494,7 +535,7 @@ def _build_open_clip(name: str, pretrained: str | None, image_size: int | None) 
     """Build a full open_clip model; seeded, and with errors that explain the fix."""
     import open_clip
 
-    if pretrained is None and not name.startswith(LOCAL_DIR_PREFIX):
+    if pretrained is None and not _local_dir_has_weights(name):
         with _seeded(_INIT_SEED), _quiet_logging():
             return open_clip.create_model(name, force_image_size=image_size)
     is_tag = pretrained is not None and bool(open_clip.get_pretrained_cfg(name, pretrained))
@@ -516,6 +557,14 @@ def _build_open_clip(name: str, pretrained: str | None, image_size: int | None) 
             f"Weights {pretrained or name!r} do not fit open_clip model {name!r} (a file of "
             f"another model or image size, or not a weights file?): {_first_lines(str(error))}"
         ) from error
+
+
+def _local_dir_has_weights(name: str) -> bool:
+    """Whether a ``local-dir:`` folder holds weights (without them open_clip builds random ones)."""
+    if not name.startswith(LOCAL_DIR_PREFIX):
+        return False
+    folder = Path(name[len(LOCAL_DIR_PREFIX) :])
+    return any(any(folder.glob(f"*{suffix}")) for suffix in (".safetensors", ".bin", ".pth"))
 
 
 def _has_text(clip: nn.Module) -> bool:
@@ -636,5 +685,6 @@ __all__ = [
     "available_encoders",
     "create_encoder",
     "encoder_from_spec",
+    "register_open_clip_config",
     "resize_square",
 ]

@@ -317,7 +317,7 @@ class DegradationRouter(nn.Module):
         top_k: experts mixed per image (1 = hard choice).
         temperature: softmax temperature of the gates.
         noise_std: std of the logit noise added in training mode.
-        grid: local tiles per side (0 = global view only).
+        grid: local tiles per side (0 = global view only); read-only.
     """
 
     def __init__(
@@ -342,7 +342,7 @@ class DegradationRouter(nn.Module):
         if grid < 0:
             raise ConfigError(f"grid must be >= 0 (0 = global view only), got {grid}.")
         self.encoder = encoder
-        self.grid = int(grid)
+        self._grid = int(grid)
         self.hidden_dim = int(hidden_dim)
         self.embed_dim = int(embed_dim)
         self.head_type = head
@@ -366,7 +366,13 @@ class DegradationRouter(nn.Module):
             self.head = _TextPrototypeHead(self.embed_dim, prototypes)
 
     @property
+    def grid(self) -> int:
+        """Local tiles per side (0: global view only); fixed, as it sets the MLP's input size."""
+        return self._grid
+
+    @property
     def top_k(self) -> int:
+        """Experts mixed per image, in ``[1, E]``; checked when set."""
         return self._top_k
 
     @top_k.setter
@@ -380,6 +386,7 @@ class DegradationRouter(nn.Module):
 
     @property
     def temperature(self) -> float:
+        """Softmax temperature of the gates, ``> 0``; checked when set."""
         return self._temperature
 
     @temperature.setter
@@ -390,6 +397,7 @@ class DegradationRouter(nn.Module):
 
     @property
     def noise_std(self) -> float:
+        """Std of the logit noise in training mode, ``>= 0``; checked when set."""
         return self._noise_std
 
     @noise_std.setter
@@ -500,18 +508,14 @@ class DegradationRouter(nn.Module):
         :func:`degradation_prompt`), so the router recognises it zero-shot. With a linear
         head the new row is freshly initialised and must be trained.
         """
-        self.degradations = _check_names([*self.degradations, name])
+        degradations = _check_names([*self.degradations, name])
         if isinstance(self.head, _TextPrototypeHead):
-            assert self.prompts is not None
-            self.prompts[name] = prompt or degradation_prompt(name)
-            self.head.add_class(self.encoder.encode_text([self.prompts[name]])[0])
-            return
-        old = self.head
-        new = nn.Linear(old.in_features, old.out_features + 1).to(old.weight)
-        with torch.no_grad():
-            new.weight[:-1].copy_(old.weight)
-            new.bias[:-1].copy_(old.bias)
-        self.head = new
+            text = prompt or degradation_prompt(name)
+            self.head.add_class(self.encoder.encode_text([text])[0])
+            self.prompts = {**(self.prompts or {}), name: text}
+        else:
+            self.head = _grow_linear(self.head)
+        self.degradations = degradations
 
     def to_config(self) -> dict[str, Any]:
         """A JSON-serialisable description; :meth:`from_config` rebuilds the router from it.
@@ -675,6 +679,15 @@ class DegradationRouter(nn.Module):
             f"degradations={self.degradations}, grid={self.grid}, head={self.head_type!r}, "
             f"top_k={self.top_k}, temperature={self.temperature}, noise_std={self.noise_std}"
         )
+
+
+def _grow_linear(old: nn.Linear) -> nn.Linear:
+    """A copy of ``old`` with one more (freshly initialised) output row."""
+    new = nn.Linear(old.in_features, old.out_features + 1).to(old.weight)
+    with torch.no_grad():
+        new.weight[:-1].copy_(old.weight)
+        new.bias[:-1].copy_(old.bias)
+    return new
 
 
 def _check_names(names: Sequence[str]) -> list[str]:

@@ -252,9 +252,8 @@ def make_optimizer_and_scheduler(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over ``param_groups`` (each may set its own ``lr``) and a warm-up + cosine (or
     constant) schedule over ``config.max_steps``."""
-    groups = [g for g in param_groups if any(p.requires_grad for p in g["params"])]
-    for group in groups:
-        group["params"] = [p for p in group["params"] if p.requires_grad]
+    trainable = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
+    groups = [group for group in trainable if group["params"]]
     if not groups:
         raise ConfigError("Nothing to train: every parameter is frozen.")
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraxir.data.synthetic import SyntheticPairs
+from loraxir.degradations import Suite
 from loraxir.degradations import suite as load_suite
+from loraxir.encoders import register_open_clip_config
 from loraxir.errors import ConfigError
 from loraxir.router import DegradationRouter
 from loraxir.training import (
@@ -53,6 +55,7 @@ from loraxir.training import (
 )
 
 OBJECTIVES = ("classification", "contrastive")
+ROUTE_BY = ("label", "task")
 
 
 @dataclass
@@ -71,6 +74,10 @@ class TrainRouterConfig(RecipeConfig):
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test image split."})
     encoder: str = field(
         default="cnn-tiny", metadata={"help": "'cnn-tiny', an open_clip name or a folder."}
+    )
+    open_clip_model_cfg: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "An open_clip architecture (config dict) registered as `encoder`."},
     )
     pretrained: str | None = field(
         default=None, metadata={"help": "open_clip tag or local weights file."}
@@ -97,10 +104,19 @@ class TrainRouterConfig(RecipeConfig):
         default_factory=list,
         metadata={"help": "Contrastive: classes left out of training, added by name after."},
     )
+    route_by: str = field(
+        default="label",
+        metadata={
+            "help": "'label': a class per degradation (noise σ15/25/50 share one); "
+            "'task': a class per task of the suite (σ levels apart)."
+        },
+    )
     label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy smoothing."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.route_by not in ROUTE_BY:
+            raise ConfigError(f"route_by must be one of {ROUTE_BY}, got {self.route_by!r}.")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
         if self.zero_shot_holdout and self.objective != "contrastive":
@@ -123,6 +139,8 @@ class _LogitsModule(nn.Module):
 
 def build_router(config: TrainRouterConfig, classes: Sequence[str]) -> DegradationRouter:
     """The router to train, on ``classes`` (the suite's labels minus any held out)."""
+    if config.open_clip_model_cfg is not None:
+        register_open_clip_config(config.encoder, config.open_clip_model_cfg)
     return DegradationRouter.from_encoder(
         config.encoder,
         classes,
@@ -139,18 +157,23 @@ def build_router(config: TrainRouterConfig, classes: Sequence[str]) -> Degradati
     )
 
 
+def suite_classes(suite: Suite, route_by: str) -> list[str]:
+    """The suite's class names in the dataset's index order: labels or task names."""
+    return suite.labels if route_by == "label" else suite.task_names
+
+
 def build_data(config: TrainRouterConfig) -> tuple[SyntheticPairs, SyntheticPairs, list[str]]:
     """Train and test sets (split by image) and the classes trained on."""
     suite = load_suite(config.suite)
-    unknown = sorted(set(config.zero_shot_holdout) - set(suite.labels))
+    names = suite_classes(suite, config.route_by)
+    unknown = sorted(set(config.zero_shot_holdout) - set(names))
     if unknown:
-        raise ConfigError(
-            f"zero_shot_holdout {unknown} are not classes of {suite.name}: {suite.labels}."
-        )
-    trained = [name for name in suite.labels if name not in config.zero_shot_holdout]
+        raise ConfigError(f"zero_shot_holdout {unknown} are not classes of {suite.name}: {names}.")
+    trained = [name for name in names if name not in config.zero_shot_holdout]
     if not trained:
         raise ConfigError("zero_shot_holdout leaves no class to train on.")
-    tasks = [task.name for task in suite.tasks if task.label in trained]
+    key = "label" if config.route_by == "label" else "name"
+    tasks = [task.name for task in suite.tasks if getattr(task, key) in trained]
     common = {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
     train = SyntheticPairs(
         config.source,
@@ -174,10 +197,10 @@ def build_data(config: TrainRouterConfig) -> tuple[SyntheticPairs, SyntheticPair
     return train, test, trained
 
 
-def label_map(suite_labels: Sequence[str], router_classes: Sequence[str]) -> torch.Tensor:
-    """Suite label index → router class index (``-1`` for a class the router lacks)."""
+def class_map(suite_names: Sequence[str], router_classes: Sequence[str]) -> torch.Tensor:
+    """Suite class index → router class index (``-1`` for a class the router lacks)."""
     return torch.tensor(
-        [list(router_classes).index(n) if n in router_classes else -1 for n in suite_labels]
+        [list(router_classes).index(n) if n in router_classes else -1 for n in suite_names]
     )
 
 
@@ -197,13 +220,13 @@ def predict(accelerator: Any, router: DegradationRouter, loader: Any) -> dict[st
 
 def score(
     result: dict[str, torch.Tensor],
-    suite_labels: Sequence[str],
-    task_names: Sequence[str],
+    suite: Suite,
+    route_by: str,
     classes: Sequence[str],
     holdout: Sequence[str],
 ) -> dict[str, Any]:
     """Accuracy overall, per class, per task (e.g. per noise σ) and zero-shot."""
-    truth = label_map(suite_labels, classes)[result["label"]]
+    truth = class_map(suite_classes(suite, route_by), classes)[result[route_by]]
     correct = result["pred"] == truth
     metrics: dict[str, Any] = {
         "accuracy": correct.float().mean().item(),
@@ -212,7 +235,7 @@ def score(
         "per_class": {n: correct[truth == i].float().mean().item() for i, n in enumerate(classes)},
         "per_task": {
             name: correct[result["task"] == t].float().mean().item()
-            for t, name in enumerate(task_names)
+            for t, name in enumerate(suite.task_names)
             if (result["task"] == t).any()
         },
         "confusion_matrix": confusion_matrix(result["pred"], truth, len(classes)).tolist(),
@@ -255,8 +278,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, test_loader, scheduler
     )
-    targets = label_map(train.suite.labels, classes).to(accelerator.device)
+    targets = class_map(suite_classes(train.suite, config.route_by), classes)
+    targets = targets.to(accelerator.device)
     state = resume(accelerator, config)
+    start_step = state.step
 
     accelerator.print(
         f"Training a router on {len(classes)} classes {classes} of {train.suite.name}: "
@@ -269,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch = next(batches)
         with accelerator.accumulate(model):
             logits = model(batch["lq"])
-            labels = targets[batch["label"]]
+            labels = targets[batch[config.route_by]]
             loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -301,13 +326,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         router.add_degradation(name, config.prompts.get(name))
     result = predict(accelerator, router, test_loader)
     metrics = score(
-        result,
-        test.suite.labels,
-        test.suite.task_names,
-        router.degradations,
-        config.zero_shot_holdout,
+        result, test.suite, config.route_by, router.degradations, config.zero_shot_holdout
     )
-    metrics.update(steps=state.step, num_processes=accelerator.num_processes, suite=test.suite.name)
+    metrics.update(
+        steps=state.step,
+        resumed_from_step=start_step,
+        num_processes=accelerator.num_processes,
+        suite=test.suite.name,
+    )
     accelerator.log({"test/accuracy": metrics["accuracy"]}, step=state.step)
     if accelerator.is_main_process:
         router.save_pretrained(output_dir / "router")

@@ -1,0 +1,146 @@
+"""What routing costs: the router's forward as a ratio of the restoration backbone's forward.
+
+For each encoder (the tiny CNN, open_clip ViT-B-32 and ViT-L-14 with random weights, which
+time like real ones) and each image size, the router runs with the paper's multi-view
+input (global view + 2×2 tiles) and with the global view only. Reported per cell: the
+median wall time over ``--repeats`` calls (batch 1, inference mode, after a warm-up) and
+the FLOP count (torch's flop counter, deterministic), both divided by the backbone's.
+The router reads the image once whatever its size, so its relative cost falls as images
+grow; multi-view multiplies the encoder's work by 5.
+
+    python benchmarks/router.py                               # full table (minutes on a CPU)
+    python benchmarks/router.py --encoders cnn-tiny --sizes 64 --repeats 2    # seconds
+
+Prints a table, writes JSON and a PNG bar chart (default ``benchmarks/results/router.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from loraxir import create_backbone
+from loraxir.router import DegradationRouter
+
+CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(module: nn.Module, images: torch.Tensor) -> int:
+    """Floating-point operations of one forward (multiply-adds count as two)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module(images)
+    return counter.get_total_flops()
+
+
+def measure(
+    backbone: str, encoders: list[str], sizes: list[int], repeats: int, seed: int
+) -> list[dict[str, object]]:
+    """One row per (encoder, grid, size): router/backbone time and FLOP ratios."""
+    torch.manual_seed(seed)
+    net = create_backbone(backbone).eval()
+    rows = []
+    for name in encoders:
+        multi = DegradationRouter.from_encoder(name, CLASSES, grid=2).eval()
+        single = DegradationRouter(multi.encoder, CLASSES, grid=0).eval()
+        for size in sizes:
+            images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                base_time = median_time(functools.partial(net, images), repeats)
+                base_flops = flops(net, images)
+                for router in (multi, single):
+                    router_time = median_time(functools.partial(router, images), repeats)
+                    rows.append(
+                        {
+                            "encoder": name,
+                            "views": "global+2x2" if router.grid else "global",
+                            "size": size,
+                            "router_ms": 1000 * router_time,
+                            "backbone_ms": 1000 * base_time,
+                            "time_ratio": router_time / base_time,
+                            "flop_ratio": flops(router, images) / base_flops,
+                        }
+                    )
+                    print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    """Bar chart of time ratios, one group per encoder and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["encoder"], r["size"]) for r in rows}, key=str)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(groups), 4))
+    for offset, views in ((-0.2, "global+2x2"), (0.2, "global")):
+        values = [
+            next(
+                r["time_ratio"]
+                for r in rows
+                if (r["encoder"], r["size"], r["views"]) == (*g, views)
+            )
+            for g in groups
+        ]
+        ax.bar([i + offset for i in range(len(groups))], values, width=0.4, label=views)
+    ax.set_xticks(range(len(groups)), [f"{e}\n{s}²" for e, s in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("router time / backbone time")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _format_row(row: dict[str, object]) -> str:
+    return (
+        f"{row['encoder']:<10} {row['views']:<11} {row['size']:>4}²  "
+        f"router {row['router_ms']:9.1f} ms  backbone {row['backbone_ms']:9.1f} ms  "
+        f"time x{row['time_ratio']:.3f}  flops x{row['flop_ratio']:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="nafnet", help="loraxir.create_backbone name")
+    parser.add_argument("--encoders", nargs="+", default=["cnn-tiny", "ViT-B-32", "ViT-L-14"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmarks/results/router.json")
+    args = parser.parse_args()
+
+    print(f"backbone {args.backbone}, {torch.get_num_threads()} threads, batch 1")
+    rows = measure(args.backbone, args.encoders, args.sizes, args.repeats, args.seed)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    plot(rows, output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""DegradationRouter: multi-view features, gating, explain, save/load, config round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from test_encoders import save_open_clip_weights, tiny_open_clip_name
+from torch import nn
+
+import loraxir.router as router_module
+from loraxir.errors import CheckpointError, ConfigError, RoutingError
+from loraxir.router import (
+    DegradationRouter,
+    check_degradations,
+    degradation_prompt,
+    load_balancing_loss,
+    multi_view,
+    top_k_gates,
+)
+
+CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
+
+
+def cnn_router(**options: object) -> DegradationRouter:
+    defaults = {"image_size": 16, "hidden_dim": 32, "embed_dim": 24}
+    return DegradationRouter.from_encoder("cnn-tiny", CLASSES, **{**defaults, **options})
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+@pytest.mark.parametrize("encoder", ["cnn-tiny", "open_clip"])
+@pytest.mark.parametrize("grid", [0, 2, 3])
+def test_multi_view_features_equal_views_cropped_and_encoded_by_hand(
+    encoder: str, grid: int
+) -> None:
+    name = tiny_open_clip_name() if encoder == "open_clip" else "cnn-tiny"
+    size = None if encoder == "open_clip" else 16
+    router = DegradationRouter.from_encoder(name, CLASSES, image_size=size, grid=grid).eval()
+    tower, s = router.encoder, router.encoder.image_size
+    images = torch.rand(2, 3, 37, 53)
+
+    expected = tower(_resize(images, s))
+    if grid:
+        big = _resize(images, grid * s)
+        tiles = [
+            tower(big[:, :, i * s : (i + 1) * s, j * s : (j + 1) * s])
+            for i in range(grid)
+            for j in range(grid)
+        ]
+        expected = torch.cat([expected, torch.stack(tiles).mean(dim=0)], dim=-1)
+
+    calls = []
+    tower.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    torch.testing.assert_close(router.features(images), expected, atol=1e-5, rtol=1e-4)
+    assert calls == [2 * (1 + grid * grid)], "all views of all images in one encoder call"
+
+
+def test_multi_view_tiles_are_row_major_crops() -> None:
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    views = multi_view(images, size=4, grid=2)
+    assert views.shape == (2, 5, 3, 4, 4)
+    torch.testing.assert_close(views[:, 2], images[:, :, 0:4, 4:8])
+    torch.testing.assert_close(views[:, 3], images[:, :, 4:8, 0:4])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_top_k_gates_rows_sum_to_one_with_exactly_k_non_zero(k: int) -> None:
+    logits = torch.randn(16, 5) * 3
+    gates = top_k_gates(logits, k)
+    torch.testing.assert_close(gates.sum(dim=1), torch.ones(16))
+    assert ((gates > 0).sum(dim=1) == k).all()
+    chosen = gates.topk(k, dim=1).indices.sort(dim=1).values
+    assert torch.equal(chosen, logits.topk(k, dim=1).indices.sort(dim=1).values)
+
+
+def test_lower_temperature_sharpens_the_mixture() -> None:
+    logits = torch.randn(32, 5)
+    sharp, soft = top_k_gates(logits, 3, temperature=0.3), top_k_gates(logits, 3, temperature=3.0)
+    assert (sharp.max(dim=1).values > soft.max(dim=1).values).all()
+    assert ((sharp > 0) == (soft > 0)).all(), "temperature changes weights, not the choice"
+
+
+def test_extreme_temperature_keeps_k_experts() -> None:
+    logits = torch.tensor([[0.0, 50.0, 100.0, -3.0]])
+    gates = top_k_gates(logits, 2, temperature=1e-3)
+    assert (gates > 0).sum() == 2 and abs(gates.sum().item() - 1) < 1e-6
+
+
+def test_top1_is_one_hot_and_still_passes_gradient() -> None:
+    logits = torch.randn(8, 5, requires_grad=True)
+    gates = top_k_gates(logits, 1)
+    assert torch.equal(gates.detach(), F.one_hot(logits.argmax(1), 5).float())
+    (gates * torch.arange(5.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_noisy_gating_is_seeded() -> None:
+    logits = torch.zeros(64, 5)
+    first = top_k_gates(logits, 1, noise_std=1.0, generator=torch.Generator().manual_seed(3))
+    again = top_k_gates(logits, 1, noise_std=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    assert len(set(first.argmax(1).tolist())) > 1, "noise spreads equal logits over experts"
+
+
+def test_router_noise_applies_in_training_mode_only() -> None:
+    router = cnn_router(noise_std=5.0)
+    images = torch.rand(16, 3, 16, 16)
+    router.eval()
+    torch.testing.assert_close(router(images), router(images))
+    router.train()
+    picks = {tuple(router(images).argmax(1).tolist()) for _ in range(4)}
+    assert len(picks) > 1
+
+
+def test_load_balancing_loss_is_minimal_for_uniform_usage() -> None:
+    uniform = torch.eye(5).repeat(4, 1)
+    assert load_balancing_loss(uniform).item() == pytest.approx(1.0)
+    collapsed = F.one_hot(torch.zeros(20, dtype=torch.long), 5).float()
+    assert load_balancing_loss(collapsed).item() == pytest.approx(5.0)
+    for _ in range(20):
+        gates = top_k_gates(torch.randn(20, 5) * 4, k=2)
+        assert load_balancing_loss(gates).item() >= 1.0 - 1e-6
+
+
+def test_load_balancing_loss_gradient_spreads_usage() -> None:
+    logits = (torch.randn(64, 4) + torch.tensor([3.0, 0, 0, 0])).requires_grad_()
+    optimizer = torch.optim.SGD([logits], lr=1.0)
+    before = load_balancing_loss(top_k_gates(logits, 1)).item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        load_balancing_loss(top_k_gates(logits, 1)).backward()
+        optimizer.step()
+    assert load_balancing_loss(top_k_gates(logits, 1)).item() < before - 0.5
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 3, 9, 70), (2, 1, 40, 40), (2, 4, 33, 20)])
+def test_router_gates_contract_for_any_size_and_channels(shape: tuple[int, ...]) -> None:
+    router = cnn_router(top_k=2)
+    gates = router(torch.rand(shape))
+    assert gates.shape == (shape[0], len(CLASSES))
+    torch.testing.assert_close(gates.sum(dim=1), torch.ones(shape[0]))
+    assert ((gates > 0).sum(dim=1) == 2).all()
+    (gates * torch.randn_like(gates)).sum().backward()
+    assert router.mlp[1].weight.grad.abs().sum() > 0
+    assert router.head.weight.grad.abs().sum() > 0
+
+
+def test_route_returns_embedding_logits_and_gates_consistently() -> None:
+    router = cnn_router(top_k=2, temperature=0.5).eval()
+    images = torch.rand(4, 3, 16, 16)
+    out = router.route(images)
+    assert out.embedding.shape == (4, 24)
+    torch.testing.assert_close(out.logits, router.logits(images))
+    torch.testing.assert_close(out.gates, top_k_gates(out.logits, 2, 0.5))
+    torch.testing.assert_close(router.embed(images), out.embedding)
+
+
+def test_explain_reports_probabilities_and_chosen_experts(tmp_path: Path) -> None:
+    router = cnn_router(top_k=2).eval()
+    images = torch.rand(3, 3, 16, 16)
+    explanation = router.explain(images)
+    probs = torch.softmax(router.logits(images), dim=-1).detach()
+    torch.testing.assert_close(explanation.probabilities, probs)
+    for row, chosen in zip(probs, explanation.chosen, strict=True):
+        assert chosen == [CLASSES[i] for i in row.topk(2).indices.tolist()]
+    records = explanation.to_records()
+    assert json.loads(json.dumps(records)) == records
+    assert set(records[0]["gates"]) == set(explanation.chosen[0])
+    assert (
+        str(explanation).splitlines()[0].startswith(f"image 0: experts {explanation.chosen[0][0]}")
+    )
+    explanation.plot(tmp_path / "choices.png", labels=["a", "b", "c"])
+    assert (tmp_path / "choices.png").stat().st_size > 1000
+
+
+def test_saved_router_loads_with_identical_gates(tmp_path: Path) -> None:
+    router = cnn_router(top_k=2, temperature=0.7)
+    with torch.no_grad():
+        for parameter in router.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router")
+    images = torch.rand(4, 3, 30, 30)
+    assert torch.equal(router.eval()(images), loaded.eval()(images))
+    assert loaded.to_config() == router.to_config()
+
+
+def test_frozen_pretrained_tower_is_referenced_not_saved(tmp_path: Path) -> None:
+    name = tiny_open_clip_name()
+    weights = tmp_path / "clip.safetensors"
+    save_open_clip_weights(weights, seed=7)
+    router = DegradationRouter.from_encoder(name, CLASSES, pretrained=str(weights), grid=1)
+    saved = router.adapter_state_dict()
+    assert saved and not any(key.startswith("encoder.") for key in saved)
+    assert router.to_config()["encoder"]["pretrained"] == str(weights.resolve())
+    router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router")
+    images = torch.rand(2, 3, 40, 40)
+    assert torch.equal(router.eval()(images), loaded.eval()(images))
+
+    router.encoder.set_trainable(True)
+    assert any(key.startswith("encoder.visual.") for key in router.adapter_state_dict())
+
+
+def test_random_or_custom_towers_are_saved_with_the_router() -> None:
+    random_tower = DegradationRouter.from_encoder(tiny_open_clip_name(), CLASSES, grid=0)
+    assert any(key.startswith("encoder.") for key in random_tower.adapter_state_dict())
+    assert any(key.startswith("encoder.") for key in cnn_router().adapter_state_dict())
+
+
+def test_load_adapter_state_dict_is_strict_and_leaves_router_unchanged_on_error() -> None:
+    router = cnn_router()
+    before = {k: v.clone() for k, v in router.state_dict().items()}
+    good = {k: torch.randn_like(v) for k, v in router.adapter_state_dict().items()}
+    missing = dict(good)
+    missing.pop("head.bias")
+    extra = {**good, "head.extra": torch.zeros(1)}
+    reshaped = {**good, "head.weight": torch.zeros(3, 24)}
+    for broken, message in ((missing, "missing"), (extra, "unexpected"), (reshaped, "shape")):
+        with pytest.raises(CheckpointError, match=message):
+            router.load_adapter_state_dict(broken)
+        for key, value in router.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    router.load_adapter_state_dict(good)
+    assert torch.equal(router.head.weight, good["head.weight"])
+
+
+def test_pickle_router_checkpoints_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = cnn_router()
+    router.save_pretrained(tmp_path / "router")
+    pickled = tmp_path / "router" / "router.bin"
+    torch.save(router.adapter_state_dict(), pickled)
+    (tmp_path / "router" / "router.safetensors").unlink()
+
+    def no_unpickling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load must not be called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match=r"router\.bin.*refused"):
+        DegradationRouter.from_pretrained(tmp_path / "router")
+    with pytest.raises(CheckpointError, match="refused"):
+        DegradationRouter.from_pretrained(pickled)
+
+
+def test_interrupted_save_keeps_the_previous_router(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = cnn_router()
+    target = tmp_path / "router"
+    router.save_pretrained(target)
+    (target / "README.md").write_text("model card")
+    images = torch.rand(2, 3, 16, 16)
+    expected = router.eval().logits(images)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        router.head.bias.add_(torch.arange(5.0))
+    monkeypatch.setattr(router_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        router.save_pretrained(target)
+    assert torch.equal(DegradationRouter.from_pretrained(target).eval().logits(images), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["router"], "no staging left behind"
+
+    monkeypatch.undo()
+    router.save_pretrained(target)
+    assert (target / "README.md").read_text() == "model card", "unrelated files are kept"
+    reloaded = DegradationRouter.from_pretrained(target).eval().logits(images)
+    torch.testing.assert_close(reloaded, expected + torch.arange(5.0))
+
+
+def test_custom_encoder_router_needs_the_module_to_load(tmp_path: Path) -> None:
+    module = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    router = DegradationRouter.from_encoder(module, CLASSES, image_size=16, grid=1)
+    config = json.loads(json.dumps(router.to_config()))
+    assert config["encoder"]["type"] == "custom"
+    with pytest.raises(ConfigError, match="Pass it explicitly"):
+        DegradationRouter.from_config(config)
+    router.save_pretrained(tmp_path / "router")
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router", encoder=fresh)
+    images = torch.rand(3, 3, 20, 20)
+    assert torch.equal(router.eval()(images), loaded.eval()(images))
+
+
+def test_to_config_is_json_and_round_trips() -> None:
+    router = cnn_router(grid=3, top_k=2, temperature=0.5, noise_std=0.1)
+    config = router.to_config()
+    assert json.loads(json.dumps(config)) == config
+    rebuilt = DegradationRouter.from_config(config)
+    assert rebuilt.to_config() == config
+    assert (rebuilt.top_k, rebuilt.temperature, rebuilt.noise_std, rebuilt.grid) == (2, 0.5, 0.1, 3)
+    with pytest.raises(ConfigError, match="Unknown keys"):
+        DegradationRouter.from_config({**config, "surprise": 1})
+
+
+def test_check_degradations_names_both_lists() -> None:
+    check_degradations(CLASSES, list(CLASSES))
+    with pytest.raises(ConfigError) as error:
+        cnn_router().check_degradations(["noise", "rain", "snow"])
+    message = str(error.value)
+    assert str(CLASSES) in message and "['noise', 'rain', 'snow']" in message
+    assert "'snow'" in message.split("missing from the router:")[1]
+    with pytest.raises(ConfigError, match="another order"):
+        check_degradations(["a", "b"], ["b", "a"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"top_k": 6}, "top_k"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"noise_std": -1.0}, "noise_std"),
+        ({"head": "mlp"}, "head"),
+        ({"grid": -1}, "grid"),
+    ],
+)
+def test_invalid_router_options_raise_config_error(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        cnn_router(**options)
+
+
+def test_duplicate_classes_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        DegradationRouter.from_encoder("cnn-tiny", ["noise", "noise"], image_size=16)
+
+
+def test_gating_errors_are_routing_errors() -> None:
+    with pytest.raises(RoutingError, match="top_k"):
+        top_k_gates(torch.zeros(2, 3), 4)
+    with pytest.raises(RoutingError, match="float"):
+        cnn_router()(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_text_head_recognises_a_class_added_by_name(tmp_path: Path) -> None:
+    name = tiny_open_clip_name()
+    router = DegradationRouter.from_encoder(name, ["noise", "rain"], head="text", grid=0)
+    router.add_degradation("haze")
+    assert router.degradations == ["noise", "rain", "haze"]
+    prototype = router.encoder.encode_text([degradation_prompt("haze")])[0]
+    torch.testing.assert_close(router.head.prototypes[2], F.normalize(prototype, dim=0))
+
+    # An image whose projected embedding is the new prototype is routed to it, zero-shot.
+    with torch.no_grad():
+        router.head.proj.weight.zero_()
+        router.head.proj.bias.copy_(prototype)
+    images = torch.rand(2, 3, 32, 32)
+    assert router.explain(images).chosen == [["haze"], ["haze"]]
+
+    router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router")
+    assert loaded.prompts == {n: degradation_prompt(n) for n in ["noise", "rain", "haze"]}
+    assert torch.equal(router.eval()(images), loaded.eval()(images))
+
+
+def test_linear_head_grows_with_a_new_class_keeping_old_rows() -> None:
+    router = cnn_router()
+    old = router.head.weight.detach().clone()
+    router.add_degradation("snow")
+    assert router.head.weight.shape[0] == len(CLASSES) + 1
+    assert torch.equal(router.head.weight[:-1], old)
+    assert router(torch.rand(2, 3, 16, 16)).shape == (2, len(CLASSES) + 1)
+
+
+def test_safetensors_file_path_loads_its_folder(tmp_path: Path) -> None:
+    router = cnn_router()
+    router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router" / "router.safetensors")
+    assert loaded.degradations == CLASSES
+    save_file({"x": torch.zeros(1)}, tmp_path / "router" / "router.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        DegradationRouter.from_pretrained(tmp_path / "router")
