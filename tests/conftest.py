@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from loraxir.encoders import register_open_clip_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,3 +34,27 @@ def randomize_experts(model: torch.nn.Module, scale: float = 0.1) -> None:
         for name, param in model.named_parameters():
             if ".loraxir_experts." in name:
                 param.normal_(0.0, scale)
+
+
+# A ~1 M-parameter open_clip architecture (image 32 px, patch 8) that builds in milliseconds,
+# for encoder and router tests.
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 1},
+}
+TINY_NAME = "loraxir-test-tiny-clip"
+
+
+def tiny_open_clip_name() -> str:
+    """Register the tiny architecture with open_clip and return its model name."""
+    return register_open_clip_config(TINY_NAME, TINY_OPEN_CLIP)
+
+
+def save_open_clip_weights(path: Path, seed: int, cfg: dict | None = None) -> dict:
+    """Write a full open_clip state dict (random, seeded) and return it."""
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**(cfg or TINY_OPEN_CLIP))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path)
+    return state

@@ -16,7 +16,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from loraxir.encoders import (
@@ -26,31 +25,9 @@ from loraxir.encoders import (
     TinyCNNEncoder,
     create_encoder,
     encoder_from_spec,
-    register_open_clip_config,
 )
 from loraxir.errors import CheckpointError, ConfigError, RoutingError, UnknownNameError
-
-# A ~1 M-parameter open_clip architecture (image 32 px, patch 8) that builds in milliseconds.
-TINY_OPEN_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 1},
-}
-TINY_NAME = "loraxir-test-tiny-clip"
-
-
-def tiny_open_clip_name() -> str:
-    """Register the tiny architecture with open_clip and return its model name."""
-    return register_open_clip_config(TINY_NAME, TINY_OPEN_CLIP)
-
-
-def save_open_clip_weights(path: Path, seed: int, cfg: dict | None = None) -> dict:
-    """Write a full open_clip state dict (random, seeded) and return it."""
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**(cfg or TINY_OPEN_CLIP))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path)
-    return state
+from tests.conftest import TINY_OPEN_CLIP, save_open_clip_weights, tiny_open_clip_name
 
 
 def test_tiny_cnn_any_size_grayscale_and_rgba() -> None:

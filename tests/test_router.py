@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from test_encoders import save_open_clip_weights, tiny_open_clip_name
 from torch import nn
 
 import loraxir.router as router_module
@@ -22,6 +21,7 @@ from loraxir.router import (
     multi_view,
     top_k_gates,
 )
+from tests.conftest import save_open_clip_weights, tiny_open_clip_name
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
 

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_encoders import TINY_OPEN_CLIP
 
 from loraxir.errors import CheckpointError, ConfigError, UnknownNameError
 from loraxir.router import DegradationRouter
@@ -32,6 +31,7 @@ from loraxir.training import (
     load_config,
     save_confusion_matrix,
 )
+from tests.conftest import TINY_OPEN_CLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_router.py"
