@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import peft
 import torch
+from _timing import median_time
 from torch import nn
 
 import loraxir
@@ -30,16 +29,6 @@ from loraxir import LoraIRConfig
 
 EXPERTS, RANK = 5, 8
 DEGRADATIONS = [f"degradation_{i}" for i in range(EXPERTS)]
-
-
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: allocator, caches, autotuned choices
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _train_step(model: nn.Module, call: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -126,12 +115,12 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
     # ---- bare backbone
     backbone.eval()
     with torch.no_grad():
-        t_base = _median_time(lambda: backbone(x), repeats)
-        t_loop = _median_time(lambda: [backbone(x[i : i + 1]) for i in range(batch)], repeats)
+        t_base = median_time(lambda: backbone(x), repeats)
+        t_loop = median_time(lambda: [backbone(x[i : i + 1]) for i in range(batch)], repeats)
     backbone.train()
     for p in backbone.parameters():
         p.requires_grad = True
-    t_base_train = _median_time(_train_step(backbone, lambda: backbone(x)), repeats)
+    t_base_train = median_time(_train_step(backbone, lambda: backbone(x)), repeats)
     mem_base = _training_bytes(backbone, lambda: backbone(x))
     record("base forward (s)", t_base, "s")
     record("base forward, one image at a time", t_loop / t_base)
@@ -147,9 +136,9 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
         gates = _gates(batch, top_k, generator)
         model.eval()
         with torch.no_grad():
-            t_routed = _median_time(lambda g=gates: model(x, gates=g), repeats)
+            t_routed = median_time(lambda g=gates: model(x, gates=g), repeats)
             model.autotune(x, gates=gates, repeats=1)
-            t_tuned = _median_time(lambda g=gates: model(x, gates=g), repeats)
+            t_tuned = median_time(lambda g=gates: model(x, gates=g), repeats)
             for _, layer in model.expert_layers():
                 layer.tuned_compute = None
         record(f"routed top-{top_k} inference (default)", t_routed / t_base)
@@ -158,7 +147,7 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
         step = _train_step(model, lambda g=gates: model(x, gates=g))
         record(
             f"experts-only train step top-{top_k} / full base step",
-            _median_time(step, repeats) / t_base_train,
+            median_time(step, repeats) / t_base_train,
         )
         mem = _training_bytes(model, lambda g=gates: model(x, gates=g))
         record(f"train memory top-{top_k} / full base", mem / mem_base)
@@ -166,10 +155,10 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
     with torch.no_grad():
         one = torch.zeros(EXPERTS)
         one[0] = 1.0
-        t_same = _median_time(lambda: model(x, gates=one), repeats)
+        t_same = median_time(lambda: model(x, gates=one), repeats)
         record("routed, one degradation for the batch", t_same / t_base)
         model.merge(gates=one)
-        record("merged inference", _median_time(lambda: model(x), repeats) / t_base)
+        record("merged inference", median_time(lambda: model(x), repeats) / t_base)
         model.unmerge()
     trainable_ours = model.count_parameters()[0]
     targets = _dense_conv_targets(model)
@@ -187,12 +176,12 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
     with torch.no_grad():
         record(
             f"peft LoRA r={lora_rank} inference (unmerged)",
-            _median_time(lambda: lora(x), repeats) / t_base,
+            median_time(lambda: lora(x), repeats) / t_base,
         )
     lora.train()
     record(
         "peft LoRA train step / full base step",
-        _median_time(_train_step(lora, lambda: lora(x)), repeats) / t_base_train,
+        median_time(_train_step(lora, lambda: lora(x)), repeats) / t_base_train,
     )
     record("peft LoRA train memory / full base", _training_bytes(lora, lambda: lora(x)) / mem_base)
     record("trainable params: loraxir / peft LoRA", trainable_ours / trainable_lora)

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import median_time
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -32,17 +30,6 @@ from loraxir import create_backbone
 from loraxir.router import DegradationRouter
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def flops(module: nn.Module, images: torch.Tensor) -> int:
