@@ -4,7 +4,8 @@ For each backbone: inference (routed top-1/top-2, merged, peft's plain LoRA of m
 rank) as a ratio of the bare backbone's batched forward, and one training step (experts
 only, and peft LoRA) as a ratio of one full training step of the base. Memory is the
 training step's footprint that the method changes: saved activations plus gradients and
-AdamW state of what trains (deterministic byte counts, not noisy RSS readings).
+AdamW state of what trains (deterministic byte counts, not noisy RSS readings). Each ratio
+is measured in pairs, alternating with its reference (see ``_timing.paired_ratio``).
 
     python benchmarks/overhead.py                      # NAFNet-w32 + Restormer, 256², batch 1 and 4
     python benchmarks/overhead.py --size 64 --backbones nafnet-tiny --batches 2   # seconds
@@ -15,13 +16,14 @@ Prints a table and writes JSON (default ``benchmarks/results/overhead.json``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import peft
 import torch
-from _timing import median_time
+from _timing import median_time, paired_ratio
 from torch import nn
 
 import loraxir
@@ -94,11 +96,6 @@ def bench_backbone(name: str, size: int, batches: list[int], repeats: int, seed:
 
 def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> list[dict]:
     rows: list[dict] = []
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    backbone = loraxir.create_backbone(name)
-    x = torch.rand(batch, 3, size, size, generator=generator)
-    base_state = {k: v.clone() for k, v in backbone.state_dict().items()}
 
     def record(kind: str, value: float, unit: str = "x") -> None:
         rows.append(
@@ -112,76 +109,93 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
             }
         )
 
-    # ---- bare backbone
-    backbone.eval()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    base = loraxir.create_backbone(name).eval()
+    x = torch.rand(batch, 3, size, size, generator=generator)
+
+    # ---- bare backbone: the reference of every ratio, kept unwrapped
+    def base_forward() -> None:
+        with torch.no_grad():
+            base(x)
+
+    full = copy.deepcopy(base).train().requires_grad_(True)
+    base_step = _train_step(full, lambda: full(x))
+    mem_base = _training_bytes(full, lambda: full(x))
+    record("base forward (s)", median_time(base_forward, repeats), "s")
+    record("base full train step (s)", median_time(base_step, repeats), "s")
     with torch.no_grad():
-        t_base = median_time(lambda: backbone(x), repeats)
-        t_loop = median_time(lambda: [backbone(x[i : i + 1]) for i in range(batch)], repeats)
-    backbone.train()
-    for p in backbone.parameters():
-        p.requires_grad = True
-    t_base_train = median_time(_train_step(backbone, lambda: backbone(x)), repeats)
-    mem_base = _training_bytes(backbone, lambda: backbone(x))
-    record("base forward (s)", t_base, "s")
-    record("base forward, one image at a time", t_loop / t_base)
-    record("base full train step (s)", t_base_train, "s")
+        record(
+            "base forward, one image at a time",
+            paired_ratio(lambda: [base(x[i : i + 1]) for i in range(batch)], base_forward, repeats),
+        )
 
     # ---- loraxir
-    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=DEGRADATIONS, r=RANK))
+    model = loraxir.get_loraxir_model(
+        copy.deepcopy(base), LoraIRConfig(degradations=DEGRADATIONS, r=RANK)
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".loraxir_experts." in n:
                 p.normal_(0, 0.01, generator=generator)
     for top_k in (1, 2):
         gates = _gates(batch, top_k, generator)
+
+        def routed(g: torch.Tensor = gates) -> None:
+            with torch.no_grad():
+                model(x, gates=g)
+
         model.eval()
+        record(
+            f"routed top-{top_k} inference (default)", paired_ratio(routed, base_forward, repeats)
+        )
         with torch.no_grad():
-            t_routed = median_time(lambda g=gates: model(x, gates=g), repeats)
             model.autotune(x, gates=gates, repeats=1)
-            t_tuned = median_time(lambda g=gates: model(x, gates=g), repeats)
-            for _, layer in model.expert_layers():
-                layer.tuned_compute = None
-        record(f"routed top-{top_k} inference (default)", t_routed / t_base)
-        record(f"routed top-{top_k} inference (autotuned)", t_tuned / t_base)
+        record(
+            f"routed top-{top_k} inference (autotuned)", paired_ratio(routed, base_forward, repeats)
+        )
+        for _, layer in model.expert_layers():
+            layer.tuned_compute = None
         model.train()
         step = _train_step(model, lambda g=gates: model(x, gates=g))
         record(
             f"experts-only train step top-{top_k} / full base step",
-            median_time(step, repeats) / t_base_train,
+            paired_ratio(step, base_step, repeats),
         )
         mem = _training_bytes(model, lambda g=gates: model(x, gates=g))
         record(f"train memory top-{top_k} / full base", mem / mem_base)
     model.eval()
+    one = torch.zeros(EXPERTS)
+    one[0] = 1.0
     with torch.no_grad():
-        one = torch.zeros(EXPERTS)
-        one[0] = 1.0
-        t_same = median_time(lambda: model(x, gates=one), repeats)
-        record("routed, one degradation for the batch", t_same / t_base)
+        record(
+            "routed, one degradation for the batch",
+            paired_ratio(lambda: model(x, gates=one), base_forward, repeats),
+        )
         model.merge(gates=one)
-        record("merged inference", median_time(lambda: model(x), repeats) / t_base)
+        record("merged inference", paired_ratio(lambda: model(x), base_forward, repeats))
         model.unmerge()
     trainable_ours = model.count_parameters()[0]
-    targets = _dense_conv_targets(model)
-    backbone = model.unload()
 
     # ---- peft plain LoRA on the dense layers, rank matched to our trainable count
-    backbone.load_state_dict(base_state)
-    per_rank = sum(_lora_params_per_rank(backbone.get_submodule(path)) for path in targets)
+    targets = _dense_conv_targets(model)
+    per_rank = sum(_lora_params_per_rank(base.get_submodule(path)) for path in targets)
     lora_rank = max(1, round(trainable_ours / per_rank))
     lora = peft.get_peft_model(
-        backbone, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets)
+        copy.deepcopy(base),
+        peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets),
     )
     trainable_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     lora.eval()
     with torch.no_grad():
         record(
             f"peft LoRA r={lora_rank} inference (unmerged)",
-            median_time(lambda: lora(x), repeats) / t_base,
+            paired_ratio(lambda: lora(x), base_forward, repeats),
         )
     lora.train()
     record(
         "peft LoRA train step / full base step",
-        median_time(_train_step(lora, lambda: lora(x)), repeats) / t_base_train,
+        paired_ratio(_train_step(lora, lambda: lora(x)), base_step, repeats),
     )
     record("peft LoRA train memory / full base", _training_bytes(lora, lambda: lora(x)) / mem_base)
     record("trainable params: loraxir / peft LoRA", trainable_ours / trainable_lora)
