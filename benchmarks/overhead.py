@@ -154,14 +154,19 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
         record(
             f"routed top-{top_k} inference (autotuned)", paired_ratio(routed, base_forward, repeats)
         )
-        for _, layer in model.expert_layers():
-            layer.tuned_compute = None
         model.train()
         step = _train_step(model, lambda g=gates: model(x, gates=g))
         record(
-            f"experts-only train step top-{top_k} / full base step",
+            f"experts-only train step top-{top_k} / full base step (default)",
             paired_ratio(step, base_step, repeats),
         )
+        model.autotune(x, gates=gates, repeats=1, training=True)
+        record(
+            f"experts-only train step top-{top_k} / full base step (autotuned)",
+            paired_ratio(step, base_step, repeats),
+        )
+        for _, layer in model.expert_layers():
+            layer.tuned.clear()
         mem = _training_bytes(model, lambda g=gates: model(x, gates=g))
         record(f"train memory top-{top_k} / full base", mem / mem_base)
     model.eval()

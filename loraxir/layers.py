@@ -117,7 +117,7 @@ class LoraIRLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.routing = routing
         self.compute = "auto"
-        self.tuned_compute: str | None = None
+        self.tuned: dict[str, str] = {}  # "inference"/"training" -> form, set by autotune
         self.register_buffer("_loraxir_unmerged_weight", None, persistent=False)
 
     # ----------------------------------------------------------------- adapters
@@ -258,9 +258,10 @@ class LoraIRLayer(BaseTunerLayer):
         if coeffs.requires_grad and coeffs.shape[0] > 1:
             # Gates being trained: grouping images by gate row would mix their gradients.
             return "activation" if self._supports_activation_cheaply() else "weight"
-        if coeffs.shape[0] == 1 or bool((coeffs == coeffs[:1]).all()):
+        phase = "training" if self.training and torch.is_grad_enabled() else "inference"
+        if phase == "inference" and (coeffs.shape[0] == 1 or bool((coeffs == coeffs[:1]).all())):
             return "weight"
-        return self.tuned_compute or "weight"
+        return self.tuned.get(phase, "weight")
 
     def _supports_activation_cheaply(self) -> bool:
         """Whether the activation form costs about one LoRA of rank E*r (not for grouped

@@ -360,17 +360,20 @@ class LoraIRModel(BaseTuner):
         gates: torch.Tensor | None = None,
         degradation: Degradation | None = None,
         repeats: int = 3,
+        training: bool = False,
     ) -> dict[str, dict[str, float]]:
         """Time each exact compute form per layer on this input; keep the fastest.
 
         Runs one forward to capture every expert layer's input, then times the
-        ``activation``, ``weight`` and ``batched`` forms of each layer on it (without
-        gradients) and sets ``layer.tuned_compute``. Returns seconds per layer and form.
+        ``activation``, ``weight`` and ``batched`` forms of each layer on it and records
+        the fastest in ``layer.tuned["inference"]`` (forward without gradients) or, with
+        ``training=True``, ``layer.tuned["training"]`` (forward and backward, as a training
+        step runs them). Returns seconds per layer and form.
         """
         captured: dict[str, torch.Tensor] = {}
         handles = [
             layer.register_forward_pre_hook(
-                lambda _m, args, p=path: captured.__setitem__(p, args[0])
+                lambda _m, args, p=path: captured.__setitem__(p, args[0].detach())
             )
             for path, layer in self.expert_layers()
         ]
@@ -380,20 +383,19 @@ class LoraIRModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+        phase = "training" if training else "inference"
         timings: dict[str, dict[str, float]] = {}
-        with torch.no_grad():
-            for path, layer in self.expert_layers():
-                previous, per_mode = layer.compute, {}
-                for mode in ("activation", "weight", "batched"):
-                    layer.compute = mode
-                    layer(captured[path])
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        layer(captured[path])
-                    per_mode[mode] = (time.perf_counter() - start) / repeats
-                layer.compute = previous
-                layer.tuned_compute = min(per_mode, key=per_mode.get)
-                timings[path] = per_mode
+        for path, layer in self.expert_layers():
+            inputs = captured[path].requires_grad_(training)
+            was_training, previous, per_mode = layer.training, layer.compute, {}
+            layer.train(training)
+            for mode in ("activation", "weight", "batched"):
+                layer.compute = mode
+                per_mode[mode] = _time_layer(layer, inputs, repeats, training)
+            layer.compute = previous
+            layer.train(was_training)
+            layer.tuned[phase] = min(per_mode, key=per_mode.get)
+            timings[path] = per_mode
         return timings
 
     # ----------------------------------------------------------------- merge
@@ -525,6 +527,26 @@ class LoraIRModel(BaseTuner):
                 for index, (a, b) in enumerate(zip(bank.A, bank.B, strict=True)):
                     a.copy_(tensors[checkpoint.expert_key(path, "A", index)])
                     b.copy_(tensors[checkpoint.expert_key(path, "B", index)])
+
+
+def _time_layer(layer: LoraIRLayer, inputs: torch.Tensor, repeats: int, training: bool) -> float:
+    """Seconds per call of ``layer`` on ``inputs`` (with backward when ``training``), after
+    one warm-up call; gradients it leaves on the layer's parameters are cleared."""
+
+    def run() -> None:
+        with torch.set_grad_enabled(training):
+            out = layer(inputs)
+            if training:
+                out.backward(torch.ones_like(out))
+
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    elapsed = (time.perf_counter() - start) / repeats
+    for param in layer.parameters():
+        param.grad = None
+    return elapsed
 
 
 def _unwrap_backbone(backbone: Any) -> nn.Module:

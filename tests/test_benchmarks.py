@@ -34,7 +34,7 @@ def test_overhead_benchmark_runs_and_writes_every_measure(tmp_path, monkeypatch,
     assert {
         "merged inference",
         "routed top-1 inference (autotuned)",
-        "experts-only train step top-1 / full base step",
+        "experts-only train step top-1 / full base step (autotuned)",
     } <= measures
     assert all(row["value"] > 0 for row in rows)
     assert "merged inference" in capsys.readouterr().out

@@ -253,21 +253,29 @@ def test_route_context_pins_gates_for_direct_calls():
             assert torch.equal(model.model(x), expected)
 
 
-def test_autotune_records_a_choice_per_layer_and_keeps_outputs():
+@pytest.mark.parametrize("training", [False, True])
+def test_autotune_records_a_choice_per_layer_and_keeps_outputs(training):
     model = _model().eval()
     randomize_experts(model)
     x = torch.rand(2, 3, 32, 32)
     gates = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
     with torch.no_grad():
         before = model(x, gates=gates)
-    timings = model.autotune(x, gates=gates, repeats=1)
+    timings = model.autotune(x, gates=gates, repeats=1, training=training)
+    phase = "training" if training else "inference"
     assert set(timings) == {p for p, _ in model.expert_layers()}
     assert all(
-        layer.tuned_compute in ("activation", "weight", "batched")
+        layer.tuned[phase] in ("activation", "weight", "batched") and not layer.training
         for _, layer in model.expert_layers()
     )
+    assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
         assert rel_err(model(x, gates=gates), before) <= 1e-5
+    if training:
+        model.train()
+        loss = (model(x, gates=gates) - before).square().sum()
+        loss.backward()
+        assert loss.item() < 1e-6
 
 
 @pytest.mark.parametrize("name", ["nafnet-tiny", "swinir-tiny", "restormer-tiny", "scunet-tiny"])
