@@ -375,7 +375,32 @@ class Linear(LoraIRLayer, nn.Module):
         return F.linear(z.flatten(-2), b.permute(1, 0, 2).reshape(b.shape[1], experts * rank))
 
 
-class Conv2d(LoraIRLayer, nn.Module):
+class _ConvLayer(LoraIRLayer):
+    """The weight forms shared by convolutions: the base op with another weight, and one
+    weight per image as a grouped convolution over the batch (``groups * B``)."""
+
+    @abstractmethod
+    def _functional(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
+        """The base layer's functional call with another weight, bias and group count."""
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._functional(x, weight, self.base_layer.bias, self.base_layer.groups)
+
+    def _batched_op(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n = weights.shape[0]
+        bias = self.base_layer.bias
+        out = self._functional(
+            x.reshape(1, -1, *x.shape[2:]),
+            weights.flatten(0, 1),
+            None if bias is None else bias.repeat(n),
+            self.base_layer.groups * n,
+        )
+        return out.reshape(n, -1, *out.shape[2:])
+
+
+class Conv2d(_ConvLayer, nn.Module):
     """Expert layer for ``nn.Conv2d`` of any kernel, stride, dilation, groups (depthwise
     included), bias, ``padding_mode`` and ``padding="same"``.
 
@@ -408,24 +433,12 @@ class Conv2d(LoraIRLayer, nn.Module):
             return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
         return x, conv.padding
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
+    def _functional(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
         conv = self.base_layer
         x, padding = self._padded(x)
         return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, groups)
-
-    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, weight, self.base_layer.bias, self.base_layer.groups)
-
-    def _batched_op(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n = weights.shape[0]
-        bias = self.base_layer.bias
-        out = self._conv(
-            x.reshape(1, -1, *x.shape[2:]),
-            weights.flatten(0, 1),
-            None if bias is None else bias.repeat(n),
-            self.base_layer.groups * n,
-        )
-        return out.reshape(n, -1, *out.shape[2:])
 
     def _activation_delta(
         self, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
@@ -433,13 +446,13 @@ class Conv2d(LoraIRLayer, nn.Module):
         groups = self.base_layer.groups
         experts, rank = a.shape[0], a.shape[1]
         kernel = a.reshape(experts * rank, *self.base_layer.weight.shape[1:])
-        z = self._conv(x, kernel.repeat(groups, 1, 1, 1), None, groups)
+        z = self._functional(x, kernel.repeat(groups, 1, 1, 1), None, groups)
         z = z.unflatten(1, (groups, experts, rank)) * coeffs[:, None, :, None, None, None]
         mix = b.permute(1, 0, 2).reshape(b.shape[1], experts * rank, 1, 1)
         return F.conv2d(z.flatten(1, 3), mix, groups=groups)
 
 
-class ConvTranspose2d(LoraIRLayer, nn.Module):
+class ConvTranspose2d(_ConvLayer, nn.Module):
     """Expert layer for ``nn.ConvTranspose2d`` with ``groups=1``.
 
     ``A_i`` is a 1x1 map ``in -> r`` and ``B_i`` a transposed convolution ``r -> out`` with
@@ -466,25 +479,13 @@ class ConvTranspose2d(LoraIRLayer, nn.Module):
         delta = torch.einsum("ne,eri,erj->nij", coeffs, a, b)
         return delta.reshape(coeffs.shape[0], *self.base_layer.weight.shape)
 
-    def _transposed(self, x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.Tensor:
+    def _functional(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
         conv = self.base_layer
         return F.conv_transpose2d(
             x, weight, bias, conv.stride, conv.padding, conv.output_padding, groups, conv.dilation
         )
-
-    def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._transposed(x, weight, self.base_layer.bias, 1)
-
-    def _batched_op(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n = weights.shape[0]
-        bias = self.base_layer.bias
-        out = self._transposed(
-            x.reshape(1, -1, *x.shape[2:]),
-            weights.flatten(0, 1),
-            None if bias is None else bias.repeat(n),
-            n,
-        )
-        return out.reshape(n, -1, *out.shape[2:])
 
     def _activation_delta(
         self, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
@@ -493,7 +494,7 @@ class ConvTranspose2d(LoraIRLayer, nn.Module):
         z = F.conv2d(x, a.reshape(experts * rank, -1, 1, 1))
         z = z.unflatten(1, (experts, rank)) * coeffs[:, :, None, None, None]
         kernel = b.reshape(experts * rank, *self.base_layer.weight.shape[1:])
-        return self._transposed(z.flatten(1, 2), kernel, None, 1)
+        return self._functional(z.flatten(1, 2), kernel, None, 1)
 
 
 LAYER_TYPES: dict[type[nn.Module], type[LoraIRLayer]] = {
