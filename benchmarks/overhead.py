@@ -208,9 +208,9 @@ def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> l
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'backbone':<12} {'batch':>5} {'size':>5}  {'measure':<52} {'value':>9}"]
+    lines = [f"{'backbone':<12} {'batch':>5} {'size':>5}  {'measure':<64} {'value':>9}"]
     lines += [
-        f"{r['backbone']:<12} {r['batch']:>5} {r['size']:>5}  {r['measure']:<52} "
+        f"{r['backbone']:<12} {r['batch']:>5} {r['size']:>5}  {r['measure']:<64} "
         f"{r['value']:>8.3f}{'' if r['unit'] == 's' else r['unit']}"
         for r in rows
     ]
