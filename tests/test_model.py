@@ -187,8 +187,6 @@ def test_activation_checkpointing_gives_same_outputs_and_gradients():
     model.zero_grad()
     model._set_gates(gates)
     recomputed = checkpoint(model.model, x, use_reentrant=False)
-    model._set_gates(torch.zeros_like(gates))  # gates changed after forward: recompute must
-    model._set_gates(gates)  # read the gates of the forward, which the state still holds
     recomputed.square().mean().backward()
     assert torch.equal(recomputed, out)
     for n, p in model.named_parameters():
