@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job: cost of routed experts on NAFNet-w32 against the bare backbone (CPU, ~3 min).
+# The main job: cost of routed experts on NAFNet-w32 against the bare backbone (CPU, ~5 min).
 quickstart: install
 	$(PYTHON) benchmarks/overhead.py --backbones nafnet --size 128 --batches 4 --repeats 2
 
