@@ -163,18 +163,9 @@ class LoraIRLayer(BaseTunerLayer):
         if self.merged:
             return
         adapter = self._single_active_adapter() if adapter_names is None else adapter_names[0]
-        gate = self.routing.merge_gate
-        if gate is None:
-            raise RoutingError(
-                "Merging routed experts needs a fixed gate: call model.merge(degradation=...) or "
-                "model.merge(gates=...) (or model.merge_and_unload(degradation=...))."
-            )
         weight = self.base_layer.weight
         with torch.no_grad():
-            coeffs = gate.to(weight).reshape(1, -1) * self.scaling(adapter)
-            merged = (
-                weight + self._delta_weights(*self.loraxir_experts[adapter].stacked(), coeffs)[0]
-            )
+            merged = weight + self.get_delta_weight(adapter).to(weight)
             if safe_merge and not bool(torch.isfinite(merged).all()):
                 raise RoutingError(f"Merging adapter {adapter!r} produced non-finite weights.")
             self._loraxir_unmerged_weight = weight.detach().clone()
@@ -194,8 +185,11 @@ class LoraIRLayer(BaseTunerLayer):
         """The gated weight difference for the routing state's ``merge_gate`` (peft API)."""
         gate = self.routing.merge_gate
         if gate is None:
-            raise RoutingError("get_delta_weight needs a fixed gate; see LoraIRModel.merge.")
-        coeffs = gate.reshape(1, -1) * self.scaling(adapter_name)
+            raise RoutingError(
+                "Merging routed experts needs a fixed gate: call model.merge(degradation=...) or "
+                "model.merge(gates=...) (or model.merge_and_unload(degradation=...))."
+            )
+        coeffs = gate.to(self.base_layer.weight).reshape(1, -1) * self.scaling(adapter_name)
         return self._delta_weights(*self.loraxir_experts[adapter_name].stacked(), coeffs)[0]
 
     # ------------------------------------------------------------------ forward
