@@ -1,5 +1,6 @@
-"""Backbone presets shipped as package data (``loraxir.adapters``): one JSON file per family.
+"""Adapters shipped with loraxir (``loraxir.adapters``): one self-contained folder each.
 
-Each file names the backbone family, how to recognise it (module class names and spandrel
-architecture ids) and which modules get experts. See ``loraxir.registry``.
+Every sub-folder with an ``adapter_config.json`` is listed by ``loraxir.list_adapters()``
+and loads by its folder name (``loraxir.load_adapter(name)``, ``loraxir restore --adapter
+NAME``). See ``docs/sharing.md`` for what a folder holds.
 """

@@ -1,14 +1,16 @@
 """What routing costs: the router's forward as a ratio of the restoration backbone's forward.
 
-For each encoder (the tiny CNN, open_clip ViT-B-32 and ViT-L-14 with random weights, which
-time like real ones) and each image size, the router runs with the paper's multi-view
-input (global view + 2×2 tiles) and with the global view only. Reported per cell: the
-median wall time over ``--repeats`` calls (batch 1, inference mode, after a warm-up) and
-the FLOP count (torch's flop counter, deterministic), both divided by the backbone's.
-The router reads the image once whatever its size, so its relative cost falls as images
-grow; multi-view multiplies the encoder's work by 5.
+For each encoder (the tiny CNN, open_clip ViT-B-32 and ViT-L-14-336 with random weights,
+which cost like real ones) and each image size, the router runs with multi-view input
+(global view + 2×2 local views, ``--views native`` by default or the paper's ``resize``)
+and with the global view only. Reported per cell: the FLOP count (torch's flop counter,
+deterministic) and, unless ``--flops-only``, the median wall time over ``--repeats`` calls
+(batch 1, inference mode, after a warm-up), both divided by the backbone's. The router
+reads a fixed number of views whatever the image size, so its relative cost falls as
+images grow; multi-view multiplies the encoder's work by 5.
 
     python benchmarks/router.py                               # full table (minutes on a CPU)
+    python benchmarks/router.py --flops-only --sizes 512      # the FLOP ratios only
     python benchmarks/router.py --encoders cnn-tiny --sizes 64 --repeats 2    # seconds
 
 Prints a table, writes JSON and a PNG bar chart (default ``benchmarks/results/router.*``).
@@ -41,30 +43,46 @@ def flops(module: nn.Module, images: torch.Tensor) -> int:
 
 
 def measure(
-    backbone: str, encoders: list[str], sizes: list[int], repeats: int, seed: int
+    backbone: str,
+    encoders: list[str],
+    sizes: list[int],
+    repeats: int,
+    seed: int,
+    views: str = "native",
+    image_size: int | None = None,
 ) -> list[dict[str, object]]:
-    """One row per (encoder, grid, size): router/backbone time and FLOP ratios."""
+    """One row per (encoder, grid, size): router/backbone FLOP (and time) ratios.
+
+    ``repeats=0`` skips the timing (FLOPs only). ``image_size`` sets the tiny CNN's input.
+    """
     torch.manual_seed(seed)
     net = create_backbone(backbone).eval()
     rows = []
     for name in encoders:
-        multi = DegradationRouter.from_encoder(name, CLASSES, grid=2).eval()
+        size_option = image_size if name == "cnn-tiny" else None
+        multi = DegradationRouter.from_encoder(
+            name, CLASSES, image_size=size_option, grid=2, views=views
+        ).eval()
         single = DegradationRouter(multi.encoder, CLASSES, grid=0).eval()
         for size in sizes:
             images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
             with torch.inference_mode():
-                base_time = median_time(functools.partial(net, images), repeats)
+                base_time = median_time(functools.partial(net, images), repeats) if repeats else 0
                 base_flops = flops(net, images)
                 for router in (multi, single):
-                    router_time = median_time(functools.partial(router, images), repeats)
+                    router_time = (
+                        median_time(functools.partial(router, images), repeats) if repeats else 0
+                    )
                     rows.append(
                         {
-                            "encoder": name,
-                            "views": "global+2x2" if router.grid else "global",
+                            "encoder": f"{name} ({router.encoder.image_size} px)",
+                            "views": f"global+2x2 {views}" if router.grid else "global",
                             "size": size,
                             "router_ms": 1000 * router_time,
                             "backbone_ms": 1000 * base_time,
-                            "time_ratio": router_time / base_time,
+                            "time_ratio": router_time / base_time if repeats else None,
+                            "router_gflops": flops(router, images) / 1e9,
+                            "backbone_gflops": base_flops / 1e9,
                             "flop_ratio": flops(router, images) / base_flops,
                         }
                     )
@@ -81,16 +99,21 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
 
     groups = sorted({(r["encoder"], r["size"]) for r in rows}, key=str)
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(groups), 4))
-    for offset, views in ((-0.2, "global+2x2"), (0.2, "global")):
+    for offset, multi in ((-0.2, True), (0.2, False)):
         values = [
             next(
                 r["time_ratio"]
                 for r in rows
-                if (r["encoder"], r["size"], r["views"]) == (*g, views)
+                if (r["encoder"], r["size"]) == g and (r["views"] != "global") == multi
             )
             for g in groups
         ]
-        ax.bar([i + offset for i in range(len(groups))], values, width=0.4, label=views)
+        ax.bar(
+            [i + offset for i in range(len(groups))],
+            values,
+            width=0.4,
+            label="global + 2×2" if multi else "global",
+        )
     ax.set_xticks(range(len(groups)), [f"{e}\n{s}²" for e, s in groups])
     ax.set_yscale("log")
     ax.set_ylabel("router time / backbone time")
@@ -102,17 +125,26 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
 
 
 def _format_row(row: dict[str, object]) -> str:
+    flops_text = (
+        f"router {row['router_gflops']:8.2f} GFLOP  backbone {row['backbone_gflops']:8.1f} GFLOP"
+        f"  flops x{row['flop_ratio']:.4f}"
+    )
+    if row["time_ratio"] is None:
+        return f"{row['encoder']:<22} {row['views']:<18} {row['size']:>4}²  {flops_text}"
     return (
-        f"{row['encoder']:<10} {row['views']:<11} {row['size']:>4}²  "
+        f"{row['encoder']:<22} {row['views']:<18} {row['size']:>4}²  "
         f"router {row['router_ms']:9.1f} ms  backbone {row['backbone_ms']:9.1f} ms  "
-        f"time x{row['time_ratio']:.3f}  flops x{row['flop_ratio']:.3f}"
+        f"time x{row['time_ratio']:.3f}  {flops_text}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="nafnet", help="loraxir.create_backbone name")
-    parser.add_argument("--encoders", nargs="+", default=["cnn-tiny", "ViT-B-32", "ViT-L-14"])
+    parser.add_argument("--encoders", nargs="+", default=["cnn-tiny", "ViT-B-32", "ViT-L-14-336"])
+    parser.add_argument("--views", default="native", help="'native' or 'resize' (the paper's)")
+    parser.add_argument("--image-size", type=int, default=32, help="input of the tiny CNN")
+    parser.add_argument("--flops-only", action="store_true", help="skip the timing")
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -120,12 +152,16 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"backbone {args.backbone}, {torch.get_num_threads()} threads, batch 1")
-    rows = measure(args.backbone, args.encoders, args.sizes, args.repeats, args.seed)
+    repeats = 0 if args.flops_only else args.repeats
+    rows = measure(
+        args.backbone, args.encoders, args.sizes, repeats, args.seed, args.views, args.image_size
+    )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "output"}
     output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    plot(rows, output.with_suffix(".png"))
+    if repeats:
+        plot(rows, output.with_suffix(".png"))
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
 

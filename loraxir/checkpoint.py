@@ -9,11 +9,13 @@ folder written here loads with ``peft.PeftModel.from_pretrained`` and the other 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -97,23 +99,68 @@ def read(
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a loraxir adapter folder?")
     config = LoraIRConfig.from_file(config_path, strict=strict)
-    weights = folder / WEIGHTS_NAME
+    return config, read_safetensors(folder, WEIGHTS_NAME)
+
+
+def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder / name``, never unpickling (shared by adapters and routers).
+
+    Raises :class:`CheckpointError` when the file is missing (naming any pickle files found
+    instead, which are refused), truncated or corrupted.
+    """
+    weights = folder / name
     if not weights.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        pickles = [p for p in found if Path(p).suffix in _PICKLE_SUFFIXES]
         if pickles:
             raise CheckpointError(
-                f"{folder} holds pickle weights {pickles} and no {WEIGHTS_NAME}. loraxir loads "
+                f"{folder} holds pickle weights {pickles} and no {name}. loraxir loads "
                 "safetensors only (a pickle can run arbitrary code); convert it with "
                 "safetensors.torch.save_file in a trusted environment."
             )
-        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}.")
+        raise CheckpointError(f"{folder} has no {name}.")
     try:
-        tensors = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
             f"{weights} is truncated or corrupted ({error}); re-save or re-download it."
         ) from None
-    return config, tensors
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save ``tensors`` (detached, on the CPU, contiguous) as a safetensors file."""
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(path), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def staged_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder atomically: yield an empty staging folder, then swap it in.
+
+    The staging folder is a sibling of ``directory``; when the block ends without error it
+    replaces ``directory`` by renames, carrying over files of the old folder that the
+    block did not write (logs, images, a router next to an adapter). A crash inside the
+    block leaves the previous folder exactly as it was and no staging folder behind.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            for item in target.iterdir():
+                if not (staging / item.name).exists():
+                    copy = shutil.copytree if item.is_dir() else shutil.copy2
+                    copy(item, staging / item.name)
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write(
@@ -131,30 +178,23 @@ def write(
     """
     from loraxir.hub import render_model_card
 
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(directory) as staging:
         (staging / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
-        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(staging / WEIGHTS_NAME, tensors)
         (staging / CARD_NAME).write_text(
             render_model_card(config, backbone, metrics), encoding="utf-8"
         )
-        if target.exists():
-            for item in target.iterdir():
-                if not (staging / item.name).exists():
-                    copy = shutil.copytree if item.is_dir() else shutil.copy2
-                    copy(item, staging / item.name)
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_file(path: Path) -> NoReturn:
+    """Raise :class:`CheckpointError` for a file given where a checkpoint folder is expected
+    (pickle files with the reason they are refused)."""
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path} is a pickle file; loraxir loads safetensors folders only "
+            "(a pickle can run arbitrary code)."
+        )
+    raise CheckpointError(f"{path} is a file; pass the folder that contains it.")
 
 
 def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path:
@@ -162,31 +202,28 @@ def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> 
     if path.is_dir():
         return path
     if path.is_file():
-        if path.suffix in _PICKLE_SUFFIXES:
-            raise CheckpointError(
-                f"{path} is a pickle file; loraxir loads safetensors adapter folders only "
-                "(a pickle can run arbitrary code)."
-            )
-        raise CheckpointError(f"{path} is a file; pass the adapter folder that contains it.")
+        refuse_file(path)
     if str(model_id).count("/") != 1 or str(model_id).startswith((".", "/")):
         raise CheckpointError(
             f"{model_id} is neither a local folder nor a Hub repo id (owner/name)."
         )
+    return download(str(model_id), [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], hub_kwargs)
+
+
+def download(repo_id: str, files: list[str], hub_kwargs: dict[str, Any]) -> Path:
+    """Fetch ``files`` of a Hub repo through the Hub cache (offline: from the cache only)
+    and return the snapshot folder; errors say whether it was offline or the Hub refused."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(
-            snapshot_download(
-                str(model_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], **hub_kwargs
-            )
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=files, **hub_kwargs))
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{model_id!r} is not a local folder and is not in the Hub cache, and the Hub cannot "
+            f"{repo_id!r} is not a local folder and is not in the Hub cache, and the Hub cannot "
             "be reached (offline?). Download it where there is network, or pass a local folder."
         ) from None
     except HfHubHTTPError as error:
-        raise CheckpointError(f"Could not fetch {model_id!r} from the Hub: {error}.") from None
+        raise CheckpointError(f"Could not fetch {repo_id!r} from the Hub: {error}.") from None
     except ValueError as error:
-        raise ConfigError(f"Invalid Hub repo id {model_id!r}: {error}.") from None
+        raise ConfigError(f"Invalid Hub repo id {repo_id!r}: {error}.") from None

@@ -4,27 +4,90 @@ It is a ``peft.PeftConfig`` with a plain-string ``peft_type`` (``"LORAXIR"``), s
 peft's own ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` accept
 it once ``loraxir`` is imported. Every field has a default and a ``help`` line; the
 help lines are the field documentation; ``docs/api.md`` repeats them (a test keeps the two equal).
+
+Like peft's configs, this module imports nothing of the method (no layers, no model): the
+allowed values live here, and the router's settings are the light
+:class:`~loraxir.router.config.RouterConfig`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 from peft import PeftConfig
 
 from loraxir import __version__
 from loraxir.errors import ConfigError
-from loraxir.layers import COMPUTE_MODES
+from loraxir.router.config import RouterConfig
+from loraxir.validation import check_choice, check_int, check_names, is_number
 
 PEFT_TYPE = "LORAXIR"
 CONFIG_NAME = "adapter_config.json"
 TRAINABLE_POLICIES = ("experts", "new_experts", "experts+router", "all")
 INIT_SCHEMES = ("default", "gaussian")
+COMPUTE_MODES = ("auto", "activation", "weight", "batched", "gathered")  # loraxir.compute
+# Keys of older adapter_config.json files that are read and dropped (see from_dict).
+_RETIRED_KEYS = ("temperature",)
+_TEMPERATURE_MOVED = (
+    "LoraIRConfig.temperature is gone: the gate temperature belongs to the router, the only "
+    "place it ever acted. Set it there: DegradationRouter.from_encoder(..., temperature=t), "
+    "router.temperature = t, or RouterConfig(temperature=t)."
+)
+
+
+@dataclass
+class DAMConfig:
+    """Degradation-aware modulation blocks (see :mod:`loraxir.guidance`): where they go and
+    the size of the router embedding ``e_deg`` that drives them.
+
+    Example::
+
+        DAMConfig(embed_dim=384)                                  # the family's points
+        DAMConfig(embed_dim=384, points=["encoders.0", "middle_blks"])
+    """
+
+    embed_dim: int = field(
+        metadata={"help": "Size of the router's degradation embedding e_deg (router.embed_dim)."}
+    )
+    points: list[str] | dict[str, int] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules a DAM block goes in front of: exact dotted paths (or {path: "
+            "channels}), a regex (full match), or None for the backbone family's default points."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_int("dam.embed_dim", self.embed_dim, minimum=1)
+        if isinstance(self.points, tuple):
+            self.points = list(self.points)
+        if isinstance(self.points, dict):
+            check_names("dam.points", list(self.points))
+            for path, channels in self.points.items():
+                check_int(f"dam.points[{path!r}]", channels, minimum=1)
+        elif self.points is not None and not (
+            (isinstance(self.points, str) and self.points)
+            or (isinstance(self.points, list) and check_names("dam.points", self.points))
+        ):
+            raise ConfigError(
+                f"dam.points must be None, a regex string or a list of module paths, got "
+                f"{self.points!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DAMConfig:
+        """Read :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ConfigError(f"A DAM config has the keys {sorted(known)}, got {data!r}.")
+        return cls(**data)
 
 
 @dataclass
@@ -53,9 +116,6 @@ class LoraIRConfig(PeftConfig):
     )
     top_k: int = field(
         default=1, metadata={"help": "Experts mixed per image by the router (1 = hard pick)."}
-    )
-    temperature: float = field(
-        default=1.0, metadata={"help": "Softmax temperature of the router's top-k gating (> 0)."}
     )
     target_modules: list[str] | str | None = field(
         default=None,
@@ -96,8 +156,16 @@ class LoraIRConfig(PeftConfig):
     compute: str = field(
         default="auto",
         metadata={
-            "help": "How expert layers compute: 'auto', 'activation', 'weight' or 'batched' "
-            "(all exact; see docs/api.md)."
+            "help": "How expert layers compute: 'auto', 'activation', 'weight', 'batched' or "
+            "'gathered' (all exact; see loraxir.compute and docs/api.md)."
+        },
+    )
+    tuned: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Compute form per phase ('inference', 'training') chosen by "
+            "LoraIRModel.autotune and saved with the adapter, so a reload runs as tuned "
+            "(None: the cost model's plan)."
         },
     )
     expert_chunks: list[int] | None = field(
@@ -107,17 +175,34 @@ class LoraIRConfig(PeftConfig):
             "Chunks let old experts stay frozen and bit-identical while new ones train."
         },
     )
-    router: dict[str, Any] | None = field(
+    router: RouterConfig | None = field(
         default=None,
-        metadata={"help": "Spec of the attached router (written by the model, not by users)."},
+        metadata={
+            "help": "RouterConfig of the attached router, gate temperature included (written "
+            "by the model, not by users)."
+        },
+    )
+    dam: DAMConfig | None = field(
+        default=None,
+        metadata={
+            "help": "Degradation-aware modulation blocks (DAMConfig: embed_dim, points), "
+            "inserted with the experts and saved with them; None for none."
+        },
     )
     loraxir_version: str = field(
         default=__version__, metadata={"help": "loraxir version that wrote this config."}
     )
+    temperature: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, temperature: float | None) -> None:
+        if temperature is not None:
+            raise ConfigError(_TEMPERATURE_MOVED)
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if isinstance(self.router, dict):
+            self.router = RouterConfig.from_dict(self.router)
+        if isinstance(self.dam, dict):
+            self.dam = DAMConfig.from_dict(self.dam)
         self._validate()
 
     # ------------------------------------------------------------- validation
@@ -126,28 +211,30 @@ class LoraIRConfig(PeftConfig):
             raise ConfigError(
                 f"task_type must be None for a restoration backbone, got {self.task_type!r}."
             )
-        _check_int("r", self.r, minimum=1)
-        if (
-            not _is_number(self.lora_alpha)
-            or not math.isfinite(self.lora_alpha)
-            or self.lora_alpha <= 0
-        ):
+        check_int("r", self.r, minimum=1)
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}.")
         self.lora_alpha = float(self.lora_alpha)
         self._resolve_experts()
-        _check_int("top_k", self.top_k, minimum=1)
+        check_int("top_k", self.top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"top_k={self.top_k} is larger than num_experts={self.num_experts}; "
                 f"choose 1 <= top_k <= {self.num_experts}."
             )
-        if not _is_number(self.temperature) or not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}.")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        _check_choice("trainable", self.trainable, TRAINABLE_POLICIES)
-        _check_choice("init", self.init, INIT_SCHEMES)
-        _check_choice("compute", self.compute, COMPUTE_MODES)
+        check_choice("trainable", self.trainable, TRAINABLE_POLICIES)
+        check_choice("init", self.init, INIT_SCHEMES)
+        check_choice("compute", self.compute, COMPUTE_MODES)
+        if self.tuned is not None:
+            if not isinstance(self.tuned, dict) or set(self.tuned) - {"inference", "training"}:
+                raise ConfigError(
+                    "tuned must be None or a dict with the keys 'inference' and/or 'training', "
+                    f"got {self.tuned!r}."
+                )
+            for phase, form in self.tuned.items():
+                check_choice(f"tuned[{phase!r}]", form, COMPUTE_MODES)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
@@ -178,9 +265,15 @@ class LoraIRConfig(PeftConfig):
                 f"expert_chunks must be positive integers summing to num_experts="
                 f"{self.num_experts}, got {self.expert_chunks!r}."
             )
-        if self.router is not None and not isinstance(self.router, dict):
+        if self.router is not None and not isinstance(self.router, RouterConfig):
             raise ConfigError(
-                f"router must be a dict spec or None, got {type(self.router).__name__}."
+                f"router must be a RouterConfig (or its dict form) or None, got "
+                f"{type(self.router).__name__}."
+            )
+        if self.dam is not None and not isinstance(self.dam, DAMConfig):
+            raise ConfigError(
+                f"dam must be a DAMConfig (or its dict form) or None, got "
+                f"{type(self.dam).__name__}."
             )
 
     def _resolve_experts(self) -> None:
@@ -190,21 +283,13 @@ class LoraIRConfig(PeftConfig):
                     "Give the degradation class names (degradations=['noise', 'rain', ...]) or "
                     "num_experts."
                 )
-            _check_int("num_experts", self.num_experts, minimum=1)
+            check_int("num_experts", self.num_experts, minimum=1)
             self.degradations = [f"expert_{i}" for i in range(self.num_experts)]
             return
-        names = self.degradations
-        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
-            raise ConfigError(f"degradations must be a list of names, got {names!r}.")
-        names = list(names)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"degradations must be non-empty strings, got {names!r}.")
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ConfigError(f"degradations must be unique; repeated: {duplicates}.")
+        names = check_names("degradations", self.degradations)
         if self.num_experts is None:
             self.num_experts = len(names)
-        _check_int("num_experts", self.num_experts, minimum=1)
+        check_int("num_experts", self.num_experts, minimum=1)
         if self.num_experts != len(names):
             raise ConfigError(
                 f"num_experts={self.num_experts} does not match the {len(names)} degradations "
@@ -214,8 +299,13 @@ class LoraIRConfig(PeftConfig):
 
     # ------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """All fields as a JSON-serialisable dict (the router as its ``to_dict`` form)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.router is not None:
+            data["router"] = self.router.to_dict()
+        if self.dam is not None:
+            data["dam"] = self.dam.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = True) -> LoraIRConfig:
@@ -223,10 +313,13 @@ class LoraIRConfig(PeftConfig):
 
         Keys this version does not know come from another loraxir version: with
         ``strict=True`` they raise :class:`ConfigError` naming them; with ``strict=False``
-        they are dropped with a warning.
+        they are dropped with a warning. ``temperature``, written by loraxir 0.1 but never
+        used (the router's own temperature drove the gates), is dropped silently, so old
+        adapters load with the behaviour they had.
         """
         if not isinstance(data, dict):
             raise ConfigError(f"A LoraIRConfig is built from a dict, got {type(data).__name__}.")
+        data = {k: v for k, v in data.items() if k not in _RETIRED_KEYS}
         peft_type = data.get("peft_type", PEFT_TYPE)
         if str(peft_type) != PEFT_TYPE:
             raise ConfigError(
@@ -262,16 +355,12 @@ class LoraIRConfig(PeftConfig):
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes that do not exist: name the new home of a retired one.
+        if name == "temperature":
+            raise AttributeError(_TEMPERATURE_MOVED)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+# The InitVar's default would otherwise read as a class attribute `temperature = None`.
+del LoraIRConfig.temperature

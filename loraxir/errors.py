@@ -39,6 +39,11 @@ class DataError(LoraIRError, ValueError):
     """Input data that cannot be used: empty folders, mismatched pairs, bad images."""
 
 
+class TrainingError(LoraIRError, RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the last
+    good checkpoint."""
+
+
 def unknown_name(kind: str, name: object, known: Iterable[str], hint: str = "") -> UnknownNameError:
     """Build an :class:`UnknownNameError` that lists the known names, closest first."""
     known = sorted(set(known))

@@ -6,11 +6,15 @@ we upload the folder that ``save_pretrained`` wrote, card included, with ``HfApi
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from loraxir import __version__
 from loraxir.config import LoraIRConfig
+from loraxir.errors import CheckpointError
+from loraxir.router.config import RouterConfig
 
 
 def render_model_card(
@@ -31,7 +35,7 @@ def render_model_card(
         "| --- | --- |",
         f"| degradations (one expert each) | {', '.join(config.degradations)} |",
         f"| rank r / alpha | {config.r} / {config.lora_alpha:g} |",
-        f"| top-k / temperature | {config.top_k} / {config.temperature:g} |",
+        f"| top-k | {config.top_k} |",
         f"| targets | {config.target_modules or config.preset or 'the detected preset'} |",
         f"| router | {_router_label(config.router)} |",
         "",
@@ -54,13 +58,16 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def _router_label(spec: dict[str, Any] | None) -> str:
-    if spec is None:
+def _router_label(router: RouterConfig | None) -> str:
+    """The router row of the card: encoder, views, top-k and the gate temperature in use."""
+    if router is None:
         return "none (route with gates= or degradation=)"
-    encoder = spec.get("encoder", {})
-    if isinstance(encoder, dict):
-        encoder = encoder.get("name") or encoder.get("type", "custom")
-    return f"{encoder}, top-{spec.get('top_k', 1)}"
+    encoder = router.encoder or {}
+    name = encoder.get("name") or encoder.get("path") or encoder.get("type", "custom")
+    return (
+        f"{name}, {router.views} views (grid {router.grid}), top-{router.top_k}, "
+        f"temperature {router.temperature:g}"
+    )
 
 
 def push_to_hub(
@@ -69,13 +76,71 @@ def push_to_hub(
     """Save ``model`` (a :class:`~loraxir.model.LoraIRModel`) and upload the folder to
     ``repo_id``; returns the commit URL. ``card`` goes to ``save_pretrained``
     (``metrics=``, ``base_model=``)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **card)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message="Upload loraxir adapter"
+        return push_folder(folder, repo_id, private=private, token=token)
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = True,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Upload an adapter folder to ``repo_id`` (created if needed); returns the commit URL.
+
+    Uploads the adapter files and, when present, ``backbone.json``/``backbone.safetensors``
+    and ``metrics.json``. The folder's ``README.md`` is the card (rendered from the config
+    when missing); a "use it" section naming ``repo_id`` is added to the uploaded copy when
+    the card does not mention the repo yet. The folder itself is not modified.
+    """
+    from huggingface_hub import HfApi
+
+    from loraxir.pretrained import CARD_NAME, FOLDER_FILES, describe_adapter
+
+    folder = Path(folder)
+    info = describe_adapter(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"{folder} has no adapter_model.safetensors; nothing to push.")
+    card_path = folder / CARD_NAME
+    if card_path.is_file():
+        card = card_path.read_text(encoding="utf-8")
+    else:
+        config = LoraIRConfig.from_file(folder / "adapter_config.json")
+        card = render_model_card(config, info.backbone_label, info.metrics or None)
+    if repo_id not in card:
+        card += _usage_section(repo_id, info.degradations[0] if info.degradations else "noise")
+    api = HfApi(token=token, endpoint=endpoint)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        for name in (*FOLDER_FILES, "metrics.json"):
+            if name != CARD_NAME and (folder / name).is_file():
+                shutil.copy2(folder / name, Path(staging) / name)
+        (Path(staging) / CARD_NAME).write_text(card, encoding="utf-8")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=staging, commit_message="Upload loraxir adapter"
         )
-    return str(info)
+    return str(commit)
+
+
+def _usage_section(repo_id: str, degradation: str) -> str:
+    return "\n".join(
+        [
+            "",
+            "## Use it from the Hub",
+            "",
+            "```bash",
+            "pip install loraxir",
+            f"loraxir restore photo.png -o restored/ --adapter {repo_id}",
+            f"loraxir restore clip.mp4 -o restored/ --adapter {repo_id} --smooth 0.5",
+            f"loraxir merge {repo_id} --degradation {degradation} -o plain.safetensors",
+            "```",
+            "",
+            "```python",
+            "import loraxir",
+            f"model = loraxir.load_adapter({repo_id!r})  # backbone from the repo when it has one",
+            "```",
+            "",
+        ]
+    )

@@ -1,48 +1,103 @@
-"""The routing state: the gates of the current batch, shared by every expert layer.
+"""Gate logic: the routing state every expert layer reads, and the checks of gates.
 
 Why a shared object instead of forward arguments or hooks: a backbone's ``forward`` does
 not know about gates (extra keyword arguments reach it and crash it), and forward hooks
-are not re-run when activation checkpointing recomputes a segment during backward. The
-model writes the gates here before it calls the backbone and leaves them in place until
-the next call, so a recomputation in backward reads the same gates as the forward did.
+are not re-run when activation checkpointing recomputes a segment during backward.
 Reading a plain attribute is traced by ``torch.compile`` without a graph break.
+
+When gates may be read (issue 7, "stale gates"): a routed call
+(:meth:`RoutingState.activate`, used by ``LoraIRModel.forward`` and by peft's
+``PeftModel.forward`` path) makes its gates and embedding *live* for the duration of the
+call. After the call they stay stored, because activation checkpointing recomputes
+segments during ``backward`` and must read the same gates, but expert layers refuse them
+outside a call, outside a ``loraxir.route(...)`` block and outside autograd's backward: a
+later direct ``model.model(x)`` raises :class:`RoutingError` instead of silently reusing
+the previous routing. They are replaced at the start of the next call. (Consequence: with
+activation checkpointing, run ``backward`` before the next routed call, as a training step
+does.)
+
+The functions below turn degradation names into gates, check explicit and fixed (merge)
+gates, and check that a router's classes are the adapter's; ``LoraIRModel`` calls them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import torch
 
-from loraxir.errors import RoutingError
+from loraxir.errors import ConfigError, RoutingError, unknown_name
+
+Degradation = str | Sequence[str]
 
 
 class RoutingState:
-    """Gates for the batch being processed and the fixed gate of a merge.
+    """Gates and degradation embedding of the current call, and the fixed gate of a merge.
 
     Attributes:
-        gates: ``(B, E)`` mixture weights of the current batch, one row per image, or
-            ``None`` before the first routed forward.
+        gates: ``(B, E)`` mixture weights of the current batch, one row per image (one row
+            for every image of any batch inside ``loraxir.route(model, degradation=name)``),
+            or ``None``.
+        embedding: ``(B, D)`` the router's degradation embedding ``e_deg`` of the current
+            call, read by DAM blocks (:mod:`loraxir.guidance`), or ``None``.
         merge_gate: ``(E,)`` gate folded into the base weights by ``merge``, or ``None``.
         pinned: ``True`` inside ``loraxir.route(...)``: calls without gates keep these.
     """
 
     def __init__(self) -> None:
         self.gates: torch.Tensor | None = None
+        self.embedding: torch.Tensor | None = None
         self.merge_gate: torch.Tensor | None = None
         self.pinned = False
+        self._calls = 0  # routed calls running now (nested calls count once each)
+
+    @contextlib.contextmanager
+    def activate(
+        self, gates: torch.Tensor | None, embedding: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Make ``gates`` and ``embedding`` the live routing of one call (see module doc)."""
+        self.gates, self.embedding = gates, embedding
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
+
+    def _readable(self) -> bool:
+        if self._calls or self.pinned or torch.compiler.is_compiling():
+            return True
+        # Activation checkpointing recomputes forward segments inside autograd's backward.
+        return torch._C._current_graph_task_id() != -1
 
     def require_gates(self) -> torch.Tensor:
-        """Return the current gates, or raise if no routed forward has set them."""
-        if self.gates is None:
-            raise RoutingError(
-                "An expert layer ran without gates. Call the LoraIRModel (model(x, gates=...), "
-                "model(x, degradation=...), or attach a router), or wrap a direct backbone call "
-                "in `with loraxir.route(model, gates=...)`."
-            )
-        return self.gates
+        """Return the gates of the current call, or raise if there is no routed call."""
+        return self._require(
+            self.gates,
+            "An expert layer ran without gates. Call the LoraIRModel (model(x, gates=...), "
+            "model(x, degradation=...), or attach a router), or wrap a direct backbone call in "
+            "`with loraxir.route(model, gates=...)`; gates of a finished call are not reused.",
+        )
+
+    def require_embedding(self) -> torch.Tensor:
+        """Return the current degradation embedding, or raise if no router has set it."""
+        return self._require(
+            self.embedding,
+            "A DAM block ran without a degradation embedding. DAM blocks read e_deg from the "
+            "router: attach one (get_loraxir_model(backbone, config, router=...)) and call the "
+            "LoraIRModel, or run the backbone through "
+            "loraxir.guidance.GuidedBackbone(backbone, router).",
+        )
+
+    def _require(self, value: torch.Tensor | None, message: str) -> torch.Tensor:
+        if value is None or not self._readable():
+            raise RoutingError(message)
+        return value
 
 
 def check_gates(gates: torch.Tensor, num_experts: int, batch_size: int) -> torch.Tensor:
-    """Validate a ``(B, E)`` gate tensor and return it.
+    """Validate a ``(B, E)`` gate tensor and return it expanded to ``batch_size`` rows.
 
     Gates must be finite and non-negative; rows need not sum to one (a user may scale an
     expert up or mix several at will), but a row of zeros is allowed and means "base only".
@@ -52,7 +107,7 @@ def check_gates(gates: torch.Tensor, num_experts: int, batch_size: int) -> torch
             f"gates must be a torch.Tensor of shape (B, E), got {type(gates).__name__}."
         )
     if gates.dim() == 1:
-        gates = gates.unsqueeze(0).expand(batch_size, -1)
+        gates = gates.unsqueeze(0)
     if gates.dim() != 2 or gates.shape[1] != num_experts or gates.shape[0] not in (1, batch_size):
         raise RoutingError(
             f"gates must have shape (B={batch_size}, E={num_experts}) (or (E,) for all images), "
@@ -69,3 +124,105 @@ def check_gates(gates: torch.Tensor, num_experts: int, batch_size: int) -> torch
                 f"{float(gates.min()):.4g}. Apply a softmax to router logits first."
             )
     return gates.expand(batch_size, -1)
+
+
+def degradation_gates(
+    degradation: Degradation, known: Sequence[str], batch_size: int | None = None
+) -> torch.Tensor:
+    """One-hot gates for a degradation name or one name per image.
+
+    ``batch_size=None`` gives one row for a single name (it serves a batch of any size)
+    and one row per name for a list.
+    """
+    if isinstance(degradation, str):
+        names = [degradation] * (batch_size or 1)
+    else:
+        names = list(degradation)
+        if batch_size is not None and len(names) != batch_size:
+            raise RoutingError(
+                f"Got {len(names)} degradation names for a batch of {batch_size} images; pass "
+                "one name for all images or one per image."
+            )
+    gates = torch.zeros(len(names), len(known))
+    for row, name in enumerate(names):
+        if name not in known:
+            raise unknown_name("degradation", name, known)
+        gates[row, list(known).index(name)] = 1.0
+    return gates
+
+
+def fixed_gate(
+    gates: torch.Tensor | None, degradation: str | None, known: Sequence[str]
+) -> torch.Tensor:
+    """The ``(E,)`` gate of a merge: from a degradation name (one-hot) or ``gates``."""
+    if (gates is None) == (degradation is None):
+        raise RoutingError("Merging needs exactly one of gates=(E,) or degradation='name'.")
+    if degradation is not None:
+        if not isinstance(degradation, str):
+            raise RoutingError("Merging takes one degradation name (one gate for all images).")
+        return degradation_gates(degradation, known)[0]
+    gate = torch.as_tensor(gates, dtype=torch.float32)
+    return check_gates(gate, len(known), 1)[0]
+
+
+def check_merged_request(
+    requested: torch.Tensor, merge_gate: torch.Tensor, known: Sequence[str]
+) -> None:
+    """Accept routing ``(B, E)`` that asks for the merged gate on every image; refuse others.
+
+    A merged model has one gate folded into its weights: asking for that gate (by name or
+    by value) is the call a user writes and is served; anything else cannot be.
+    """
+    if bool((requested.to(merge_gate) == merge_gate).all()):
+        return
+    raise RoutingError(
+        f"The experts are merged for the fixed gate {_describe(merge_gate, known)}; this call "
+        f"asks for {_describe_rows(requested, known)}. Call model.unmerge() to route per image "
+        "(or merge for that gate)."
+    )
+
+
+def _describe(gate: torch.Tensor, known: Sequence[str]) -> str:
+    hot = gate.nonzero().flatten().tolist()
+    if len(hot) == 1 and float(gate[hot[0]]) == 1.0:
+        return f"{known[hot[0]]!r}"
+    return str([round(float(v), 4) for v in gate])
+
+
+def _describe_rows(rows: torch.Tensor, known: Sequence[str]) -> str:
+    unique = torch.unique(rows.detach().cpu().float(), dim=0)
+    return ", ".join(_describe(row, known) for row in unique)
+
+
+def check_degradations(router_classes: Sequence[str], adapter_classes: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless a router's classes are the adapter's, in order.
+
+    Gate ``i`` drives expert ``i``: a router trained on other classes, or the same classes
+    in another order, would silently send images to the wrong experts.
+    """
+    if list(router_classes) == list(adapter_classes):
+        return
+    missing = [name for name in adapter_classes if name not in router_classes]
+    extra = [name for name in router_classes if name not in adapter_classes]
+    detail = (
+        f"missing from the router: {missing}; not in the adapter: {extra}"
+        if missing or extra
+        else "same classes in another order"
+    )
+    raise ConfigError(
+        f"Router classes {list(router_classes)} differ from the adapter's degradations "
+        f"{list(adapter_classes)} ({detail}). Gate i drives expert i: train or load a router "
+        "with exactly the adapter's classes in the same order."
+    )
+
+
+def check_router(router: Any, degradations: Sequence[str], top_k: int) -> None:
+    """Raise :class:`ConfigError` unless ``router`` can route this adapter: the same
+    classes in the same order, and the same ``top_k``. Called before anything is changed."""
+    check_degradations(list(getattr(router, "degradations", [])), degradations)
+    router_top_k = getattr(router, "top_k", top_k)
+    if router_top_k != top_k:
+        raise ConfigError(
+            f"router.top_k={router_top_k} but config.top_k={top_k}; build the router with the "
+            "config's top_k."
+        )

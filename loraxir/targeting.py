@@ -13,9 +13,15 @@ import re
 
 from torch import nn
 
+from loraxir.backbones import (
+    Preset,
+    detect_preset,
+    get_preset,
+    is_added_by_loraxir,
+    list_presets,
+)
 from loraxir.errors import TargetModulesError
 from loraxir.layers import LAYER_TYPES, LoraIRLayer
-from loraxir.registry import Preset, detect_preset, get_preset, list_presets
 
 
 def resolve_preset(backbone: nn.Module, preset: str | None, target_modules) -> Preset | None:
@@ -66,7 +72,7 @@ def resolve_targets(
     targets = []
     paths = []
     for path, module in backbone.named_modules():
-        if not path or isinstance(module, LoraIRLayer):
+        if not path or isinstance(module, LoraIRLayer) or is_added_by_loraxir(path):
             continue
         if any(path.startswith(f"{t}.") for t in targets):
             continue

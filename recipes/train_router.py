@@ -1,28 +1,39 @@
-"""Train a degradation router (DG-Router) on a task suite, then measure it on held-out images.
+"""Train a degradation router (DG-Router) on whole photos of any size; test it on unseen ones.
 
     python recipes/train_router.py --config recipes/configs/train_router.yaml
     python recipes/train_router.py --config recipes/configs/train_router.yaml --set suite=three_task
     python -m torch.distributed.run --standalone --nproc_per_node 2 \\
         recipes/train_router.py --cpu --config recipes/configs/train_router.yaml
 
-Objectives:
+What it trains on (:class:`loraxir.router.data.RouterExamples`): photos, whole or cropped,
+from ``min_side`` to ``max_side`` pixels and aspect ratios up to ``max_aspect``, degraded
+at that size with the suite's tasks whose explicit parameters are widened by
+``train_widen`` (:mod:`loraxir.degradations.widen`), plus an undegraded ``clean`` class
+when ``clean_class`` is set.
 
-* ``classification`` — the paper's: cross-entropy of a linear head on the class labels.
-* ``contrastive`` — the image embedding is pulled towards the CLIP text embedding of its
-  class prompt ("a photo degraded by rain streaks") and away from the other prompts
-  (cross-entropy over scaled cosine similarities, as in CLIP). The class prototypes come
-  from text, so classes listed in ``zero_shot_holdout`` are left out of training and added
-  by name at the end: their accuracy is the router's zero-shot accuracy.
+How it is measured: the photos are split into ``folds`` groups; each fold trains a router
+on the other groups' photos and tests it on its own, so every number is on photos the
+router never saw. Per fold, whole test photos resized to each of ``eval_sizes`` (``0`` =
+full size) are degraded with the suite's parameters (``suite``), with parameters outside
+the training ranges up to ``test_widen`` beyond the suite's (``outside``), left clean,
+and degraded by two things at once (``mixtures``). ``metrics.json`` holds accuracy per
+class and size for each regime, calibration (accuracy per confidence bin), the unsure
+rate, and the mean soft gates of the mixtures; ``router_evaluation.png`` draws them.
 
-Writes to ``output_dir``: ``router/`` (``DegradationRouter.from_pretrained``),
-``metrics.json``, ``confusion_matrix.png``, ``router_choices.png``, tensorboard ``logs/``
-and ``checkpoints/``. The encoder of the default config is the tiny CNN, trained with the
-router: no pretrained CLIP weights can be downloaded here (see ``docs/routing.md`` for
-using real ones).
+Objectives: ``classification`` (the paper's cross-entropy on a linear head) or
+``contrastive`` (the head scores CLIP text prototypes of class prompts; classes in
+``zero_shot_holdout`` are left out of training and added by name at the end).
+
+Writes to ``output_dir``: ``router/`` (fold 0's router, ``DegradationRouter.from_pretrained``;
+its test photos are listed in ``metrics.json``), ``folds/fold-<k>/`` (each fold's router
+and checkpoints), ``metrics.json``, ``router_evaluation.png``, ``confusion_matrix.png``,
+``router_choices.png``, tensorboard ``logs/`` and ``config.yaml``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,45 +44,91 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraxir.data.synthetic import SyntheticPairs
-from loraxir.degradations import Suite
+from loraxir.data.patches import seeded_generator
+from loraxir.data.sources import open_source
+from loraxir.degradations import Suite, compose
 from loraxir.degradations import suite as load_suite
-from loraxir.encoders import register_open_clip_config
+from loraxir.degradations.widen import widen
 from loraxir.errors import ConfigError
-from loraxir.router import DegradationRouter
+from loraxir.router import DegradationRouter, RouterConfig
+from loraxir.router.data import (
+    Degrade,
+    RouterExamples,
+    Sizing,
+    keep_clean,
+    pipeline_degrade,
+    resize_image,
+)
+from loraxir.router.encoders import register_open_clip_config
+from loraxir.router.evaluation import (
+    Predictions,
+    accuracy_report,
+    calibration,
+    mean_gates,
+    plot_evaluation,
+)
+from loraxir.router.views import multi_view
 from loraxir.training import (
     RecipeConfig,
     confusion_matrix,
+    fit,
     make_loader,
     make_optimizer_and_scheduler,
-    maybe_checkpoint,
     parse_recipe_args,
-    progress_bar,
+    prepare_output_dir,
     resume,
     save_confusion_matrix,
     setup_accelerator,
-    train_batches,
     write_json,
 )
 
 OBJECTIVES = ("classification", "contrastive")
 ROUTE_BY = ("label", "task")
+CLEAN = "clean"
 
 
 @dataclass
 class TrainRouterConfig(RecipeConfig):
     """Settings of ``train_router.py`` (on top of :class:`loraxir.training.RecipeConfig`)."""
 
-    output_dir: str = field(default="outputs/train_router", metadata={"help": "Results."})
+    output_dir: str = field(
+        default="outputs/train_router", metadata={"help": "Results.", "run": True}
+    )
     suite: str = field(default="five_task", metadata={"help": "Task suite name or YAML path."})
     source: str = field(
-        default="skimage", metadata={"help": "Clean images: 'skimage' or a folder."}
+        default="skimage", metadata={"help": "Clean photos: 'skimage' or a folder."}
     )
-    patch_size: int = field(default=128, metadata={"help": "Side of the training patches."})
-    train_repeats: int = field(default=8, metadata={"help": "Patches per (image, task) per epoch."})
-    test_repeats: int = field(default=20, metadata={"help": "Test patches per (image, task)."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Share of images held out."})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test image split."})
+    folds: int = field(
+        default=3, metadata={"help": "Photo folds: each fold's photos are held out once."}
+    )
+    run_folds: int | None = field(
+        default=None, metadata={"help": "Train and test only the first N folds (None: all)."}
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the photo folds."})
+    train_images: int | None = field(
+        default=None,
+        metadata={"help": "Degraded images per fold (None: max_steps·batch_size / crops)."},
+    )
+    crops: int = field(
+        default=4, metadata={"help": "Readings per degraded image: whole + crops-1 windows."}
+    )
+    min_side: int = field(default=64, metadata={"help": "Smallest training image side."})
+    max_side: int = field(default=1024, metadata={"help": "Largest training image side."})
+    max_aspect: float = field(default=2.0, metadata={"help": "Largest aspect ratio trained."})
+    whole_fraction: float = field(
+        default=0.3, metadata={"help": "Share of examples that are whole photos (else crops)."}
+    )
+    train_widen: float = field(
+        default=0.25,
+        metadata={"help": "Widen the suite's explicit parameter ranges by this for training."},
+    )
+    test_widen: float = field(
+        default=0.5,
+        metadata={"help": "'outside' test: parameters beyond train_widen, up to this."},
+    )
+    clean_class: bool = field(
+        default=False, metadata={"help": "Add a 'clean' class (undegraded photos)."}
+    )
     encoder: str = field(
         default="cnn-tiny", metadata={"help": "'cnn-tiny', an open_clip name or a folder."}
     )
@@ -89,16 +146,15 @@ class TrainRouterConfig(RecipeConfig):
     encoder_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the encoder (default: learning_rate)."}
     )
-    grid: int = field(default=2, metadata={"help": "Local tiles per side; 0: global view only."})
-    hidden_dim: int = field(default=512, metadata={"help": "MLP hidden size."})
-    embed_dim: int = field(default=384, metadata={"help": "Size of e_deg."})
-    top_k: int = field(default=1, metadata={"help": "Experts per image of the saved router."})
-    temperature: float = field(default=1.0, metadata={"help": "Gate softmax temperature."})
+    router: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "RouterConfig settings (views, grid, hidden_dim, embed_dim, top_k, "
+            "temperature, prompts, unsure_below); --set router=... replaces the whole mapping."
+        },
+    )
     objective: str = field(
         default="classification", metadata={"help": "'classification' or 'contrastive'."}
-    )
-    prompts: dict[str, str] = field(
-        default_factory=dict, metadata={"help": "Text prompt per class (contrastive)."}
     )
     zero_shot_holdout: list[str] = field(
         default_factory=list,
@@ -112,6 +168,17 @@ class TrainRouterConfig(RecipeConfig):
         },
     )
     label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy smoothing."})
+    eval_sizes: list[int] = field(
+        default_factory=lambda: [64, 256, 512, 0],
+        metadata={"help": "Test image sides (whole photo resized to N×N); 0: full size."},
+    )
+    eval_repeats: int = field(
+        default=3, metadata={"help": "Test images per (photo, class, size) and regime."}
+    )
+    mixtures: dict[str, list[Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Two-degradation tests: name → steps (compose() format)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,146 +191,133 @@ class TrainRouterConfig(RecipeConfig):
                 "zero_shot_holdout needs objective='contrastive': only text prototypes can "
                 "name a class that training never saw."
             )
+        if self.folds < 2:
+            raise ConfigError(
+                f"folds must be >= 2 (one held out, the rest trained), got {self.folds}."
+            )
+        if not 0 <= self.train_widen <= self.test_widen:
+            raise ConfigError(
+                f"Need 0 <= train_widen <= test_widen, got {self.train_widen} and "
+                f"{self.test_widen}."
+            )
+        unknown = sorted(set(self.router) - {f.name for f in dataclasses.fields(RouterConfig)})
+        if unknown or "degradations" in self.router:
+            raise ConfigError(
+                f"router settings {unknown or ['degradations']} are not allowed; use RouterConfig "
+                "fields other than degradations (the suite gives the classes)."
+            )
+        for name, steps in self.mixtures.items():
+            compose(steps)  # fail now, with the step named, rather than after training
+            if not isinstance(name, str):
+                raise ConfigError(f"mixture names must be strings, got {name!r}.")
+
+
+@dataclass
+class RouterData:
+    """Photos, classes and degradations of a run, and the photo folds."""
+
+    suite: Suite
+    classes: list[str]
+    """Every class the router ends up with (training classes, then zero-shot ones)."""
+    trained: list[str]
+    photo_ids: list[str]
+    photos: list[torch.Tensor]
+    folds: list[list[int]]
+    """Photo indices held out by each fold."""
+    tasks: dict[str, list[Any]]
+    """Class → the suite tasks (their pipelines) of that class."""
 
 
 class _LogitsModule(nn.Module):
-    """What the optimizer trains: images → router class logits (through DDP's forward)."""
+    """What the optimizer trains: views → router class logits (through DDP's forward)."""
 
     def __init__(self, router: DegradationRouter) -> None:
         super().__init__()
         self.router = router
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.router.logits(images)
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.router.route_views(views).logits
 
 
 def build_router(config: TrainRouterConfig, classes: Sequence[str]) -> DegradationRouter:
-    """The router to train, on ``classes`` (the suite's labels minus any held out)."""
+    """The router to train, on ``classes`` (the trained classes, before zero-shot ones)."""
     if config.open_clip_model_cfg is not None:
         register_open_clip_config(config.encoder, config.open_clip_model_cfg)
+    settings = {
+        "head": "text" if config.objective == "contrastive" else "linear",
+        **config.router,
+    }
+    settings["top_k"] = min(settings.get("top_k", 1), len(classes))
     return DegradationRouter.from_encoder(
         config.encoder,
         classes,
         pretrained=config.pretrained,
         image_size=config.image_size,
         trainable_encoder=config.train_encoder,
-        grid=config.grid,
-        hidden_dim=config.hidden_dim,
-        embed_dim=config.embed_dim,
-        head="text" if config.objective == "contrastive" else "linear",
-        prompts=config.prompts or None,
-        top_k=min(config.top_k, len(classes)),
-        temperature=config.temperature,
+        **settings,
     )
 
 
-def suite_classes(suite: Suite, route_by: str) -> list[str]:
-    """The suite's class names in the dataset's index order: labels or task names."""
-    return suite.labels if route_by == "label" else suite.task_names
-
-
-def build_data(config: TrainRouterConfig) -> tuple[SyntheticPairs, SyntheticPairs, list[str]]:
-    """Train and test sets (split by image) and the classes trained on."""
+def build_data(config: TrainRouterConfig) -> RouterData:
+    """Photos (as float RGB), classes, the tasks of each class, and the photo folds."""
     suite = load_suite(config.suite)
-    names = suite_classes(suite, config.route_by)
+    key = "label" if config.route_by == "label" else "name"
+    tasks: dict[str, list[Any]] = {}
+    for task in suite.tasks:
+        tasks.setdefault(getattr(task, key), []).append(task.pipeline)
+    names = list(tasks) + ([CLEAN] if config.clean_class else [])
     unknown = sorted(set(config.zero_shot_holdout) - set(names))
     if unknown:
         raise ConfigError(f"zero_shot_holdout {unknown} are not classes of {suite.name}: {names}.")
     trained = [name for name in names if name not in config.zero_shot_holdout]
     if not trained:
         raise ConfigError("zero_shot_holdout leaves no class to train on.")
-    key = "label" if config.route_by == "label" else "name"
-    tasks = [task.name for task in suite.tasks if getattr(task, key) in trained]
-    common = {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
-    train = SyntheticPairs(
-        config.source,
+    source = open_source(config.source)
+    if len(source) < config.folds:
+        raise ConfigError(
+            f"{len(source)} photos cannot make {config.folds} folds; lower folds or add photos."
+        )
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(config.split_seed))
+    folds = [sorted(order[k :: config.folds].tolist()) for k in range(config.folds)]
+    photos = [source.load(i).float() / 255 for i in range(len(source))]
+    return RouterData(
         suite,
-        config.patch_size,
-        tasks=tasks,
-        split="train",
-        seed=config.seed,
-        repeats=config.train_repeats,
-        **common,
-    )
-    test = SyntheticPairs(
-        config.source,
-        suite,
-        config.patch_size,
-        split="test",
-        seed=config.seed + 1,
-        repeats=config.test_repeats,
-        **common,
-    )
-    return train, test, trained
-
-
-def class_map(suite_names: Sequence[str], router_classes: Sequence[str]) -> torch.Tensor:
-    """Suite class index → router class index (``-1`` for a class the router lacks)."""
-    return torch.tensor(
-        [list(router_classes).index(n) if n in router_classes else -1 for n in suite_names]
+        trained + list(config.zero_shot_holdout),
+        trained,
+        list(source.ids),
+        photos,
+        folds,
+        tasks,
     )
 
 
-@torch.no_grad()
-def predict(accelerator: Any, router: DegradationRouter, loader: Any) -> dict[str, torch.Tensor]:
-    """Predicted class, suite label and task of every test item, gathered from all processes."""
-    router.eval()
-    outputs: dict[str, list[torch.Tensor]] = {"pred": [], "label": [], "task": []}
-    for batch in loader:
-        with accelerator.autocast():
-            pred = router.logits(batch["lq"]).argmax(dim=-1)
-        gathered = accelerator.gather_for_metrics((pred, batch["label"], batch["task"]))
-        for key, value in zip(outputs, gathered, strict=True):
-            outputs[key].append(value.cpu())
-    return {key: torch.cat(values) for key, values in outputs.items()}
+def class_degrades(data: RouterData, name: str, margin: float) -> list[Degrade]:
+    """How to make an example of class ``name``: its tasks widened by ``margin``."""
+    if name == CLEAN:
+        return [keep_clean]
+    return [pipeline_degrade(widen(pipeline, margin)) for pipeline in data.tasks[name]]
 
 
-def score(
-    result: dict[str, torch.Tensor],
-    suite: Suite,
-    route_by: str,
-    classes: Sequence[str],
-    holdout: Sequence[str],
-) -> dict[str, Any]:
-    """Accuracy overall, per class, per task (e.g. per noise σ) and zero-shot."""
-    truth = class_map(suite_classes(suite, route_by), classes)[result[route_by]]
-    correct = result["pred"] == truth
-    metrics: dict[str, Any] = {
-        "accuracy": correct.float().mean().item(),
-        "num_test_items": len(correct),
-        "classes": list(classes),
-        "per_class": {n: correct[truth == i].float().mean().item() for i, n in enumerate(classes)},
-        "per_task": {
-            name: correct[result["task"] == t].float().mean().item()
-            for t, name in enumerate(suite.task_names)
-            if (result["task"] == t).any()
-        },
-        "confusion_matrix": confusion_matrix(result["pred"], truth, len(classes)).tolist(),
-    }
-    if holdout:
-        unseen = torch.isin(truth, torch.tensor([list(classes).index(n) for n in holdout]))
-        metrics["zero_shot_accuracy"] = correct[unseen].float().mean().item()
-        metrics["seen_accuracy"] = correct[~unseen].float().mean().item()
-    return metrics
-
-
-def save_router_choices(router: DegradationRouter, test: SyntheticPairs, path: Path) -> None:
-    """A figure of the router's probabilities and choices on one test patch per task."""
-    first = {}
-    for index, task in enumerate(test.task_labels):
-        first.setdefault(task, index)
-    items = [test[i] for i in sorted(first.values())]
-    explanation = router.explain(torch.stack([item["lq"] for item in items]))
-    explanation.plot(path, labels=[item["task_name"] for item in items])
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config = parse_recipe_args(TrainRouterConfig, __doc__.splitlines()[0], argv)
-    accelerator = setup_accelerator(config, "train_router")
-    output_dir = Path(config.output_dir)
-
-    train, test, classes = build_data(config)
-    router = build_router(config, classes)
+def train_fold(
+    accelerator: Any, config: TrainRouterConfig, data: RouterData, fold: int
+) -> DegradationRouter:
+    """Train one router on every photo outside fold ``fold``; returns it unwrapped."""
+    fold_config = dataclasses.replace(config, output_dir=str(_fold_dir(config, fold)))
+    train_photos = [p for i, p in enumerate(data.photos) if i not in data.folds[fold]]
+    examples_per_image = config.crops
+    images = config.train_images or -(-config.max_steps * config.batch_size // examples_per_image)
+    router = build_router(config, data.trained)
+    dataset = RouterExamples(
+        train_photos,
+        [class_degrades(data, name, config.train_widen) for name in data.trained],
+        length=images,
+        size=router.encoder.image_size,
+        grid=router.grid,
+        views=router.views,
+        crops=config.crops,
+        sizing=Sizing(config.min_side, config.max_side, config.max_aspect, config.whole_fraction),
+        seed=config.seed * 1000 + fold,
+    )
     model = _LogitsModule(router)
     encoder_lr = config.encoder_learning_rate or config.learning_rate
     optimizer, scheduler = make_optimizer_and_scheduler(
@@ -273,90 +327,272 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ],
         config,
     )
-    train_loader = make_loader(train, config, shuffle=True)
-    test_loader = make_loader(test, config, shuffle=False)
-    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, test_loader, scheduler
-    )
-    targets = class_map(suite_classes(train.suite, config.route_by), classes)
-    targets = targets.to(accelerator.device)
-    state = resume(accelerator, config)
-    start_step = state.step
-
+    loader = make_loader(dataset, config, shuffle=True, batch_size=_images_per_batch(config))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    state = resume(accelerator, fold_config)
     accelerator.print(
-        f"Training a router on {len(classes)} classes {classes} of {train.suite.name}: "
-        f"{len(train)} train / {len(test)} test patches, {accelerator.num_processes} process(es)."
+        f"fold {fold + 1}/{config.folds}: training on {len(train_photos)} photos, "
+        f"classes {data.trained}, {len(dataset)} degraded images × {config.crops} readings."
     )
-    bar = progress_bar(accelerator, config, state, "train_router")
-    batches = train_batches(train_loader, state)
-    model.train()
-    while state.step < config.max_steps:
-        batch = next(batches)
-        with accelerator.accumulate(model):
-            logits = model(batch["lq"])
-            labels = targets[batch[config.route_by]]
-            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        if not accelerator.sync_gradients:
-            continue
-        state.step += 1
-        bar.update(1)
-        if state.step % config.log_every == 0 or state.step == config.max_steps:
-            accuracy = (logits.argmax(-1) == labels).float().mean()
-            logged = accelerator.reduce(torch.stack([loss.detach(), accuracy]), "mean")
-            bar.set_postfix(loss=f"{logged[0]:.3f}", acc=f"{logged[1]:.2f}")
-            accelerator.log(
-                {
-                    "train/loss": logged[0].item(),
-                    "train/accuracy": logged[1].item(),
-                    "train/lr": scheduler.get_last_lr()[0],
-                },
-                step=state.step,
-            )
-        maybe_checkpoint(accelerator, config, state)
-    bar.close()
 
-    router = accelerator.unwrap_model(model).router
+    def compute_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        views = batch["views"].flatten(0, 1)
+        labels = batch["label"].repeat_interleave(config.crops)
+        return F.cross_entropy(model(views), labels, label_smoothing=config.label_smoothing)
+
+    fit(
+        accelerator,
+        fold_config,
+        state,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        compute_loss=compute_loss,
+        desc=f"train_router fold {fold}",
+    )
+    trained = accelerator.unwrap_model(model).router
+    accelerator.free_memory()
+    prompts = config.router.get("prompts") or {}
     for name in config.zero_shot_holdout:
-        router.add_degradation(name, config.prompts.get(name))
-    result = predict(accelerator, router, test_loader)
-    metrics = score(
-        result, test.suite, config.route_by, router.degradations, config.zero_shot_holdout
-    )
-    metrics.update(
-        steps=state.step,
-        resumed_from_step=start_step,
-        num_processes=accelerator.num_processes,
-        suite=test.suite.name,
-    )
-    accelerator.log({"test/accuracy": metrics["accuracy"]}, step=state.step)
+        trained.add_degradation(name, prompts.get(name))
+    return trained.eval()
+
+
+def test_images(
+    config: TrainRouterConfig, data: RouterData, fold: int
+) -> list[tuple[torch.Tensor, int, str, str]]:
+    """``(image, label, size, regime)`` of every test image of fold ``fold``.
+
+    Regimes: ``suite`` (the suite's own parameters), ``outside`` (each explicit parameter
+    beyond the training ranges, up to ``test_widen`` outside the suite's), ``clean`` (no
+    degradation; label ``-1`` without a clean class) and one per mixture (label ``-1``).
+    """
+    items = []
+    for photo_index in data.folds[fold]:
+        photo = data.photos[photo_index]
+        for size in config.eval_sizes:
+            image = photo if size == 0 else resize_image(photo, size, size)
+            name = "full" if size == 0 else f"{size}"
+            for repeat in range(config.eval_repeats):
+                generator = seeded_generator(config.seed + 7, fold, photo_index, size, repeat)
+                for label, cls in enumerate(data.classes):
+                    if cls == CLEAN:
+                        continue
+                    for regime, margin, inside in (
+                        ("suite", 0.0, 0.0),
+                        ("outside", config.test_widen, config.train_widen),
+                    ):
+                        pipelines = data.tasks[cls]
+                        pipeline = pipelines[repeat % len(pipelines)]
+                        if margin:
+                            pipeline = widen(pipeline, margin, inside, generator)
+                        degraded = pipeline(image[None], generator)[0][0]
+                        items.append((degraded, label, name, regime))
+                clean_label = data.classes.index(CLEAN) if CLEAN in data.classes else -1
+                items.append((keep_clean(image, generator), clean_label, name, "clean"))
+                for mixture, steps in config.mixtures.items():
+                    degraded = compose(steps)(image[None], generator)[0][0]
+                    items.append((degraded, -1, name, mixture))
+    return items
+
+
+@torch.no_grad()
+def predict(
+    router: DegradationRouter, items: Sequence[tuple[torch.Tensor, int, str, str]]
+) -> Predictions:
+    """Route every test image (one at a time: their sizes differ)."""
+    predictions = Predictions()
+    for start in range(0, len(items), 32):
+        chunk = items[start : start + 32]
+        views = torch.stack(
+            [
+                multi_view(image[None], router.encoder.image_size, router.grid, router.views)[0]
+                for image, *_ in chunk
+            ]
+        )
+        probabilities = router.route_views(views).probabilities
+        predictions.add(probabilities, *zip(*[rest for _, *rest in chunk], strict=True))
+    return predictions
+
+
+def score(predictions: Predictions, config: TrainRouterConfig, data: RouterData) -> dict[str, Any]:
+    """The metrics of ``metrics.json`` from pooled test predictions of every fold run."""
+    classes = data.classes
+    sizes = ["full" if s == 0 else f"{s}" for s in config.eval_sizes]
+    whole: dict[str, Any] = {}
+    for regime in ("suite", "outside") + ((CLEAN,) if CLEAN in classes else ()):
+        probabilities, labels = predictions.select(regime)
+        whole[regime] = {
+            **accuracy_report(probabilities, labels, classes),
+            "per_size": {
+                size: accuracy_report(*predictions.select(regime, size), classes) for size in sizes
+            },
+        }
+    labelled = [predictions.select(r) for r in whole]
+    probabilities = torch.cat([p for p, _ in labelled])
+    labels = torch.cat([truth for _, truth in labelled])
+    unsure_below = config.router.get("unsure_below", RouterConfig.unsure_below)
+    clean_probs, _ = predictions.select(CLEAN)
+    metrics: dict[str, Any] = {
+        "classes": classes,
+        "whole_image": whole,
+        "calibration": calibration(probabilities, labels),
+        "unsure_below": unsure_below,
+        "unsure_rate": {
+            regime: _unsure_rate(predictions.select(regime)[0], unsure_below)
+            for regime in ("suite", "outside", CLEAN)
+        },
+        "confusion_matrix": confusion_matrix(
+            probabilities.argmax(1), labels, len(classes)
+        ).tolist(),
+    }
+    if CLEAN not in classes:
+        picks = clean_probs.argmax(1)
+        metrics["clean_photos"] = {
+            "routed_to": {c: (picks == i).float().mean().item() for i, c in enumerate(classes)},
+            "mean_top_probability": clean_probs.max(1).values.mean().item(),
+        }
+    metrics["mixtures"] = {
+        name: {
+            "steps": [s if isinstance(s, str) else dict(s) for s in config.mixtures[name]],
+            "mean_gates": mean_gates(predictions.select(name)[0], classes),
+        }
+        for name in config.mixtures
+    }
+    if config.zero_shot_holdout:
+        unseen = torch.isin(
+            labels, torch.tensor([classes.index(n) for n in config.zero_shot_holdout])
+        )
+        correct = probabilities.argmax(1) == labels
+        metrics["zero_shot_accuracy"] = correct[unseen].float().mean().item()
+        metrics["seen_accuracy"] = correct[~unseen].float().mean().item()
+    return metrics
+
+
+def save_router_choices(router: DegradationRouter, items: Sequence[Any], path: Path) -> None:
+    """A figure of the router's probabilities and choices on one full-size test image per class."""
+    first: dict[int, torch.Tensor] = {}
+    for image, label, size, regime in items:
+        if regime == "suite" and size == "full":
+            first.setdefault(label, image)
+    if not first:
+        return
+    shown = sorted(first)
+    side = min(min(first[i].shape[-2:]) for i in shown)
+    batch = torch.stack([resize_image(first[i], side, side) for i in shown])
+    router.explain(batch).plot(path, labels=[router.degradations[i] for i in shown])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config = parse_recipe_args(TrainRouterConfig, __doc__.splitlines()[0], argv)
+    prepare_output_dir(config, ("router", "folds"))
+    output_dir = Path(config.output_dir)
+    run_folds = min(config.run_folds or config.folds, config.folds)
+    if config.resume not in (None, "latest") and run_folds > 1:
+        raise ConfigError(
+            "A checkpoint path resumes one fold; with several folds use resume=latest "
+            "(each fold continues from its own latest checkpoint)."
+        )
+    data = build_data(config)
+    accelerator = setup_accelerator(config, "train_router")
+    if config.overwrite and config.resume is None and accelerator.is_main_process:
+        shutil.rmtree(output_dir / "folds", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    predictions, per_fold, routers = Predictions(), [], []
+    for fold in range(run_folds):
+        router = train_fold(accelerator, config, data, fold)
+        routers.append(router)
+        if accelerator.is_main_process:
+            items = test_images(config, data, fold)
+            fold_predictions = predict(router, items)
+            predictions.extend(fold_predictions)
+            suite_probs, suite_labels = fold_predictions.select("suite")
+            per_fold.append(
+                {
+                    "test_photos": [data.photo_ids[i] for i in data.folds[fold]],
+                    "suite_accuracy": accuracy_report(suite_probs, suite_labels, data.classes)[
+                        "accuracy"
+                    ],
+                }
+            )
+            router.save_pretrained(_fold_dir(config, fold) / "router")
+            if fold == 0:
+                save_router_choices(router, items, output_dir / "router_choices.png")
+        accelerator.wait_for_everyone()
+
+    metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        router.save_pretrained(output_dir / "router")
+        metrics = score(predictions, config, data)
+        metrics.update(
+            suite=data.suite.name,
+            folds=config.folds,
+            folds_run=run_folds,
+            per_fold=per_fold,
+            steps=config.max_steps,
+            num_processes=accelerator.num_processes,
+            photos=data.photo_ids,
+        )
+        routers[0].save_pretrained(output_dir / "router")
         write_json(output_dir / "metrics.json", metrics)
+        plot_evaluation(metrics, output_dir / "router_evaluation.png")
         save_confusion_matrix(
             torch.tensor(metrics["confusion_matrix"]),
-            router.degradations,
+            data.classes,
             output_dir / "confusion_matrix.png",
-            f"{test.suite.name}: held-out accuracy {metrics['accuracy']:.1%}",
+            f"{data.suite.name}: held-out whole-image accuracy "
+            f"{metrics['whole_image']['suite']['accuracy']:.1%}",
         )
-        save_router_choices(router, test, output_dir / "router_choices.png")
         print(_summary(metrics))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
 
+def _unsure_rate(probabilities: torch.Tensor, threshold: float) -> float | None:
+    if not len(probabilities):
+        return None
+    return (probabilities.max(dim=1).values < threshold).float().mean().item()
+
+
+def _fold_dir(config: TrainRouterConfig, fold: int) -> Path:
+    return Path(config.output_dir) / "folds" / f"fold-{fold}"
+
+
+def _images_per_batch(config: TrainRouterConfig) -> int:
+    if config.batch_size % config.crops:
+        raise ConfigError(
+            f"batch_size={config.batch_size} must be a multiple of crops={config.crops} "
+            "(a batch holds whole degraded images, each read crops ways)."
+        )
+    return config.batch_size // config.crops
+
+
 def _summary(metrics: dict[str, Any]) -> str:
-    lines = [f"held-out accuracy {metrics['accuracy']:.2%} on {metrics['num_test_items']} patches"]
-    lines += [f"  class {name:<12} {acc:.2%}" for name, acc in metrics["per_class"].items()]
-    lines += [f"  task  {name:<12} {acc:.2%}" for name, acc in metrics["per_task"].items()]
+    lines = []
+    for regime, table in metrics["whole_image"].items():
+        sizes = ", ".join(
+            f"{size} {row['accuracy']:.1%}"
+            for size, row in table["per_size"].items()
+            if row["items"]
+        )
+        lines.append(
+            f"held-out {regime:<8} {table['accuracy']:.2%} ({table['items']} images): {sizes}"
+        )
+        lines += [
+            f"    {name:<12} {acc:.2%}"
+            for name, acc in table["per_class"].items()
+            if acc is not None
+        ]
+    lines.append(
+        f"calibration ECE {metrics['calibration']['ece']:.3f}; unsure {metrics['unsure_rate']}"
+    )
+    for name, row in metrics["mixtures"].items():
+        gates = ", ".join(f"{c} {g:.2f}" for c, g in row["mean_gates"].items())
+        lines.append(f"mixture {name}: {gates}")
     if "zero_shot_accuracy" in metrics:
-        lines.append(f"  zero-shot (unseen classes) {metrics['zero_shot_accuracy']:.2%}")
+        lines.append(f"zero-shot (unseen classes) {metrics['zero_shot_accuracy']:.2%}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraxir.encoders import register_open_clip_config
+from loraxir.router.encoders import register_open_clip_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -26,6 +27,24 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def isolated_recipe_run() -> Iterator[None]:
+    """Run in-process recipes on one thread, and forget Accelerate's process-wide state after.
+
+    One thread: the many tiny ops of the degradations slow down tenfold when OpenMP threads
+    compete with other processes for the cores. The reset keeps a recipe's Accelerator
+    settings from leaking into other tests.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def randomize_experts(model: torch.nn.Module, scale: float = 0.1) -> None:

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraxir.encoders import (
+from loraxir.errors import CheckpointError, ConfigError, RoutingError, UnknownNameError
+from loraxir.router.encoders import (
+    ENCODER_KINDS,
     HFCLIPEncoder,
     ModuleEncoder,
     OpenCLIPEncoder,
@@ -26,7 +28,6 @@ from loraxir.encoders import (
     create_encoder,
     encoder_from_spec,
 )
-from loraxir.errors import CheckpointError, ConfigError, RoutingError, UnknownNameError
 from tests.conftest import TINY_OPEN_CLIP, save_open_clip_weights, tiny_open_clip_name
 
 
@@ -272,3 +273,24 @@ def test_text_embeddings_come_from_the_same_reference() -> None:
     torch.testing.assert_close(text[:1], again)
     with pytest.raises(ConfigError, match="no text tower"):
         create_encoder("cnn-tiny").encode_text(["x"])
+
+
+@pytest.mark.parametrize("image_size", [1, 4, 8, 9])
+def test_tiny_cnn_is_finite_at_tiny_sizes_and_on_flat_images(image_size: int) -> None:
+    """The last stage sees 1×1 at image_size <= 8; its pooled std must stay finite."""
+    encoder = TinyCNNEncoder(image_size=image_size, width=4, embed_dim=8)
+    for images in (torch.rand(2, 3, 40, 40), torch.full((2, 3, 40, 40), 0.3)):
+        out = encoder(images)
+        assert torch.isfinite(out).all()
+        out.square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in encoder.parameters())
+        encoder.zero_grad()
+
+
+def test_encoder_kinds_rebuild_through_the_registry() -> None:
+    assert set(ENCODER_KINDS) >= {"cnn", "open_clip", "hf_clip", "custom"}
+    encoder = create_encoder("cnn-tiny", image_size=16)
+    spec = json.loads(json.dumps(encoder.spec()))
+    assert spec["type"] == "cnn" and encoder_from_spec(spec).spec() == spec
+    with pytest.raises(UnknownNameError, match="'cnn'"):
+        encoder_from_spec({**spec, "type": "cnnn"})

@@ -7,6 +7,7 @@ import torch
 
 import loraxir
 from loraxir import ConfigError, LoraIRConfig
+from loraxir.layers import LoraIRLayer
 from loraxir.router import DegradationRouter
 from tests.conftest import randomize_experts
 
@@ -83,7 +84,7 @@ def test_save_load_with_router_gives_identical_routing_and_output(tmp_path):
         gates = model.last_routing
     model.save_pretrained(tmp_path / "a")
     loaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
-    assert loaded.config.router["degradations"] == DEGRADATIONS
+    assert loaded.config.router.degradations == DEGRADATIONS
     with torch.no_grad():
         assert torch.equal(loaded(X), expected)
     assert torch.equal(loaded.last_routing, gates)
@@ -111,7 +112,34 @@ def test_peft_round_trip_keeps_router_weights(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(peft_model(X), expected)
+        with pytest.raises(loraxir.RoutingError, match="without gates"):
+            peft_model.get_base_model()(X)  # the router's gates lived for that call only
     peft_model.save_pretrained(tmp_path / "b")
     again = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "b")
     with torch.no_grad():
         assert torch.equal(again(X), expected)
+
+
+def _reordered_router():
+    torch.manual_seed(8)
+    return DegradationRouter.from_encoder("cnn-tiny", degradations=["rain", "noise", "haze"])
+
+
+def test_router_in_another_order_is_refused_before_the_backbone_is_touched(tmp_path):
+    backbone = _backbone()
+    config = LoraIRConfig(degradations=DEGRADATIONS)
+    with pytest.raises(ConfigError, match="another order"):
+        loraxir.get_loraxir_model(backbone, config, router=_reordered_router())
+    assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+    assert len(list(loraxir.get_loraxir_model(backbone, config).expert_layers())) == 36
+
+    _model().save_pretrained(tmp_path / "a")
+    backbone = _backbone()
+    router = _reordered_router()
+    router_state = {k: v.clone() for k, v in router.state_dict().items()}
+    with pytest.raises(ConfigError, match="another order"):
+        loraxir.LoraIRModel.from_pretrained(backbone, tmp_path / "a", router=router)
+    assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+    assert all(torch.equal(v, router_state[k]) for k, v in router.state_dict().items())
+    with torch.no_grad():
+        assert loraxir.LoraIRModel.from_pretrained(backbone, tmp_path / "a")(X).shape == X.shape

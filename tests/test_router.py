@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-import loraxir.router as router_module
-from loraxir.errors import CheckpointError, ConfigError, RoutingError
+import loraxir
+import loraxir.checkpoint
+from loraxir.errors import CheckpointError, ConfigError, RoutingError, UnknownNameError
 from loraxir.router import (
     DegradationRouter,
+    RouterConfig,
     check_degradations,
     degradation_prompt,
     load_balancing_loss,
@@ -22,6 +27,8 @@ from loraxir.router import (
     top_k_gates,
 )
 from tests.conftest import save_open_clip_weights, tiny_open_clip_name
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
 
@@ -35,25 +42,46 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
 
 
-@pytest.mark.parametrize("encoder", ["cnn-tiny", "open_clip"])
-@pytest.mark.parametrize("grid", [0, 2, 3])
-def test_multi_view_features_equal_views_cropped_and_encoded_by_hand(
-    encoder: str, grid: int
-) -> None:
-    name = tiny_open_clip_name() if encoder == "open_clip" else "cnn-tiny"
-    size = None if encoder == "open_clip" else 16
-    router = DegradationRouter.from_encoder(name, CLASSES, image_size=size, grid=grid).eval()
-    tower, s = router.encoder, router.encoder.image_size
-    images = torch.rand(2, 3, 37, 53)
-
-    expected = tower(_resize(images, s))
-    if grid:
+def _local_views_by_hand(images: torch.Tensor, s: int, grid: int, kind: str) -> list:
+    """The local views, cut by hand: tiles of a grid·s resize, or native crops."""
+    if kind == "resize":
         big = _resize(images, grid * s)
-        tiles = [
-            tower(big[:, :, i * s : (i + 1) * s, j * s : (j + 1) * s])
+        return [
+            big[:, :, i * s : (i + 1) * s, j * s : (j + 1) * s]
             for i in range(grid)
             for j in range(grid)
         ]
+    height, width = images.shape[-2:]
+    crop = min(s, height, width)
+    tops = [round(i * (height - crop) / max(grid - 1, 1)) for i in range(grid)]
+    lefts = [round(j * (width - crop) / max(grid - 1, 1)) for j in range(grid)]
+    if grid == 1:
+        tops, lefts = [(height - crop) // 2], [(width - crop) // 2]
+    crops = [images[:, :, t : t + crop, x : x + crop] for t in tops for x in lefts]
+    return [c if crop == s else _resize(c, s) for c in crops]
+
+
+@pytest.mark.parametrize("encoder", ["cnn-tiny", "open_clip"])
+@pytest.mark.parametrize("grid", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["native", "resize"])
+def test_multi_view_features_equal_views_cropped_and_encoded_by_hand(
+    encoder: str, grid: int, kind: str
+) -> None:
+    name = tiny_open_clip_name() if encoder == "open_clip" else "cnn-tiny"
+    size = None if encoder == "open_clip" else 16
+    router = DegradationRouter.from_encoder(
+        name, CLASSES, image_size=size, grid=grid, views=kind
+    ).eval()
+    tower, s = router.encoder, router.encoder.image_size
+    images = torch.rand(2, 3, 37, 53)
+
+    if kind == "native":  # the global view keeps layout only: a quarter-resolution copy
+        coarse = _resize(images, s // 4)
+        expected = tower(F.interpolate(coarse, size=(s, s), mode="bilinear"))
+    else:
+        expected = tower(_resize(images, s))
+    if grid:
+        tiles = [tower(view) for view in _local_views_by_hand(images, s, grid, kind)]
         expected = torch.cat([expected, torch.stack(tiles).mean(dim=0)], dim=-1)
 
     calls = []
@@ -62,22 +90,67 @@ def test_multi_view_features_equal_views_cropped_and_encoded_by_hand(
     assert calls == [2 * (1 + grid * grid)], "all views of all images in one encoder call"
 
 
-def test_multi_view_tiles_are_row_major_crops() -> None:
+@pytest.mark.parametrize("kind", ["native", "resize"])
+def test_multi_view_tiles_are_row_major_crops(kind: str) -> None:
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    views = multi_view(images, size=4, grid=2)
+    views = multi_view(images, size=4, grid=2, kind=kind)
     assert views.shape == (2, 5, 3, 4, 4)
     torch.testing.assert_close(views[:, 2], images[:, :, 0:4, 4:8])
     torch.testing.assert_close(views[:, 3], images[:, :, 4:8, 0:4])
 
 
+@pytest.mark.parametrize("side", [64, 333, 1500])
+def test_native_local_views_are_exact_pixels_at_any_size(side: int) -> None:
+    """Native crops copy the image's own pixels: noise keeps its level at any image size."""
+    generator = torch.Generator().manual_seed(side)
+    clean = torch.full((1, 3, side, side + 17), 0.5)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=generator)
+    views = multi_view(noisy, size=32, grid=2, kind="native")
+    assert views.shape == (1, 5, 3, 32, 32), "a fixed number of views at any size"
+    height, width = noisy.shape[-2:]
+    torch.testing.assert_close(views[0, 1], noisy[0, :, :32, :32])
+    torch.testing.assert_close(views[0, 4], noisy[0, :, height - 32 :, width - 32 :])
+    assert abs(views[:, 1:].std().item() - 0.1) < 0.01
+    assert views[:, 0].std().item() < 0.03, "the global view carries layout, not pixel noise"
+    paper = multi_view(noisy, size=32, grid=2, kind="resize")
+    if side >= 333:
+        assert paper[:, 1:].std().item() < 0.06, "the paper's views average the noise away"
+
+
+def test_native_views_of_a_small_image_upsample_its_largest_square() -> None:
+    images = torch.rand(1, 3, 12, 20)
+    views = multi_view(images, size=16, grid=2, kind="native")
+    torch.testing.assert_close(views[:, 1], _resize(images[:, :, :, :12], 16))
+    torch.testing.assert_close(views[:, 4], _resize(images[:, :, :, 8:], 16))
+
+
+def test_unknown_view_kind_is_refused() -> None:
+    with pytest.raises(UnknownNameError, match="native"):
+        multi_view(torch.rand(1, 3, 8, 8), 4, 2, kind="natve")
+    with pytest.raises(ConfigError, match="views"):
+        cnn_router(views="tiles")
+
+
+def _reference_gates(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Top-k softmax gates computed with plain Python, independently of top_k_gates."""
+    rows = []
+    for row in logits.tolist():
+        kept = sorted(range(len(row)), key=lambda i: -row[i])[:k]
+        peak = max(row[i] for i in kept)
+        weights = {i: math.exp((row[i] - peak) / temperature) for i in kept}
+        total = sum(weights.values())
+        rows.append([weights[i] / total if i in weights else 0.0 for i in range(len(row))])
+    return torch.tensor(rows)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_top_k_gates_rows_sum_to_one_with_exactly_k_non_zero(k: int) -> None:
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_top_k_gates_equal_an_independent_reference(k: int, temperature: float) -> None:
     logits = torch.randn(16, 5) * 3
-    gates = top_k_gates(logits, k)
+    gates = top_k_gates(logits, k, temperature)
+    torch.testing.assert_close(gates, _reference_gates(logits, k, temperature))
     torch.testing.assert_close(gates.sum(dim=1), torch.ones(16))
     assert ((gates > 0).sum(dim=1) == k).all()
-    chosen = gates.topk(k, dim=1).indices.sort(dim=1).values
-    assert torch.equal(chosen, logits.topk(k, dim=1).indices.sort(dim=1).values)
 
 
 def test_lower_temperature_sharpens_the_mixture() -> None:
@@ -158,8 +231,9 @@ def test_route_returns_embedding_logits_and_gates_consistently() -> None:
     out = router.route(images)
     assert out.embedding.shape == (4, 24)
     torch.testing.assert_close(out.logits, router.logits(images))
-    torch.testing.assert_close(out.gates, top_k_gates(out.logits, 2, 0.5))
+    torch.testing.assert_close(out.gates, _reference_gates(out.logits, 2, 0.5))
     torch.testing.assert_close(router.embed(images), out.embedding)
+    torch.testing.assert_close(router.route_views(router.make_views(images)).gates, out.gates)
 
 
 def test_explain_reports_probabilities_and_chosen_experts(tmp_path: Path) -> None:
@@ -190,6 +264,8 @@ def test_saved_router_loads_with_identical_gates(tmp_path: Path) -> None:
     images = torch.rand(4, 3, 30, 30)
     assert torch.equal(router.eval()(images), loaded.eval()(images))
     assert loaded.to_config() == router.to_config()
+    saved = json.loads((tmp_path / "router" / "router_config.json").read_text())
+    assert saved == router.to_config().to_dict() and saved["temperature"] == 0.7
 
 
 def test_frozen_pretrained_tower_is_referenced_not_saved(tmp_path: Path) -> None:
@@ -199,7 +275,7 @@ def test_frozen_pretrained_tower_is_referenced_not_saved(tmp_path: Path) -> None
     router = DegradationRouter.from_encoder(name, CLASSES, pretrained=str(weights), grid=1)
     saved = router.adapter_state_dict()
     assert saved and not any(key.startswith("encoder.") for key in saved)
-    assert router.to_config()["encoder"]["pretrained"] == str(weights.resolve())
+    assert router.to_config().encoder["pretrained"] == str(weights.resolve())
     router.save_pretrained(tmp_path / "router")
     loaded = DegradationRouter.from_pretrained(tmp_path / "router")
     images = torch.rand(2, 3, 40, 40)
@@ -245,9 +321,9 @@ def test_pickle_router_checkpoints_are_refused(
         raise AssertionError("torch.load must not be called")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    with pytest.raises(CheckpointError, match=r"router\.bin.*refused"):
+    with pytest.raises(CheckpointError, match=r"pickle weights \['router\.bin'\]"):
         DegradationRouter.from_pretrained(tmp_path / "router")
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="is a pickle file"):
         DegradationRouter.from_pretrained(pickled)
 
 
@@ -266,7 +342,7 @@ def test_interrupted_save_keeps_the_previous_router(
 
     with torch.no_grad():
         router.head.bias.add_(torch.arange(5.0))
-    monkeypatch.setattr(router_module, "save_file", crash)
+    monkeypatch.setattr(loraxir.checkpoint, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         router.save_pretrained(target)
     assert torch.equal(DegradationRouter.from_pretrained(target).eval().logits(images), expected)
@@ -282,7 +358,7 @@ def test_interrupted_save_keeps_the_previous_router(
 def test_custom_encoder_router_needs_the_module_to_load(tmp_path: Path) -> None:
     module = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     router = DegradationRouter.from_encoder(module, CLASSES, image_size=16, grid=1)
-    config = json.loads(json.dumps(router.to_config()))
+    config = router.to_config().to_dict()
     assert config["encoder"]["type"] == "custom"
     with pytest.raises(ConfigError, match="Pass it explicitly"):
         DegradationRouter.from_config(config)
@@ -294,14 +370,53 @@ def test_custom_encoder_router_needs_the_module_to_load(tmp_path: Path) -> None:
 
 
 def test_to_config_is_json_and_round_trips() -> None:
-    router = cnn_router(grid=3, top_k=2, temperature=0.5, noise_std=0.1)
+    router = cnn_router(grid=3, top_k=2, temperature=0.5, noise_std=0.1, views="resize")
     config = router.to_config()
-    assert json.loads(json.dumps(config)) == config
-    rebuilt = DegradationRouter.from_config(config)
-    assert rebuilt.to_config() == config
+    data = config.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert RouterConfig.from_dict(data) == config
+    for rebuilt in (DegradationRouter.from_config(config), DegradationRouter.from_config(data)):
+        assert rebuilt.to_config() == config
     assert (rebuilt.top_k, rebuilt.temperature, rebuilt.noise_std, rebuilt.grid) == (2, 0.5, 0.1, 3)
+    assert rebuilt.views == "resize"
     with pytest.raises(ConfigError, match="Unknown keys"):
-        DegradationRouter.from_config({**config, "surprise": 1})
+        DegradationRouter.from_config({**data, "surprise": 1})
+
+
+def test_version_1_router_configs_load_with_the_paper_views() -> None:
+    data = cnn_router().to_config().to_dict()
+    del data["views"], data["unsure_below"]
+    data["version"] = 1
+    assert RouterConfig.from_dict(data).views == "resize"
+    with pytest.raises(ConfigError, match="newer"):
+        RouterConfig.from_dict({**data, "version": 99})
+
+
+def test_unknown_router_settings_name_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"\['gird'\].*'grid'"):
+        cnn_router(gird=2)
+
+
+def test_old_encoders_module_names_its_new_path() -> None:
+    with pytest.raises(ImportError, match=r"loraxir\.router\.encoders"):
+        importlib.import_module("loraxir.encoders")
+
+
+def test_checkpoint_format_doc_names_router_keys_that_exist(tmp_path: Path) -> None:
+    """Every `router.<key>` path the format doc mentions is in a saved adapter config."""
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    config = loraxir.LoraIRConfig(degradations=CLASSES)
+    model = loraxir.get_loraxir_model(backbone, config, router=cnn_router())
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    doc = (ROOT / "docs" / "checkpoint-format.md").read_text()
+    paths = set(re.findall(r"`router\.([a-z_.]+)`", doc)) - {"safetensors"}  # a file name
+    assert paths, "the doc names the router's keys"
+    for path in paths:
+        node = saved["router"]
+        for key in path.split("."):
+            assert isinstance(node, dict) and key in node, f"router.{path} is not in the config"
+            node = node[key]
 
 
 def test_check_degradations_names_both_lists() -> None:
@@ -340,6 +455,24 @@ def test_gating_errors_are_routing_errors() -> None:
         top_k_gates(torch.zeros(2, 3), 4)
     with pytest.raises(RoutingError, match="float"):
         cnn_router()(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_explain_flags_images_whose_top_probability_is_low() -> None:
+    router = cnn_router(unsure_below=0.5).eval()
+    with torch.no_grad():
+        router.head.weight.zero_()
+        router.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0]))
+    flat = router.explain(torch.rand(2, 3, 16, 16))
+    assert flat.unsure == [True, True] and "UNSURE" in str(flat)
+    assert flat.to_records()[0]["unsure"] is True
+    with torch.no_grad():
+        router.head.bias.copy_(torch.tensor([9.0, 0.0, 0.0, 0.0, 0.0]))
+    sure = router.explain(torch.rand(2, 3, 16, 16))
+    assert sure.unsure == [False, False] and "UNSURE" not in str(sure)
+    router.unsure_below = 1.0
+    assert router.explain(torch.rand(1, 3, 16, 16)).unsure == [True]
+    with pytest.raises(ConfigError, match="unsure_below"):
+        router.unsure_below = 1.5
 
 
 def test_text_head_recognises_a_class_added_by_name(tmp_path: Path) -> None:

@@ -1,0 +1,284 @@
+"""The registry of backbone families: presets, named variants, building and loading.
+
+A :class:`Preset` describes one family (which modules get experts, where DAM blocks go, how
+to recognise it, how to build it and its named variants). Each family module of this
+package registers its preset on import; users register their own with
+:func:`register_preset`. Building imports the family's network code only then, so the
+non-commercial Restormer code is imported only when a Restormer is asked for.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from loraxir.errors import CheckpointError, ConfigError, unknown_name
+
+BACKBONE_CONFIG = "backbone.json"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One backbone family.
+
+    Attributes:
+        name: registry name, e.g. ``"nafnet"``; also the name of its default variant.
+        target_modules: regex (full match on dotted module paths) or list of names.
+        exclude_modules: regex or names never targeted, or ``None``.
+        module_classes: class names of the backbone's top module, for detection.
+        architectures: spandrel architecture ids, for detection.
+        description: one line shown to users.
+        dam_points: regex (full match) or list of module paths in front of which DAM
+            blocks go by default (see :mod:`loraxir.guidance`), or ``None``.
+        dam_channel_layer: regex (full match, relative to a DAM point) of the layer whose
+            input size is the point's channel count, where the first layer below the point
+            is not (``None``: the first Conv2d, Linear or norm layer).
+        builder: ``"module:Class"`` that builds the network, or ``None`` (detection only).
+        defaults: keyword arguments of the default variant.
+        variants: ``{suffix: overrides}``; ``create_backbone(f"{name}-{suffix}")``.
+        extra: pip extra that provides ``builder``'s package when it is optional.
+    """
+
+    name: str
+    target_modules: str | list[str]
+    exclude_modules: str | list[str] | None = None
+    module_classes: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    description: str = ""
+    dam_points: str | list[str] | None = None
+    dam_channel_layer: str | None = None
+    builder: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: str | None = None
+
+    def backbone_names(self) -> list[str]:
+        """Names :func:`create_backbone` accepts for this family (none without a builder)."""
+        if self.builder is None:
+            return []
+        return [self.name, *(f"{self.name}-{suffix}" for suffix in self.variants)]
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
+    """Add a preset to the registry (``overwrite=True`` to replace one of the same name)."""
+    if preset.name in _PRESETS and not overwrite:
+        raise ConfigError(
+            f"A preset named {preset.name!r} is already registered; "
+            "pass overwrite=True to replace it."
+        )
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    """Names of the registered presets matching a shell-style ``pattern`` (``"swin*"``)."""
+    return sorted(name for name in _PRESETS if fnmatch.fnmatch(name, pattern))
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (an unknown name's error lists the known ones)."""
+    if name not in _PRESETS:
+        raise unknown_name(
+            "preset", name, _PRESETS, "Register your own with loraxir.register_preset."
+        )
+    return _PRESETS[name]
+
+
+def detect_preset(backbone: nn.Module, architecture: str | None = None) -> Preset | None:
+    """The preset whose module class or spandrel architecture id matches ``backbone``.
+
+    ``architecture`` defaults to the id remembered by :func:`create_backbone` or
+    :func:`load_backbone`.
+    """
+    class_name = type(backbone).__name__
+    architecture = architecture or getattr(backbone, "_loraxir_architecture", None)
+    for preset in _PRESETS.values():
+        if class_name in preset.module_classes or (
+            architecture is not None and architecture in preset.architectures
+        ):
+            return preset
+    return None
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Names accepted by :func:`create_backbone` matching a shell-style ``pattern``."""
+    names = (name for preset in _PRESETS.values() for name in preset.backbone_names())
+    return sorted(name for name in names if fnmatch.fnmatch(name, pattern))
+
+
+def create_backbone(name: str, **hyperparams: Any) -> nn.Module:
+    """Build a randomly initialised backbone by name; ``hyperparams`` override the defaults.
+
+    Load real weights afterwards with ``backbone.load_state_dict`` or bring a checkpoint
+    through :func:`load_backbone`. The network remembers its name and full constructor
+    arguments, so :func:`save_backbone` can write a folder that rebuilds it.
+    """
+    preset, variant = _find_variant(name)
+    module_name, class_name = preset.builder.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        hint = f" Install it with pip install 'loraxir[{preset.extra}]'." if preset.extra else ""
+        raise ConfigError(
+            f"Backbone {name!r} needs {module_name.split('.')[0]} ({error}).{hint} "
+            f"{preset.description}"
+        ) from None
+    arguments = {**preset.defaults, **variant, **hyperparams}
+    try:
+        model = getattr(module, class_name)(**arguments)
+    except TypeError as error:
+        raise ConfigError(f"Invalid hyper-parameters for backbone {name!r}: {error}.") from None
+    model._loraxir_architecture = class_name
+    model._loraxir_backbone = {"name": name, "hyperparameters": arguments}
+    return model
+
+
+def load_backbone(path: str | os.PathLike) -> nn.Module:
+    """Load a backbone: a checkpoint file (``.pth``/``.safetensors``, detected by spandrel)
+    or a folder written by :func:`save_backbone`.
+
+    Returns the trainable ``nn.Module`` (spandrel's ``descriptor.model``, not its inference
+    wrapper), with its architecture id remembered for preset detection.
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        return _load_backbone_folder(folder)
+    from spandrel import ModelLoader, UnsupportedModelError
+
+    _install_extra_architectures()
+    try:
+        descriptor = ModelLoader().load_from_file(str(path))
+    except UnsupportedModelError:
+        raise CheckpointError(
+            f"spandrel does not recognise the architecture of {path}. Build the network "
+            "yourself, load its state dict, and pass the module to get_loraxir_model."
+        ) from None
+    except (OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"Could not read backbone checkpoint {path}: {error}") from None
+    model = descriptor.model
+    model._loraxir_architecture = descriptor.architecture.id
+    return model
+
+
+def save_backbone(backbone: nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``backbone.json`` (name and constructor arguments) and ``backbone.safetensors``
+    (the network's own state dict: native keys, no DAM blocks, no experts), atomically.
+
+    The weights file also loads with spandrel's ``ModelLoader().load_from_state_dict``.
+    A backbone with expert layers is refused: merge them first (``merge_and_unload``).
+    """
+    from loraxir.checkpoint import staged_folder
+
+    with staged_folder(directory) as staging:
+        write_backbone_files(backbone, staging)
+
+
+def write_backbone_files(backbone: nn.Module, folder: Path) -> None:
+    """The two files of :func:`save_backbone`, written into an existing ``folder`` (for
+    writers that stage a whole folder, such as a pre-training run's output)."""
+    from loraxir.checkpoint import write_safetensors
+
+    state = backbone.state_dict()
+    if any(".loraxir_experts." in key for key in state):
+        raise ConfigError(
+            "This backbone carries expert layers, so its keys are not its own; save the plain "
+            "network (model.merge_and_unload(...) or the backbone before get_loraxir_model)."
+        )
+    spec = json.dumps(_backbone_spec(backbone), indent=2, sort_keys=True) + "\n"
+    native = {k: v for k, v in state.items() if not is_added_by_loraxir(k)}
+    write_safetensors(Path(folder) / BACKBONE_WEIGHTS, native)
+    (Path(folder) / BACKBONE_CONFIG).write_text(spec, encoding="utf-8")
+
+
+def is_added_by_loraxir(path: str) -> bool:
+    """Is a module path or state-dict key part of what loraxir adds to a backbone (any
+    component starting ``loraxir_``, such as the DAM blocks under ``loraxir_dam``)?"""
+    return any(part.startswith("loraxir_") for part in path.split("."))
+
+
+def _backbone_spec(backbone: nn.Module) -> dict[str, Any]:
+    """``{"name", "hyperparameters"}`` that rebuild ``backbone`` with :func:`create_backbone`."""
+    remembered = getattr(backbone, "_loraxir_backbone", None)
+    if remembered is not None:
+        if not _is_json_value(remembered):
+            raise ConfigError(
+                f"The hyper-parameters of this {remembered['name']!r} are not all JSON values "
+                f"({remembered['hyperparameters']}); save its state_dict yourself."
+            )
+        return remembered
+    preset = detect_preset(backbone)
+    hyper = getattr(backbone, "hyperparameters", None)
+    if preset is None or preset.builder is None or not isinstance(hyper, dict):
+        raise ConfigError(
+            f"Cannot describe a {type(backbone).__name__} in {BACKBONE_CONFIG}: it was not built "
+            "by loraxir.create_backbone and no registered family builds it. Save its "
+            "state_dict yourself."
+        )
+    plain = {k: v for k, v in hyper.items() if _is_json_value(v)}
+    return {"name": preset.name, "hyperparameters": plain}
+
+
+def _load_backbone_folder(folder: Path) -> nn.Module:
+    from loraxir.checkpoint import read_safetensors
+
+    spec_path = folder / BACKBONE_CONFIG
+    if not spec_path.is_file():
+        raise CheckpointError(
+            f"{folder} is a folder without {BACKBONE_CONFIG}; pass a checkpoint file, or a "
+            "folder written by loraxir.backbones.save_backbone."
+        )
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        name, hyper = spec["name"], spec.get("hyperparameters", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{spec_path} is not a backbone description ({error}).") from None
+    state = read_safetensors(folder, BACKBONE_WEIGHTS)
+    model = create_backbone(name, **hyper)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{folder / BACKBONE_WEIGHTS} does not fit the {name!r} network described in "
+            f"{spec_path}: {error}"
+        ) from None
+    return model
+
+
+def _find_variant(name: str) -> tuple[Preset, dict[str, Any]]:
+    for preset in _PRESETS.values():
+        if preset.builder is None:
+            continue
+        if name == preset.name:
+            return preset, {}
+        suffix = name.removeprefix(f"{preset.name}-")
+        if suffix != name and suffix in preset.variants:
+            return preset, preset.variants[suffix]
+    raise unknown_name("backbone", name, list_backbones())
+
+
+def _install_extra_architectures() -> None:
+    """Let spandrel detect the optional (non-commercial) architectures when installed."""
+    try:
+        import spandrel_extra_arches
+    except ImportError:
+        return
+    spandrel_extra_arches.install(ignore_duplicates=True)
+
+
+def _is_json_value(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

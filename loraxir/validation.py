@@ -1,0 +1,44 @@
+"""Checks of configuration values, shared by every config dataclass.
+
+Each check raises :class:`~loraxir.errors.ConfigError` naming the field, the value and
+what is allowed, so that ``LoraIRConfig``, ``RouterConfig`` and recipe configs word their
+errors the same way. Standard library only: configs must load without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from loraxir.errors import ConfigError
+
+
+def is_number(value: Any) -> bool:
+    """A finite ``int`` or ``float`` (``bool`` is not a number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise unless ``value`` is an integer (not a bool) ``>= minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
+def check_names(name: str, names: Any) -> list[str]:
+    """Return ``names`` as a list; raise unless it is a non-empty list of unique strings."""
+    if isinstance(names, str | bytes) or not isinstance(names, list | tuple):
+        raise ConfigError(f"{name} must be a list of names, got {names!r}.")
+    names = list(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{name} must be non-empty strings, got {names!r}.")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{name} must be unique; repeated: {duplicates}.")
+    return names

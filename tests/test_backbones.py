@@ -1,0 +1,130 @@
+"""Backbone families and the preset registry: names, variants, detection, building, saving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loraxir
+from loraxir import ConfigError, LoraIRConfig, UnknownNameError
+from loraxir.backbones import (
+    Preset,
+    _registry,
+    detect_preset,
+    get_preset,
+    list_backbones,
+    list_presets,
+    register_preset,
+    save_backbone,
+)
+
+
+def test_each_family_registers_its_presets_and_variants():
+    assert list_presets() == ["nafnet", "restormer", "scunet", "swinir"]
+    assert list_presets("s*") == ["scunet", "swinir"]
+    assert list_backbones("nafnet*") == [
+        "nafnet",
+        "nafnet-small",
+        "nafnet-tiny",
+        "nafnet-w32",
+        "nafnet-w64",
+    ]
+    for family in list_presets():
+        preset = get_preset(family)
+        assert family in list_backbones() and f"{family}-tiny" in list_backbones()
+        assert preset.dam_points and preset.builder and preset.module_classes
+
+
+def test_nafnet_small_is_the_cpu_training_network():
+    model = loraxir.create_backbone("nafnet-small")
+    assert model.hyperparameters["width"] == 32
+    assert model.hyperparameters["enc_blk_nums"] == [1, 1, 1, 2]
+    assert model.hyperparameters["middle_blk_num"] == 1
+    assert model.hyperparameters["dec_blk_nums"] == [1, 1, 1, 1]
+    assert model._loraxir_backbone["name"] == "nafnet-small"
+
+
+def test_variant_overrides_keep_family_defaults_and_user_overrides_win():
+    model = loraxir.create_backbone("nafnet-w64", middle_blk_num=2)
+    assert model.hyperparameters["width"] == 64
+    assert model.hyperparameters["enc_blk_nums"] == [1, 1, 1, 28]
+    assert model.hyperparameters["middle_blk_num"] == 2
+
+
+def test_importing_the_families_imports_no_network_code():
+    code = (
+        "import sys, loraxir.backbones as b; assert len(b.list_presets()) == 4; "
+        "print(sorted(m for m in sys.modules if m.startswith('spandrel')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_unknown_names_and_bad_hyperparameters_are_clear_errors():
+    with pytest.raises(UnknownNameError, match=r"Unknown backbone 'nafnet-w46'.*nafnet-w64"):
+        loraxir.create_backbone("nafnet-w46")
+    with pytest.raises(ConfigError, match=r"Invalid hyper-parameters for backbone 'nafnet-tiny'"):
+        loraxir.create_backbone("nafnet-tiny", depth=3)
+    with pytest.raises(UnknownNameError, match=r"Unknown preset 'swinr'.*swinir"):
+        get_preset("swinr")
+
+
+def test_missing_restormer_extra_names_the_pip_extra(monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("spandrel_extra_arches")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "spandrel_extra_arches", None)
+    with pytest.raises(ConfigError, match=r"loraxir\[restormer\].*NON-COMMERCIAL"):
+        loraxir.create_backbone("restormer-tiny")
+
+
+def test_user_presets_register_detect_and_refuse_duplicates(monkeypatch):
+    monkeypatch.setattr(_registry, "_PRESETS", dict(_registry._PRESETS))
+
+    class MyNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.body(x)
+
+    preset = register_preset(
+        Preset(name="mynet", target_modules=["body"], module_classes=("MyNet",))
+    )
+    assert detect_preset(MyNet()) is preset and "mynet" in list_presets("my*")
+    assert "mynet" not in list_backbones()  # no builder: detection only
+    with pytest.raises(ConfigError, match="already registered"):
+        register_preset(Preset(name="mynet", target_modules=["body"]))
+    model = loraxir.get_loraxir_model(MyNet(), LoraIRConfig(num_experts=2))
+    assert [path for path, _ in model.expert_layers()] == ["body"]
+
+
+def test_saved_backbone_folder_rebuilds_the_network_and_spandrel_reads_its_weights(tmp_path):
+    from safetensors.torch import load_file
+    from spandrel import ModelLoader
+
+    original = loraxir.create_backbone("nafnet-tiny", width=16).eval()
+    save_backbone(original, tmp_path / "net")
+    restored = loraxir.load_backbone(tmp_path / "net").eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(restored(x), original(x))
+    weights = load_file(tmp_path / "net" / "backbone.safetensors")
+    assert weights.keys() == original.state_dict().keys()
+    descriptor = ModelLoader().load_from_state_dict(weights)
+    assert descriptor.architecture.id == "NAFNet"
+
+
+def test_backbone_saving_refuses_expert_layers_and_loading_needs_a_description(tmp_path):
+    model = loraxir.get_loraxir_model(
+        loraxir.create_backbone("nafnet-tiny"), LoraIRConfig(num_experts=2)
+    )
+    with pytest.raises(ConfigError, match="carries expert layers"):
+        save_backbone(model.model, tmp_path / "net")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(loraxir.CheckpointError, match=r"without backbone\.json"):
+        loraxir.load_backbone(tmp_path / "empty")

@@ -1,0 +1,94 @@
+"""Router training data: widened parameter ranges, photo sampling, examples, evaluation maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraxir.degradations import compose
+from loraxir.degradations import suite as load_suite
+from loraxir.degradations.widen import widen
+from loraxir.errors import ConfigError
+from loraxir.router.data import RouterExamples, Sizing, native_crop, pipeline_degrade, sample_image
+from loraxir.router.evaluation import accuracy_report, calibration, mean_gates
+
+
+def test_widen_moves_each_explicit_bound_by_the_margin_and_clips() -> None:
+    pipeline = compose(
+        [("noise", {"sigma": 25}), ("haze", {"beta": [0.8, 2.0], "airlight": [0.8, 1.0]})]
+    )
+    steps = dict(widen(pipeline, 0.5).steps)
+    assert steps["noise"] == {"sigma": [12.5, 37.5]}
+    assert steps["haze"] == {"beta": [0.4, 3.0], "airlight": [0.4, 1.0]}, "airlight <= 1"
+    assert dict(widen(pipeline, 0.0).steps)["noise"] == {"sigma": 25}, "margin 0: unchanged"
+
+
+def test_widen_outside_draws_only_beyond_the_inner_band() -> None:
+    blur = compose([("motion_blur", {"length": [9, 31]})])
+    seen = set()
+    for seed in range(40):
+        ((_, params),) = widen(
+            blur, 0.5, inside=0.25, generator=torch.Generator().manual_seed(seed)
+        ).steps
+        low, high = params["length"]
+        assert (low, high) in {(5, 6), (39, 46)}, "integers in (4.5..6.75) or (38.75..46.5)"
+        seen.add((low, high))
+    assert len(seen) == 2, "both sides are drawn"
+    with pytest.raises(ConfigError, match="inside <= margin"):
+        widen(blur, 0.2, inside=0.3)
+
+
+def test_widened_pipelines_pass_the_degradations_checks() -> None:
+    images = torch.rand(1, 3, 24, 24)
+    generator = torch.Generator().manual_seed(0)
+    for task in load_suite("five_task").tasks:
+        for inside in (0.0, 0.25):
+            out, _ = widen(task.pipeline, 0.5, inside, generator)(images, generator)
+            assert out.shape == images.shape
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sampled_images_respect_the_sizing(seed: int) -> None:
+    sizing = Sizing(min_side=40, max_side=300, max_aspect=2.0, whole_fraction=0.5)
+    photo = torch.rand(3, 120, 200)
+    image = sample_image(photo, sizing, torch.Generator().manual_seed(seed))
+    h, w = image.shape[-2:]
+    assert max(h, w) <= 300 and max(h, w) >= 39
+    crop = native_crop(image, sizing, torch.Generator().manual_seed(seed))
+    assert crop.shape[-2] <= h and crop.shape[-1] <= w
+
+
+def test_examples_are_deterministic_balanced_views() -> None:
+    photos = [torch.rand(3, 90, 70), torch.rand(3, 60, 100)]
+    pipelines = [t.pipeline for t in load_suite("five_task").tasks[:2]]
+    dataset = RouterExamples(
+        photos,
+        [[pipeline_degrade(p)] for p in pipelines],
+        length=4,
+        size=16,
+        grid=2,
+        views="native",
+        crops=3,
+        sizing=Sizing(min_side=32, max_side=96),
+        seed=5,
+    )
+    item = dataset[1]
+    assert item["views"].shape == (3, 5, 3, 16, 16) and item["label"] == 1
+    assert [dataset[i]["label"] for i in range(4)] == [0, 1, 0, 1]
+    assert torch.equal(dataset[1]["views"], item["views"])
+
+
+def test_calibration_and_accuracy_match_a_hand_count() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.3, 0.7]])
+    labels = torch.tensor([0, 1, 1, 0])
+    report = accuracy_report(probs, labels, ["a", "b"])
+    assert report["accuracy"] == 0.5 and report["per_class"] == {"a": 0.5, "b": 0.5}
+    result = calibration(probs, labels, edges=(0.0, 0.6, 0.85, 1.0))
+    counts = [b["items"] for b in result["bins"]]
+    assert counts == [1, 2, 1]
+    assert result["bins"][1]["accuracy"] == 0.5 and result["bins"][1][
+        "confidence"
+    ] == pytest.approx(0.75)
+    expected = (1 * abs(0 - 0.55) + 2 * abs(0.5 - 0.75) + 1 * abs(1 - 0.9)) / 4
+    assert result["ece"] == pytest.approx(expected)
+    assert mean_gates(probs, ["a", "b"]) == pytest.approx({"a": 0.4875, "b": 0.5125})
