@@ -1,32 +1,108 @@
 """Timing shared by the benchmark scripts (run as ``python benchmarks/<name>.py``).
 
-The machines are shared and noisy, so ratios are measured in pairs: the candidate and
-its reference are called alternately and the ratio of their medians is reported, which
-cancels slow drifts in the machine's load.
+The machines are shared and noisy. Ratios are therefore measured in pairs: the candidate
+and its reference run alternately, each pair gives one ratio, and the median of those
+ratios is reported with their spread; slow drifts in the machine's load cancel within a
+pair. A busy machine still makes nonsense of timings, so :func:`machine_busy` reads the
+load average and :class:`Ratio` flags a reference whose own timings drift between pairs;
+the scripts print those warnings beside the numbers instead of hiding them.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+# A reference timing whose spread (max - min) / median exceeds this drifted: the machine's
+# load changed during the measure.
+DRIFT_LIMIT = 0.25
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _no_sync() -> None:
+    return None
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
+def median_time(
+    fn: Callable[[], object], repeats: int, sync: Callable[[], None] = _no_sync
+) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize`` on a GPU).
+    """
     fn()
-    return statistics.median(_timed(fn) for _ in range(repeats))
+    return statistics.median(_timed(fn, sync) for _ in range(max(repeats, 1)))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Median of paired ratios ``fn / reference`` with their spread.
+
+    ``low``/``high`` are the smallest and largest paired ratio; ``drift`` is the spread of
+    the reference's own timings relative to their median.
+    """
+
+    median: float
+    low: float
+    high: float
+    drift: float
+
+    @property
+    def drifted(self) -> bool:
+        return self.drift > DRIFT_LIMIT
+
+
+def paired_ratios(
+    fn: Callable[[], object],
+    reference: Callable[[], object],
+    repeats: int,
+    sync: Callable[[], None] = _no_sync,
+) -> Ratio:
+    """Call ``fn`` and ``reference`` alternately ``repeats`` times (after one warm-up each)
+    and return the median of the per-pair ratios with their spread."""
+    fn()
+    reference()
+    ratios, references = [], []
+    for _ in range(max(repeats, 1)):
+        ref = _timed(reference, sync)
+        ratios.append(_timed(fn, sync) / ref)
+        references.append(ref)
+    middle = statistics.median(references)
+    return Ratio(
+        median=statistics.median(ratios),
+        low=min(ratios),
+        high=max(ratios),
+        drift=(max(references) - min(references)) / middle,
+    )
 
 
 def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], repeats: int) -> float:
-    """Median time of ``fn`` over median time of ``reference``, called alternately."""
-    fn()
-    reference()
-    pairs = [(_timed(reference), _timed(fn)) for _ in range(repeats)]
-    return statistics.median(t for _, t in pairs) / statistics.median(r for r, _ in pairs)
+    """The median of :func:`paired_ratios` alone."""
+    return paired_ratios(fn, reference, repeats).median
+
+
+def machine_busy(threads: int) -> str | None:
+    """A warning when other processes load the CPU, else ``None``.
+
+    The one-minute load average counts runnable threads; beyond the ``threads`` this
+    benchmark uses, more than half a core's worth means the timings are shared.
+    """
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    others = load - min(threads, cores)
+    if others > 0.5:
+        return (
+            f"machine busy: load average {load:.1f} on {cores} cores while this benchmark "
+            f"uses {threads} threads; ratios measured now are unreliable, rerun alone"
+        )
+    return None

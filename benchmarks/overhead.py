@@ -1,14 +1,23 @@
-"""Cost of routed experts relative to the bare backbone, measured in one run.
+"""Cost of routed experts relative to the bare backbone, measured in one run (issue 8).
 
-For each backbone: inference (routed top-1/top-2, merged, peft's plain LoRA of matched
-rank) as a ratio of the bare backbone's batched forward, and one training step (experts
-only, and peft LoRA) as a ratio of one full training step of the base. Memory is the
-training step's footprint that the method changes: saved activations plus gradients and
-AdamW state of what trains (deterministic byte counts, not noisy RSS readings). Each ratio
-is measured in pairs, alternating with its reference (see ``_timing.paired_ratio``).
+Inference rows: routed top-1 and top-2 with per-image experts (default settings, then
+after ``autotune``), one degradation for the whole batch, and merged weights, each as a
+ratio of the best way to run the bare backbone (the faster of one batched call and one
+image at a time). Training rows: one experts-only step (top-1, top-2, and a single
+expert E=1 r=40 of the same trainable size) as a ratio of one full training step of the
+bare network, and the step's memory as a ratio of the full step's. ``autotune`` rows
+compare the tuned model with the best single form applied to every layer, on the same
+input. Every ratio is the median of paired ratios (candidate and reference alternate)
+with its spread; a busy machine or a drifting reference is flagged (``!`` and a warning).
 
-    python benchmarks/overhead.py                      # NAFNet-w32 + Restormer, 256², batch 1 and 4
-    python benchmarks/overhead.py --size 64 --backbones nafnet-tiny --batches 2   # seconds
+Memory on CPU is a deterministic byte count: the distinct storages saved for backward
+plus the gradients and two AdamW moments of what trains; on CUDA it is the peak
+allocated during a step.
+
+    python benchmarks/overhead.py                 # the issue's whole table (CPU: long)
+    python benchmarks/overhead.py --quick         # a representative subset, ~2 minutes
+    python benchmarks/overhead.py --device cuda --amp bf16
+    python benchmarks/overhead.py --backbones nafnet-tiny --sizes 32 --batches 2 --repeats 1
 
 Prints a table and writes JSON (default ``benchmarks/results/overhead.json``).
 """
@@ -16,50 +25,94 @@ Prints a table and writes JSON (default ``benchmarks/results/overhead.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
-from collections.abc import Callable
+import math
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import peft
 import torch
-from _timing import median_time, paired_ratio
+from _timing import Ratio, machine_busy, median_time, paired_ratios
 from torch import nn
 
 import loraxir
 from loraxir import LoraIRConfig
+from loraxir.compute import FORMS
 
 EXPERTS, RANK = 5, 8
+SINGLE_RANK = EXPERTS * RANK  # one expert of the same trainable size as E x r
 DEGRADATIONS = [f"degradation_{i}" for i in range(EXPERTS)]
+# The issue's table: (backbone, size, batch) per section.
+INFERENCE = [("nafnet", s, b) for s in (128, 256) for b in (1, 4, 16)] + [
+    ("restormer", 128, b) for b in (1, 4)
+]
+TRAINING = [
+    (name, s, b) for name in ("nafnet-small", "nafnet") for s in (64, 128) for b in (8, 16)
+] + [("nafnet-small", 256, 4), ("nafnet", 256, 4)]
+QUICK_INFERENCE = [("nafnet", 128, 1), ("nafnet", 128, 4)]
+QUICK_TRAINING = [("nafnet-small", 64, 8)]
 
 
-def _train_step(model: nn.Module, call: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+class Bench:
+    """Measurement context: device, autocast, repeats, and the collected rows."""
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        call().abs().mean().backward()
-        optimizer.step()
+    def __init__(self, device: str, amp: str | None, repeats: int, threads: int) -> None:
+        self.device = torch.device(device)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
+        self.repeats = repeats
+        self.threads = threads
+        self.rows: list[dict] = []
+        self.warnings: list[str] = []
 
-    return step
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.amp is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.amp):
+                yield
+
+    def ratio(self, fn: Callable[[], object], reference: Callable[[], object]) -> Ratio:
+        with self.autocast():
+            return paired_ratios(fn, reference, self.repeats, self.sync)
+
+    def seconds(self, fn: Callable[[], object]) -> float:
+        with self.autocast():
+            return median_time(fn, self.repeats, self.sync)
+
+    def check_machine(self) -> None:
+        if self.device.type == "cpu":
+            warning = machine_busy(self.threads)
+            if warning and warning not in self.warnings:
+                self.warnings.append(warning)
+                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+
+    def record(self, setting: tuple[str, int, int], measure: str, value: float | Ratio) -> None:
+        name, size, batch = setting
+        row = {"backbone": name, "size": size, "batch": batch, "measure": measure}
+        if isinstance(value, Ratio):
+            row |= {
+                "value": value.median,
+                "low": value.low,
+                "high": value.high,
+                "reference_drift": value.drift,
+                "unit": "x",
+            }
+            if value.drifted:
+                row["warning"] = "reference drifted between repeats: machine load changed"
+        else:
+            row |= {"value": value, "unit": "s" if measure.endswith("(s)") else "x"}
+        self.rows.append(row)
 
 
-def _training_bytes(model: nn.Module, call: Callable[[], torch.Tensor]) -> int:
-    """Saved-activation bytes of one forward, plus grads and 2 AdamW moments of trainables."""
-    saved = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        call()
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return saved + 3 * trainable
-
-
+# ------------------------------------------------------------------------- helpers
 def _gates(batch: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
     """Top-k gates where image b prefers expert b mod E (different experts per image)."""
     gates = torch.zeros(batch, EXPERTS)
@@ -72,160 +125,254 @@ def _gates(batch: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
     return gates
 
 
-def _dense_conv_targets(model: loraxir.LoraIRModel) -> list[str]:
-    """Modules peft's LoRA can take: Linear and groups=1 Conv2d among the preset's targets."""
-    return [
+def _routed(
+    base: nn.Module, generator: torch.Generator, experts: int = EXPERTS, rank: int = RANK
+) -> loraxir.LoraIRModel:
+    """A routed copy of ``base`` with trained-looking (non-zero) experts."""
+    names = DEGRADATIONS[:experts]
+    model = loraxir.get_loraxir_model(
+        copy.deepcopy(base), LoraIRConfig(degradations=names, r=rank, top_k=min(2, experts))
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".loraxir_experts." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    return model
+
+
+def _train_step(model: nn.Module, call: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        call().float().abs().mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def _training_bytes(bench: Bench, model: nn.Module, step: Callable[[], None], call) -> float:
+    """Memory of one training step (see the module docstring)."""
+    if bench.device.type == "cuda":
+        with bench.autocast():
+            step()
+        torch.cuda.synchronize(bench.device)
+        torch.cuda.reset_peak_memory_stats(bench.device)
+        with bench.autocast():
+            step()
+        return float(torch.cuda.max_memory_allocated(bench.device))
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with bench.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return float(sum(storages.values()) + 3 * trainable)
+
+
+def _set_forms(model: loraxir.LoraIRModel, form: str) -> None:
+    for _, layer in model.expert_layers():
+        layer.compute = form
+        layer.tuned.clear()
+
+
+def _best_fixed(
+    bench: Bench, model: loraxir.LoraIRModel, run: Callable[[], None], reference
+) -> float:
+    """The smallest ratio to ``reference`` among the forms applied to every layer."""
+    best = float("inf")
+    for form in FORMS:
+        _set_forms(model, form)
+        try:
+            best = min(best, bench.ratio(run, reference).median)
+        except loraxir.errors.LoraIRError:  # a form that cannot run here (dropout)
+            continue
+    _set_forms(model, "auto")
+    return best
+
+
+def _peft_lora(base: nn.Module, model: loraxir.LoraIRModel) -> tuple[nn.Module, int]:
+    """peft's plain LoRA on the layers it can take (Linear, groups=1 Conv2d among our
+    targets), its rank matched to our trainable parameter count; ``(model, rank)``."""
+    targets = [
         path
         for path, layer in model.expert_layers()
-        if isinstance(layer.base_layer, nn.Linear)
+        if type(layer.base_layer) is nn.Linear
         or (type(layer.base_layer) is nn.Conv2d and layer.base_layer.groups == 1)
     ]
+    per_rank = 0
+    for path in targets:
+        module = base.get_submodule(path)
+        if isinstance(module, nn.Linear):
+            per_rank += module.in_features + module.out_features
+        else:
+            per_rank += module.in_channels * math.prod(module.kernel_size) + module.out_channels
+    rank = max(1, round(model.count_parameters()[0] / per_rank))
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
+    return peft.get_peft_model(copy.deepcopy(base), config), rank
 
 
-def _lora_params_per_rank(module: nn.Module) -> int:
-    """peft LoRA parameters per unit of rank: A (in * kernel) plus B (out)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features + module.out_features
-    return module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels
-
-
-def bench_backbone(name: str, size: int, batches: list[int], repeats: int, seed: int) -> list[dict]:
-    """All measures for one backbone, for each batch size."""
-    return [row for batch in batches for row in _bench_batch(name, size, batch, repeats, seed)]
-
-
-def _bench_batch(name: str, size: int, batch: int, repeats: int, seed: int) -> list[dict]:
-    rows: list[dict] = []
-
-    def record(kind: str, value: float, unit: str = "x") -> None:
-        rows.append(
-            {
-                "backbone": name,
-                "batch": batch,
-                "size": size,
-                "measure": kind,
-                "value": value,
-                "unit": unit,
-            }
-        )
-
+# ------------------------------------------------------------------------ sections
+def _setup(
+    bench: Bench, setting: tuple[str, int, int], seed: int
+) -> tuple[nn.Module, torch.Tensor, torch.Generator]:
+    """``(backbone, images, generator)`` of one setting, seeded; warns when the CPU is busy."""
+    name, size, batch = setting
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    base = loraxir.create_backbone(name).eval()
-    x = torch.rand(batch, 3, size, size, generator=generator)
+    base = loraxir.create_backbone(name).to(bench.device)
+    x = torch.rand(batch, 3, size, size, generator=generator).to(bench.device)
+    bench.check_machine()
+    return base, x, generator
 
-    # ---- bare backbone: the reference of every ratio, kept unwrapped
-    def base_forward() -> None:
-        with torch.no_grad():
-            base(x)
 
-    full = copy.deepcopy(base).train().requires_grad_(True)
-    base_step = _train_step(full, lambda: full(x))
-    mem_base = _training_bytes(full, lambda: full(x))
-    record("base forward (s)", median_time(base_forward, repeats), "s")
-    record("base full train step (s)", median_time(base_step, repeats), "s")
-    with torch.no_grad():
-        record(
-            "base forward, one image at a time",
-            paired_ratio(lambda: [base(x[i : i + 1]) for i in range(batch)], base_forward, repeats),
-        )
+def bench_inference(bench: Bench, setting: tuple[str, int, int], seed: int) -> None:
+    batch = setting[2]
+    base, x, generator = _setup(bench, setting, seed)
+    base.eval()
 
-    # ---- loraxir
-    model = loraxir.get_loraxir_model(
-        copy.deepcopy(base), LoraIRConfig(degradations=DEGRADATIONS, r=RANK)
-    )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".loraxir_experts." in n:
-                p.normal_(0, 0.01, generator=generator)
+    @torch.no_grad()
+    def batched() -> None:
+        base(x)
+
+    @torch.no_grad()
+    def one_at_a_time() -> None:
+        for i in range(batch):
+            base(x[i : i + 1])
+
+    alone = bench.ratio(one_at_a_time, batched)
+    bench.record(setting, "bare: one image at a time / one batched call", alone)
+    reference = one_at_a_time if alone.median < 1.0 else batched
+    model = _routed(base, generator).eval()
     for top_k in (1, 2):
-        gates = _gates(batch, top_k, generator)
+        gates = _gates(batch, top_k, generator).to(bench.device)
 
+        @torch.no_grad()
         def routed(g: torch.Tensor = gates) -> None:
-            with torch.no_grad():
-                model(x, gates=g)
+            model(x, gates=g)
 
-        model.eval()
-        record(
-            f"routed top-{top_k} inference (default)", paired_ratio(routed, base_forward, repeats)
+        bench.record(
+            setting, f"routed top-{top_k} inference (default)", bench.ratio(routed, reference)
         )
-        with torch.no_grad():
+        with bench.autocast():
             model.autotune(x, gates=gates, repeats=1)
-        record(
-            f"routed top-{top_k} inference (autotuned)", paired_ratio(routed, base_forward, repeats)
-        )
-        model.train()
-        step = _train_step(model, lambda g=gates: model(x, gates=g))
-        record(
-            f"experts-only train step top-{top_k} / full base step (default)",
-            paired_ratio(step, base_step, repeats),
-        )
-        model.autotune(x, gates=gates, repeats=1, training=True)
-        record(
-            f"experts-only train step top-{top_k} / full base step (autotuned)",
-            paired_ratio(step, base_step, repeats),
-        )
-        for _, layer in model.expert_layers():
-            layer.tuned.clear()
-        mem = _training_bytes(model, lambda g=gates: model(x, gates=g))
-        record(f"train memory top-{top_k} / full base", mem / mem_base)
-    model.eval()
-    one = torch.zeros(EXPERTS)
+        tuned = bench.ratio(routed, reference)
+        bench.record(setting, f"routed top-{top_k} inference (autotuned)", tuned)
+        if top_k == 1:
+            best = _best_fixed(bench, model, routed, reference)
+            bench.record(
+                setting, "autotuned / best fixed form (inference top-1)", tuned.median / best
+            )
+        _set_forms(model, "auto")
+    one = torch.zeros(EXPERTS, device=bench.device)
     one[0] = 1.0
     with torch.no_grad():
-        record(
+        bench.record(
+            setting,
             "routed, one degradation for the batch",
-            paired_ratio(lambda: model(x, gates=one), base_forward, repeats),
+            bench.ratio(lambda: model(x, gates=one), reference),
         )
         model.merge(gates=one)
-        record("merged inference", paired_ratio(lambda: model(x), base_forward, repeats))
+        bench.record(setting, "merged inference", bench.ratio(lambda: model(x), reference))
         model.unmerge()
-    trainable_ours = model.count_parameters()[0]
-
-    # ---- peft plain LoRA on the dense layers, rank matched to our trainable count
-    targets = _dense_conv_targets(model)
-    per_rank = sum(_lora_params_per_rank(base.get_submodule(path)) for path in targets)
-    lora_rank = max(1, round(trainable_ours / per_rank))
-    lora = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets),
-    )
-    trainable_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    lora.eval()
-    with torch.no_grad():
-        record(
-            f"peft LoRA r={lora_rank} inference (unmerged)",
-            paired_ratio(lambda: lora(x), base_forward, repeats),
-        )
-    lora.train()
-    record(
-        "peft LoRA train step / full base step",
-        paired_ratio(_train_step(lora, lambda: lora(x)), base_step, repeats),
-    )
-    record("peft LoRA train memory / full base", _training_bytes(lora, lambda: lora(x)) / mem_base)
-    record("trainable params: loraxir / peft LoRA", trainable_ours / trainable_lora)
-    return rows
+        lora, rank = _peft_lora(base, model)
+        lora.eval()
+        ratio = bench.ratio(lambda: lora(x), reference)
+        bench.record(setting, f"peft LoRA r={rank} inference (unmerged)", ratio)
 
 
-def _table(rows: list[dict]) -> str:
-    lines = [f"{'backbone':<12} {'batch':>5} {'size':>5}  {'measure':<64} {'value':>9}"]
-    lines += [
-        f"{r['backbone']:<12} {r['batch']:>5} {r['size']:>5}  {r['measure']:<64} "
-        f"{r['value']:>8.3f}{'' if r['unit'] == 's' else r['unit']}"
-        for r in rows
+def bench_training(bench: Bench, setting: tuple[str, int, int], seed: int) -> None:
+    batch = setting[2]
+    base, x, generator = _setup(bench, setting, seed)
+    base.train()
+    full = copy.deepcopy(base).requires_grad_(True)
+    full_step = _train_step(full, lambda: full(x))
+    full_memory = _training_bytes(bench, full, full_step, lambda: full(x))
+    bench.record(setting, "full base train step (s)", bench.seconds(full_step))
+    variants = [
+        ("top-1", 1, EXPERTS, RANK),
+        ("top-2", 2, EXPERTS, RANK),
+        (f"single expert E=1 r={SINGLE_RANK}", 1, 1, SINGLE_RANK),
     ]
+    for label, top_k, experts, rank in variants:
+        model = _routed(base, generator, experts, rank).train()
+        gates = _gates(batch, top_k, generator)[:, :experts].to(bench.device)
+        gates = gates / gates.sum(1, keepdim=True).clamp_min(1e-12)
+        step = _train_step(model, lambda m=model, g=gates: m(x, gates=g))
+        ratio = bench.ratio(step, full_step)
+        bench.record(setting, f"experts-only train step {label} / full base step", ratio)
+        memory = _training_bytes(bench, model, step, lambda m=model, g=gates: m(x, gates=g))
+        bench.record(setting, f"train memory {label} / full base", memory / full_memory)
+        if top_k == 1 and experts == EXPERTS:
+            with bench.autocast():
+                model.autotune(x, gates=gates, repeats=1, training=True)
+            tuned = bench.ratio(step, full_step)
+            bench.record(setting, f"experts-only train step {label} (autotuned)", tuned)
+            best = _best_fixed(bench, model, step, full_step)
+            bench.record(
+                setting, "autotuned / best fixed form (training top-1)", tuned.median / best
+            )
+            _bench_peft_training(bench, setting, base, model, x, full_step, full_memory)
+
+
+def _bench_peft_training(bench, setting, base, model, x, full_step, full_memory) -> None:
+    """peft's plain LoRA (rank matched to ``model``'s trainable count) in training."""
+    ours = model.count_parameters()[0]
+    lora, _ = _peft_lora(base, model)
+    lora.train()
+    step = _train_step(lora, lambda: lora(x))
+    bench.record(setting, "peft LoRA train step / full base step", bench.ratio(step, full_step))
+    memory = _training_bytes(bench, lora, step, lambda: lora(x))
+    bench.record(setting, "peft LoRA train memory / full base", memory / full_memory)
+    params = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    bench.record(setting, "trainable params: loraxir / peft LoRA", ours / params)
+
+
+# --------------------------------------------------------------------------- output
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'backbone':<13}{'size':>5}{'batch':>6}  {'measure':<58}{'value':>9}  spread"]
+    for r in rows:
+        spread = f"{r['low']:.2f}-{r['high']:.2f}" if "low" in r else ""
+        flag = " !" if "warning" in r else ""
+        unit = r["unit"] if r["unit"] == "x" else f" {r['unit']}"
+        lines.append(
+            f"{r['backbone']:<13}{r['size']:>5}{r['batch']:>6}  {r['measure']:<58}"
+            f"{r['value']:>8.3f}{unit}  {spread}{flag}"
+        )
     return "\n".join(lines)
+
+
+def _settings(args: argparse.Namespace) -> tuple[list, list]:
+    """(inference, training) settings: the issue's table, --quick, or the given grid."""
+    if args.backbones or args.sizes or args.batches:
+        grid = [
+            (name, size, batch)
+            for name in args.backbones or ["nafnet"]
+            for size in args.sizes or [128]
+            for batch in args.batches or [4]
+        ]
+        return grid, grid
+    if args.quick:
+        return QUICK_INFERENCE, QUICK_TRAINING
+    return INFERENCE, TRAINING
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["nafnet", "restormer"])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
+    parser.add_argument("--quick", action="store_true", help="a representative subset")
+    parser.add_argument("--backbones", nargs="+", help="a grid instead of the issue's table")
+    parser.add_argument("--sizes", "--size", nargs="+", type=int, dest="sizes")
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--sections", nargs="+", default=["inference", "training"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent / "results" / "overhead.json"
@@ -233,13 +380,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
-    for name in args.backbones:
-        rows += bench_backbone(name, args.size, args.batches, args.repeats, args.seed)
-        print(_table([r for r in rows if r["backbone"] == name]), flush=True)
+    bench = Bench(args.device, args.amp, args.repeats, torch.get_num_threads())
+    inference, training = _settings(args)
+    sections = {"inference": (inference, bench_inference), "training": (training, bench_training)}
+    for section in args.sections:
+        settings, run = sections[section]
+        for setting in settings:
+            start = len(bench.rows)
+            run(bench, setting, args.seed)
+            print(_table(bench.rows[start:]), flush=True)
+    for warning in bench.warnings:
+        print(f"WARNING: {warning}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings_json = vars(args) | {"output": str(args.output), "threads": bench.threads}
     args.output.write_text(
-        json.dumps({"settings": vars(args) | {"output": str(args.output)}, "rows": rows}, indent=2)
+        json.dumps(
+            {"settings": settings_json, "warnings": bench.warnings, "rows": bench.rows}, indent=2
+        )
     )
     print(f"wrote {args.output}")
 

@@ -1,31 +1,41 @@
 """``LoraIRModel``: a backbone with routed low-rank experts, and ``get_loraxir_model``.
 
 The model is a peft ``BaseTuner``, so the same object serves our API and peft's
-(``get_peft_model`` wraps it in a ``PeftModel``). Around each forward it writes the gates
-into the shared :class:`~loraxir.routing.RoutingState` that every expert layer reads: from
-``gates=``, from ``degradation=`` names, or from an attached router.
+(``get_peft_model`` wraps it in a ``PeftModel``). Each call makes its gates live in the
+shared :class:`~loraxir.routing.RoutingState` that every expert layer reads (from
+``gates=``, from ``degradation=`` names, from gates pinned by :func:`route`, or from an
+attached router, which runs once per call and also supplies the degradation embedding of
+DAM blocks). The gate logic itself (names to gates, checks) lives in :mod:`loraxir.routing`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from loraxir import checkpoint
+from loraxir import checkpoint, guidance
+from loraxir.compute import FORMS, check_form
 from loraxir.config import LoraIRConfig
-from loraxir.errors import ConfigError, RoutingError, unknown_name
+from loraxir.errors import ConfigError, RoutingError
 from loraxir.layers import LoraIRLayer, wrap_layer
-from loraxir.routing import RoutingState, check_gates
+from loraxir.routing import (
+    Degradation,
+    RoutingState,
+    check_gates,
+    check_merged_request,
+    check_router,
+    degradation_gates,
+    fixed_gate,
+)
 from loraxir.targeting import resolve_targets
-
-Degradation = str | Sequence[str]
 
 
 class LoraIRModel(BaseTuner):
@@ -51,18 +61,21 @@ class LoraIRModel(BaseTuner):
     ) -> None:
         self.routing = RoutingState()
         self._pending_targets: set[str] = set()
+        config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
+        if isinstance(config, LoraIRConfig):
+            if router is None and config.router is not None:
+                # A saved config names its router (peft's from_pretrained arrives here):
+                # rebuild it; its trained weights are loaded with the experts.
+                router = _router_from_config(config.router)
+            if router is not None:
+                check_router(router, config.degradations, config.top_k)  # before injecting
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
         self.last_routing: torch.Tensor | None = None
         self.loraxir_router: nn.Module | None = None
-        spec = self.config.router
-        if router is None and spec is not None:
-            # A saved config names its router (peft's from_pretrained arrives here): rebuild
-            # it; its trained weights are loaded with the experts.
-            from loraxir.router import DegradationRouter
-
-            router = DegradationRouter.from_config(spec)
         if router is not None:
             self.attach_router(router)
+        if self.config.tuned:
+            self.set_compute_choice(self.config.tuned)
         self._apply_trainable_policy()
 
     # ------------------------------------------------------------ peft hooks
@@ -74,6 +87,7 @@ class LoraIRModel(BaseTuner):
         targets = resolve_targets(
             model, config.target_modules, config.exclude_modules, config.preset
         )
+        guidance.apply_dam_config(model, config.dam, self.routing)
         self._pending_targets = set(targets)
 
     def _prepare_adapter_config(
@@ -104,6 +118,7 @@ class LoraIRModel(BaseTuner):
             "chunks": list(peft_config.expert_chunks),
             "dropout": peft_config.lora_dropout,
             "init": peft_config.init,
+            "experts_per_image": peft_config.top_k,
         }
         if isinstance(target, LoraIRLayer):
             target.update_layer(adapter_name, **options)
@@ -117,11 +132,13 @@ class LoraIRModel(BaseTuner):
     def _get_adapter_state_dict(
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names
     ):
-        """peft's selection of what to save, minus a frozen pretrained router tower
-        (referenced by name in the config, never copied)."""
+        """peft's selection of what to save, plus the DAM blocks (they live on the backbone,
+        not on a tuner layer), minus a frozen pretrained router tower (referenced by name in
+        the config, never copied)."""
         selected = super()._get_adapter_state_dict(
             model, config, adapter_name, state_dict, unwanted_adapter_names
         )
+        selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
         tuner = getattr(model, "base_model", model)
         router = getattr(tuner, "loraxir_router", None)
         saved = set(router.adapter_state_dict()) if router is not None else set()
@@ -150,10 +167,9 @@ class LoraIRModel(BaseTuner):
                 "`with loraxir.route(peft_model, gates=...)` or call "
                 "peft_model.base_model(x, gates=...)."
             )
-        if not self.routing.pinned and not self.merged and self._adapters_enabled():
-            images = args[0] if args else next(iter(kwargs.values()))
-            self._set_gates(self._gates_for(images, None, None))
-        yield
+        images = args[0] if args else next(iter(kwargs.values()))
+        with self.routing.activate(*self._routing_for(images, None, None)):
+            yield
 
     # ---------------------------------------------------------------- access
     @property
@@ -193,78 +209,112 @@ class LoraIRModel(BaseTuner):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Restore ``x`` (B, C, H, W), routed by ``gates`` (B, E), by ``degradation`` name(s),
-        by gates pinned with :func:`loraxir.route`, or by the attached router."""
-        if self.merged:
-            if gates is not None or degradation is not None:
-                raise RoutingError(
-                    "The experts are merged into the base weights for one fixed gate; call "
-                    "model.unmerge() before routing per image."
-                )
-        elif self._adapters_enabled() and not (
-            self.routing.pinned and gates is None and degradation is None
-        ):
-            self._set_gates(self._gates_for(x, gates, degradation))
-        return self.model(x, *args, **kwargs)
+        by gates pinned with :func:`loraxir.route`, or by the attached router.
 
-    def _set_gates(self, gates: torch.Tensor) -> None:
-        self.routing.gates = gates
-        self.last_routing = gates.detach()
+        A merged model serves calls that ask for the merged gate (or give no routing) and
+        refuses others. The gates live for this call only (see :mod:`loraxir.routing`).
+        """
+        with self.routing.activate(*self._routing_for(x, gates, degradation)):
+            return self.model(x, *args, **kwargs)
 
-    def _gates_for(
+    def _routing_for(
         self, x: torch.Tensor, gates: torch.Tensor | None, degradation: Degradation | None
-    ) -> torch.Tensor:
-        num_experts = self.config.num_experts
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(gates, embedding)`` of one call; the router runs at most once, and only when
+        its gates or its embedding (for DAM blocks) are needed."""
+        requested = self._requested_gates(x, gates, degradation)
+        pinned = self.routing.pinned and requested is None
+        routed = not self.merged and self._adapters_enabled()
+        needs_gates = routed and requested is None and not pinned
+        needs_embedding = getattr(self.config, "dam", None) is not None and not (
+            pinned and self.routing.embedding is not None
+        )
+        routed_gates = embedding = None
+        if self.loraxir_router is not None and (needs_gates or needs_embedding):
+            routed_gates, embedding = self._run_router(x)
+        if pinned:
+            gates = self._pinned_gates(x.shape[0])
+            embedding = self.routing.embedding if self.routing.embedding is not None else embedding
+        elif requested is not None:
+            gates = requested
+        elif routed_gates is not None:
+            gates = check_gates(routed_gates, self.config.num_experts, x.shape[0])
+        elif needs_gates:
+            raise RoutingError(
+                "No routing for this call: pass gates= (B, E) or degradation= (one of "
+                f"{self.config.degradations}), or attach a router with "
+                "get_loraxir_model(backbone, config, router=...)."
+            )
+        if self.merged:
+            if requested is not None:
+                check_merged_request(requested, self.routing.merge_gate, self.config.degradations)
+            gates = None
+        if gates is not None:
+            self.last_routing = gates.detach()
+        return gates, embedding
+
+    def _requested_gates(
+        self, x: torch.Tensor, gates: torch.Tensor | None, degradation: Degradation | None
+    ) -> torch.Tensor | None:
         if gates is not None and degradation is not None:
             raise RoutingError("Pass gates= or degradation=, not both.")
         if gates is not None:
-            return check_gates(gates, num_experts, x.shape[0]).to(x.device)
+            return check_gates(gates, self.config.num_experts, x.shape[0]).to(x.device)
         if degradation is not None:
             return self.degradation_gates(degradation, x.shape[0]).to(x.device)
-        if self.loraxir_router is not None:
-            return check_gates(self.loraxir_router(x), num_experts, x.shape[0])
-        raise RoutingError(
-            "No routing for this call: pass gates= (B, E) or degradation= (one of "
-            f"{self.config.degradations}), or attach a router with "
-            "get_loraxir_model(backbone, config, router=...)."
-        )
+        return None
+
+    def _pinned_gates(self, batch_size: int) -> torch.Tensor:
+        pinned = self.routing.gates
+        if pinned.shape[0] not in (1, batch_size):
+            raise RoutingError(
+                f"loraxir.route pinned gates for {pinned.shape[0]} images, but this call has "
+                f"{batch_size}; pin one name (or an (E,) gate) for batches of any size, or one "
+                "row per image."
+            )
+        return pinned
+
+    def _run_router(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(gates, embedding)`` from the attached router: ``route(x)`` when it has one
+        (a :class:`~loraxir.router.DegradationRouter`), else ``router(x)`` as gates."""
+        router = self.loraxir_router
+        if hasattr(router, "route"):
+            output = router.route(x)
+            return output.gates, output.embedding
+        return router(x), None
 
     def degradation_gates(self, degradation: Degradation, batch_size: int = 1) -> torch.Tensor:
         """One-hot gates ``(batch_size, E)`` for a degradation name or one name per image."""
-        names = [degradation] * batch_size if isinstance(degradation, str) else list(degradation)
-        if len(names) != batch_size:
-            raise RoutingError(
-                f"Got {len(names)} degradation names for a batch of {batch_size} images; pass one "
-                "name for all images or one per image."
-            )
-        known = self.config.degradations
-        gates = torch.zeros(batch_size, len(known))
-        for row, name in enumerate(names):
-            if name not in known:
-                raise unknown_name("degradation", name, known)
-            gates[row, known.index(name)] = 1.0
-        return gates
+        return degradation_gates(degradation, self.config.degradations, batch_size)
 
     @contextlib.contextmanager
     def pinned_routing(
         self,
         gates: torch.Tensor | None = None,
         degradation: Degradation | None = None,
-        batch_size: int = 1,
+        batch_size: int | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Fix the gates for every call inside the block (see :func:`loraxir.route`)."""
+        """Fix the gates (and optionally the DAM embedding) for every call inside the block
+        (see :func:`loraxir.route`)."""
+        if gates is not None and degradation is not None:
+            raise RoutingError("loraxir.route takes gates= or degradation=, not both.")
         if gates is not None:
-            pinned = check_gates(gates, self.config.num_experts, batch_size)
+            rows = gates.shape[0] if isinstance(gates, torch.Tensor) and gates.dim() == 2 else 1
+            pinned = check_gates(gates, self.config.num_experts, batch_size or rows)
         elif degradation is not None:
-            pinned = self.degradation_gates(degradation, batch_size)
+            pinned = degradation_gates(degradation, self.config.degradations, batch_size)
         else:
             raise RoutingError("loraxir.route needs gates= or degradation=.")
         device = next(self.model.parameters()).device
-        self._set_gates(pinned.to(device))
-        self.routing.pinned = True
+        routing = self.routing
+        previous = (routing.gates, routing.embedding, routing.pinned)
+        routing.gates, routing.embedding, routing.pinned = pinned.to(device), embedding, True
+        self.last_routing = routing.gates.detach()
         try:
-            yield self.routing.gates
+            yield routing.gates
         finally:
-            self.routing.pinned = False
+            routing.gates, routing.embedding, routing.pinned = previous
 
     # ---------------------------------------------------------------- router
     def attach_router(self, router: nn.Module) -> None:
@@ -273,16 +323,7 @@ class LoraIRModel(BaseTuner):
         Its class names and ``top_k`` must match the config (the expert order is the
         router's logit order).
         """
-        from loraxir.router import check_degradations
-
-        config = self.config
-        check_degradations(list(getattr(router, "degradations", [])), config.degradations)
-        top_k = getattr(router, "top_k", config.top_k)
-        if top_k != config.top_k:
-            raise ConfigError(
-                f"router.top_k={top_k} but config.top_k={config.top_k}; build the router with "
-                "the config's top_k."
-            )
+        check_router(router, self.config.degradations, self.config.top_k)
         self.loraxir_router = router.to(next(self.model.parameters()).device)
         self._apply_trainable_policy()
 
@@ -361,54 +402,125 @@ class LoraIRModel(BaseTuner):
         degradation: Degradation | None = None,
         repeats: int = 3,
         training: bool = False,
-    ) -> dict[str, dict[str, float]]:
-        """Time each exact compute form per layer on this input; keep the fastest.
+    ) -> dict[str, float]:
+        """Time whole model calls on ``x`` per candidate assignment of compute forms; keep
+        the fastest in every layer's ``tuned`` for the phase.
 
-        Runs one forward to capture every expert layer's input, then times the
-        ``activation``, ``weight`` and ``batched`` forms of each layer on it and records
-        the fastest in ``layer.tuned["inference"]`` (forward without gradients) or, with
-        ``training=True``, ``layer.tuned["training"]`` (forward and backward, as a training
-        step runs them). Returns seconds per layer and form.
+        Candidates: the cost model's per-layer plan (``"auto"``) and each form of
+        :data:`loraxir.compute.FORMS` on every layer. A call is a forward without gradients
+        (phase ``"inference"``) or, with ``training=True``, a training-mode forward and
+        backward (phase ``"training"``; with ``lora_dropout > 0`` only ``"activation"``
+        applies). Candidates are timed in interleaved rounds (median of ``repeats``), so
+        the choice is never slower than the best single form measured on the same input.
+        Returns seconds per candidate. Training mode is restored and gradients cleared on
+        every exit; on an error every layer's previous choice is restored.
         """
-        captured: dict[str, torch.Tensor] = {}
-        handles = [
-            layer.register_forward_pre_hook(
-                lambda _m, args, p=path: captured.__setitem__(p, args[0].detach())
-            )
-            for path, layer in self.expert_layers()
-        ]
-        try:
-            with torch.no_grad():
-                self(x, gates=gates, degradation=degradation)
-        finally:
-            for handle in handles:
-                handle.remove()
         phase = "training" if training else "inference"
-        timings: dict[str, dict[str, float]] = {}
-        for path, layer in self.expert_layers():
-            inputs = captured[path].requires_grad_(training)
-            was_training, previous, per_mode = layer.training, layer.compute, {}
-            layer.train(training)
-            for mode in ("activation", "weight", "batched"):
-                layer.compute = mode
-                per_mode[mode] = _time_layer(layer, inputs, repeats, training)
-            layer.compute = previous
-            layer.train(was_training)
-            layer.tuned[phase] = min(per_mode, key=per_mode.get)
-            timings[path] = per_mode
-        return timings
+        layers = [layer for _, layer in self.expert_layers()]
+        dropout = training and any(
+            layer.loraxir_dropout[self._active_name()] > 0 for layer in layers
+        )
+        candidates = ["activation"] if dropout else ["auto", *FORMS]
+        previous = [dict(layer.tuned) for layer in layers]
+        previous_config = copy.deepcopy(self.config.tuned)
+        was_training = self.training
+        inputs = x.detach().requires_grad_(training)
+
+        def run() -> None:
+            with torch.set_grad_enabled(training):
+                out = self(inputs, gates=gates, degradation=degradation)
+                if training:
+                    out.float().mean().backward()
+
+        timings: dict[str, list[float]] = {c: [] for c in candidates}
+        try:
+            self.train(training)
+            for _ in range(max(repeats, 1) + 1):  # the first round warms up
+                for candidate in candidates:
+                    self.set_compute_choice({phase: candidate})
+                    start = time.perf_counter()
+                    run()
+                    timings[candidate].append(time.perf_counter() - start)
+            seconds = {c: statistics.median(t[1:]) for c, t in timings.items()}
+            self.set_compute_choice({phase: min(seconds, key=seconds.__getitem__)})
+        except BaseException:
+            for layer, tuned in zip(layers, previous, strict=True):
+                layer.tuned = tuned
+            self.config.tuned = previous_config
+            raise
+        finally:
+            self.train(was_training)
+            for param in self.parameters():
+                param.grad = None
+        return seconds
+
+    def compute_choice(self) -> dict[str, str]:
+        """``{phase: form}`` set by :meth:`autotune` (``"auto"``: the cost model's plan), to
+        keep beside a saved adapter and restore with :meth:`set_compute_choice`."""
+        choices = [layer.tuned for _, layer in self.expert_layers()]
+        phases = {phase for tuned in choices for phase in tuned}
+        return {
+            phase: next(iter({t.get(phase, "auto") for t in choices})) for phase in sorted(phases)
+        }
+
+    def set_compute_choice(self, choice: dict[str, str]) -> None:
+        """Use ``form`` on every expert layer in each ``phase`` of ``choice``
+        (``"inference"`` or ``"training"``; ``"auto"`` returns to the cost model's plan).
+
+        The choice is also recorded in the active config's ``tuned`` field, so that both
+        save paths (ours and peft's) keep it and a reload runs as tuned."""
+        tuned = dict(self.config.tuned or {})
+        for phase, form in choice.items():
+            if phase not in ("inference", "training"):
+                raise ConfigError(
+                    f"Unknown phase {phase!r} in a compute choice; expected 'inference' or "
+                    "'training'."
+                )
+            check_form(form)
+            for _, layer in self.expert_layers():
+                if form == "auto":
+                    layer.tuned.pop(phase, None)
+                else:
+                    layer.tuned[phase] = form
+            if form == "auto":
+                tuned.pop(phase, None)
+            else:
+                tuned[phase] = form
+        self.config.tuned = tuned or None
 
     # ----------------------------------------------------------------- merge
-    def merge(self, gates: torch.Tensor | None = None, degradation: str | None = None) -> None:
+    def merge(
+        self,
+        gates: torch.Tensor | None = None,
+        degradation: str | None = None,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> None:
         """Fold the experts mixed by one fixed gate into the base weights (zero overhead).
 
-        ``gates`` is ``(E,)``; ``degradation`` a name (one-hot). Undo with :meth:`unmerge`.
+        ``gates`` is ``(E,)``; ``degradation`` a name (one-hot). ``adapter_names`` merges
+        several adapters (default: the active one), each with the same gate. With
+        ``safe_merge`` every folded weight is checked to be finite; on any error nothing
+        stays merged. Afterwards ``model(x)`` and ``model(x, degradation=<that name>)`` run
+        the merged weights; other routing raises. Undo with :meth:`unmerge`.
         """
+        gate = fixed_gate(gates, degradation, self.config.degradations)
         if self.merged:
             self.unmerge()
-        self.routing.merge_gate = self._fixed_gate(gates, degradation)
-        for _, layer in self.expert_layers():
-            layer.merge()
+        self.routing.merge_gate = gate
+        merged: list[LoraIRLayer] = []
+        try:
+            for path, layer in self.expert_layers():
+                try:
+                    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                except RoutingError as error:
+                    raise RoutingError(f"Layer {path!r}: {error}") from None
+                merged.append(layer)
+        except BaseException:
+            for layer in merged:
+                layer.unmerge()
+            self.routing.merge_gate = None
+            raise
 
     def unmerge(self) -> None:
         """Restore the exact base weights saved by :meth:`merge`."""
@@ -424,29 +536,25 @@ class LoraIRModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        """Merge for one fixed gate and return the plain backbone (no expert layers)."""
-        if gates is not None or degradation is not None:
-            self.merge(gates, degradation)
-        elif not self.merged:
-            raise RoutingError(
-                "merge_and_unload needs a fixed gate: pass degradation='name' or gates=(E,)."
-            )
-        return super().merge_and_unload(progressbar, safe_merge, adapter_names)
+        """Merge for one fixed gate and return the plain backbone (no expert layers).
 
-    def _fixed_gate(self, gates: torch.Tensor | None, degradation: str | None) -> torch.Tensor:
-        if (gates is None) == (degradation is None):
-            raise RoutingError("Merging needs exactly one of gates=(E,) or degradation='name'.")
-        if degradation is not None:
-            if not isinstance(degradation, str):
-                raise RoutingError("Merging takes one degradation name (one gate for all images).")
-            return self.degradation_gates(degradation, 1)[0]
-        return check_gates(torch.as_tensor(gates, dtype=torch.float32), self.config.num_experts, 1)[
-            0
-        ]
+        Without ``gates``/``degradation`` an already merged model is unloaded (merged again
+        for its gate when ``safe_merge`` or ``adapter_names`` ask for it).
+        """
+        if gates is None and degradation is None:
+            if not self.merged:
+                raise RoutingError(
+                    "merge_and_unload needs a fixed gate: pass degradation='name' or gates=(E,)."
+                )
+            if safe_merge or adapter_names is not None:
+                gates = self.routing.merge_gate
+        if gates is not None or degradation is not None:
+            self.merge(gates, degradation, safe_merge, adapter_names)
+        return super().merge_and_unload(progressbar, safe_merge, adapter_names)
 
     # ------------------------------------------------------------ save / load
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of one adapter under peft's key names (experts, then router)."""
+        """The tensors of one adapter under peft's key names (experts, DAM, then router)."""
         adapter = adapter_name or self._active_name()
         tensors: dict[str, torch.Tensor] = {}
         for path, layer in self.expert_layers():
@@ -454,6 +562,8 @@ class LoraIRModel(BaseTuner):
             for index, (a, b) in enumerate(zip(bank.A, bank.B, strict=True)):
                 tensors[checkpoint.expert_key(path, "A", index)] = a.detach()
                 tensors[checkpoint.expert_key(path, "B", index)] = b.detach()
+        for key, value in guidance.dam_state_dict(self.model).items():
+            tensors[f"base_model.model.{key}"] = value
         if self.loraxir_router is not None:
             for key, value in self.loraxir_router.adapter_state_dict().items():
                 tensors[checkpoint.ROUTER_PREFIX + key] = value.detach()
@@ -500,13 +610,14 @@ class LoraIRModel(BaseTuner):
         """
         backbone = _unwrap_backbone(backbone)
         config, tensors = checkpoint.read(model_id, strict=strict, **hub_kwargs)
+        dam_tensors, tensors = guidance.split_dam_tensors(tensors)
         expert_tensors, router_tensors = checkpoint.split_router(tensors)
         checkpoint.check_expert_shapes(backbone, config, expert_tensors)
+        guidance.check_dam_tensors(backbone, config.dam, dam_tensors)
         if router is None and config.router is not None:
-            from loraxir.router import DegradationRouter
-
-            router = DegradationRouter.from_config(config.router)
+            router = _router_from_config(config.router)
         if router is not None:
+            check_router(router, config.degradations, config.top_k)
             router.load_adapter_state_dict(router_tensors)
         elif router_tensors:
             raise checkpoint.CheckpointError(
@@ -514,6 +625,8 @@ class LoraIRModel(BaseTuner):
             )
         model = cls(backbone, config, adapter_name, router=router)
         model._load_expert_tensors(expert_tensors, adapter_name)
+        if dam_tensors:
+            guidance.load_dam_state_dict(model.model, dam_tensors)
         if not is_trainable:
             model.eval()
             for param in model.parameters():
@@ -529,24 +642,11 @@ class LoraIRModel(BaseTuner):
                     b.copy_(tensors[checkpoint.expert_key(path, "B", index)])
 
 
-def _time_layer(layer: LoraIRLayer, inputs: torch.Tensor, repeats: int, training: bool) -> float:
-    """Seconds per call of ``layer`` on ``inputs`` (with backward when ``training``), after
-    one warm-up call; gradients it leaves on the layer's parameters are cleared."""
+def _router_from_config(spec: Any) -> nn.Module:
+    """Rebuild a saved router spec (imported lazily: routers pull in their encoders)."""
+    from loraxir.router import DegradationRouter
 
-    def run() -> None:
-        with torch.set_grad_enabled(training):
-            out = layer(inputs)
-            if training:
-                out.backward(torch.ones_like(out))
-
-    run()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    elapsed = (time.perf_counter() - start) / repeats
-    for param in layer.parameters():
-        param.grad = None
-    return elapsed
+    return DegradationRouter.from_config(spec)
 
 
 def _unwrap_backbone(backbone: Any) -> nn.Module:
@@ -582,18 +682,23 @@ def route(
     model: nn.Module,
     gates: torch.Tensor | None = None,
     degradation: Degradation | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
+    embedding: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Pin the gates for every call inside the block.
 
     For calls that cannot take ``gates=``: peft's ``PeftModel``, the bare backbone, or
     code that calls the model for you (tiling, a video loop). ``gates`` is ``(B, E)`` or
-    ``(E,)``; ``degradation`` a name or one name per image.
+    ``(E,)``; ``degradation`` a name or one name per image. One name or an ``(E,)`` gate
+    serves batches of any size (``batch_size`` may fix the size instead); one row per image
+    needs batches of that size. ``embedding`` ``(1 or B, D)`` pins the DAM embedding too
+    (else an attached router computes it per call). Outside the block, direct backbone
+    calls have no gates.
     """
     tuner = model if isinstance(model, LoraIRModel) else getattr(model, "base_model", None)
     if not isinstance(tuner, LoraIRModel):
         raise ConfigError(
             f"loraxir.route needs a LoraIRModel or a PeftModel of one, got {type(model).__name__}."
         )
-    with tuner.pinned_routing(gates, degradation, batch_size) as pinned:
+    with tuner.pinned_routing(gates, degradation, batch_size, embedding) as pinned:
         yield pinned

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraxir.errors import ConfigError, RoutingError, TargetModulesError
 from loraxir.layers import wrap_layer
 from loraxir.routing import RoutingState
 from tests.conftest import rel_err
+from tests.model_tester import apply_weight, expert_delta
 
 E, R, ALPHA = 4, 3, 6.0
 
@@ -47,47 +47,23 @@ CASES = [
         (3, 6, 5, 5),
     ),
 ]
-MODES = ["activation", "weight", "batched", "auto"]
+MODES = ["activation", "weight", "batched", "gathered", "auto"]
 
 
-def _delta(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Expert i's weight difference, built by hand from its factors."""
-    if isinstance(base, nn.ConvTranspose2d):
-        return (a.T @ b).reshape(base.weight.shape)
-    return (b @ a).reshape(base.weight.shape)
-
-
-def _apply(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The base operation with another weight and no bias (the plain formula's dW * x)."""
-    if isinstance(base, nn.Linear):
-        return F.linear(x, weight)
-    if isinstance(base, nn.ConvTranspose2d):
-        return F.conv_transpose2d(
-            x,
-            weight,
-            None,
-            base.stride,
-            base.padding,
-            base.output_padding,
-            base.groups,
-            base.dilation,
-        )
-    if base.padding_mode != "zeros":
-        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-        return F.conv2d(x, weight, None, base.stride, 0, base.dilation, base.groups)
-    return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
-
-
-def _reference(layer, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+def _reference(layer, x: torch.Tensor, gates: torch.Tensor, output_padding=None) -> torch.Tensor:
     """Loop over images and experts: base(x_b) + sum_i g_bi * s * (dW_i * x_b)."""
     base = layer.base_layer
     a, b = layer.loraxir_experts["default"].stacked()
     per_image = x.reshape(gates.shape[0], -1, *x.shape[1:])
     outputs = []
     for image, row in zip(per_image, gates, strict=True):
-        out = base(image)
+        if output_padding is None:
+            out = base(image)
+        else:
+            out = apply_weight(base, image, base.weight, output_padding) + base.bias[:, None, None]
         for i in range(E):
-            out = out + row[i] * (ALPHA / R) * _apply(base, image, _delta(base, a[i], b[i]))
+            delta = apply_weight(base, image, expert_delta(base, a[i], b[i]), output_padding)
+            out = out + row[i] * (ALPHA / R) * delta
         outputs.append(out)
     return torch.cat(outputs)
 
@@ -99,7 +75,7 @@ def _layer(factory, gates: torch.Tensor):
     with torch.no_grad():
         for p in layer.loraxir_experts.parameters():
             p.normal_(0.0, 0.3)
-    routing.gates = gates
+    routing.gates, routing.pinned = gates, True  # as inside loraxir.route(...)
     return layer
 
 
@@ -150,7 +126,7 @@ def test_fresh_experts_leave_output_exactly_unchanged(name, factory, shape):
     base = factory()
     layer = wrap_layer(base, routing)
     layer.update_layer("default", r=R, lora_alpha=ALPHA, chunks=[E], dropout=0.0, init="default")
-    routing.gates = torch.rand(3, E)
+    routing.gates, routing.pinned = torch.rand(3, E), True
     x = torch.randn(shape)
     for mode in ("activation", "weight", "batched", "auto"):
         layer.compute = mode
@@ -203,3 +179,32 @@ def test_grouped_transposed_conv_and_other_types_are_refused():
         wrap_layer(nn.ConvTranspose2d(4, 4, 2, groups=2), RoutingState())
     with pytest.raises(TargetModulesError, match="Conv1d"):
         wrap_layer(nn.Conv1d(4, 4, 3), RoutingState())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("name", "factory", "shape"), CASES, ids=[c[0] for c in CASES])
+def test_zero_gates_get_their_true_gradient(name, factory, shape, mode):
+    gates = _gates()
+    gates[:, 1] = 0.0  # expert 1 is off for every image, yet dL/dg_1 is not zero
+    gates.requires_grad_(True)
+    layer = _layer(factory, gates)
+    layer.compute = mode
+    x = torch.randn(shape)
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, gates, grad_out)
+    reference_gates = gates.detach().clone().requires_grad_(True)
+    reference = _reference(layer, x, reference_gates)
+    (expected,) = torch.autograd.grad(reference, reference_gates, grad_out)
+    assert expected[:, 1].abs().sum() > 0
+    assert rel_err(grad, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transposed_conv_honours_output_size(mode):
+    layer = _layer(lambda: nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1), _gates())
+    layer.compute = mode
+    x = torch.randn(3, 6, 5, 5)
+    y = layer(x, output_size=(10, 10))
+    assert y.shape == layer.base_layer(x, output_size=(10, 10)).shape == (3, 8, 10, 10)
+    assert rel_err(y, _reference(layer, x, layer.routing.gates, output_padding=1)) <= 1e-5

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
 import loraxir
 from loraxir import ConfigError, LoraIRConfig, RoutingError, TargetModulesError, UnknownNameError
+from loraxir.compute import FORMS
 from loraxir.layers import LoraIRLayer
 from tests.conftest import randomize_experts, rel_err
+from tests.model_tester import USER_UNET_CONFIG, UserUNet, reference_output
 
 DEGRADATIONS = ["noise", "rain", "haze"]
-
-# (backbone name, expected number of wrapped layers, input size): one line per preset.
-# nafnet-tiny: 5 blocks x 6 convs + intro + ending + 2 downs + 2 ups = 36 (every conv);
-# restormer-tiny: 8 transformer blocks x 6 convs; swinir-tiny: 2 Swin blocks x 4 linears;
-# scunet-tiny: 7 Swin-Conv blocks x 4 linears + 3 transposed-conv upsamplers.
-PRESET_CASES = [
-    ("nafnet-tiny", 36, 32),
-    ("restormer-tiny", 48, 32),
-    ("swinir-tiny", 8, 32),
-    ("scunet-tiny", 31, 64),
-]
 
 
 def _model(name="nafnet-tiny", **config):
@@ -30,24 +23,15 @@ def _model(name="nafnet-tiny", **config):
     return loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=DEGRADATIONS, **config))
 
 
-@pytest.mark.parametrize(("name", "layers", "size"), PRESET_CASES)
-def test_each_preset_wraps_expected_layers_and_fresh_experts_change_nothing(name, layers, size):
-    backbone = loraxir.create_backbone(name).eval()
-    x = torch.rand(2, 3, size, size)
-    with torch.no_grad():
-        expected = backbone(x)
-    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=DEGRADATIONS))
-    assert len(list(model.expert_layers())) == layers
-    with torch.no_grad():
-        assert torch.equal(model(x, degradation=["noise", "haze"]), expected)
+def _trained_model(**config):
+    """An eval-mode model whose experts all change the output."""
+    model = _model(**config).eval()
     randomize_experts(model)
-    with torch.no_grad():
-        assert not torch.equal(model(x, degradation="rain"), expected)
+    return model
 
 
 def test_gates_degradation_names_and_one_hot_agree():
-    model = _model().eval()
-    randomize_experts(model)
+    model = _trained_model()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         by_name = model(x, degradation=["rain", "haze"])
@@ -111,118 +95,58 @@ def test_trainable_policies():
     assert 0 < trainable_count < total
 
 
-@pytest.mark.parametrize("name", ["nafnet-tiny", "swinir-tiny", "scunet-tiny"])
-def test_merged_equals_routed_and_unmerge_is_bit_exact(name):
-    size = 64 if name == "scunet-tiny" else 32
-    model = loraxir.get_loraxir_model(
-        loraxir.create_backbone(name), LoraIRConfig(degradations=DEGRADATIONS)
-    ).eval()
-    randomize_experts(model)
-    x = torch.rand(2, 3, size, size)
-    gate = torch.tensor([0.2, 0.0, 0.8])
-    original = {
-        n: p.detach().clone() for n, p in model.model.named_parameters() if "base_layer" in n
-    }
-    with torch.no_grad():
-        routed = model(x, gates=gate)
-        model.merge(gates=gate)
-        assert model.merged
-        merged = model(x)
-    assert rel_err(merged, routed) <= 1e-5
-    with pytest.raises(RoutingError, match="unmerge"):
-        model(x, degradation="rain")
-    model.unmerge()
-    for n, p in model.model.named_parameters():
-        if "base_layer" in n:
-            assert torch.equal(p, original[n]), n
-
-
 def test_merge_and_unload_returns_plain_backbone_with_experts_folded():
-    model = _model().eval()
-    randomize_experts(model)
+    model = _trained_model()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        routed = model(x, degradation="haze")
+        expected = reference_output(model, x, torch.tensor([[0.0, 0.0, 1.0]]))
     plain = model.merge_and_unload(degradation="haze")
     assert not any(isinstance(m, LoraIRLayer) for m in plain.modules())
     with torch.no_grad():
-        assert rel_err(plain(x), routed) <= 1e-5
+        assert rel_err(plain(x), expected) <= 1e-5
     with pytest.raises(RoutingError, match="needs a fixed gate"):
         _model().merge_and_unload()
 
 
-def test_add_degradation_keeps_old_outputs_bit_identical_and_trains_only_new_expert():
-    model = _model().eval()
-    randomize_experts(model)
-    x = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        before = model(x, degradation=["noise", "rain", "haze"])
-    model.add_degradation("snow")
-    assert model.degradations == [*DEGRADATIONS, "snow"]
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith((".A.1", ".B.1")) for n in trainable)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1
+def _user_unet_model(checkpointed: bool = False, **config) -> loraxir.LoraIRModel:
+    torch.manual_seed(0)
+    model = loraxir.get_loraxir_model(
+        UserUNet(checkpointed),
+        LoraIRConfig(degradations=DEGRADATIONS, **USER_UNET_CONFIG, **config),
     )
-    model.train()
-    model(x, degradation="snow").square().mean().backward()
-    optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        after = model(x, degradation=["noise", "rain", "haze"])
-        assert not torch.equal(model(x, degradation=["snow"] * 3), before)
-    assert torch.equal(after, before)
-    with pytest.raises(ConfigError, match="already exists"):
-        model.add_degradation("rain")
-
-
-def test_activation_checkpointing_gives_same_outputs_and_gradients():
-    model = _model(compute="activation")
     randomize_experts(model)
-    x = torch.rand(2, 3, 32, 32)
+    return model
+
+
+def test_add_degradation_refuses_an_existing_name():
+    with pytest.raises(ConfigError, match="already exists"):
+        _model().add_degradation("rain")
+
+
+@pytest.mark.parametrize("compute", ["activation", "weight", "auto"])
+def test_activation_checkpointing_recomputes_with_the_calls_gates(compute):
+    x = torch.rand(2, 3, 16, 16)
     gates = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
-    out = model(x, gates=gates)
-    out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    model._set_gates(gates)
-    recomputed = checkpoint(model.model, x, use_reentrant=False)
-    recomputed.square().mean().backward()
-    assert torch.equal(recomputed, out)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert rel_err(p.grad, grads[n]) <= 1e-6
-
-
-class _UserUNet(torch.nn.Module):
-    """A user's own network with dense, depthwise, strided, transposed convs and a linear.
-
-    (spandrel's NAFNet uses a custom autograd LayerNorm that Dynamo cannot trace in full.)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
-        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.down = torch.nn.Conv2d(8, 16, 2, stride=2)
-        self.mix = torch.nn.Linear(16, 16)
-        self.up = torch.nn.ConvTranspose2d(16, 8, 2, stride=2)
-        self.tail = torch.nn.Conv2d(8, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.dw(self.head(x)))
-        d = self.down(h)
-        d = self.mix(d.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return x + self.tail(self.up(d) + h)
+    results = []
+    for checkpointed in (False, True):
+        model = _user_unet_model(checkpointed, compute=compute)
+        out = model(x, gates=gates)
+        out.square().mean().backward()  # recomputes the encoder after the call returned
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out, grads))
+    (out, grads), (out_checkpointed, grads_checkpointed) = results
+    assert torch.equal(out_checkpointed, out)
+    for name, grad in grads.items():
+        assert rel_err(grads_checkpointed[name], grad) <= 1e-6, name
+    with pytest.raises(RoutingError, match="without gates"):
+        model.model(x)
 
 
 def test_torch_compile_full_graph_matches_eager():
-    model = loraxir.get_loraxir_model(
-        _UserUNet(),
-        LoraIRConfig(degradations=DEGRADATIONS, target_modules=r"head|dw|down|mix|up|tail"),
-    )
-    assert len(list(model.expert_layers())) == 6
-    randomize_experts(model)
+    """(spandrel's NAFNet uses a custom autograd LayerNorm that Dynamo cannot trace in
+    full, so a user network stands in.)"""
+    model = _user_unet_model()
+    assert len(list(model.expert_layers())) == 8
     x = torch.rand(2, 3, 16, 16)
     gates = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
     eager = model(x, gates=gates)
@@ -231,8 +155,8 @@ def test_torch_compile_full_graph_matches_eager():
     model.zero_grad()
     torch._dynamo.reset()
     compiled = torch.compile(model.model, backend="aot_eager", fullgraph=True)
-    model._set_gates(gates)
-    out = compiled(x)
+    with loraxir.route(model, gates=gates):
+        out = compiled(x)
     out.square().mean().backward()
     assert rel_err(out, eager) <= 1e-5
     for n, p in model.named_parameters():
@@ -240,32 +164,19 @@ def test_torch_compile_full_graph_matches_eager():
             assert rel_err(p.grad, grads[n]) <= 1e-5
 
 
-def test_route_context_pins_gates_for_direct_calls():
-    model = _model().eval()
-    randomize_experts(model)
-    x = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(x, degradation="rain")
-        with loraxir.route(model, degradation="rain", batch_size=2):
-            assert torch.equal(model(x), expected)
-            assert torch.equal(model.model(x), expected)
-
-
 @pytest.mark.parametrize("training", [False, True])
 def test_autotune_records_a_choice_per_layer_and_keeps_outputs(training):
-    model = _model().eval()
-    randomize_experts(model)
+    model = _trained_model()
     x = torch.rand(2, 3, 32, 32)
     gates = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
     with torch.no_grad():
         before = model(x, gates=gates)
     timings = model.autotune(x, gates=gates, repeats=1, training=training)
     phase = "training" if training else "inference"
-    assert set(timings) == {p for p, _ in model.expert_layers()}
-    assert all(
-        layer.tuned[phase] in ("activation", "weight", "batched") and not layer.training
-        for _, layer in model.expert_layers()
-    )
+    assert set(timings) == {"auto", *FORMS}
+    chosen = min(timings, key=timings.__getitem__)
+    assert model.compute_choice() == ({} if chosen == "auto" else {phase: chosen})
+    assert all(not layer.training for _, layer in model.expert_layers())
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
         assert rel_err(model(x, gates=gates), before) <= 1e-5
@@ -302,3 +213,116 @@ def test_unrecognised_backbone_checkpoint_is_a_clear_error(tmp_path):
     save_file({"weird.weight": torch.zeros(2, 2)}, tmp_path / "net.safetensors")
     with pytest.raises(loraxir.CheckpointError, match="does not recognise"):
         loraxir.load_backbone(str(tmp_path / "net.safetensors"))
+
+
+def test_autotune_choice_is_saved_with_the_adapter_and_restored_on_load(tmp_path):
+    import peft
+
+    model = _trained_model()
+    model.set_compute_choice({"inference": "batched", "training": "gathered"})
+    model.save_pretrained(str(tmp_path / "ours"))
+    peft_model = peft.get_peft_model(
+        loraxir.create_backbone("nafnet-tiny"), copy.deepcopy(model.config)
+    )
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    for folder in ("ours", "peft"):
+        loaded = loraxir.LoraIRModel.from_pretrained(
+            loraxir.create_backbone("nafnet-tiny"), str(tmp_path / folder)
+        )
+        assert loaded.config.tuned == {"inference": "batched", "training": "gathered"}
+        assert all(
+            layer.tuned == {"inference": "batched", "training": "gathered"}
+            for _, layer in loaded.expert_layers()
+        )
+    model.set_compute_choice({"inference": "auto", "training": "auto"})
+    assert model.config.tuned is None and model.compute_choice() == {}
+
+
+def test_autotune_for_training_with_dropout_leaves_the_model_trainable():
+    model = _model(lora_dropout=0.1)
+    randomize_experts(model)
+    x = torch.rand(2, 3, 32, 32)
+    gates = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
+    model.autotune(x, gates=gates, repeats=1, training=True)
+    assert all(layer.tuned["training"] == "activation" for _, layer in model.expert_layers())
+    model.train()
+    model(x, gates=gates).square().mean().backward()
+
+
+def test_failed_autotune_restores_every_layer(monkeypatch):
+    model = _model().eval()
+    x = torch.rand(2, 3, 32, 32)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("timing failed")
+
+    monkeypatch.setattr(loraxir.compute._ConvOps, "batched", fail)
+    with pytest.raises(RuntimeError, match="timing failed"):
+        model.autotune(x, degradation="rain", repeats=1, training=True)
+    assert all(
+        layer.compute == "auto" and not layer.training and not layer.tuned
+        for _, layer in model.expert_layers()
+    )
+
+
+def test_safe_merge_refuses_non_finite_weights_and_leaves_the_model_untouched():
+    model = _trained_model()
+    path, layer = list(model.expert_layers())[7]
+    with torch.no_grad():
+        layer.loraxir_experts["default"].B[0][2, 0, 0] = float("inf")  # the haze expert
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RoutingError, match=rf"{re.escape(path)}.*non-finite"):
+        model.merge_and_unload(degradation="haze", safe_merge=True)
+    assert not model.merged and model.routing.merge_gate is None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.model.get_submodule(path), LoraIRLayer)
+
+
+def test_gates_live_for_one_call_or_a_route_block():
+    model = _trained_model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x, degradation="rain")
+        with pytest.raises(RoutingError, match="without gates"):
+            model.model(x)  # the gates of the call above are not reused
+        with loraxir.route(model, degradation="rain", batch_size=2):
+            assert torch.equal(model(x), expected)
+            assert torch.equal(model.model(x), expected)
+        with pytest.raises(RoutingError, match="without gates"):
+            model.model(x)
+
+
+def test_merged_model_accepts_its_own_degradation_and_refuses_others():
+    model = _trained_model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        routed = model(x, degradation="haze")
+        model.merge(degradation="haze")
+        assert rel_err(model(x, degradation="haze"), routed) <= 1e-5
+        assert rel_err(model(x, gates=torch.tensor([0.0, 0.0, 1.0])), routed) <= 1e-5
+        refused = [
+            {"degradation": "rain"},
+            {"degradation": ["haze", "rain"]},
+            {"gates": torch.tensor([0.5, 0.0, 0.5])},
+        ]
+        for kwargs in refused:
+            with pytest.raises(RoutingError, match=r"merged for .*haze.*unmerge"):
+                model(x, **kwargs)
+
+
+def test_merge_and_unload_folds_every_named_adapter():
+    import peft
+
+    peft_model = peft.get_peft_model(
+        loraxir.create_backbone("nafnet-tiny"), LoraIRConfig(degradations=DEGRADATIONS)
+    )
+    peft_model.add_adapter("other", LoraIRConfig(degradations=DEGRADATIONS, r=4, lora_alpha=2.0))
+    tuner = peft_model.base_model
+    randomize_experts(tuner)
+    layer = tuner.model.intro
+    expected = layer.base_layer.weight.detach().clone()
+    for adapter, scale in (("default", 16.0 / 8), ("other", 2.0 / 4)):
+        a, b = layer.loraxir_experts[adapter].stacked()
+        expected += scale * (b[2] @ a[2]).reshape(expected.shape)  # haze = expert 2
+    plain = tuner.merge_and_unload(degradation="haze", adapter_names=["default", "other"])
+    assert rel_err(plain.intro.weight, expected) <= 1e-6
