@@ -1,0 +1,212 @@
+"""Training throughput (patches/s) of a small NAFNet on the CPU: pre-training, fine-tuning,
+and one versus two processes.
+
+    python benchmarks/training_throughput.py            # nafnet-small, 64² patches, batch 8
+    python benchmarks/training_throughput.py --quick    # nafnet-tiny, 32², a few steps
+
+Measures whole optimizer steps (forward, backward, AdamW) on fixed random batches, so
+the numbers are the network's cost, not the synthetic degradations' (see
+``degradation_throughput.py`` for those):
+
+* pre-training, full network + DAM blocks driven by a frozen router (``GuidedBackbone``),
+  and the same network without DAM;
+* fine-tuning, experts only (``compute="batched"``, top-1 gates from labels);
+* the fine-tuning step under Accelerate with 1 and with 2 processes (torchrun, gloo), the
+  same global batch and the same total number of threads, and the speed-up.
+
+Run it alone on the machine: other jobs make CPU timings meaningless. Prints a table and
+writes JSON (default ``benchmarks/results/training_throughput.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
+
+
+def _router(embed_dim: int = 64) -> nn.Module:
+    from loraxir.router import DegradationRouter
+
+    return DegradationRouter.from_encoder(
+        "cnn-tiny", CLASSES, image_size=32, hidden_dim=128, embed_dim=embed_dim
+    )
+
+
+def _backbone(name: str) -> nn.Module:
+    from loraxir.backbones import create_backbone
+
+    torch.manual_seed(0)
+    return create_backbone(name)
+
+
+def _experts(name: str) -> nn.Module:
+    from loraxir import LoraIRConfig, get_loraxir_model
+
+    config = LoraIRConfig(degradations=CLASSES, r=8, compute="batched")
+    return get_loraxir_model(_backbone(name), config)
+
+
+def _gates(batch: int) -> torch.Tensor:
+    return torch.eye(len(CLASSES))[torch.arange(batch) % len(CLASSES)]
+
+
+def _step_fn(model: nn.Module, batch: int, patch: int, routed: bool) -> Callable[[], None]:
+    """One optimizer step of ``model`` on a fixed batch (L1 loss)."""
+    generator = torch.Generator().manual_seed(0)
+    lq = torch.rand(batch, 3, patch, patch, generator=generator)
+    gt = torch.rand(batch, 3, patch, patch, generator=generator)
+    extra = {"gates": _gates(batch)} if routed else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        loss = (model(lq, **extra) - gt).abs().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def patches_per_second(step: Callable[[], None], batch: int, steps: int) -> float:
+    """Patches per second over ``steps`` timed steps, after one warm-up step."""
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def single_process_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from loraxir.guidance import GuidedBackbone
+
+    cases = {
+        "pre-training: full network + DAM (frozen router)": (
+            lambda: GuidedBackbone(_backbone(args.backbone), _router()),
+            False,
+        ),
+        "pre-training: full network, no DAM": (lambda: _backbone(args.backbone), False),
+        "fine-tuning: experts only (batched, top-1)": (lambda: _experts(args.backbone), True),
+    }
+    rows = []
+    for name, (build, routed) in cases.items():
+        model = build().train()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rate = patches_per_second(_step_fn(model, args.batch, args.patch, routed), args.batch,
+                                  args.steps)  # fmt: skip
+        rows.append({"measure": name, "processes": 1, "threads": torch.get_num_threads(),
+                     "trainable_parameters": trainable, "patches_per_s": rate})  # fmt: skip
+    return rows
+
+
+def worker(args: argparse.Namespace) -> None:
+    """The fine-tuning step under Accelerate in this process (one of ``WORLD_SIZE``)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = _experts(args.backbone).train()
+    share = args.batch // accelerator.num_processes
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(accelerator.process_index)
+    lq = torch.rand(share, 3, args.patch, args.patch, generator=generator)
+    gates = _gates(share)
+
+    def step() -> None:
+        loss = (model(lq, gates=gates) - lq).abs().mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    rate = patches_per_second(step, args.batch, args.steps)
+    if accelerator.is_main_process:
+        record = {"processes": accelerator.num_processes, "threads": torch.get_num_threads(),
+                  "patches_per_s": rate}  # fmt: skip
+        Path(args.worker).write_text(json.dumps(record))
+    accelerator.wait_for_everyone()
+
+
+def scaling_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """1 versus 2 processes (torchrun, gloo), the same global batch and total threads."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for processes in (1, 2):
+            out = Path(folder) / f"p{processes}.json"
+            threads = max(1, args.threads // processes)  # the same cores in total
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}", __file__, "--worker", str(out),
+                "--backbone", args.backbone, "--batch", str(args.batch),
+                "--patch", str(args.patch), "--steps", str(args.steps),
+            ]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+            result = subprocess.run(command, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{processes}-process run failed:\n{result.stderr[-3000:]}")
+            record = json.loads(out.read_text())
+            rows.append({"measure": "fine-tuning under Accelerate", **record})
+    rows[1]["speedup_vs_1_process"] = rows[1]["patches_per_s"] / rows[0]["patches_per_s"]
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'measure':<52}{'procs':>6}{'threads':>8}{'patches/s':>11}"]
+    for row in rows:
+        lines.append(
+            f"{row['measure']:<52}{row['processes']:>6}{row['threads']:>8}"
+            f"{row['patches_per_s']:>11.1f}"
+        )
+    speedup = rows[-1].get("speedup_vs_1_process")
+    if speedup is not None:
+        lines.append(f"2 processes vs 1: {speedup:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="nafnet-small")
+    parser.add_argument("--patch", type=int, default=64, help="training patch side")
+    parser.add_argument("--batch", type=int, default=8, help="global batch (even)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--quick", action="store_true", help="nafnet-tiny, 32², 2 steps, 1 thread per process"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "benchmarks/results/training_throughput.json"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.backbone, args.patch, args.batch, args.steps = "nafnet-tiny", 32, 4, 2
+        args.threads = 1
+    if args.worker:
+        worker(args)
+        return {}
+    torch.set_num_threads(args.threads)
+    rows = single_process_rows(args) + scaling_rows(args)
+    report = {"backbone": args.backbone, "patch": args.patch, "batch": args.batch,
+              "steps": args.steps, "rows": rows}  # fmt: skip
+    print(format_rows(rows))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Training checkpoints: save every N steps, resume bit-exactly, refuse what does not fit.
+
+A checkpoint is ``output_dir/checkpoints/step-0000100/``: Accelerate's ``save_state``
+(model, optimizer, scheduler, RNG and sampler states, registered objects such as the EMA)
+plus ``trainer_state.json``, written last. A folder without that file is an interrupted
+save and is never resumed from; older checkpoints are deleted only after a newer one is
+complete, so a run killed while writing leaves the previous checkpoint loadable.
+
+``trainer_state.json`` also holds the run's fingerprint: the settings that decide what it
+computes (:func:`~loraxir.training.config.fingerprint`) and the names and shapes of the
+trained model's tensors. Resuming from a checkpoint of another config or another backbone
+raises :class:`~loraxir.errors.CheckpointError` naming the difference, before anything is
+loaded. Checkpoints hold pickled optimizer states (Accelerate's format): resume only from
+checkpoints your own runs wrote. Results meant for sharing are the safetensors folders a
+recipe writes at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraxir.errors import CheckpointError, ConfigError
+from loraxir.training.config import RecipeConfig, fingerprint
+
+STATE_NAME = "trainer_state.json"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer ``step`` and ``batches`` consumed since the start."""
+
+    step: int = 0
+    batches: int = 0
+
+
+def checkpoint_dir(config: RecipeConfig, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives: ``output_dir/checkpoints/step-0000100``."""
+    return Path(config.output_dir) / CHECKPOINTS_DIR / f"step-{step:07d}"
+
+
+def complete_checkpoints(config: RecipeConfig) -> list[Path]:
+    """Complete checkpoints of ``config.output_dir``, oldest first."""
+    root = Path(config.output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
+
+
+def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> None:
+    """Refuse to start a fresh run over an earlier one, unless ``overwrite`` is set.
+
+    An ``output_dir`` holding checkpoints, ``metrics.json`` or one of the ``results``
+    folders belongs to another run: starting afresh there would mix their checkpoints and
+    replace their results. ``resume`` continues it instead; ``overwrite`` deletes its
+    checkpoints and logs first (results are replaced when the new run saves). Call it on
+    every process before anything is built; only the main process deletes.
+    """
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {str(output_dir)!r} is a file; name a folder.")
+    if config.resume is not None:
+        return
+    found = [
+        name for name in (CHECKPOINTS_DIR, "metrics.json", *results) if (output_dir / name).exists()
+    ]
+    if not found:
+        return
+    if not config.overwrite:
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} already holds {found} of an earlier run. Pass "
+            "--overwrite to replace it, --resume latest to continue it, or choose another "
+            "output_dir."
+        )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for name in (CHECKPOINTS_DIR, LOGS_DIR):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+    PartialState().wait_for_everyone()
+
+
+def model_signature(accelerator: Any) -> str:
+    """A digest of the names and shapes of every prepared model's tensors."""
+    digest = hashlib.sha256()
+    for model in getattr(accelerator, "_models", []):
+        for name, tensor in accelerator.unwrap_model(model).state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(accelerator: Any, config: RecipeConfig, state: TrainState) -> Path:
+    """Save model, optimizer, scheduler, RNG and sampler states; call on every process.
+
+    ``trainer_state.json`` (with the fingerprint) is written last, so a folder without it
+    is never resumed from. Only the ``keep_checkpoints`` newest complete ones are kept.
+    """
+    folder = checkpoint_dir(config, state.step)
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = {
+            **dataclasses.asdict(state),
+            "config": fingerprint(config),
+            "model": model_signature(accelerator),
+        }
+        (folder / STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
+        for old in complete_checkpoints(config)[: -max(1, config.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def maybe_checkpoint(accelerator: Any, config: RecipeConfig, state: TrainState) -> None:
+    """Checkpoint every ``checkpoint_every`` steps and at ``max_steps``."""
+    every = config.checkpoint_every
+    if state.step == config.max_steps or (every and state.step % every == 0):
+        save_checkpoint(accelerator, config, state)
+
+
+def last_checkpoint(config: RecipeConfig) -> Path | None:
+    """The newest complete checkpoint of the run, or ``None``."""
+    found = complete_checkpoints(config)
+    return found[-1] if found else None
+
+
+def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
+    """Restore the checkpoint named by ``config.resume`` (after ``accelerator.prepare``).
+
+    ``None``: a fresh start. ``"latest"``: the newest complete checkpoint in
+    ``output_dir``, or a fresh start when there is none. A path: that checkpoint. The
+    checkpoint's fingerprint must match this run's (:class:`CheckpointError` otherwise).
+    """
+    if config.resume is None:
+        return TrainState()
+    if config.resume == "latest":
+        folder = last_checkpoint(config)
+        if folder is None:
+            accelerator.print(f"No checkpoint in {config.output_dir}; starting from scratch.")
+            return TrainState()
+    else:
+        folder = Path(config.resume)
+        if not (folder / STATE_NAME).is_file():
+            raise CheckpointError(
+                f"{str(folder)!r} is not a complete checkpoint (no {STATE_NAME}); pass a "
+                f"folder under {Path(config.output_dir) / CHECKPOINTS_DIR} or resume=latest."
+            )
+    record = json.loads((folder / STATE_NAME).read_text())
+    _check_fingerprint(folder, record, config, model_signature(accelerator))
+    state = TrainState(step=record["step"], batches=record["batches"])
+    accelerator.load_state(str(folder))
+    accelerator.print(f"Resumed from {folder} at step {state.step}.")
+    return state
+
+
+def _check_fingerprint(
+    folder: Path, record: dict[str, Any], config: RecipeConfig, signature: str
+) -> None:
+    saved = record.get("config")
+    if saved is None:
+        return
+    current = json.loads(json.dumps(fingerprint(config)))
+    differences = [
+        f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"Cannot resume from {str(folder)!r}: it was written by a run with other settings "
+            f"({'; '.join(differences)}). Resume with the settings it was written with, or "
+            "start a new run (another output_dir, or --overwrite)."
+        )
+    if record.get("model") not in (None, signature):
+        raise CheckpointError(
+            f"Cannot resume from {str(folder)!r}: its model has other tensors (names or "
+            "shapes) than the one this run built, although the settings match (was the base "
+            "network or the router replaced on disk?). Start a new run (another output_dir, "
+            "or --overwrite)."
+        )

@@ -1,0 +1,467 @@
+"""What the restoration recipes (pre-training, fine-tuning, new degradations) share:
+their data settings and datasets, the pixel loss, validation, and the backbone folder.
+
+Data: synthetic pairs (a task suite applied to clean photos, split into train and
+validation BY PHOTO so no validation photo is ever trained on), or real paired folders
+(:class:`~loraxir.data.PairedFolder`, one per degradation class), or clean images from a
+🤗 dataset (``source: "hf:<name or folder>[@split]"``). Datasets are built, and missing or
+empty folders reported, before any model is built.
+
+Base networks travel as backbone folders (``backbone.json`` + ``backbone.safetensors``,
+written by :func:`loraxir.backbones.save_backbone`, read by
+:func:`loraxir.backbones.load_backbone`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from loraxir.degradations import Suite
+from loraxir.degradations import suite as load_suite
+from loraxir.errors import ConfigError, DataError
+from loraxir.training.checkpoints import TrainState, resume
+from loraxir.training.config import RecipeConfig, run_setting
+from loraxir.training.engine import (
+    ExponentialMovingAverage,
+    ema_applied,
+    enable_activation_checkpointing,
+    fit,
+    make_loader,
+    make_optimizer_and_scheduler,
+    maybe_ema,
+    setup_accelerator,
+)
+from loraxir.training.evaluation import (
+    evaluate_restoration,
+    first_item_per_task,
+    save_image_grid,
+    scalars,
+    write_json,
+)
+
+LOSSES = ("psnr", "l1")
+Restore = Callable[[dict[str, Any]], Tensor]
+
+
+@dataclass
+class RestorationConfig(RecipeConfig):
+    """Settings shared by the restoration recipes (on top of :class:`RecipeConfig`)."""
+
+    suite: str = field(
+        default="five_task", metadata={"help": "Task suite (name or YAML) of synthetic pairs."}
+    )
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": "Train and validate on these tasks of the suite only."}
+    )
+    source: str = field(
+        default="skimage",
+        metadata={"help": "Clean images: 'skimage', a folder, or 'hf:<dataset>[@split]'."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column (hf: source)."})
+    paired_train: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Real pairs instead of synthetic: {class name: folder} for training."},
+    )
+    paired_val: dict[str, str] | None = field(
+        default=None, metadata={"help": "Real pairs for validation: {class name: folder}."}
+    )
+    patch_size: int = field(default=128, metadata={"help": "Side of the training patches."})
+    val_patch_size: int | None = field(
+        default=128, metadata={"help": "Side of validation patches; null: whole images."}
+    )
+    train_repeats: int = field(default=8, metadata={"help": "Patches per (image, task) per epoch."})
+    val_repeats: int = field(default=2, metadata={"help": "Validation patches per (image, task)."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Share of photos held out."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/val photo split."})
+    loss: str = field(default="psnr", metadata={"help": "'psnr' (PSNR loss) or 'l1'."})
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "EMA of the trained weights (validated, saved); 0: off."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute block activations in backward."}
+    )
+    validate_every: int = run_setting(0, "Steps between validations; 0: only at the end.")
+    val_batch_size: int | None = run_setting(None, "Validation batch (default batch_size).")
+    val_y_channel: bool = field(
+        default=False, metadata={"help": "Validate on the Y channel (BT.601), as BasicSR."}
+    )
+    val_crop_border: int = field(default=0, metadata={"help": "Pixels cropped before metrics."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        if (self.paired_train is None) != (self.paired_val is None):
+            raise ConfigError(
+                "Give both paired_train and paired_val (real pairs need held-out pairs to "
+                "validate on), or neither (synthetic pairs from `source`)."
+            )
+        if self.ema_decay and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}.")
+
+
+@dataclass
+class RestorationData:
+    """Training and validation sets and the names their integer fields index.
+
+    ``task_names[item["task"]]`` names an item's task (metrics are per task);
+    ``class_names[item["label"]]`` its degradation class (routing by label); ``classes``
+    are the classes present in the data, in ``class_names`` order.
+    """
+
+    train: Dataset
+    val: Dataset
+    task_names: list[str]
+    class_names: list[str]
+    classes: list[str]
+
+
+class EpochConcat(ConcatDataset):
+    """A ``ConcatDataset`` that passes ``set_epoch`` on (fresh crops each epoch) and
+    exposes ``task_labels``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+    @property
+    def task_labels(self) -> list[int]:
+        return [label for part in self.datasets for label in part.task_labels]
+
+
+class FixedDraws(Dataset):
+    """A dataset that always draws its epoch-0 items, whatever ``set_epoch`` calls the
+    loader makes (Accelerate's loaders set a new epoch on every pass): the validation set
+    must be the same images at every validation, on every number of processes."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    @property
+    def task_labels(self) -> list[int]:
+        return list(self.dataset.task_labels)
+
+
+def build_data(
+    config: RestorationConfig,
+    suite: Suite | None = None,
+    tasks: list[str] | None = None,
+    repeats: dict[str, int] | None = None,
+) -> RestorationData:
+    """The datasets of ``config``; raises :class:`DataError` on missing or empty data.
+
+    Synthetic data uses ``suite`` (default: ``config.suite``) restricted to ``tasks``
+    (default: ``config.tasks``, else all); ``repeats`` gives some tasks their own number
+    of training patches per photo (default ``config.train_repeats``), e.g. a replay
+    sample of old tasks.
+    """
+    if config.paired_train is not None:
+        data = _paired_data(config)
+    else:
+        suite = suite or load_suite(config.suite)
+        tasks = tasks or config.tasks or suite.task_names
+        data = _synthetic_data(config, suite, tasks, repeats or {})
+    if len(data.train) < config.batch_size:
+        raise DataError(
+            f"The training set has {len(data.train)} items, fewer than one batch of "
+            f"{config.batch_size}; add data, raise train_repeats or lower batch_size."
+        )
+    if len(data.val) == 0:
+        raise DataError("The validation set is empty; add held-out images or pairs.")
+    data.val = FixedDraws(data.val)
+    return data
+
+
+def _synthetic_data(
+    config: RestorationConfig, suite: Suite, tasks: list[str], repeats: dict[str, int]
+) -> RestorationData:
+    from loraxir.data import SyntheticPairs, open_source
+
+    tasks = [suite.task_names[suite.index(t)] for t in tasks]
+    source = open_source(_open_source(config.source), config.image_column)
+    split = {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
+    groups: dict[int, list[str]] = {}
+    for task in tasks:
+        groups.setdefault(repeats.get(task, config.train_repeats), []).append(task)
+    parts = [
+        SyntheticPairs(
+            source,
+            suite,
+            config.patch_size,
+            tasks=names,
+            split="train",
+            seed=config.seed,
+            repeats=count,
+            **split,
+        )
+        for count, names in groups.items()
+    ]
+    val = SyntheticPairs(
+        source,
+        suite,
+        config.val_patch_size,
+        tasks=tasks,
+        split="test",
+        seed=config.seed + 1,
+        repeats=config.val_repeats,
+        **split,
+    )
+    train = parts[0] if len(parts) == 1 else EpochConcat(parts)
+    present = {suite.task(t).label for t in tasks}
+    classes = [name for name in suite.labels if name in present]
+    return RestorationData(train, val, suite.task_names, suite.labels, classes)
+
+
+def _open_source(source: str) -> Any:
+    """``"skimage"`` and folders pass through; ``"hf:name[@split]"`` loads a 🤗 dataset."""
+    if not source.startswith("hf:"):
+        if source != "skimage" and not Path(source).is_dir():
+            raise DataError(
+                f"source {source!r} is neither 'skimage', a folder of images, nor "
+                "'hf:<dataset>[@split]'."
+            )
+        return source
+    import datasets
+
+    name, _, split = source[3:].partition("@")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise DataError(f"Cannot load the 🤗 dataset {name!r}: {error}") from None
+
+
+def _paired_data(config: RestorationConfig) -> RestorationData:
+    from loraxir.data import PairedFolder
+
+    names = list(config.paired_train or {})
+    if set(config.paired_val or {}) - set(names):
+        extra = sorted(set(config.paired_val or {}) - set(names))
+        raise ConfigError(f"paired_val has classes {extra} that paired_train lacks: {names}.")
+
+    def folders(mapping: dict[str, str], train: bool) -> EpochConcat:
+        return EpochConcat(
+            [
+                PairedFolder(
+                    folder,
+                    task=name,
+                    task_names=names,
+                    patch_size=config.patch_size if train else config.val_patch_size,
+                    seed=config.seed if train else config.seed + 1,
+                    augment=train,
+                )
+                for name, folder in mapping.items()
+            ]
+        )
+
+    train, val = folders(config.paired_train, True), folders(config.paired_val, False)
+    return RestorationData(train, val, names, names, names)
+
+
+def pixel_loss(restored: Tensor, target: Tensor, kind: str) -> Tensor:
+    """``"l1"``: mean absolute error. ``"psnr"``: the PSNR loss of NAFNet and LoRA-IR,
+    ``mean_b 10·log10(MSE_b + 1e-8)`` (minus the PSNR of each image in [0, 1], up to a
+    constant), so that every image's error counts in decibels whatever its level."""
+    restored, target = restored.float(), target.float()
+    if kind == "l1":
+        return (restored - target).abs().mean()
+    mse = (restored - target).pow(2).mean(dim=(1, 2, 3))
+    return (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
+
+
+def validation_items(data: RestorationData) -> list[dict[str, Any]]:
+    """The items drawn in image grids: the first validation item of each task."""
+    return first_item_per_task(data.val, data.task_names)
+
+
+def validate(
+    accelerator: Any,
+    config: RestorationConfig,
+    restore: Restore,
+    val_loader: Any,
+    data: RestorationData,
+    step: int,
+    ema: ExponentialMovingAverage | None = None,
+    prefix: str = "val",
+) -> dict[str, Any]:
+    """Evaluate (with the EMA weights when there is an EMA), log the scalars and an image
+    grid (``output_dir/figures/<prefix>_step-N.png`` and tensorboard). Returns the summary
+    of :func:`~loraxir.training.evaluation.evaluate_restoration`."""
+    with ema_applied(ema):
+        metrics = evaluate_restoration(
+            accelerator,
+            restore,
+            val_loader,
+            data.task_names,
+            y_channel=config.val_y_channel,
+            crop_border=config.val_crop_border,
+        )
+        if accelerator.is_main_process:
+            path = Path(config.output_dir) / "figures" / f"{prefix}_step-{step:07d}.png"
+            save_image_grid(
+                accelerator, restore, validation_items(data), path, step, f"{prefix}/restored"
+            )
+    accelerator.log(scalars(prefix, metrics), step=step)
+    accelerator.print(
+        f"step {step} {prefix}: PSNR {metrics['psnr']:.2f} dB (input {metrics['input_psnr']:.2f}), "
+        f"SSIM {metrics['ssim']:.4f}"
+    )
+    return metrics
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """A backbone's own tensors under its native keys, also while it carries experts or
+    DAM blocks: expert layers' ``base_layer`` unwrapped, every ``loraxir_`` part (experts,
+    DAM) left out. Load it into a fresh backbone to save a fine-tuned base network."""
+    state = {}
+    for key, value in module.state_dict().items():
+        if any(part.startswith("loraxir_") for part in key.split(".")):
+            continue
+        state[key.replace(".base_layer.", ".")] = value.detach().cpu()
+    return state
+
+
+@dataclass
+class RestorationRun:
+    """One restoration recipe's run after ``accelerator.prepare``: what every recipe's
+    ``main`` holds, and the steps they share (validate, train, finish)."""
+
+    config: RestorationConfig
+    data: RestorationData
+    accelerator: Any
+    model: nn.Module
+    unwrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    ema: ExponentialMovingAverage | None
+    state: TrainState = field(default_factory=TrainState)
+
+    def validate(self, restore: Restore, step: int, prefix: str = "val") -> dict[str, Any]:
+        """:func:`validate` on this run's validation set."""
+        return validate(
+            self.accelerator,
+            self.config,
+            restore,
+            self.val_loader,
+            self.data,
+            step,
+            self.ema,
+            prefix,
+        )
+
+    start_step: int = 0
+
+    def restore_images(self, batch: dict[str, Any]) -> Tensor:
+        """Validation call of a network that takes only the degraded images (no routing
+        arguments): pre-training, or a network routed inside its own forward."""
+        self.unwrapped.eval()
+        return self.unwrapped(batch["lq"])
+
+    def images_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Training loss of such a network: ``config.loss`` between output and target."""
+        return pixel_loss(self.model(batch["lq"]), batch["gt"], self.config.loss)
+
+    def resume(self) -> int:
+        """Restore ``config.resume`` (if any); returns the step training resumes from."""
+        self.state = resume(self.accelerator, self.config)
+        self.start_step = self.state.step
+        return self.start_step
+
+    @property
+    def trainable_parameters(self) -> int:
+        """How many parameters train."""
+        return sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
+
+    def record(self, **results: Any) -> dict[str, Any]:
+        """``results`` plus what every recipe reports about its run (``metrics.json``)."""
+        return {
+            **results,
+            "steps": self.state.step,
+            "resumed_from_step": self.start_step,
+            "num_processes": self.accelerator.num_processes,
+            "trainable_parameters": self.trainable_parameters,
+        }
+
+    def fit(self, compute_loss: Callable[[Any], Tensor], restore: Restore, desc: str) -> None:
+        """Train to ``max_steps``, validating every ``validate_every`` steps."""
+        fit(
+            self.accelerator,
+            self.config,
+            self.state,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loader=self.train_loader,
+            compute_loss=compute_loss,
+            ema=self.ema,
+            validate=lambda step: self.validate(restore, step),
+            validate_every=self.config.validate_every,
+            desc=desc,
+        )
+
+    def finish(self, metrics: dict[str, Any], save: Callable[[], None], report: str) -> None:
+        """On the main process, ``save()`` the result (with the EMA weights in place),
+        write ``metrics.json`` and print ``report``; then close the run on every process."""
+        if self.accelerator.is_main_process:
+            with ema_applied(self.ema):
+                save()
+            write_json(Path(self.config.output_dir) / "metrics.json", metrics)
+            print(report)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def start_run(
+    config: RestorationConfig,
+    data: RestorationData,
+    project: str,
+    build_model: Callable[[], nn.Module],
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+    find_unused_parameters: bool = False,
+) -> RestorationRun:
+    """Set up the Accelerator (seeding it first), build the model, activation
+    checkpointing, optimizer and schedule, loaders and EMA, and ``prepare`` them.
+
+    ``param_groups(model)`` gives the optimizer's groups (default: one group of every
+    trainable parameter); ``find_unused_parameters`` goes to DDP.
+    """
+    accelerator = setup_accelerator(config, project, find_unused_parameters)
+    model = build_model()
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    groups = param_groups(model) if param_groups else [{"params": list(model.parameters())}]
+    optimizer, scheduler = make_optimizer_and_scheduler(groups, config)
+    train_loader = make_loader(data.train, config, shuffle=True)
+    val_loader = make_loader(data.val, config, shuffle=False, batch_size=config.val_batch_size)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    ema = maybe_ema(accelerator, unwrapped, config.ema_decay)
+    return RestorationRun(
+        config,
+        data,
+        accelerator,
+        model,
+        unwrapped,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        ema,
+    )

@@ -1,0 +1,258 @@
+"""A new degradation for a trained adapter: one new expert per layer, one new router class.
+
+    python recipes/add_degradation.py --config recipes/configs/add_degradation_tiny.yaml --cpu
+
+Loads a self-contained adapter folder (``adapter``, e.g. the ``adapter/`` written by
+``recipes/finetune.py``), adds the class ``new_degradation``
+(:meth:`loraxir.LoraIRModel.add_degradation`: a fresh expert in every layer, ``B = 0``),
+and trains only the new parts: the new expert, and the new row of the router's linear
+head (its old rows receive no gradient and no weight decay, so the old classes' logits
+stay exactly as they were). Training data: the new degradation (``new_tasks`` of
+``new_suite``, all labelled ``new_degradation``) plus a replay sample of the old tasks
+(``replay_repeats`` patches per photo and task): images routed by their labels train the
+new expert, and the router's new row learns to tell the new class from the old ones.
+
+Everything old is frozen, so routed to their own experts the old tasks' outputs are
+unchanged: bit for bit in a batch of old classes; to float rounding (~1e-7) in a batch
+that also holds images routed to the new expert, as the validation batches here do.
+``metrics.json`` reports every task's validation PSNR/SSIM before (the new expert still
+zero) and after training, and the change per task.
+
+Writes to ``output_dir``: ``adapter/`` (the grown adapter, self-contained),
+``metrics.json``, ``figures/``, tensorboard ``logs/`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraxir.degradations import Suite, Task
+from loraxir.degradations import suite as load_suite
+from loraxir.errors import ConfigError
+from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
+from loraxir.training.models import routing_arguments, save_adapter
+from loraxir.training.restoration import (
+    RestorationConfig,
+    RestorationData,
+    build_data,
+    pixel_loss,
+    start_run,
+)
+
+ROUTE_BY = ("label", "router")
+
+
+@dataclass
+class AddDegradationConfig(RestorationConfig):
+    """Settings of ``add_degradation.py`` (on top of :class:`RestorationConfig`)."""
+
+    output_dir: str = field(
+        default="outputs/add_degradation", metadata={"help": "Results.", "run": True}
+    )
+    adapter: str = field(
+        default="outputs/finetune/adapter",
+        metadata={"help": "Self-contained adapter folder to grow (finetune.py's adapter/)."},
+    )
+    new_degradation: str = field(default="snow", metadata={"help": "Name of the new class."})
+    new_suite: str = field(
+        default="all_weather", metadata={"help": "Suite (name or YAML) holding the new tasks."}
+    )
+    new_tasks: list[str] | None = field(
+        default=None, metadata={"help": "Its tasks forming the new class (default: the name)."}
+    )
+    replay_repeats: int = field(
+        default=1, metadata={"help": "Replay patches per (photo, old task) per epoch."}
+    )
+    train_router: bool = field(
+        default=True, metadata={"help": "Train the router's new class (linear heads)."}
+    )
+    router_loss_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the router's cross-entropy."}
+    )
+    route_by: str = field(
+        default="label", metadata={"help": "Validation routing: 'label' or 'router'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.route_by not in ROUTE_BY:
+            raise ConfigError(f"route_by must be one of {ROUTE_BY}, got {self.route_by!r}.")
+        if self.replay_repeats < 1:
+            raise ConfigError(f"replay_repeats must be >= 1, got {self.replay_repeats}.")
+
+
+def grown_suite(config: AddDegradationConfig, old_classes: list[str]) -> tuple[Suite, list[str]]:
+    """The old tasks (those of the adapter's classes) plus the new tasks, relabelled
+    ``new_degradation``, as one suite; and the names of the old tasks."""
+    old = load_suite(config.suite)
+    new = load_suite(config.new_suite)
+    old_tasks = [
+        task
+        for task in old.tasks
+        if task.label in old_classes and (not config.tasks or task.name in config.tasks)
+    ]
+    if not old_tasks:
+        raise ConfigError(
+            f"No task of suite {old.name!r} has one of the adapter's classes {old_classes}; "
+            "set suite= to the suite the adapter was trained on (for the replay)."
+        )
+    new_tasks = [new.task(name) for name in config.new_tasks or [config.new_degradation]]
+    clash = sorted({t.name for t in new_tasks} & {t.name for t in old_tasks})
+    if clash:
+        raise ConfigError(f"New tasks {clash} have the names of old tasks; rename them.")
+    relabelled = [
+        Task(t.name, config.new_degradation, t.pipeline, t.description) for t in new_tasks
+    ]
+    grown = Suite(f"{old.name}+{config.new_degradation}", "", (*old_tasks, *relabelled))
+    return grown, [t.name for t in old_tasks]
+
+
+class _GrowthModule(nn.Module):
+    """What the optimizer trains, in one forward (for DDP): restored images, and the
+    router's logits when its new class trains."""
+
+    def __init__(self, model: nn.Module, train_router: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.train_router = train_router
+
+    def forward(
+        self, images: torch.Tensor, **routing: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        restored = self.model(images, **routing)
+        logits = self.model.loraxir_router.route(images).logits if self.train_router else None
+        return restored, logits
+
+
+def build_model(config: AddDegradationConfig, data: RestorationData) -> _GrowthModule:
+    """The adapter with the new class added and only the new parts trainable."""
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+
+    model = LoraIRModel.from_pretrained(
+        load_backbone(config.adapter), config.adapter, is_trainable=True
+    )
+    if config.new_degradation in model.degradations:
+        raise ConfigError(
+            f"The adapter already has the class {config.new_degradation!r}: {model.degradations}."
+        )
+    model.add_degradation(config.new_degradation, trainable="new_experts")
+    missing = sorted(set(data.classes) - set(model.degradations))
+    if missing:
+        raise ConfigError(f"The data has classes {missing} the adapter lacks.")
+    router = model.loraxir_router
+    train_router = config.train_router and router is not None
+    if train_router:
+        if not isinstance(router.head, nn.Linear):
+            raise ConfigError(
+                "train_router needs a linear router head; a text-prototype head knows the new "
+                "class from its name already (set train_router=false)."
+            )
+        _train_last_row(router.head)
+    return _GrowthModule(model, train_router)
+
+
+def _train_last_row(head: nn.Linear) -> None:
+    """Let only the last row (the new class) of ``head`` learn: the others get no
+    gradient (and, in a group without weight decay, no update at all)."""
+    mask = torch.zeros(head.out_features, 1)
+    mask[-1] = 1
+    head.weight.requires_grad = True
+    head.weight.register_hook(lambda grad: grad * mask.to(grad))
+    if head.bias is not None:
+        head.bias.requires_grad = True
+        head.bias.register_hook(lambda grad: grad * mask[:, 0].to(grad))
+
+
+def _param_groups(module: nn.Module) -> list[dict[str, Any]]:
+    router = module.model.loraxir_router
+    head = list(router.head.parameters()) if module.train_router else []
+    others = [p for p in module.parameters() if all(p is not h for h in head)]
+    return [{"params": others}, {"params": head, "weight_decay": 0.0}]
+
+
+def per_task_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """PSNR before, after and the change, per task."""
+    return {
+        task: {
+            "before": before["per_task"][task]["psnr"],
+            "after": numbers["psnr"],
+            "change": numbers["psnr"] - before["per_task"][task]["psnr"],
+        }
+        for task, numbers in after["per_task"].items()
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
+    from loraxir import LoraIRConfig
+
+    config = parse_recipe_args(AddDegradationConfig, __doc__.splitlines()[0], argv)
+    prepare_output_dir(config, ("adapter",))
+    old_classes = LoraIRConfig.from_file(Path(config.adapter) / "adapter_config.json").degradations
+    suite, old_tasks = grown_suite(config, old_classes)
+    replay = dict.fromkeys(old_tasks, config.replay_repeats)
+    data = build_data(config, suite, [t.name for t in suite.tasks], replay)
+    run = start_run(
+        config,
+        data,
+        "add_degradation",
+        lambda: build_model(config, data),
+        param_groups=_param_groups,
+        find_unused_parameters=True,
+    )
+    module, unwrapped = run.model, run.unwrapped
+    lora_model = unwrapped.model
+    class_index = torch.tensor([lora_model.degradations.index(n) for n in data.class_names])
+
+    def restore(batch: dict[str, Any]) -> torch.Tensor:
+        lora_model.eval()
+        return lora_model(batch["lq"], **routing_arguments(config.route_by, batch, data))
+
+    def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
+        restored, logits = module(batch["lq"], **routing_arguments("label", batch, data))
+        loss = pixel_loss(restored, batch["gt"], config.loss)
+        if logits is not None:
+            targets = class_index.to(logits.device)[batch["label"]]
+            loss = loss + config.router_loss_weight * F.cross_entropy(logits.float(), targets)
+        return loss
+
+    before = run.validate(restore, 0, "before")
+    run.resume()
+    run.accelerator.print(
+        f"Adding {config.new_degradation!r} to {old_classes}: training "
+        f"{run.trainable_parameters:,} parameters on {len(data.train)} patches (new tasks and "
+        f"a replay of {old_tasks}), {run.accelerator.num_processes} process(es)."
+    )
+    run.fit(compute_loss, restore, "add_degradation")
+    after = run.validate(restore, run.state.step)
+    metrics = run.record(
+        before=before,
+        after=after,
+        per_task=per_task_change(before, after),
+        old_tasks=old_tasks,
+        new_degradation=config.new_degradation,
+        experts=lora_model.degradations,
+    )
+    run.finish(
+        metrics,
+        lambda: save_adapter(
+            lora_model, Path(config.output_dir) / "adapter", config.adapter, after
+        ),
+        format_table(before, f"before (new expert at zero), routed by {config.route_by}")
+        + "\n"
+        + format_table(after, f"after {run.state.step} steps"),
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

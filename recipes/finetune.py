@@ -1,0 +1,180 @@
+"""Expert fine-tuning (stage 3 of LoRA-IR): routed low-rank experts on a pre-trained network.
+
+    python recipes/finetune.py --config recipes/configs/finetune_tiny.yaml --cpu
+
+Loads the output of ``recipes/pretrain.py`` (``base``: a folder with ``backbone.json``,
+``backbone.safetensors``, and ``dam.safetensors`` and ``router/`` when it was pre-trained
+with DAM; or any checkpoint spandrel loads), attaches one expert per degradation class to
+every targeted layer (a :class:`~loraxir.LoraIRConfig` built from the settings below),
+and trains them per ``trainable``: ``experts`` (everything else frozen, the paper's PEFT
+stage), ``experts+router`` or ``all``. Each image is routed by the router
+(``route_by: router``) or by its degradation label (``route_by: label``; needs no router).
+
+Writes to ``output_dir``: ``adapter/`` (a self-contained adapter folder: config, experts,
+DAM blocks and router weights, model card with the metrics, and the base network as
+``backbone.json`` + ``backbone.safetensors``), ``metrics.json`` (validation PSNR/SSIM per
+task before and after, and of the degraded input), ``figures/``, tensorboard ``logs/`` and
+``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraxir.errors import ConfigError
+from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
+from loraxir.training.models import (
+    attach_experts,
+    has_dam,
+    load_base,
+    routing_arguments,
+    save_adapter,
+)
+from loraxir.training.restoration import (
+    RestorationConfig,
+    RestorationData,
+    build_data,
+    pixel_loss,
+    start_run,
+)
+
+ROUTE_BY = ("router", "label")
+
+
+@dataclass
+class FinetuneConfig(RestorationConfig):
+    """Settings of ``finetune.py`` (on top of :class:`RestorationConfig`)."""
+
+    output_dir: str = field(default="outputs/finetune", metadata={"help": "Results.", "run": True})
+    base: str = field(
+        default="outputs/pretrain/backbone",
+        metadata={"help": "Pre-trained network: a pretrain.py output folder or a checkpoint."},
+    )
+    router: str | None = field(
+        default=None,
+        metadata={"help": "Router folder (default: base/router when present; 'none': no router)."},
+    )
+    route_by: str = field(
+        default="router", metadata={"help": "'router' (the router's gates) or 'label'."}
+    )
+    experts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Expert classes (default: the router's, else the data's classes)."},
+    )
+    r: int = field(default=8, metadata={"help": "Rank of each expert."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Experts scale by lora_alpha / r."})
+    top_k: int = field(default=1, metadata={"help": "Experts mixed per image."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules that get experts (default: the preset's)."}
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules never to target."}
+    )
+    preset: str | None = field(default=None, metadata={"help": "Backbone preset (detected)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
+    init: str = field(default="default", metadata={"help": "'default' or 'gaussian'."})
+    compute: str = field(
+        default="auto", metadata={"help": "'auto', 'activation', 'weight' or 'batched'."}
+    )
+    trainable: str = field(
+        default="experts", metadata={"help": "'experts', 'experts+router' or 'all'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.route_by not in ROUTE_BY:
+            raise ConfigError(f"route_by must be one of {ROUTE_BY}, got {self.route_by!r}.")
+        if self.trainable not in ("experts", "experts+router", "all"):
+            raise ConfigError(
+                f"trainable must be 'experts', 'experts+router' or 'all', got {self.trainable!r}."
+            )
+        if self.trainable == "experts+router" and self.route_by == "label":
+            raise ConfigError(
+                "trainable='experts+router' trains the router through its gates, but "
+                "route_by='label' bypasses them; use route_by='router' or trainable='experts'."
+            )
+
+
+def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
+    """The pre-trained network with experts attached, per ``config``."""
+    backbone, router = load_base(config.base, config.router)
+    if router is None and (config.route_by == "router" or has_dam(backbone)):
+        raise ConfigError(
+            f"{config.base!r} has no router/ and no router= was given, but "
+            f"{'its DAM blocks need' if has_dam(backbone) else 'route_by=router needs'} one; "
+            "pass router=<folder written by recipes/train_router.py>."
+        )
+    classes = config.experts or (router.degradations if router else data.classes)
+    if config.route_by == "label":
+        missing = sorted(set(data.classes) - set(classes))
+        if missing:
+            raise ConfigError(
+                f"route_by='label' but the data's classes {missing} have no expert among "
+                f"{classes}; set experts= to cover every class of the data."
+            )
+    settings = {
+        name: getattr(config, name)
+        for name in (
+            "r",
+            "lora_alpha",
+            "top_k",
+            "target_modules",
+            "exclude_modules",
+            "preset",
+            "lora_dropout",
+            "init",
+            "compute",
+            "trainable",
+        )
+    }
+    return attach_experts(backbone, classes, settings, router=router)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
+    config = parse_recipe_args(FinetuneConfig, __doc__.splitlines()[0], argv)
+    prepare_output_dir(config, ("adapter",))
+    data = build_data(config)
+    run = start_run(config, data, "finetune", lambda: build_model(config, data))
+    model, unwrapped = run.model, run.unwrapped
+
+    def restore(batch: dict[str, Any]) -> torch.Tensor:
+        unwrapped.eval()
+        return unwrapped(batch["lq"], **routing_arguments(config.route_by, batch, data))
+
+    def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
+        restored = model(batch["lq"], **routing_arguments(config.route_by, batch, data))
+        return pixel_loss(restored, batch["gt"], config.loss)
+
+    initial = run.validate(restore, 0, "initial")
+    run.resume()
+    total = sum(p.numel() for p in unwrapped.parameters())
+    run.accelerator.print(
+        f"Fine-tuning {run.trainable_parameters:,} of {total:,} parameters ({config.trainable}) "
+        f"on {len(data.train)} patches of {data.task_names}, routed by {config.route_by}, "
+        f"{run.accelerator.num_processes} process(es)."
+    )
+    run.fit(compute_loss, restore, "finetune")
+    final = run.validate(restore, run.state.step)
+    metrics = run.record(
+        final=final, initial=initial, route_by=config.route_by, experts=unwrapped.degradations
+    )
+    run.finish(
+        metrics,
+        lambda: save_adapter(unwrapped, Path(config.output_dir) / "adapter", config.base, final),
+        format_table(initial, "before fine-tuning (the pre-trained network)")
+        + "\n"
+        + format_table(final, f"after {run.state.step} steps"),
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

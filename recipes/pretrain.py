@@ -1,0 +1,117 @@
+"""Degradation-guided pre-training (stage 2 of LoRA-IR): the backbone and its DAM blocks.
+
+    python recipes/pretrain.py --config recipes/configs/pretrain_tiny.yaml --cpu
+
+Trains a restoration network on every task of a suite at once (synthetic pairs from clean
+photos split into train and validation by photo, real paired folders, or clean images
+from a 🤗 dataset). With ``router`` (a folder written by ``recipes/train_router.py``), the
+frozen router's degradation embedding steers the network through DAM blocks placed at the
+family's points (``dam_points`` to choose others); without it, the plain network trains
+("no-DAM base"). The network starts from scratch (``backbone`` + ``backbone_args``, see
+``loraxir.list_backbones()``) or from ``init_checkpoint`` (any checkpoint spandrel loads).
+Loss: the PSNR loss (``loss: psnr``) or L1.
+
+Writes to ``output_dir``: ``backbone/`` (``backbone.json``, ``backbone.safetensors``, and
+with a router ``dam.safetensors`` and ``router/``: the ``base`` of ``recipes/finetune.py``),
+``metrics.json`` (validation PSNR/SSIM per task, and of the degraded input), ``figures/``,
+tensorboard ``logs/`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
+from loraxir.training.restoration import RestorationConfig, build_data, start_run
+
+RESULT_DIR = "backbone"
+
+
+@dataclass
+class PretrainConfig(RestorationConfig):
+    """Settings of ``pretrain.py`` (on top of :class:`RestorationConfig`)."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Results.", "run": True})
+    backbone: str = field(
+        default="nafnet", metadata={"help": "Network to build (loraxir.list_backbones())."}
+    )
+    backbone_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Hyper-parameters overriding the defaults."}
+    )
+    init_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Start from this checkpoint (spandrel-loadable) instead of scratch."},
+    )
+    router: str | None = field(
+        default=None,
+        metadata={"help": "Trained router folder (frozen) driving DAM blocks; null: no DAM."},
+    )
+    dam_points: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules DAM blocks precede (default: the family's)."}
+    )
+
+
+def build_model(config: PretrainConfig) -> nn.Module:
+    """The network to train: a backbone, wrapped with DAM and its frozen router if any."""
+    from loraxir.backbones import create_backbone, load_backbone
+
+    if config.init_checkpoint is not None:
+        backbone = load_backbone(config.init_checkpoint)
+        dam = Path(config.init_checkpoint) / "dam.safetensors"
+        if config.router is not None and dam.is_file():  # continue a guided pre-training
+            from loraxir.guidance import load_dam
+
+            load_dam(backbone, dam)
+    else:
+        backbone = create_backbone(config.backbone, **config.backbone_args)
+    if config.router is None:
+        return backbone
+    from loraxir.guidance import GuidedBackbone
+    from loraxir.router import DegradationRouter
+
+    router = DegradationRouter.from_pretrained(config.router)
+    return GuidedBackbone(backbone, router, points=config.dam_points)
+
+
+def save_result(model: nn.Module, folder: Path) -> None:
+    """Write the pre-trained network folder (with DAM blocks and router when guided)."""
+    from loraxir.backbones import save_backbone
+
+    if hasattr(model, "router"):
+        model.save_pretrained(folder)
+    else:
+        save_backbone(model, folder)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
+    config = parse_recipe_args(PretrainConfig, __doc__.splitlines()[0], argv)
+    prepare_output_dir(config, (RESULT_DIR,))
+    data = build_data(config)
+    run = start_run(config, data, "pretrain", lambda: build_model(config))
+    run.resume()
+    guidance = f"DAM driven by {config.router}" if config.router else "no DAM"
+    run.accelerator.print(
+        f"Pre-training {run.trainable_parameters:,} parameters ({guidance}) on "
+        f"{len(data.train)} patches of {data.task_names}, "
+        f"{run.accelerator.num_processes} process(es)."
+    )
+    run.fit(run.images_loss, run.restore_images, "pretrain")
+    final = run.validate(run.restore_images, run.state.step)
+    metrics = run.record(final=final, dam=config.router is not None)
+    run.finish(
+        metrics,
+        lambda: save_result(run.unwrapped, Path(config.output_dir) / RESULT_DIR),
+        format_table(final, f"pre-trained for {run.state.step} steps"),
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,284 @@
+"""DAM blocks: identity at insertion, the formula, insertion checks, training, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import loraxir
+from loraxir import ConfigError, LoraIRConfig, TargetModulesError
+from loraxir.config import DAMConfig
+from loraxir.guidance import (
+    DAMBlock,
+    GuidedBackbone,
+    dam_config,
+    dam_points,
+    dam_state_dict,
+    insert_dam,
+    load_dam,
+    save_dam,
+)
+from loraxir.router import DegradationRouter
+from loraxir.routing import RoutingState
+from tests.conftest import randomize_experts, rel_err
+
+DEGRADATIONS = ["noise", "rain", "haze"]
+EMBED_DIM = 16
+
+# (backbone, the family's default points, input size)
+FAMILY_CASES = [
+    ("nafnet-tiny", ["encoders.0", "encoders.1", "middle_blks"], 32),
+    ("restormer-tiny", ["encoder_level1", "encoder_level2", "encoder_level3", "latent"], 32),
+    ("swinir-tiny", ["layers.0", "layers.1"], 32),
+]
+
+
+def _router(seed: int = 8) -> DegradationRouter:
+    torch.manual_seed(seed)
+    return DegradationRouter.from_encoder(
+        "cnn-tiny", degradations=DEGRADATIONS, embed_dim=EMBED_DIM
+    ).eval()
+
+
+def _perturb_dam(backbone: torch.nn.Module, scale: float = 0.5) -> None:
+    with torch.no_grad():
+        for name, param in backbone.named_parameters():
+            if "loraxir_dam." in name:
+                param.normal_(0.0, scale)
+
+
+def _reference_dam(block: DAMBlock, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """The formula written out independently, for (B, C, H, W) inputs."""
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, keepdim=True, unbiased=False)
+    normed = (x - mean) / torch.sqrt(var + 1e-5)
+    hidden = torch.nn.functional.gelu(embedding @ block.mlp[0].weight.T + block.mlp[0].bias)
+    gate = torch.sigmoid(hidden @ block.mlp[2].weight.T + block.mlp[2].bias)
+    return x + block.beta.view(1, -1, 1, 1) * normed * gate[:, :, None, None]
+
+
+@pytest.mark.parametrize(("name", "points", "size"), FAMILY_CASES)
+def test_insertion_at_family_points_is_bit_identical_and_trained_blocks_change_output(
+    name, points, size
+):
+    backbone = loraxir.create_backbone(name).eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        expected = backbone(x)
+    routing = RoutingState()
+    assert insert_dam(backbone, None, EMBED_DIM, routing) == points
+    embedding = torch.randn(2, EMBED_DIM)
+    with torch.no_grad(), routing.activate(None, embedding):
+        assert torch.equal(backbone(x), expected)
+        _perturb_dam(backbone)
+        assert rel_err(backbone(x), expected) > 1e-3
+
+
+def test_scunet_points_get_the_width_of_their_whole_input():
+    backbone = loraxir.create_backbone("scunet-tiny")
+    insert_dam(backbone, None, EMBED_DIM, RoutingState())
+    assert {block.point: block.channels for block in backbone.loraxir_dam.values()} == {
+        "m_down1": 64,
+        "m_down2": 128,
+        "m_down3": 256,
+        "m_body": 512,
+    }
+
+
+def test_block_matches_the_formula_for_images_tokens_and_window_major_tokens():
+    torch.manual_seed(1)
+    block = DAMBlock(6, EMBED_DIM)
+    with torch.no_grad():
+        block.beta.normal_()
+    x = torch.randn(2, 6, 5, 4)
+    embedding = torch.randn(2, EMBED_DIM)
+    expected = _reference_dam(block, x, embedding)
+    assert rel_err(block(x, embedding), expected) < 1e-6
+    tokens = x.flatten(2).transpose(1, 2)  # (B, H·W, C)
+    assert rel_err(block(tokens, embedding), expected.flatten(2).transpose(1, 2)) < 1e-6
+    # Window-major: image 0's four windows of five tokens first, then image 1's.
+    windows = tokens.reshape(2 * 4, 5, 6)
+    assert (
+        rel_err(block(windows, embedding), expected.flatten(2).transpose(1, 2).reshape(8, 5, 6))
+        < 1e-6
+    )
+    with pytest.raises(ConfigError, match="whole number per image"):
+        block(torch.randn(3, 5, 6), embedding)
+    with pytest.raises(ConfigError, match=r"has 6 channels but its input has shape \(2, 7, 5, 4\)"):
+        block(torch.randn(2, 7, 5, 4), embedding)
+
+
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        (["encoders.0", "encoderz.1"], r"\['encoderz.1'\] name no module.*encoders.1"),
+        (r"encoder\.\d+", r"name no module"),
+        ({"middle_blks": 32, "middle": 4}, r"\['middle'\] name no module"),
+    ],
+)
+def test_bad_points_are_refused_before_the_backbone_is_touched(points, message):
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    before = set(backbone.state_dict())
+    with pytest.raises(TargetModulesError, match=message):
+        insert_dam(backbone, points, EMBED_DIM, RoutingState())
+    assert set(backbone.state_dict()) == before
+    assert not hasattr(backbone, "loraxir_dam")
+    assert not any(module._forward_pre_hooks for module in backbone.modules())
+
+
+def test_points_without_defaults_or_twice_are_refused():
+    with pytest.raises(TargetModulesError, match="no backbone family names defaults"):
+        dam_points(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(TargetModulesError, match="bare Sequential"):
+        dam_points(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), ["0"])
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    insert_dam(backbone, ["middle_blks"], EMBED_DIM, RoutingState())
+    with pytest.raises(TargetModulesError, match="'middle_blks' already has a DAM block"):
+        insert_dam(backbone, ["encoders.0", "middle_blks"], EMBED_DIM, RoutingState())
+    assert list(dam_config(backbone).points) == ["middle_blks"]
+
+
+def test_guided_backbone_trains_backbone_and_dam_not_the_router_and_survives_checkpointing():
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    guided = GuidedBackbone(backbone, _router()).train()
+    _perturb_dam(backbone)
+    x = torch.rand(2, 3, 32, 32)
+
+    def gradients(run) -> dict[str, torch.Tensor]:
+        guided.zero_grad(set_to_none=True)
+        run(x).square().mean().backward()  # backward after the call has returned
+        return {n: p.grad.clone() for n, p in guided.named_parameters() if p.grad is not None}
+
+    plain = gradients(guided)
+    dam = {n for n in plain if "loraxir_dam" in n}
+    assert len(dam) == 3 * 5 and all(plain[n].abs().sum() > 0 for n in dam)
+    assert not any(n.startswith("router.") for n in plain)
+    assert {id(p) for p in guided.trainable_parameters()} == {
+        id(p) for n, p in guided.named_parameters() if not n.startswith("router.")
+    }
+
+    def checkpointed(images):
+        embedding = guided.router.route(images).embedding.detach()
+        with guided.routing.activate(None, embedding):
+            return checkpoint(backbone, images, use_reentrant=False)
+
+    recomputed = gradients(checkpointed)
+    assert recomputed.keys() == plain.keys()
+    assert max(rel_err(recomputed[n], plain[n]) for n in plain) < 1e-6
+
+
+def test_guided_backbone_folder_round_trip_keeps_backbone_keys_native(tmp_path):
+    from safetensors.torch import load_file
+
+    plain_keys = set(loraxir.create_backbone("nafnet-tiny").state_dict())
+    guided = GuidedBackbone(loraxir.create_backbone("nafnet-tiny"), _router()).eval()
+    _perturb_dam(guided.backbone)
+    x = torch.rand(2, 3, 32, 32)
+    guided.save_pretrained(tmp_path / "pre")
+    assert set(load_file(tmp_path / "pre" / "backbone.safetensors")) == plain_keys
+    restored = GuidedBackbone.from_pretrained(tmp_path / "pre").eval()
+    with torch.no_grad():
+        assert torch.equal(restored(x), guided(x))
+
+
+def test_dam_file_loads_onto_a_plain_backbone_and_refuses_another_width(tmp_path):
+    source = loraxir.create_backbone("nafnet-tiny")
+    insert_dam(source, None, EMBED_DIM, RoutingState())
+    _perturb_dam(source)
+    save_dam(source, tmp_path / "dam.safetensors")
+    target = loraxir.create_backbone("nafnet-tiny")
+    assert load_dam(target, tmp_path / "dam.safetensors") == [
+        "encoders.0",
+        "encoders.1",
+        "middle_blks",
+    ]
+    saved, loaded = dam_state_dict(source), dam_state_dict(target)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in saved.items())
+    wider = loraxir.create_backbone("nafnet-tiny", width=16)
+    with pytest.raises(loraxir.CheckpointError, match="do not fit this backbone"):
+        load_dam(wider, tmp_path / "dam.safetensors")
+    assert not hasattr(wider, "loraxir_dam")
+
+
+def _backbone() -> torch.nn.Module:
+    """The same random base network every time: adapters do not hold base weights."""
+    torch.manual_seed(7)
+    return loraxir.create_backbone("nafnet-tiny")
+
+
+def _dam_model(**config) -> loraxir.LoraIRModel:
+    model = loraxir.get_loraxir_model(
+        _backbone(),
+        LoraIRConfig(degradations=DEGRADATIONS, dam=DAMConfig(embed_dim=EMBED_DIM), **config),
+        router=_router(),
+    ).eval()
+    randomize_experts(model)
+    _perturb_dam(model.model)
+    return model
+
+
+def test_trainable_policy_freezes_dam_for_experts_and_trains_it_for_all():
+    frozen = _dam_model()
+    dam = [p for n, p in frozen.named_parameters() if "loraxir_dam" in n]
+    assert len(dam) == 15 and not any(p.requires_grad for p in dam)
+    everything = _dam_model(trainable="all")
+    assert all(p.requires_grad for n, p in everything.named_parameters() if "loraxir_dam" in n)
+
+
+def test_adapter_with_dam_restores_outputs_through_loraxir_and_peft(tmp_path):
+    from peft import PeftModel
+
+    model = _dam_model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(tmp_path / "ours")
+    loaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "ours")
+    by_peft = PeftModel.from_pretrained(_backbone(), tmp_path / "ours")
+    by_peft.save_pretrained(tmp_path / "peft")
+    reloaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+        assert torch.equal(by_peft(x), expected)
+        assert torch.equal(reloaded(x), expected)
+
+
+def test_dam_config_must_match_blocks_already_on_the_backbone():
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    GuidedBackbone(backbone, _router())
+    with pytest.raises(ConfigError, match="config has dam=None"):
+        loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=DEGRADATIONS))
+    with pytest.raises(ConfigError, match="the config asks for"):
+        loraxir.get_loraxir_model(
+            backbone,
+            LoraIRConfig(degradations=DEGRADATIONS, dam=DAMConfig(embed_dim=EMBED_DIM + 1)),
+        )
+    assert not any(".loraxir_experts." in key for key in backbone.state_dict())
+
+
+def test_merge_and_unload_keeps_dam_blocks_in_the_plain_backbone():
+    model = _dam_model()
+    router = model.loraxir_router
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x, degradation="haze")
+    plain = model.merge_and_unload(degradation="haze")
+    assert list(dam_config(plain).points) == ["encoders.0", "encoders.1", "middle_blks"]
+    assert not any(".loraxir_experts." in key for key in plain.state_dict())
+    with torch.no_grad():
+        assert rel_err(GuidedBackbone(plain, router)(x), expected) < 1e-5
+
+
+def test_pretrained_blocks_are_kept_when_experts_attach():
+    guided = GuidedBackbone(_backbone(), _router()).eval()
+    _perturb_dam(guided.backbone)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = guided(x)
+    config = LoraIRConfig(degradations=DEGRADATIONS, dam=guided.dam)
+    model = loraxir.get_loraxir_model(guided.backbone, config, router=guided.router).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # fresh experts: the pre-trained function
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "loraxir_dam" in n)

@@ -1,0 +1,457 @@
+"""The restoration recipes (recipes/pretrain.py, finetune.py, add_degradation.py) end to end.
+
+Every run is a random-init nafnet-tiny (20 k parameters) on 32² patches of the package
+photos, a handful of steps: seconds each on one thread. The two-process runs use torchrun
+with gloo on the CPU (``--cpu``), as a cluster would use NCCL.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraxir.errors import CheckpointError, ConfigError, DataError, UnknownNameError
+from loraxir.training import TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
+DATA = [
+    "patch_size=32",
+    "val_patch_size=32",
+    "batch_size=8",
+    "train_repeats=2",
+    "val_repeats=1",
+    "log_every=2",
+    "learning_rate=2e-3",
+]
+FINETUNE = [*DATA, "route_by=label", "compute=batched", "r=2", "ema_decay=0.9"]
+
+
+pytestmark = pytest.mark.usefixtures("isolated_recipe_run")
+
+
+@functools.cache
+def recipe(name: str) -> Any:
+    """Import recipes/<name>.py (a script, not a package module) once."""
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, output_dir: Path, *settings: str, flags: tuple[str, ...] = ()) -> dict:
+    return recipe(name).main(["--cpu", *flags, "--set", f"output_dir={output_dir}", *settings])
+
+
+def torchrun(name: str, processes: int, output_dir: Path, *settings: str) -> dict:
+    """Run a recipe under torchrun; returns its metrics.json."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={processes}", str(ROOT / "recipes" / f"{name}.py"), "--cpu",
+        "--set", f"output_dir={output_dir}", *settings,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A no-DAM base network folder, as recipes/pretrain.py writes it (random weights)."""
+    from loraxir.backbones import create_backbone, save_backbone
+
+    folder = tmp_path_factory.mktemp("base") / "backbone"
+    torch.manual_seed(0)
+    save_backbone(create_backbone("nafnet-tiny"), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finetuned(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A 6-step fine-tuning run that checkpoints at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("finetuned")
+    torch.set_num_threads(1)
+    metrics = run(
+        "finetune", out, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=3",
+        "keep_checkpoints=5",
+    )  # fmt: skip
+    _reset_accelerate()
+    return out, metrics
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+# ----------------------------------------------------------------- fine-tuning
+def test_finetune_writes_a_self_contained_adapter(finetuned: tuple[Path, dict]) -> None:
+    out, metrics = finetuned
+    assert (metrics["steps"], metrics["num_processes"]) == (6, 1)
+    assert set(metrics["final"]["per_task"]) == {"noise", "rain", "haze", "blur", "low_light"}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md",
+                 "backbone.json", "backbone.safetensors"):  # fmt: skip
+        assert (out / "adapter" / name).is_file(), name
+    assert "val PSNR (dB)" in (out / "adapter" / "README.md").read_text()
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "initial_step-0000000.png",
+        "val_step-0000006.png",
+    ]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # The experts moved away from B = 0, so the network changed.
+    assert metrics["final"]["psnr"] != metrics["initial"]["psnr"]
+
+
+def reevaluate(name: str, output_dir: Path, restore: Any) -> dict:
+    """Validate ``restore`` on the validation set of the run in ``output_dir``."""
+    from loraxir.training import evaluate_restoration, load_config
+    from loraxir.training.restoration import build_data
+
+    module = recipe(name)
+    config_class = next(
+        v for k, v in vars(module).items() if k.endswith("Config") and k != "RestorationConfig"
+    )
+    config = load_config(config_class, output_dir / "config.yaml")
+    data = build_data(config)
+
+    class _Single:
+        def gather_for_metrics(self, values: Any) -> Any:
+            return values
+
+    loader = torch.utils.data.DataLoader(data.val, batch_size=8)
+    with torch.no_grad():
+        return evaluate_restoration(_Single(), lambda b: restore(b, data), loader, data.task_names)
+
+
+def assert_same_psnr(result: dict, expected: dict) -> None:
+    assert result["psnr"] == pytest.approx(expected["psnr"], abs=1e-9)
+    for task, numbers in expected["per_task"].items():
+        assert result["per_task"][task]["psnr"] == pytest.approx(numbers["psnr"], abs=1e-9)
+
+
+def test_saved_adapter_reproduces_the_final_validation_psnr(
+    finetuned: tuple[Path, dict],
+) -> None:
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+    from loraxir.training.models import routing_arguments
+
+    out, metrics = finetuned
+    folder = out / "adapter"
+    model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
+    result = reevaluate(
+        "finetune", out, lambda b, data: model(b["lq"], **routing_arguments("label", b, data))
+    )
+    assert_same_psnr(result, metrics["final"])
+
+
+def test_resumed_finetune_is_bit_identical(
+    base: Path, finetuned: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """Stopped after 3 steps and resumed: the same weights (EMA included) bit for bit."""
+    out, metrics = finetuned
+    step3 = out / "checkpoints" / "step-0000003"
+    shutil.copytree(step3, tmp_path / "checkpoints" / step3.name)
+    resumed = run(
+        "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=3",
+        "keep_checkpoints=5", flags=("--resume", "latest"),
+    )  # fmt: skip
+    assert (resumed["resumed_from_step"], resumed["steps"]) == (3, 6)
+    expected, actual = adapter_tensors(out), adapter_tensors(tmp_path)
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+    assert resumed["final"] == metrics["final"]
+
+
+def test_an_interrupted_checkpoint_is_skipped_on_resume(
+    base: Path, finetuned: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """A run killed while writing step 6 left a folder without trainer_state.json and a
+    truncated weights file: --resume latest takes step 3 and ends as the full run did."""
+    out, _ = finetuned
+    step3 = out / "checkpoints" / "step-0000003"
+    shutil.copytree(step3, tmp_path / "checkpoints" / step3.name)
+    partial = tmp_path / "checkpoints" / "step-0000006"
+    shutil.copytree(step3, partial)
+    (partial / "trainer_state.json").unlink()
+    (partial / "model.safetensors").write_bytes(b"trunc")
+    resumed = run(
+        "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=3",
+        "keep_checkpoints=5", flags=("--resume", "latest"),
+    )  # fmt: skip
+    assert resumed["resumed_from_step"] == 3
+    expected, actual = adapter_tensors(out), adapter_tensors(tmp_path)
+    assert all(torch.equal(actual[key], value) for key, value in expected.items())
+
+
+def test_finetune_refuses_an_unknown_setting_naming_the_closest(tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError, match="learning_rate"):
+        run("finetune", tmp_path, "lerning_rate=0.1")
+
+
+@pytest.mark.parametrize(
+    ("setting", "changed"),
+    [("r=4", "r: 2 in the checkpoint, 4 now"), ("trainable=all", "trainable")],
+)
+def test_resume_from_another_config_names_the_difference(
+    base: Path, finetuned: tuple[Path, dict], tmp_path: Path, setting: str, changed: str
+) -> None:
+    out, _ = finetuned
+    shutil.copytree(out / "checkpoints" / "step-0000003", tmp_path / "checkpoints" / "s")
+    checkpoint = tmp_path / "checkpoints" / "s"
+    with pytest.raises(CheckpointError, match=changed):
+        run(
+            "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", setting,
+            f"resume={checkpoint}",
+        )  # fmt: skip
+
+
+def test_resume_onto_another_backbone_is_refused(base: Path, tmp_path: Path) -> None:
+    """Same settings, but the base folder was replaced by a wider network meanwhile."""
+    from loraxir.backbones import create_backbone, save_backbone
+
+    moved = tmp_path / "base"
+    shutil.copytree(base, moved)
+    settings = (*FINETUNE, f"base={moved}", "max_steps=2", "checkpoint_every=1")
+    run("finetune", tmp_path / "run", *settings)
+    _reset_accelerate()
+    shutil.rmtree(moved)
+    save_backbone(create_backbone("nafnet-tiny", width=16), moved)
+    with pytest.raises(CheckpointError, match="other tensors"):
+        run("finetune", tmp_path / "run", *settings, flags=("--resume", "latest"))
+
+
+def test_an_existing_output_is_not_overwritten_without_the_flag(base: Path, tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    settings = (*FINETUNE, f"base={base}", "max_steps=1")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run("finetune", tmp_path, *settings)
+    metrics = run("finetune", tmp_path, *settings, flags=("--overwrite",))
+    assert metrics["steps"] == 1 and (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["source=/no/such/folder"], "neither 'skimage', a folder"),
+        (["source={empty}"], "No images"),
+        (["paired_train={{rain: /no/such}}", "paired_val={{rain: /no/such}}"], "does not exist"),
+    ],
+)
+def test_missing_or_empty_data_fails_before_any_model_is_built(
+    base: Path, tmp_path: Path, settings: list[str], message: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    filled = [s.format(empty=empty) for s in settings]
+    with pytest.raises(DataError, match=message):
+        run("finetune", out, *FINETUNE, f"base={base}", *filled)
+    assert not (out / "config.yaml").exists(), "the Accelerator (and model) came after the check"
+
+
+def test_a_nan_loss_stops_naming_the_step_and_the_last_checkpoint(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = recipe("finetune")
+    calls = {"n": 0}
+    real = module.pixel_loss
+
+    def poisoned(restored: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(restored, target, kind)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(module, "pixel_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"step 3 .*step-0000002"):
+        run("finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=2")
+
+
+# ------------------------------------------------------------- two processes
+@pytest.fixture(scope="module")
+def two_processes(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("two") / "run"
+    settings = [*FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2",
+                "keep_checkpoints=5"]  # fmt: skip
+    return out, torchrun("finetune", 2, out, *settings)
+
+
+def test_two_processes_train_the_same_experts_as_one(
+    base: Path, two_processes: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """torchrun --cpu forms one gloo job: the global batch of 8 is split 4 + 4, not
+    duplicated, and validation is gathered over both processes."""
+    out2, two = two_processes
+    one = run(
+        "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2",
+        "keep_checkpoints=5",
+    )  # fmt: skip
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["final"]["num_images"] == two["final"]["num_images"]
+    # Same batches and init: only the float summation order differs (all-reduce of two
+    # halves), which Adam carries to ~1e-5 over 4 steps; another batch split would move
+    # experts by ~lr (2e-3) per step.
+    a, b = adapter_tensors(tmp_path), adapter_tensors(out2)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=2e-4, rtol=0, msg=key)
+    assert two["final"]["psnr"] == pytest.approx(one["final"]["psnr"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_identically(
+    base: Path, two_processes: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out2, _ = two_processes
+    resumed = tmp_path / "run"
+    shutil.copytree(out2 / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
+    settings = [*FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2",
+                "keep_checkpoints=5", "resume=latest"]  # fmt: skip
+    metrics = torchrun("finetune", 2, resumed, *settings)
+    assert (metrics["resumed_from_step"], metrics["num_processes"]) == (2, 2)
+    expected, actual = adapter_tensors(out2), adapter_tensors(resumed)
+    assert all(torch.equal(actual[key], value) for key, value in expected.items())
+
+
+# ------------------------------------------------------------- new degradation
+def test_add_degradation_keeps_old_outputs_and_learns_the_new_class(
+    finetuned: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+
+    source, _ = finetuned
+    metrics = run(
+        "add_degradation", tmp_path, *DATA, f"adapter={source / 'adapter'}", "max_steps=12",
+        "learning_rate=5e-3", "val_patch_size=64", "train_repeats=4",
+    )  # fmt: skip
+    old = ["noise", "rain", "haze", "blur", "low_light"]
+    assert metrics["experts"] == [*old, "snow"]
+    for task in old:  # batches mixing in snow images round old outputs differently (~1e-7)
+        assert abs(metrics["per_task"][task]["change"]) < 1e-5, task
+    assert metrics["per_task"]["snow"]["change"] > 0.5, metrics["per_task"]["snow"]
+
+    before = LoraIRModel.from_pretrained(load_backbone(source / "adapter"), str(source / "adapter"))
+    grown_folder = tmp_path / "adapter"
+    grown = LoraIRModel.from_pretrained(load_backbone(grown_folder), str(grown_folder))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # a batch of one old class: bit for bit
+        for name in old:
+            assert torch.equal(grown(images, degradation=name), before(images, degradation=name))
+        base_only = grown(images, gates=torch.zeros(2, 6))
+        assert not torch.equal(grown(images, degradation="snow"), base_only), "own expert"
+
+
+# ------------------------------------------------------- DAM: pretrain -> finetune
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A router (random, frozen) -> pre-training with DAM -> fine-tuning experts+router."""
+    from loraxir.router import DegradationRouter
+
+    root = tmp_path_factory.mktemp("guided")
+    torch.manual_seed(0)
+    router = DegradationRouter.from_encoder(
+        "cnn-tiny", CLASSES, image_size=16, hidden_dim=32, embed_dim=16
+    )
+    router.save_pretrained(root / "router")
+    torch.set_num_threads(1)
+    pre = run(
+        "pretrain", root / "pre", *DATA, "backbone=nafnet-tiny", f"router={root / 'router'}",
+        "max_steps=4", "gradient_checkpointing=true", "ema_decay=0.5",
+    )  # fmt: skip
+    _reset_accelerate()
+    fine = run(
+        "finetune", root / "ft", *DATA, f"base={root / 'pre' / 'backbone'}", "route_by=router",
+        "trainable=experts+router", "compute=batched", "r=2", "max_steps=4",
+    )  # fmt: skip
+    _reset_accelerate()
+    return {"root": root, "pretrain": pre, "finetune": fine}
+
+
+def test_pretrain_with_a_router_writes_the_guided_network(guided: dict[str, Any]) -> None:
+    from spandrel import ModelLoader
+
+    from loraxir.guidance import GuidedBackbone
+
+    folder = guided["root"] / "pre" / "backbone"
+    assert guided["pretrain"]["dam"] is True
+    for name in ("backbone.json", "backbone.safetensors", "dam.safetensors", "router"):
+        assert (folder / name).exists(), name
+    native = load_file(folder / "backbone.safetensors")
+    assert not any("loraxir" in key for key in native)
+    assert ModelLoader().load_from_state_dict(native).architecture.id == "NAFNet"
+    network = GuidedBackbone.from_pretrained(folder).eval()
+    result = reevaluate("pretrain", guided["root"] / "pre", lambda b, _: network(b["lq"]))
+    assert_same_psnr(result, guided["pretrain"]["final"])
+
+
+def test_finetuned_dam_adapter_reproduces_its_psnr_routed_by_its_router(
+    guided: dict[str, Any],
+) -> None:
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+
+    folder = guided["root"] / "ft" / "adapter"
+    model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
+    assert model.config.dam is not None
+    result = reevaluate("finetune", guided["root"] / "ft", lambda b, _: model(b["lq"]))
+    assert_same_psnr(result, guided["finetune"]["final"])
+    trained = load_file(folder / "adapter_model.safetensors")
+    start = load_file(guided["root"] / "router" / "router.safetensors")
+    key = "base_model.loraxir_router.head.weight"
+    assert not torch.equal(trained[key], start["head.weight"]), "experts+router trains it"
+
+
+def test_add_degradation_trains_only_the_routers_new_class(
+    guided: dict[str, Any], tmp_path: Path
+) -> None:
+    source = guided["root"] / "ft" / "adapter"
+    metrics = run(
+        "add_degradation", tmp_path, *DATA, f"adapter={source}", "max_steps=3",
+        "val_patch_size=64", "router_loss_weight=1.0",
+    )  # fmt: skip
+    assert metrics["experts"] == [*CLASSES, "snow"]
+    key = "base_model.loraxir_router.head.weight"
+    before = load_file(source / "adapter_model.safetensors")[key]
+    after = load_file(tmp_path / "adapter" / "adapter_model.safetensors")[key]
+    assert after.shape == (6, before.shape[1])
+    assert torch.equal(after[:5], before), "old classes' logits unchanged"
+    for task in CLASSES:
+        assert abs(metrics["per_task"][task]["change"]) < 1e-5, task
+
+
+def test_shipped_recipe_configs_load() -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from loraxir.training import load_config
+
+    configs = ROOT / "recipes" / "configs"
+    classes = {"pretrain": "PretrainConfig", "finetune": "FinetuneConfig",
+               "add_degradation": "AddDegradationConfig"}  # fmt: skip
+    for name, class_name in classes.items():
+        paths = sorted(configs.glob(f"{name}_*.yaml"))
+        assert paths, name
+        for path in paths:
+            assert load_config(getattr(recipe(name), class_name), path).max_steps > 0, path
+    processes = {p.stem: ClusterConfig.from_yaml_file(p).num_processes
+                 for p in (configs / "accelerate").glob("*.yaml")}  # fmt: skip
+    assert processes == {"1gpu": 1, "8gpu": 8, "2nodes": 16, "fsdp": 8}

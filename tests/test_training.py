@@ -1,0 +1,179 @@
+"""The recipe machinery (loraxir.training) piece by piece: schedule, EMA, activation
+checkpointing, the stop on a non-finite loss, fingerprints, output folders, metrics."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from loraxir.errors import ConfigError, UnknownNameError
+from loraxir.training import (
+    ExponentialMovingAverage,
+    RecipeConfig,
+    TrainingError,
+    TrainState,
+    check_finite_loss,
+    enable_activation_checkpointing,
+    evaluate_restoration,
+    fingerprint,
+    load_config,
+    make_optimizer_and_scheduler,
+    prepare_output_dir,
+)
+from loraxir.training.restoration import RestorationConfig, pixel_loss
+
+
+class _OneProcess:
+    """The parts of an Accelerator these helpers use, for a single process."""
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def gather_for_metrics(self, values: Any) -> Any:
+        return values
+
+
+def test_cosine_schedule_warms_up_and_ends_at_the_floor() -> None:
+    config = RecipeConfig(max_steps=10, warmup_steps=2, learning_rate=1e-3, min_learning_rate=1e-4)
+    weight = nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = make_optimizer_and_scheduler([{"params": [weight]}], config)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3)
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in itertools.pairwise(rates[1:]))
+    assert optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_ema_averages_swaps_in_and_restores_its_state() -> None:
+    weight = nn.Parameter(torch.zeros(3))
+    ema = ExponentialMovingAverage({"w": weight}, decay=0.5)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    ema.update()  # warm-up decay min(0.5, 2/11) = 2/11
+    expected = torch.full((3,), 9 / 11)
+    torch.testing.assert_close(ema.shadow["w"], expected)
+    with ema.applied():
+        torch.testing.assert_close(weight.detach(), expected)
+    assert torch.equal(weight.detach(), torch.ones(3)), "the trained value is back"
+    other = ExponentialMovingAverage({"w": nn.Parameter(torch.zeros(3))}, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 1 and torch.equal(other.shadow["w"], ema.shadow["w"])
+    with pytest.raises(ConfigError, match="decay"):
+        ExponentialMovingAverage({"w": weight}, decay=1.0)
+
+
+def test_activation_checkpointing_keeps_outputs_and_gradients() -> None:
+    from loraxir.backbones import create_backbone
+
+    torch.manual_seed(0)
+    plain = create_backbone("nafnet-tiny")
+    checkpointed = create_backbone("nafnet-tiny")
+    checkpointed.load_state_dict(plain.state_dict())
+    wrapped = enable_activation_checkpointing(checkpointed)
+    assert wrapped and all(".".join(w.split(".")[:1]) in {"encoders", "middle_blks", "decoders"}
+                           for w in wrapped)  # fmt: skip
+    images = torch.rand(2, 3, 16, 16)
+    outputs = [model(images) for model in (plain, checkpointed)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    for output in outputs:
+        output.square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(),
+                                 strict=True):  # fmt: skip
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ConfigError, match="no block"):
+        enable_activation_checkpointing(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_a_non_finite_loss_names_the_step_and_the_last_checkpoint(tmp_path: Path) -> None:
+    config = RecipeConfig(output_dir=str(tmp_path))
+    state = TrainState(step=6, batches=7)
+    check_finite_loss(_OneProcess(), torch.tensor(0.5), config, state)
+    with pytest.raises(TrainingError, match=r"step 7 .*No checkpoint was saved yet"):
+        check_finite_loss(_OneProcess(), torch.tensor(float("inf")), config, state)
+    good = tmp_path / "checkpoints" / "step-0000005"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-0000006").mkdir()  # an interrupted save
+    with pytest.raises(TrainingError, match="step-0000005"):
+        check_finite_loss(_OneProcess(), torch.tensor(float("nan")), config, state)
+
+
+def test_fingerprint_leaves_out_what_may_change_on_resume() -> None:
+    config = RestorationConfig(output_dir="a", checkpoint_every=5, validate_every=3)
+    other = RestorationConfig(output_dir="b", checkpoint_every=7, cpu=True, resume="latest")
+    assert fingerprint(config) == fingerprint(other)
+    assert fingerprint(config) != fingerprint(RestorationConfig(patch_size=64))
+    assert "learning_rate" in fingerprint(config) and "output_dir" not in fingerprint(config)
+
+
+def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ConfigError, match=r"--overwrite.*--resume latest"):
+        prepare_output_dir(RecipeConfig(output_dir=str(tmp_path)), ("adapter",))
+    prepare_output_dir(RecipeConfig(output_dir=str(tmp_path), resume="latest"), ("adapter",))
+    prepare_output_dir(RecipeConfig(output_dir=str(tmp_path), overwrite=True), ("adapter",))
+    assert not (tmp_path / "checkpoints").exists()
+    prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new")), ("adapter",))
+
+
+def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None:
+    with pytest.raises(UnknownNameError, match="patch_size"):
+        load_config(RestorationConfig, None, ["patchsize=32"])
+    with pytest.raises(ConfigError, match="loss"):
+        load_config(RestorationConfig, None, ["loss=l3"])
+    with pytest.raises(ConfigError, match="paired_val"):
+        load_config(RestorationConfig, None, ["paired_train={rain: data/rain}"])
+    with pytest.raises(ConfigError, match=r"paired_train\.rain"):
+        load_config(RestorationConfig, None, ["paired_train={rain: 3}", "paired_val={}"])
+
+
+def test_psnr_loss_is_minus_the_mean_psnr_in_decibels() -> None:
+    target = torch.zeros(2, 3, 4, 4)
+    restored = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.01)])
+    # PSNRs 20 dB and 40 dB: the loss is -(20 + 40) / 2 (up to the 1e-8 in the log).
+    assert pixel_loss(restored, target, "psnr").item() == pytest.approx(-30.0, abs=1e-3)
+    assert pixel_loss(restored, target, "l1").item() == pytest.approx(0.055)
+
+
+def test_validation_metrics_are_per_task_and_average_over_tasks() -> None:
+    gt = torch.rand(6, 3, 16, 16)
+    lq = (gt + 0.05 * torch.randn_like(gt)).clamp(0, 1)
+    tasks = torch.tensor([0, 0, 0, 0, 1, 1])
+    loader = [{"lq": lq[:4], "gt": gt[:4], "task": tasks[:4]},
+              {"lq": lq[4:], "gt": gt[4:], "task": tasks[4:]}]  # fmt: skip
+    result = evaluate_restoration(_OneProcess(), lambda b: b["gt"], loader, ["a", "b"])
+    assert result["per_task"]["a"]["num_images"] == 4 and result["num_images"] == 6
+    assert result["psnr"] == 100.0, "identical images count as 100 dB"
+    noisy = evaluate_restoration(_OneProcess(), lambda b: b["lq"], loader, ["a", "b"])
+    per_task = [noisy["per_task"][t]["psnr"] for t in ("a", "b")]
+    assert noisy["psnr"] == pytest.approx(sum(per_task) / 2)
+    assert noisy["psnr"] == pytest.approx(noisy["input_psnr"])
+
+
+def test_clean_images_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from loraxir.training.restoration import build_data
+
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"photo{index}.png"
+        )
+    settings = [f"source=hf:{tmp_path}", "patch_size=32", "batch_size=4", "train_repeats=1",
+                "test_fraction=0.34", "suite=three_task"]  # fmt: skip
+    data = build_data(load_config(RestorationConfig, None, settings))
+    assert (len(data.train), len(data.val)) == (10, 10)  # 2 + 1 photos, 5 tasks, 1 + 2 repeats
+    assert data.classes == ["noise", "rain", "haze"]
+    assert data.train[0]["lq"].shape == (3, 32, 32)
