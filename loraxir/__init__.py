@@ -1,45 +1,67 @@
 """loraxir: degradation-routed mixtures of low-rank experts for any restoration network.
 
-Importing loraxir registers it with peft (see :mod:`loraxir.peft_integration`).
+Importing loraxir is cheap: the public names below are imported on first use (PEP 562
+module ``__getattr__``), so ``loraxir --help`` does not pay for torch and peft. peft still
+finds our method: loraxir registers itself with peft as soon as peft is imported (at once
+if it already is), see :mod:`loraxir._peft_hook`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from loraxir import _peft_hook
 
 __version__ = "0.1.0"
 
-from loraxir.backbones import create_backbone, list_backbones, load_backbone
-from loraxir.config import LoraIRConfig
-from loraxir.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    LoraIRError,
-    RoutingError,
-    TargetModulesError,
-    UnknownNameError,
-)
-from loraxir.model import LoraIRModel, get_loraxir_model, route
-from loraxir.peft_integration import register_with_peft
-from loraxir.registry import Preset, get_preset, list_presets, register_preset
+# public name -> module that defines it
+_EXPORTS = {
+    "CheckpointError": "loraxir.errors",
+    "ConfigError": "loraxir.errors",
+    "DAMConfig": "loraxir.config",
+    "DataError": "loraxir.errors",
+    "LoraIRConfig": "loraxir.config",
+    "LoraIRError": "loraxir.errors",
+    "LoraIRModel": "loraxir.model",
+    "Preset": "loraxir.backbones",
+    "RoutingError": "loraxir.errors",
+    "TargetModulesError": "loraxir.errors",
+    "TrainingError": "loraxir.errors",
+    "UnknownNameError": "loraxir.errors",
+    "create_backbone": "loraxir.backbones",
+    "GuidedBackbone": "loraxir.guidance",
+    "get_loraxir_model": "loraxir.model",
+    "get_preset": "loraxir.backbones",
+    "list_adapters": "loraxir.pretrained",
+    "list_backbones": "loraxir.backbones",
+    "list_presets": "loraxir.backbones",
+    "load_adapter": "loraxir.pretrained",
+    "load_backbone": "loraxir.backbones",
+    "register_preset": "loraxir.backbones",
+    "route": "loraxir.model",
+}
 
-register_with_peft()
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "LoraIRConfig",
-    "LoraIRError",
-    "LoraIRModel",
-    "Preset",
-    "RoutingError",
-    "TargetModulesError",
-    "UnknownNameError",
-    "__version__",
-    "create_backbone",
-    "get_loraxir_model",
-    "get_preset",
-    "list_backbones",
-    "list_presets",
-    "load_backbone",
-    "register_preset",
-    "route",
-]
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule such as ``loraxir.hub``) on first access."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+_peft_hook.install()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _add_degradations(subparsers: argparse._SubParsersAction) -> None:
@@ -69,8 +70,201 @@ def _run_degradations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_restore(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "restore",
+        help="restore images and videos with an adapter (routed per input, tiled)",
+        description=(
+            "Restore image files, folders (recursively), glob patterns and videos (mp4, webm, "
+            "mkv, mov, avi). The adapter's router picks the experts for each input (each "
+            "frame of a video) and the choice is printed; --degradation forces one class and "
+            "merges its experts (fast path). Large images are restored in overlapping tiles "
+            "that all use the whole image's routing. Inputs that fail are skipped and listed "
+            "at the end (exit code 1). See docs/cli.md."
+        ),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
+    parser.add_argument(
+        "-o", "--output", required=True, help="output file (one input) or folder (several)"
+    )
+    _add_adapter_options(parser)
+    parser.add_argument("--degradation", help="force this class (merged experts, no routing)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps"
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="compute precision; auto: float16 on GPUs, float32 on the CPU",
+    )
+    parser.add_argument("--tile", type=int, default=512, help="largest tile side in pixels")
+    parser.add_argument("--overlap", type=int, default=32, help="pixels shared by neighbour tiles")
+    parser.add_argument(
+        "--smooth", type=float, default=0.0, help="video: EMA momentum of the gates, in [0, 1)"
+    )
+    parser.add_argument("--reference", help="video: clean reference video (PSNR per frame)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=1_000_000_000, help="refuse larger images (header check)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=_run_restore)
+
+
+def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        help="adapter name (see `loraxir info --list`), folder or Hub repo id; default: the "
+        "shipped one",
+    )
+    _add_backbone_option(parser)
+
+
+def _add_backbone_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backbone", help="spandrel checkpoint of the base network (default: from the adapter)"
+    )
+
+
+def _run_restore(args: argparse.Namespace) -> int:
+    from loraxir.inference import batch
+    from loraxir.inference.images import set_pixel_limit
+    from loraxir.inference.restorer import Restorer
+    from loraxir.pretrained import load_adapter
+
+    jobs, outcome = batch.collect(args.inputs, args.output)
+    if jobs:
+        device = _device(args.device)
+        dtype = _precision(args.precision, device)
+        set_pixel_limit(args.max_pixels)
+        model = load_adapter(args.adapter, args.backbone, device=device)
+        restorer = Restorer(model, args.degradation, args.tile, args.overlap, dtype=dtype)
+        batch.run(
+            restorer, jobs, outcome, args.overwrite, args.smooth, args.reference, not args.quiet
+        )
+    print(f"Restored {len(outcome.done)} input(s).")
+    if outcome.failed:
+        print(f"Skipped {len(outcome.failed)} input(s):", file=sys.stderr)
+        for source, reason in outcome.failed:
+            print(f"  {source}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _precision(name: str, device: str) -> Any:
+    """The ``torch.dtype`` for ``--precision`` (half precision by default on GPUs)."""
+    import torch
+
+    if name == "auto":
+        name = "float32" if device == "cpu" else "float16"
+    return getattr(torch, name)
+
+
+def _add_info(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="describe an adapter (name, folder or Hub repo id), or --list the installed ones",
+        description=(
+            "Print an adapter's classes, rank, router, trainable size, backbone and metrics, "
+            "read from its files without loading the network."
+        ),
+    )
+    parser.add_argument("adapter", nargs="?", metavar="NAME|DIR|REPO_ID")
+    parser.add_argument("--list", action="store_true", help="list installed adapters")
+    parser.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from loraxir.pretrained import adapter_roots, describe_adapter, find_adapter, list_adapters
+
+    if args.list or args.adapter is None:
+        names = list_adapters()
+        roots = ", ".join(str(root) for root in adapter_roots())
+        print(f"Installed adapters ({len(names)}) in {roots or '(no adapter folder)'}:")
+        for name in names:
+            print(f"  {name}")
+        return 0
+    for line in describe_adapter(find_adapter(args.adapter)).lines():
+        print(line)
+    return 0
+
+
+def _add_merge(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="fold one degradation's experts into a plain backbone checkpoint",
+        description=(
+            "Merge the experts of one class into the base weights and save the plain network "
+            "(its native keys, loadable by spandrel) as safetensors. It restores that class "
+            "exactly as the adapter routed to it does, with no loraxir at run time."
+        ),
+    )
+    parser.add_argument("adapter", metavar="NAME|DIR|REPO_ID")
+    parser.add_argument("--degradation", required=True, help="the class to fold in")
+    parser.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    _add_backbone_option(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from loraxir.errors import ConfigError
+    from loraxir.pretrained import load_adapter, save_merged
+
+    if not args.output.endswith(".safetensors"):
+        raise ConfigError(f"--output must end in .safetensors, got {args.output!r}.")
+    model = load_adapter(args.adapter, args.backbone)
+    path = save_merged(model, args.degradation, args.output, args.overwrite)
+    print(f"Wrote {path} (backbone with the {args.degradation!r} experts folded in)")
+    return 0
+
+
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload an adapter folder to the Hugging Face Hub",
+        description=(
+            "Check DIR is a loraxir adapter folder and upload it (config, weights, backbone "
+            "files, model card) with huggingface_hub. Log in first (`hf auth login` or "
+            "HF_TOKEN). See docs/sharing.md."
+        ),
+    )
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="owner/name on the Hub")
+    parser.add_argument("--public", action="store_true", help="create a public repo")
+    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or the Hub)")
+    parser.set_defaults(run=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from loraxir.hub import push_folder
+
+    url = push_folder(args.folder, args.repo_id, private=not args.public, endpoint=args.endpoint)
+    print(f"Pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
 # Each entry registers one subcommand; see the module docstring.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_degradations]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_degradations,
+    _add_restore,
+    _add_info,
+    _add_merge,
+    _add_push,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

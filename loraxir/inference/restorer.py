@@ -1,0 +1,180 @@
+"""Restoring one image (or video frame) with a loaded adapter: route once, then tile.
+
+The router sees the whole image once; its gates (and its degradation embedding, read by
+DAM blocks) are then pinned with :func:`loraxir.route` for every tile, so all tiles are
+restored by the same mixture of experts (a tile alone could look like another
+degradation). With a forced degradation
+the experts are merged into the base weights for that class (``model.merge``): no
+routing, no expert overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loraxir.errors import RoutingError
+from loraxir.inference.tiling import TilePlan, plan_tiles, run_tiled
+
+
+@dataclass
+class Routing:
+    """The router's decision for one image: gates and (when routed) class probabilities."""
+
+    degradations: list[str]
+    gates: torch.Tensor
+    """``(E,)`` mixture applied to every tile."""
+    probabilities: torch.Tensor | None = None
+    """``(E,)`` the router's belief per class, or ``None`` for a forced degradation."""
+    embedding: torch.Tensor | None = None
+    """``(D,)`` the router's degradation embedding (read by DAM blocks), or ``None``."""
+
+    @property
+    def label(self) -> str:
+        """The most likely class (the forced one without a router)."""
+        scores = self.gates if self.probabilities is None else self.probabilities
+        return self.degradations[int(scores.argmax())]
+
+    @property
+    def confidence(self) -> float:
+        """Probability of :attr:`label` (1.0 for a forced degradation)."""
+        if self.probabilities is None:
+            return 1.0
+        return float(self.probabilities.max())
+
+    def smoothed(self, previous: Routing | None, momentum: float) -> Routing:
+        """Exponential moving average of the gates with ``previous`` (video smoothing):
+        ``momentum * previous + (1 - momentum) * these``; probabilities stay per frame."""
+        if previous is None or momentum <= 0:
+            return self
+        gates = momentum * previous.gates + (1 - momentum) * self.gates
+        return Routing(self.degradations, gates, self.probabilities, self.embedding)
+
+
+class Restorer:
+    """Restores ``(H, W, 3)`` arrays (``uint8``, ``uint16`` or float in [0, 1]).
+
+    Args:
+        model: a :class:`~loraxir.LoraIRModel` (e.g. from :func:`loraxir.load_adapter`).
+        degradation: force this class and merge its experts (fast path); ``None`` routes
+            each image with the adapter's router.
+        tile: largest tile side in pixels (``None``: the whole image at once).
+        overlap: pixels shared by neighbouring tiles (blend band; see :mod:`.tiling`).
+        multiple: pad sizes to a multiple of this (default: the backbone's own unit).
+        route_pixels: images larger than this are area-downscaled to it for routing only,
+            so routing a huge image does not need a float copy of it.
+        dtype: compute dtype (``torch.float16`` on GPUs for half precision).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        degradation: str | None = None,
+        tile: int | None = 512,
+        overlap: int = 32,
+        multiple: int | None = None,
+        route_pixels: int = 16_000_000,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model.eval()
+        self.degradation = degradation
+        self.tile, self.overlap, self.route_pixels = tile, overlap, route_pixels
+        self.multiple = multiple or size_multiple(model.model)
+        self.device = next(model.parameters()).device
+        self.dtype = dtype
+        if degradation is not None:
+            model.merge(degradation=degradation)
+        elif getattr(model, "loraxir_router", None) is None:
+            raise RoutingError(
+                "This adapter has no router, so it cannot pick experts by itself. Pass "
+                f"--degradation NAME (one of {model.degradations})."
+            )
+        self.model.to(dtype=dtype)
+
+    @property
+    def degradations(self) -> list[str]:
+        return list(self.model.degradations)
+
+    def plan(self, height: int, width: int) -> TilePlan:
+        """The tile plan for an image of this size."""
+        return plan_tiles(height, width, self.tile, self.overlap, self.multiple)
+
+    @torch.inference_mode()
+    def route(self, pixels: np.ndarray) -> Routing:
+        """Route the whole image once (or report the forced degradation)."""
+        names = self.degradations
+        if self.degradation is not None:
+            gates = torch.zeros(len(names))
+            gates[names.index(self.degradation)] = 1.0
+            return Routing(names, gates)
+        image = _routing_view(pixels, self.route_pixels).to(self.device, self.dtype)
+        output = self.model.loraxir_router.route(image)
+        return Routing(
+            names,
+            output.gates[0].float().cpu(),
+            torch.softmax(output.logits[0].float(), dim=-1).cpu(),
+            output.embedding[0].cpu(),
+        )
+
+    def restore(
+        self,
+        pixels: np.ndarray,
+        routing: Routing | None = None,
+        on_tile: Callable[[], None] | None = None,
+    ) -> tuple[np.ndarray, Routing]:
+        """Restore ``pixels`` ``(H, W, 3)`` into a new array of the same dtype; returns it
+        and the routing used (computed here when not given)."""
+        routing = routing or self.route(pixels)
+        plan = self.plan(*pixels.shape[:2])
+        out = np.empty_like(pixels)
+        with self._pinned(routing):
+            run_tiled(self.model, pixels, plan, out, self.device, self.dtype, on_tile)
+        return out, routing
+
+    @contextlib.contextmanager
+    def _pinned(self, routing: Routing) -> Iterator[None]:
+        if self.degradation is not None:
+            yield
+            return
+        from loraxir import route
+
+        gates = routing.gates.to(self.device, self.dtype).unsqueeze(0)
+        embedding = routing.embedding
+        if embedding is not None:
+            embedding = embedding.to(self.device, self.dtype).unsqueeze(0)
+        with route(self.model, gates=gates, embedding=embedding):
+            yield
+
+
+def size_multiple(backbone: torch.nn.Module) -> int:
+    """The side multiple the backbone needs (NAFNet's ``padder_size``, a transformer's
+    ``window_size``), at least 8 so tiles stay aligned with common downsampling."""
+    for name in ("padder_size", "window_size"):
+        value = getattr(backbone, name, None)
+        if isinstance(value, int) and value > 0:
+            return math.lcm(8, value)
+    return 8
+
+
+def _routing_view(pixels: np.ndarray, max_pixels: int) -> torch.Tensor:
+    """``(1, 3, h, w)`` float view in [0, 1] of the whole image for the router, shrunk by
+    area averaging (done in bands, never as a full float copy) above ``max_pixels``."""
+    height, width = pixels.shape[:2]
+    scale = 255.0 if pixels.dtype == np.uint8 else 65535.0 if pixels.dtype == np.uint16 else 1.0
+    factor = max(1, int(np.ceil(np.sqrt(height * width / max_pixels))))
+    if factor == 1:
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        return tensor.permute(2, 0, 1).unsqueeze(0) / scale
+    bands = []
+    band = factor * 64
+    for top in range(0, height, band):
+        chunk = torch.from_numpy(np.ascontiguousarray(pixels[top : top + band], np.float32))
+        chunk = chunk.permute(2, 0, 1).unsqueeze(0) / scale
+        bands.append(F.avg_pool2d(chunk, factor, ceil_mode=True))
+    return torch.cat(bands, dim=2)

@@ -1,0 +1,251 @@
+"""Ready-to-use adapters: list them, find them by name, folder or Hub repo id, load them.
+
+A self-contained adapter folder (TEAM contract 7, ``docs/sharing.md``) holds the adapter
+files (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``) and, when its
+base network is not a public checkpoint, ``backbone.json`` + ``backbone.safetensors``, so
+it loads with no other file. Shipped adapters are such folders under the ``adapters/``
+directory of the package (``loraxir.adapters``); folders in the paths listed in the
+``LORAXIR_ADAPTER_PATH`` environment variable (``os.pathsep``-separated) are listed too,
+first. Adding an adapter is dropping its folder there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraxir.errors import CheckpointError, ConfigError, unknown_name
+
+ADAPTER_PATH_ENV = "LORAXIR_ADAPTER_PATH"
+#: The adapter ``loraxir restore`` uses when none is given.
+DEFAULT_ADAPTER = "nafnet-five-task"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+BACKBONE_CONFIG = "backbone.json"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, BACKBONE_CONFIG, BACKBONE_WEIGHTS)
+
+
+def adapter_roots() -> list[Path]:
+    """Folders searched for adapters by name: ``$LORAXIR_ADAPTER_PATH`` entries, then the
+    shipped ``adapters/`` directory."""
+    roots = [Path(p) for p in os.environ.get(ADAPTER_PATH_ENV, "").split(os.pathsep) if p]
+    spec = importlib.util.find_spec("loraxir.adapters")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p) for p in spec.submodule_search_locations]
+    return [root for root in roots if root.is_dir()]
+
+
+def list_adapters() -> list[str]:
+    """Names of the adapters found in :func:`adapter_roots` (sub-folders with a config)."""
+    names: dict[str, None] = {}
+    for root in adapter_roots():
+        for folder in sorted(root.iterdir()):
+            if (folder / CONFIG_NAME).is_file():
+                names.setdefault(folder.name)
+    return list(names)
+
+
+def find_adapter(adapter: str | os.PathLike | None = None, **hub_kwargs: Any) -> Path:
+    """The local folder of ``adapter``: a folder path, an adapter name (see
+    :func:`list_adapters`), or a Hub repo id ``owner/name`` (downloaded through the Hub
+    cache, ``hub_kwargs`` going to ``snapshot_download``). ``None`` is
+    :data:`DEFAULT_ADAPTER`."""
+    spec = DEFAULT_ADAPTER if adapter is None else str(adapter)
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        raise CheckpointError(f"{spec!r} is a file; pass the adapter folder that contains it.")
+    for root in adapter_roots():
+        if (root / spec / CONFIG_NAME).is_file():
+            return root / spec
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return _download(spec, hub_kwargs)
+    hint = (
+        "Pass an adapter folder, a Hub repo id (owner/name), or one of the names listed by "
+        "`loraxir info --list`."
+    )
+    if adapter is None:
+        hint = f"No adapter was given and the default is not installed. {hint}"
+    raise unknown_name("adapter", spec, list_adapters(), hint)
+
+
+def load_adapter(
+    adapter: str | os.PathLike | None = None,
+    backbone: Any = None,
+    device: str = "cpu",
+    **hub_kwargs: Any,
+):
+    """Load ``adapter`` (name, folder or Hub repo id; see :func:`find_adapter`) onto its
+    backbone and return the frozen :class:`~loraxir.LoraIRModel` in eval mode on ``device``.
+
+    ``backbone`` is an ``nn.Module``, a spandrel checkpoint path, or ``None`` for the
+    backbone stored in the folder (``backbone.json`` + ``backbone.safetensors``). An
+    adapter that does not fit the given backbone raises :class:`CheckpointError` naming
+    both.
+    """
+    from loraxir.backbones import load_backbone
+    from loraxir.model import LoraIRModel
+
+    folder = find_adapter(adapter, **hub_kwargs)
+    given = backbone
+    if backbone is None:
+        if not (folder / BACKBONE_CONFIG).is_file():
+            raise CheckpointError(
+                f"Adapter {str(folder)!r} carries no {BACKBONE_CONFIG}: its base network is a "
+                "public checkpoint. Pass it with --backbone PATH (backbone= in Python); the "
+                f"card says which: {folder / CARD_NAME}."
+            )
+        backbone = load_backbone(folder)
+    elif isinstance(backbone, str | os.PathLike):
+        backbone = load_backbone(backbone)
+    try:
+        model = LoraIRModel.from_pretrained(backbone, str(folder))
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"Adapter {str(folder)!r} (trained on {describe_adapter(folder).backbone_label}) "
+            f"does not fit the backbone {_backbone_label(given, backbone)}: {error}"
+        ) from None
+    return model.to(device)
+
+
+def save_merged(
+    model: Any, degradation: str, output: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Fold ``degradation``'s experts into ``model``'s backbone and save the plain network's
+    state dict (native keys, loadable by spandrel) to ``output`` (``.safetensors``).
+
+    Consumes ``model`` (``merge_and_unload``). DAM blocks cannot be folded: they read the
+    router's embedding of each image, so an adapter with DAM blocks is refused.
+    """
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; pass --overwrite to replace it.")
+    state = model.merge_and_unload(degradation=degradation).state_dict()
+    guided = sorted(key for key in state if "loraxir_" in key)
+    if guided:
+        raise ConfigError(
+            f"This adapter has DAM blocks (e.g. {guided[0]!r}) that read the router's "
+            "degradation embedding of each image; they cannot be folded into a plain "
+            "checkpoint. Use `loraxir restore --degradation` instead."
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))
+    os.replace(partial, output)
+    return output
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter folder says about itself, read without torch or peft."""
+
+    folder: Path
+    config: dict[str, Any]
+    expert_parameters: int
+    router_parameters: int
+    backbone: dict[str, Any] | None
+    backbone_parameters: int | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def degradations(self) -> list[str]:
+        return list(self.config.get("degradations", []))
+
+    @property
+    def backbone_label(self) -> str:
+        if self.backbone is None:
+            return "a public checkpoint (see its card)"
+        return f"{self.backbone.get('name')} {self.backbone.get('hyperparameters', {})}"
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one fact per line."""
+        config = self.config
+        router = config.get("router") or {}
+        encoder = router.get("encoder") if isinstance(router, dict) else None
+        lines = [
+            f"folder: {self.folder}",
+            f"degradations ({len(self.degradations)}): {', '.join(self.degradations)}",
+            f"rank r / alpha: {config.get('r')} / {config.get('lora_alpha')}",
+            f"top-k / temperature: {config.get('top_k')} / {config.get('temperature')}",
+            f"targets: {config.get('target_modules') or config.get('preset') or 'detected'}",
+            f"router: {encoder if encoder else 'none'}",
+            f"trainable size: {self.expert_parameters:,} expert + "
+            f"{self.router_parameters:,} router parameters",
+            f"backbone: {self.backbone_label}",
+        ]
+        if self.backbone_parameters is not None:
+            lines.append(f"backbone size: {self.backbone_parameters:,} parameters")
+        lines += [f"metric {name}: {value}" for name, value in self.metrics.items()]
+        return lines
+
+
+def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
+    """Read ``folder``'s config, tensor sizes (safetensors headers only), backbone spec and
+    metrics (``metrics.json`` when present)."""
+    folder = Path(folder)
+    config = _read_json(folder / CONFIG_NAME)
+    experts = router = 0
+    for key, count in _tensor_sizes(folder / WEIGHTS_NAME).items():
+        if ".loraxir_router." in f".{key}":
+            router += count
+        else:
+            experts += count
+    backbone = backbone_size = None
+    if (folder / BACKBONE_CONFIG).is_file():
+        backbone = _read_json(folder / BACKBONE_CONFIG)
+        backbone_size = sum(_tensor_sizes(folder / BACKBONE_WEIGHTS).values())
+    metrics = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
+    return AdapterInfo(folder, config, experts, router, backbone, backbone_size, metrics)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}; is it an adapter folder?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
+
+
+def _tensor_sizes(path: Path) -> dict[str, int]:
+    """Element count of every tensor in a safetensors file, from its JSON header only."""
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is missing, truncated or not safetensors ({error})."
+        ) from None
+    sizes = {}
+    for key, entry in header.items():
+        if key != "__metadata__":
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            sizes[key] = count
+    return sizes
+
+
+def _backbone_label(given: Any, module: Any) -> str:
+    if isinstance(given, str | os.PathLike):
+        return f"{str(given)!r} ({type(module).__name__})"
+    spec = getattr(module, "_loraxir_backbone", None)
+    hyper = getattr(module, "hyperparameters", None)
+    return f"{type(module).__name__} {spec or hyper or ''}".strip()
+
+
+def _download(repo_id: str, hub_kwargs: dict[str, Any]) -> Path:
+    from loraxir.checkpoint import download
+
+    return download(repo_id, list(FOLDER_FILES), hub_kwargs)

@@ -1,0 +1,165 @@
+"""`loraxir restore / info / merge / push`: help, lazy imports, bad inputs, merged checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from inference_helpers import CLASSES, photo, write_adapter
+from PIL import Image
+from safetensors.torch import save_file
+
+import loraxir
+from loraxir.cli import main
+from loraxir.pretrained import ADAPTER_PATH_ENV
+
+COMMANDS = ["restore", "info", "merge", "push", "degradations"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return write_adapter(tmp_path_factory.mktemp("adapters") / "tiny-three")
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_every_command_has_help_without_importing_torch():
+    code = (
+        "import sys\nfrom loraxir.cli import main\n"
+        f"for command in {COMMANDS!r} + [None]:\n"
+        "    try:\n        main([command, '--help'] if command else ['--help'])\n"
+        "    except SystemExit as exit:\n        assert exit.code == 0, command\n"
+        "print(sorted(m for m in ('torch', 'peft', 'numpy') if m in sys.modules))"
+    )
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    for command in COMMANDS:
+        assert f"usage: loraxir {command}" in result.stdout
+
+
+def test_import_is_lazy_and_peft_still_finds_loraxir(adapter):
+    """`import loraxir` pulls neither torch nor peft; importing peft afterwards registers
+    our method, so peft's own from_pretrained loads a loraxir folder."""
+    code = (
+        "import sys, loraxir\n"
+        "assert 'torch' not in sys.modules and 'peft' not in sys.modules\n"
+        "assert sorted(loraxir.__all__) == sorted(set(loraxir.__all__))\n"
+        "assert all(getattr(loraxir, name) is not None for name in loraxir.__all__)\n"
+        "import peft\n"
+        f"backbone = loraxir.load_backbone({str(adapter)!r})\n"
+        f"model = peft.PeftModel.from_pretrained(backbone, {str(adapter)!r})\n"
+        "print(type(model.base_model).__name__, model.base_model.degradations)"
+    )
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"LoraIRModel {CLASSES}"
+
+
+def test_public_names_are_exact():
+    expected = {
+        "__version__", "CheckpointError", "ConfigError", "DAMConfig", "DataError",
+        "GuidedBackbone", "LoraIRConfig", "LoraIRError", "LoraIRModel", "Preset",
+        "RoutingError", "TargetModulesError", "TrainingError", "UnknownNameError",
+        "create_backbone", "get_loraxir_model", "get_preset",
+        "list_adapters", "list_backbones", "list_presets", "load_adapter", "load_backbone",
+        "register_preset", "route",
+    }  # fmt: skip
+    assert set(loraxir.__all__) == expected and len(loraxir.__all__) == len(expected)
+
+
+def test_restore_skips_bad_inputs_reports_them_and_restores_the_others(adapter, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(photo(40, 60)).save(inputs / "good.png")
+    Image.fromarray(photo(30, 20)[..., 0]).save(inputs / "gray.jpg")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (inputs / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["restore", str(inputs), "-o", str(out), "--adapter", str(adapter)]) == 1
+    result = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["good.png", "gray.jpg"]
+    assert "broken.png" in result.err and "notes.txt" in result.err
+    assert "Skipped 2 input(s)" in result.err
+    assert sum(f"-> {out}" in line and "p=" in line for line in result.out.splitlines()) == 2
+    with Image.open(out / "gray.jpg") as gray:
+        assert gray.mode == "L" and gray.size == (20, 30)
+    # Existing outputs are kept unless --overwrite.
+    again = ["restore", str(inputs / "good.png"), "-o", str(out), "--adapter", str(adapter)]
+    assert main([*again, "--quiet"]) == 1
+    assert main([*again, "--quiet", "--overwrite", "--degradation", "blur"]) == 0
+
+
+def test_forced_degradation_equals_routing_to_that_class(adapter, tmp_path):
+    image = photo(33, 47)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png"),
+                 "--adapter", str(adapter), "--degradation", "noise", "--quiet"]) == 0  # fmt: skip
+    model = loraxir.load_adapter(adapter)
+    padded = np.pad(image, ((0, 7), (0, 1), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        routed = model(x, degradation="noise")[0, :, :33, :47]
+    expected = (routed.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    restored = np.asarray(Image.open(tmp_path / "y.png"))
+    assert np.abs(restored.astype(int) - expected).max() <= 1
+
+
+def test_mismatched_backbone_names_both(adapter, tmp_path, capsys):
+    other = loraxir.create_backbone("nafnet-tiny", width=16)
+    save_file(other.state_dict(), str(tmp_path / "wide.safetensors"))
+    Image.fromarray(photo(16, 16)).save(tmp_path / "x.png")
+    wide = str(tmp_path / "wide.safetensors")
+    code = main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"),
+                 "--adapter", str(adapter), "--backbone", wide])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and str(adapter) in error and "wide.safetensors" in error
+
+
+def test_hub_repo_offline_with_nothing_cached_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    Image.fromarray(photo(16, 16)).save(tmp_path / "x.png")
+    code = main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"),
+                 "--adapter", "someone/not-downloaded", "--quiet"])  # fmt: skip
+    assert code == 2 and "not in the Hub cache" in capsys.readouterr().err
+
+
+def test_info_describes_and_lists(adapter, capsys, monkeypatch):
+    assert main(["info", str(adapter)]) == 0
+    text = capsys.readouterr().out
+    assert f"degradations (3): {', '.join(CLASSES)}" in text
+    assert "backbone: nafnet" in text and "expert +" in text
+    monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter.parent))
+    assert main(["info", "--list"]) == 0
+    assert "tiny-three" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["blur", "compression"])
+def test_merge_writes_a_plain_spandrel_checkpoint_equal_to_routing(adapter, tmp_path, name):
+    from spandrel import ModelLoader
+
+    target = tmp_path / f"{name}.safetensors"
+    assert main(["merge", str(adapter), "--degradation", name, "-o", str(target)]) == 0
+    descriptor = ModelLoader().load_from_file(str(target))
+    assert descriptor.architecture.id == "NAFNet"
+    hyper = json.loads((adapter / "backbone.json").read_text())["hyperparameters"]
+    assert descriptor.model.hyperparameters["width"] == hyper["width"]
+    x = torch.rand(2, 3, 32, 40)
+    with torch.no_grad():
+        merged = descriptor.model.eval()(x)
+        routed = loraxir.load_adapter(adapter)(x, degradation=name)
+    torch.testing.assert_close(merged, routed, rtol=1e-4, atol=1e-5)
+    assert main(["merge", str(adapter), "--degradation", name, "-o", str(target)]) == 2

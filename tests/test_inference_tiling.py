@@ -1,0 +1,94 @@
+"""Tiled inference: plans, blending weights, equality with untiled runs, pinned gates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from inference_helpers import local_conv_model, photo, tiny_model
+
+from loraxir.errors import ConfigError
+from loraxir.inference.restorer import Restorer
+from loraxir.inference.tiling import _axis_weights, plan_tiles, run_tiled
+
+
+@pytest.mark.parametrize("extent", [8, 40, 136, 264, 1000])
+@pytest.mark.parametrize(("tile", "overlap"), [(32, 8), (48, 16), (64, 0)])
+def test_blend_weights_sum_to_one_everywhere(extent, tile, overlap):
+    plan = plan_tiles(extent, 1, tile, overlap, 8)
+    total = np.zeros(plan.padded_height)
+    for start, weights in zip(
+        plan.rows, _axis_weights(plan.rows, plan.tile_height, overlap), strict=True
+    ):
+        total[start : start + plan.tile_height] += weights
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+def test_plan_covers_a_20000_pixel_image_with_flat_working_memory():
+    """The 20000x20000 case, planned without allocating it: tiles cover the padded image,
+    neighbours overlap by at least `overlap`, and the float working set is a strip of one
+    tile row (it does not grow with the height)."""
+    plan = plan_tiles(20000, 20000, 512, 32, 16)
+    assert (plan.padded_height, plan.padded_width) == (20000, 20000)
+    assert plan.rows[0] == 0 and plan.rows[-1] + plan.tile_height == 20000
+    assert min(np.diff(plan.rows)) <= plan.tile_height - 32
+    assert len(plan) == len(plan.rows) ** 2 == 42**2
+    taller = plan_tiles(80000, 20000, 512, 32, 16)
+    assert taller.working_bytes() == plan.working_bytes() < 300 * 2**20
+
+
+def test_tile_must_hold_three_overlaps():
+    with pytest.raises(ConfigError, match="at least 3 x overlap"):
+        plan_tiles(100, 100, tile=64, overlap=32)
+
+
+@pytest.mark.parametrize(("height", "width"), [(75, 133), (61, 47), (1, 1), (9, 200)])
+def test_tiled_equals_untiled_for_a_local_network(height, width):
+    """Sizes that are multiples of neither the tile nor 8; the reference pads by reflection
+    to a multiple of 8, runs once and crops."""
+    model = local_conv_model()
+    image = np.random.default_rng(0).random((height, width, 3), dtype=np.float32)
+    gates = torch.tensor([[0.2, 0.7, 0.1]])
+    pad_h, pad_w = -height % 8, -width % 8
+    padded = np.pad(
+        image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect" if height > 1 else "edge"
+    )
+    with torch.no_grad():
+        reference = model(torch.from_numpy(padded).permute(2, 0, 1)[None], gates=gates)
+    reference = reference[0].permute(1, 2, 0).numpy()[:height, :width]
+    plan = plan_tiles(height, width, tile=48, overlap=16, multiple=8)
+    tiled = run_tiled(lambda t: model(t, gates=gates), image, plan, np.empty_like(image))
+    np.testing.assert_allclose(tiled, reference, atol=1e-4)
+
+
+def test_single_tile_equals_direct_call_for_nafnet():
+    model = tiny_model()
+    image = photo(37, 50).astype(np.float32) / 255
+    restorer = Restorer(model, tile=None)
+    restored, routing = restorer.restore(image)
+    padded = np.pad(image, ((0, 3), (0, 6), (0, 0)), mode="reflect")
+    with torch.no_grad():
+        direct = model(torch.from_numpy(padded).permute(2, 0, 1)[None], gates=routing.gates[None])
+    np.testing.assert_allclose(restored, direct[0].permute(1, 2, 0).numpy()[:37, :50], atol=1e-4)
+
+
+def test_every_tile_gets_the_whole_image_gates():
+    """The router runs once on the whole image; each tile's forward sees those gates."""
+    model = tiny_model()
+    router = model.loraxir_router
+    route_calls, seen = [], []
+    original_route = router.route
+
+    def counting_route(images):
+        route_calls.append(tuple(images.shape))
+        return original_route(images)
+
+    router.route = counting_route
+    model.model.register_forward_pre_hook(lambda *_: seen.append(model.routing.gates.clone()))
+    restorer = Restorer(model, tile=32, overlap=8)
+    image = photo(70, 90)
+    _, routing = restorer.restore(image)
+    assert route_calls == [(1, 3, 70, 90)]
+    assert len(seen) == len(restorer.plan(70, 90)) > 4
+    for gates in seen:
+        torch.testing.assert_close(gates, routing.gates[None].expand_as(gates), rtol=0, atol=0)

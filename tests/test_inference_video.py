@@ -1,0 +1,128 @@
+"""Videos: frame count, size and frame rate kept; each frame routed on its own; reports."""
+
+from __future__ import annotations
+
+import csv
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from inference_helpers import tiny_model
+from skimage import data
+from torch import nn
+
+import loraxir
+from loraxir import degradations
+from loraxir.inference.restorer import Restorer
+from loraxir.inference.video import VideoWriter, probe_video, read_frames, restore_video
+from loraxir.router import DegradationRouter
+
+
+def _frames(count: int, height: int, width: int) -> np.ndarray:
+    photo = data.astronaut()
+    return np.stack([photo[i * 4 : i * 4 + height, i * 3 : i * 3 + width] for i in range(count)])
+
+
+def _write_lossless(path, frames: np.ndarray, fps: int) -> None:
+    """FFV1 in Matroska: frames come back bit-exact, so routing sees the degradation."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize(("suffix", "size"), [(".mp4", (36, 52)), (".webm", (35, 51))])
+def test_restored_video_keeps_frame_count_size_and_rate(tmp_path, suffix, size):
+    source = tmp_path / f"in{suffix}"
+    with VideoWriter(source, size[1], size[0], Fraction(12)) as writer:
+        for frame in _frames(7, *size):
+            writer.write(frame)
+    target = tmp_path / f"out{suffix}"
+    report = restore_video(Restorer(tiny_model(), tile=None), source, target, smooth=0.5)
+    info = probe_video(target)
+    assert (info.frames, info.height, info.width, info.fps) == (7, *size, Fraction(12))
+    assert len(report.rows) == 7 == len(list(read_frames(target)))
+
+
+class _Statistics(nn.Module):
+    """Hand-made degradation features: log high-frequency and gradient energy, and JPEG
+    blockiness (column differences at 8-pixel block edges over the others)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        gray = images.mean(1, keepdim=True)
+        kernel = torch.tensor([[[[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]]])
+        laplacian = F.conv2d(gray, kernel).abs().mean((1, 2, 3))
+        dx = (gray[..., 1:] - gray[..., :-1]).abs()
+        dy = (gray[..., 1:, :] - gray[..., :-1, :]).abs().mean((1, 2, 3))
+        columns = dx.mean((1, 2))
+        edge = (torch.arange(columns.shape[-1]) % 8) == 7
+        block = columns[:, edge].mean(-1) / (columns[:, ~edge].mean(-1) + 1e-4)
+        energies = torch.stack([laplacian, dx.mean((1, 2, 3)), dy], 1)
+        return torch.cat([energies.add(1e-4).log(), block[:, None]], 1)
+
+
+@pytest.fixture(scope="module")
+def video_router() -> DegradationRouter:
+    """A router trained here (about 10 s) to tell the time_varying suite's classes apart."""
+    suite = degradations.suite("time_varying")
+    torch.manual_seed(0)
+    router = DegradationRouter.from_encoder(
+        _Statistics(), suite.task_names, image_size=32, grid=2, hidden_dim=16, embed_dim=8
+    )
+    photos = [
+        torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in (data.chelsea(), data.coffee())
+    ]
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam([p for p in router.parameters() if p.requires_grad], 1e-2)
+    router.train()
+    for _ in range(150):
+        labels = torch.arange(12) % 3
+        images = []
+        for index, label in enumerate(labels.tolist()):
+            photo = photos[index % 2]
+            top, left = (
+                int(torch.randint(0, s - 64, (1,), generator=generator)) for s in photo.shape[1:]
+            )
+            crop = photo[None, :, top : top + 64, left : left + 64]
+            images.append(suite.degrade(crop, label, generator)[0][0])
+        loss = F.cross_entropy(router.logits(torch.stack(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return router.eval()
+
+
+def test_time_varying_degradations_are_detected_per_frame(tmp_path, video_router):
+    suite = degradations.suite("time_varying")
+    clean = torch.from_numpy(_frames(12, 96, 96)).permute(0, 3, 1, 2).float() / 255
+    degraded, labels, _ = suite.degrade_video(clean, torch.Generator().manual_seed(3), period=4)
+    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
+    _write_lossless(tmp_path / "lq.mkv", to_uint8(degraded), fps=10)
+    _write_lossless(tmp_path / "gt.mkv", to_uint8(clean), fps=10)
+    config = loraxir.LoraIRConfig(degradations=list(suite.task_names), r=2)
+    model = loraxir.get_loraxir_model(
+        loraxir.create_backbone("nafnet-tiny"), config, router=video_router
+    )
+    report = restore_video(
+        Restorer(model.eval(), tile=None),
+        tmp_path / "lq.mkv",
+        tmp_path / "out.mkv",
+        reference=tmp_path / "gt.mkv",
+    )
+    detected = [row["detected"] for row in report.rows]
+    expected = [suite.task_names[i] for i in labels.tolist()]
+    # Chance is 4 of 12; the tiny hand-feature router gets 10 or more, 3 of 4 per segment.
+    assert sum(d == e for d, e in zip(detected, expected, strict=True)) >= 10, (detected, expected)
+    for start in range(0, 12, 4):
+        assert detected[start : start + 4].count(expected[start]) >= 3, (detected, expected)
+    report.write_csv(tmp_path / "frames.csv")
+    report.plot(tmp_path / "frames.png")
+    with open(tmp_path / "frames.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 and {"detected", "gate_noise", "psnr", "psnr_input"} <= set(rows[0])
+    assert (tmp_path / "frames.png").stat().st_size > 1000

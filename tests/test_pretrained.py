@@ -1,0 +1,90 @@
+"""Adapters by name, folder and Hub repo id; pushing; the Hub cache (a real local endpoint)."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import pytest
+import torch
+from hub_server import LocalHub
+from inference_helpers import CLASSES, write_adapter
+
+import loraxir
+from loraxir.backbones import load_backbone
+from loraxir.errors import CheckpointError, UnknownNameError
+from loraxir.hub import push_folder
+from loraxir.pretrained import ADAPTER_PATH_ENV, FOLDER_FILES, find_adapter
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    write_adapter(root / "tiny-three")
+    return root
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Let huggingface_hub talk to the local endpoint (the suite runs with HF_HUB_OFFLINE=1)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def _restore(model, x, name="noise"):
+    with torch.no_grad():
+        return model(x, degradation=name), model(x)
+
+
+def test_dropped_folder_is_listed_and_loads_by_name(adapter_root, monkeypatch):
+    monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter_root))
+    assert "tiny-three" in loraxir.list_adapters()
+    by_name = loraxir.load_adapter("tiny-three")
+    by_folder = loraxir.load_adapter(adapter_root / "tiny-three")
+    assert by_name.degradations == CLASSES
+    x = torch.rand(1, 3, 24, 40)
+    for a, b in zip(_restore(by_name, x), _restore(by_folder, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unknown_name_lists_the_installed_adapters(adapter_root, monkeypatch):
+    monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter_root))
+    with pytest.raises(UnknownNameError, match="tiny-three"):
+        find_adapter("tiny-thre")
+
+
+def test_push_uploads_the_promised_files_and_card(adapter_root, online):
+    folder = adapter_root / "tiny-three"
+    with LocalHub() as hub:
+        url = push_folder(folder, "me/tiny", endpoint=hub.url, token="test-token")
+    files = hub.repos["me/tiny"]
+    assert set(files) == set(FOLDER_FILES) and "/me/tiny/commit/" in url
+    for name in FOLDER_FILES:
+        if name != "README.md":
+            assert files[name] == (folder / name).read_bytes(), name
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: loraxir")
+    assert ", ".join(CLASSES) in card and "psnr_noise" in card
+    assert "loraxir restore photo.png -o restored/ --adapter me/tiny" in card
+    assert (folder / "README.md").read_text() != card  # the local folder is left as it was
+
+
+def test_from_pretrained_through_the_hub_cache_equals_the_folder(
+    adapter_root, online, tmp_path, monkeypatch
+):
+    folder = adapter_root / "tiny-three"
+    cache = tmp_path / "hub-cache"
+    with LocalHub() as hub:
+        push_folder(folder, "me/tiny", endpoint=hub.url, token="test-token")
+        loraxir.LoraIRModel.from_pretrained(
+            load_backbone(folder), "me/tiny", endpoint=hub.url, cache_dir=cache
+        )
+        loraxir.load_adapter("me/tiny", endpoint=hub.url, cache_dir=cache)
+    # The endpoint is gone and the Hub is off: everything now comes from the cache.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cached = loraxir.LoraIRModel.from_pretrained(load_backbone(folder), "me/tiny", cache_dir=cache)
+    self_contained = loraxir.load_adapter("me/tiny", cache_dir=cache)  # backbone files too
+    local = loraxir.LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
+    x = torch.rand(2, 3, 32, 24)
+    for model in (cached, self_contained):
+        for a, b in zip(_restore(model, x, "blur"), _restore(local, x, "blur"), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="not in the Hub cache"):
+        loraxir.load_adapter("me/never-pushed", cache_dir=cache)
