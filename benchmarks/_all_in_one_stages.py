@@ -1,0 +1,169 @@
+"""Running the benchmark's stages so that nothing is lost: resumable, refusing to mix runs,
+and writing every result atomically.
+
+* A stage (a recipe run, an evaluation) lives in its own folder and is done when its
+  marker ``STAGE_DONE.json`` exists; a rerun skips done stages and resumes the others from
+  their latest recipe checkpoint (``--resume latest``), so Ctrl-C loses at most the steps
+  since the last checkpoint.
+* ``run.json`` records the benchmark's settings. A folder holding another run's settings
+  (or anything that is not a benchmark output) is refused unless ``--overwrite`` is given.
+* Results are written to a temporary file in the same folder and moved over the old one
+  with ``os.replace``: a full disk or a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from loraxir.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FILE = "run.json"
+DONE = "STAGE_DONE.json"
+CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; moved onto ``path`` on success, deleted
+    on failure (so ``path`` is either the old file or the complete new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------ run folder
+def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """Claim ``output_dir`` for a run with ``settings``; returns ``True`` when resuming.
+
+    A missing or empty folder starts a fresh run. A folder of a run with the same settings
+    resumes it. Another run's folder, or a folder that is no benchmark output, raises
+    :class:`ConfigError` unless ``overwrite`` (then a benchmark folder is deleted first;
+    a foreign folder never is).
+    """
+    record = output_dir / RUN_FILE
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {str(output_dir)!r} is a file; name a folder.")
+    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    if occupied and not record.is_file():
+        raise ConfigError(
+            f"{str(output_dir)!r} is not empty and holds no {RUN_FILE}: it is not a benchmark "
+            "output folder, and nothing in it is deleted. Choose another --output-dir."
+        )
+    if occupied:
+        earlier = read_json(record).get("settings", {})
+        if overwrite:
+            shutil.rmtree(output_dir)
+        elif earlier == settings:
+            return True
+        else:
+            changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
+            raise ConfigError(
+                f"{str(output_dir)!r} holds an earlier run with other settings (differences: "
+                f"{changed}). Pass --overwrite to replace it, rerun with its settings to resume "
+                "it, or choose another --output-dir."
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(record, {"settings": settings})
+    return False
+
+
+# ---------------------------------------------------------------------- stages
+def stage_done(folder: Path) -> dict[str, Any] | None:
+    """The record of a finished stage, or ``None``."""
+    marker = folder / DONE
+    return read_json(marker) if marker.is_file() else None
+
+
+def run_stage(
+    folder: Path, title: str, work: Callable[[], dict[str, Any]], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Run ``work`` once: skip it when ``folder`` holds its marker, else run it (timed),
+    write the marker and delete the recipe checkpoints it no longer needs. Returns
+    ``{"seconds": wall time, "result": what work returned}``."""
+    done = stage_done(folder)
+    if done is not None:
+        log(f"  ✓ {title} (done earlier, {done['seconds']:.0f} s)")
+        return done
+    log(f"  → {title}")
+    start = time.perf_counter()
+    result = work()
+    record = {"seconds": time.perf_counter() - start, "result": result}
+    write_json(folder / DONE, record)
+    for checkpoints in list(folder.rglob(CHECKPOINTS)):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    log(f"  ✓ {title} ({record['seconds']:.0f} s)")
+    return record
+
+
+@functools.cache
+def recipe(name: str) -> Any:
+    """Import ``recipes/<name>.py`` (a script, not a package module) once."""
+    path = ROOT / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_argv(settings: dict[str, Any]) -> list[str]:
+    """Command-line arguments for ``settings``: ``--resume latest --set k=v ...`` (values as
+    JSON, which is YAML), so an interrupted recipe continues from its last checkpoint."""
+    pairs = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    return ["--resume", "latest", "--set", *pairs]
+
+
+def run_recipe(main: Callable[[list[str]], dict[str, Any]], settings: dict[str, Any]) -> dict:
+    """Call a recipe's ``main(argv)`` in this process, then forget Accelerate's
+    process-wide state so the next recipe starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return main(recipe_argv(settings))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a command-line ``main``; Ctrl-C ends it with a line on how to resume (exit 130)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nInterrupted. Run the same command again to resume; finished stages are kept.")
+        sys.exit(130)

@@ -1,0 +1,276 @@
+"""The all-in-one benchmark (benchmarks/all_in_one.py) and the quickstart built on it.
+
+One ``--scale tiny`` run (random nafnet-tiny, 2 steps per recipe, 32² crops, one seed) is
+shared by the module: it must write every artefact it promises, its Markdown table must
+show the JSON's numbers, and rerunning it must resume rather than retrain. The rest pins
+the bad-input behaviours: another run's folder, a foreign folder, a failed write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loraxir.errors import ConfigError, UnknownNameError
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import _all_in_one_stages as stages  # noqa: E402
+import all_in_one  # noqa: E402
+from _all_in_one_config import METHODS, BenchConfig, load_bench_config  # noqa: E402
+from _all_in_one_methods import Paths, method_stage, shared_stage  # noqa: E402
+
+ADAPTER_METHODS = ("lora", "lora_ir_top1", "lora_ir_top2", "oracle")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench") / "tiny"
+    try:
+        results = all_in_one.main(["--scale", "tiny", "--output-dir", str(root)])
+    finally:
+        torch.set_num_threads(threads)
+    return root, results
+
+
+def test_tiny_run_writes_every_artefact(tiny: tuple[Path, dict[str, Any]]) -> None:
+    root, results = tiny
+    summary = results["suites"]["three_task"]
+    assert json.loads((root / "results.json").read_text()) == results
+    assert list(summary["methods"]) == ["input", "pretrain", *METHODS]
+    tasks = ["noise_15", "noise_25", "noise_50", "rain", "haze"]
+    shift = ["noise+jpeg", "haze+rain", "low_light+noise", "unseen_blur"]
+    assert (summary["tasks"], summary["shift_tasks"]) == (tasks, shift)
+    for name, entry in summary["methods"].items():
+        assert set(entry["per_task"]) == set(tasks) and set(entry["shift"]) == set(shift)
+        for metric in ("psnr", "ssim", "psnr_y", "ssim_y"):
+            assert entry["average"][metric]["values"][0] == pytest.approx(
+                sum(entry["per_task"][t][metric]["mean"] for t in tasks) / len(tasks)
+            ), (name, metric)
+    for kind in ("psnr_per_task", "router_confusion", "expert_usage", "restored_examples"):
+        assert Path(summary["figures"][kind]).stat().st_size > 1000, kind
+    assert (root / "figures" / "headline.png").stat().st_size > 1000
+    for task in tasks + shift:
+        for column in ["input", "reference", "pretrain", *METHODS]:
+            assert (root / "restored" / "three_task" / task / f"{column}.png").is_file()
+    seed_dir = root / "three_task" / "seed-0"
+    for method in ADAPTER_METHODS:
+        assert (seed_dir / method / "adapter" / "adapter_model.safetensors").is_file()
+    assert (seed_dir / "peft_lora" / "adapter" / "lora.safetensors").is_file()
+    assert not list(root.rglob("checkpoints")), "finished stages drop their checkpoints"
+    assert set(summary["expert_usage"]) == {"lora_ir_top1", "lora_ir_top2"}
+    assert len(summary["router"]["confusion"]) == len(summary["router"]["classes"]) == 3
+
+
+def test_methods_share_one_budget(tiny: tuple[Path, dict[str, Any]]) -> None:
+    root, results = tiny
+    methods = results["suites"]["three_task"]["methods"]
+    counts = {m: methods[m]["trainable_parameters"] for m in ADAPTER_METHODS}
+    assert len(set(counts.values())) == 1, f"E experts of rank r vs one of rank E·r: {counts}"
+    assert methods["peft_lora"]["trainable_parameters"] < counts["lora"], "dense convs only"
+    config = load_bench_config("tiny")
+    paths = Paths(root, "three_task", 0, False)
+    stages_ = [shared_stage(config, paths)] + [
+        method_stage(config, paths, m, 3) for m in config.methods
+    ]
+    for stage in stages_:
+        for key in ("patch_size", "batch_size", "loss", "train_repeats", "seed"):
+            assert stage.settings[key] == stages_[0].settings[key], (stage.name, key)
+        expected = {"pretrain": 2, "no_dam": 4}.get(stage.name, 2)
+        assert stage.settings["max_steps"] == expected, stage.name
+        assert stage.settings["source"].endswith("photos/trainval")
+    photos = results["photos"]
+    assert len(photos["test"]) == 4 and not set(photos["test"]) & set(photos["trainval"])
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The first table of a Markdown text as {first cell: other cells}."""
+    rows = {}
+    for line in text.split("\n\n")[3].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_markdown_table_shows_the_json_numbers(tiny: tuple[Path, dict[str, Any]]) -> None:
+    root, results = tiny
+    summary = results["suites"]["three_task"]
+    rows = _table_rows((root / "results.md").read_text())
+    assert list(rows) == [entry["label"] for entry in summary["methods"].values()]
+    for entry in summary["methods"].values():
+        cells = rows[entry["label"]]
+        expected = [entry["per_task"][t]["psnr"] for t in summary["tasks"]]
+        expected += [entry["average"][m] for m in ("psnr", "ssim", "psnr_y", "ssim_y")]
+        for text, value in zip(cells, expected, strict=False):
+            mean, std = (float(x) for x in re.split(r" ± ", text))
+            digits = len(text.split(" ± ")[0].split(".")[1])
+            assert mean == round(value["mean"], digits), (entry["label"], text, value)
+            assert std == round(value["std"], digits)
+        if "trainable_parameters" in entry:
+            assert cells[len(expected)] == f"{entry['trainable_parameters']:,}"
+
+
+def test_publish_replaces_only_the_results_section(
+    tiny: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    root, results = tiny
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text(f"intro\n{all_in_one.BEGIN}\nold table\n{all_in_one.END}\noutro\n")
+    all_in_one.publish(results, root, repository=tmp_path)
+    text = docs.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{all_in_one.END}\noutro\n")
+    assert "old table" not in text and (root / "results.md").read_text() in text
+    assert (tmp_path / "docs" / "images" / "all_in_one_headline.png").is_file()
+    assert "images/all_in_one_three_task_psnr_per_task.png" in text
+    docs.write_text("no markers")
+    with pytest.raises(ConfigError, match="markers"):
+        all_in_one.publish(results, root, repository=tmp_path)
+
+
+def test_quickstart_resumes_then_restores_photos_with_the_saved_adapter(
+    tiny: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import quickstart
+
+    root, results = tiny
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(stages, "run_recipe", refuse)
+    monkeypatch.setattr(all_in_one, "run_recipe", refuse)
+    again = quickstart.main(["--scale", "tiny", "--output-dir", str(root), "--max-side", "48"])
+    assert again["suites"] == results["suites"], "resumed: every stage's record reused"
+    out = capsys.readouterr().out
+    assert "resuming" in out and "Where everything is" in out and "loraxir.load_adapter" in out
+    restored = sorted((root / "restored_photos" / "rain").glob("*_restored.png"))
+    assert len(restored) == 4, "one per test photo"
+
+
+def test_an_interrupted_recipe_resumes_from_its_last_checkpoint(
+    tiny: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loraxir.training.checkpoints as checkpoints
+
+    (tmp_path / "photos").symlink_to(tiny[0] / "photos")
+    config = load_bench_config("tiny", overrides=["checkpoint_every=1"])
+    stage = method_stage(config, Paths(tmp_path, "three_task", 0, False), "no_dam", 3)
+    folder = Path(stage.settings["output_dir"])
+    original = checkpoints.maybe_checkpoint
+
+    def ctrl_c_after_step_two(accelerator: Any, settings: Any, state: Any) -> None:
+        original(accelerator, settings, state)
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    def train() -> dict[str, Any]:
+        return all_in_one._train(stage.runner, stage.settings)
+
+    monkeypatch.setattr(checkpoints, "maybe_checkpoint", ctrl_c_after_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(folder, "no_dam", train, print)
+    monkeypatch.undo()
+    record = stages.run_stage(folder, "no_dam", train, print)
+    assert (record["result"]["resumed_from_step"], record["result"]["steps"]) == (2, 4)
+
+
+def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> None:
+    settings = {"seeds": [0], "methods": ["base"]}
+    assert stages.prepare_run(tmp_path / "run", settings, overwrite=False) is False
+    (tmp_path / "run" / "result.txt").write_text("earlier")
+    assert stages.prepare_run(tmp_path / "run", settings, overwrite=False) is True
+    with pytest.raises(ConfigError, match=r"other settings.*\['seeds'\].*--overwrite"):
+        stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=False)
+    assert (tmp_path / "run" / "result.txt").read_text() == "earlier"
+    stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=True)
+    assert not (tmp_path / "run" / "result.txt").exists()
+
+
+def test_a_foreign_folder_is_never_deleted(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="not a benchmark output folder"):
+            stages.prepare_run(tmp_path, {}, overwrite=overwrite)
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_a_failed_write_leaves_the_earlier_result_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "results.json"
+    stages.write_json(path, {"psnr": 30.0})
+
+    def disk_full(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        stages.write_json(path, {"psnr": 31.0})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"psnr": 30.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "no temporary file left"
+
+
+def test_an_interrupted_stage_runs_again_and_a_done_one_does_not(tmp_path: Path) -> None:
+    calls = []
+
+    def interrupted() -> dict[str, Any]:
+        calls.append("interrupted")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(tmp_path, "stage", interrupted, print)
+    assert stages.stage_done(tmp_path) is None
+    first = stages.run_stage(tmp_path, "stage", lambda: calls.append("run") or {"x": 1}, print)
+    again = stages.run_stage(tmp_path, "stage", lambda: calls.append("again") or {}, print)
+    assert calls == ["interrupted", "run"] and again == first and first["result"] == {"x": 1}
+    assert stages.recipe_argv({"max_steps": 5})[:2] == ["--resume", "latest"]
+
+
+@pytest.mark.parametrize("scale", ["tiny", "quick", "cpu", "paper"])
+def test_every_scale_gives_settings_its_recipes_accept(scale: str, tmp_path: Path) -> None:
+    """Typos in a scale's YAML fail here, not an hour into a run."""
+    import _all_in_one_peft
+    from _all_in_one_methods import router_settings
+
+    from loraxir.training import load_config
+
+    config = load_bench_config(scale)
+    paths = Paths(tmp_path, config.suites[0], config.seeds[0], config.router_per_seed)
+    configs = {
+        "pretrain": stages.recipe("pretrain").PretrainConfig,
+        "finetune": stages.recipe("finetune").FinetuneConfig,
+        "peft": _all_in_one_peft.PeftLoraConfig,
+    }
+    router = stages.recipe("train_router").TrainRouterConfig
+    load_config(router, None, stages.recipe_argv(router_settings(config, paths))[3:])
+    for stage in [shared_stage(config, paths)] + [
+        method_stage(config, paths, m, 3) for m in config.methods
+    ]:
+        loaded = load_config(configs[stage.runner], None, stages.recipe_argv(stage.settings)[3:])
+        assert loaded.max_steps == stage.settings["max_steps"]
+
+
+def test_bad_settings_name_the_value_and_the_fix() -> None:
+    with pytest.raises(UnknownNameError, match="lora_ir_top1"):
+        load_bench_config("tiny", overrides=["methods=[lora_ir_top]"])
+    with pytest.raises(UnknownNameError, match="cpu"):
+        load_bench_config("cpuu")
+    with pytest.raises(UnknownNameError, match="seeds"):
+        load_bench_config("tiny", overrides=["seed=[1]"])
+    with pytest.raises(ConfigError, match=r"adapters\.max_steps"):
+        BenchConfig(pretrain={"max_steps": 1}, adapters={})
