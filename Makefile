@@ -14,9 +14,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job: cost of routed experts on NAFNet-w32 against the bare backbone (CPU, ~5 min).
+# The main job: router, DAM pre-training, expert fine-tuning and evaluation on held-out
+# photos, then the comparison table, figures and restored images (CPU, ~7-10 min).
+# Interrupt it and run it again to resume; ARGS=--overwrite starts over.
 quickstart: install
-	$(PYTHON) benchmarks/overhead.py --backbones nafnet --size 128 --batches 4 --repeats 2
+	$(PYTHON) benchmarks/quickstart.py $(ARGS)
+
+# Cost of routed experts against the bare backbone (run it alone on the machine).
+bench: install
+	$(PYTHON) benchmarks/overhead.py --quick
 
 # Lint, then the test suite without the checks marked slow (see README, "Tests").
 test: install
