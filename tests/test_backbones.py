@@ -128,3 +128,15 @@ def test_backbone_saving_refuses_expert_layers_and_loading_needs_a_description(t
     (tmp_path / "empty").mkdir()
     with pytest.raises(loraxir.CheckpointError, match=r"without backbone\.json"):
         loraxir.load_backbone(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("loraxir.registry", "loraxir.backbones"), ("loraxir.encoders", "loraxir.router.encoders")],
+)
+def test_moved_modules_name_their_new_home(old, new):
+    import importlib
+
+    sys.modules.pop(old, None)
+    with pytest.raises(ImportError, match=new.replace(".", r"\.")):
+        importlib.import_module(old)
