@@ -38,7 +38,8 @@ CHECKPOINTS = "checkpoints"
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path next to ``path`` to write to; moved onto ``path`` on success, deleted
-    on failure (so ``path`` is either the old file or the complete new one)."""
+    on failure (so ``path`` is either the old file or the complete new one). The result gets
+    the permissions of a normally created file (``mkstemp`` makes it private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -46,6 +47,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        temporary.chmod(0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

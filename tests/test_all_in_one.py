@@ -225,6 +225,13 @@ def test_a_failed_write_leaves_the_earlier_result_intact(
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "no temporary file left"
 
 
+def test_atomic_results_are_as_readable_as_normally_written_files(tmp_path: Path) -> None:
+    stages.write_json(tmp_path / "atomic.json", {})
+    (tmp_path / "plain.json").write_text("{}")
+    mode = (tmp_path / "plain.json").stat().st_mode & 0o777
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == mode
+
+
 def test_an_interrupted_stage_runs_again_and_a_done_one_does_not(tmp_path: Path) -> None:
     calls = []
 
