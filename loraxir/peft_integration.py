@@ -1,4 +1,5 @@
-"""Registration of loraxir as a peft method, done once when ``loraxir`` is imported.
+"""Registration of loraxir as a peft method, done once peft is imported (see
+:mod:`loraxir._peft_hook`, which calls :func:`register_with_peft`).
 
 peft's ``register_peft_method`` only accepts names of its closed ``PeftType`` enum, so we
 write a plain-string type into peft's mapping tables; peft's code paths accept string
