@@ -9,9 +9,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from loraxir.errors import ConfigError
+
+
+def read_yaml_file(path: str | Path, kind: str) -> Any:
+    """The content of the YAML file ``path`` (safe loader), or a :class:`ConfigError` that
+    names the file as a ``kind`` (``"Config file"``, ``"Suite file"``) when it is missing or
+    not valid YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} {str(path)!r} does not exist.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{kind} {str(path)!r} is not valid YAML: {error}") from None
 
 
 def is_number(value: Any) -> bool:

@@ -46,6 +46,7 @@ from loraxir.training.restoration import (
     pixel_loss,
     start_run,
 )
+from loraxir.validation import check_choice
 
 ROUTE_BY = ("label", "router")
 
@@ -83,8 +84,7 @@ class AddDegradationConfig(RestorationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.route_by not in ROUTE_BY:
-            raise ConfigError(f"route_by must be one of {ROUTE_BY}, got {self.route_by!r}.")
+        check_choice("route_by", self.route_by, ROUTE_BY)
         if self.replay_repeats < 1:
             raise ConfigError(f"replay_repeats must be >= 1, got {self.replay_repeats}.")
 

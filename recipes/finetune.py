@@ -44,6 +44,7 @@ from loraxir.training.restoration import (
     pixel_loss,
     start_run,
 )
+from loraxir.validation import check_choice
 
 ROUTE_BY = ("router", "label")
 
@@ -81,7 +82,8 @@ class FinetuneConfig(RestorationConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
     init: str = field(default="default", metadata={"help": "'default' or 'gaussian'."})
     compute: str = field(
-        default="auto", metadata={"help": "'auto', 'activation', 'weight' or 'batched'."}
+        default="auto",
+        metadata={"help": "'auto', 'activation', 'weight', 'batched' or 'gathered'."},
     )
     trainable: str = field(
         default="experts", metadata={"help": "'experts', 'experts+router' or 'all'."}
@@ -89,12 +91,8 @@ class FinetuneConfig(RestorationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.route_by not in ROUTE_BY:
-            raise ConfigError(f"route_by must be one of {ROUTE_BY}, got {self.route_by!r}.")
-        if self.trainable not in ("experts", "experts+router", "all"):
-            raise ConfigError(
-                f"trainable must be 'experts', 'experts+router' or 'all', got {self.trainable!r}."
-            )
+        check_choice("route_by", self.route_by, ROUTE_BY)
+        check_choice("trainable", self.trainable, ("experts", "experts+router", "all"))
         if self.trainable == "experts+router" and self.route_by == "label":
             raise ConfigError(
                 "trainable='experts+router' trains the router through its gates, but "

@@ -81,6 +81,7 @@ from loraxir.training import (
     setup_accelerator,
     write_json,
 )
+from loraxir.validation import check_choice
 
 OBJECTIVES = ("classification", "contrastive")
 ROUTE_BY = ("label", "task")
@@ -182,10 +183,8 @@ class TrainRouterConfig(RecipeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.route_by not in ROUTE_BY:
-            raise ConfigError(f"route_by must be one of {ROUTE_BY}, got {self.route_by!r}.")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        check_choice("route_by", self.route_by, ROUTE_BY)
+        check_choice("objective", self.objective, OBJECTIVES)
         if self.zero_shot_holdout and self.objective != "contrastive":
             raise ConfigError(
                 "zero_shot_holdout needs objective='contrastive': only text prototypes can "

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from loraxir.degradations.registry import Compose, check_images, compose
 from loraxir.errors import ConfigError, unknown_name
+from loraxir.validation import read_yaml_file
 
 _SUITE_KEYS = {"name", "description", "tasks", "schedule"}
 _TASK_KEYS = {"name", "label", "description", "steps"}
@@ -181,12 +181,7 @@ def suite(name: str | Path) -> Suite:
 def load_suite(path: str | Path) -> Suite:
     """Load and check a suite YAML file (format in this module's docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Suite file {str(path)!r} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"Suite file {str(path)!r} is not valid YAML: {error}") from None
+    data = read_yaml_file(path, "Suite file")
     return _parse_suite(data, default_name=path.stem, where=str(path))
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from loraxir.errors import ConfigError, unknown_name
+from loraxir.validation import read_yaml_file
 
 ConfigT = TypeVar("ConfigT", bound="RecipeConfig")
 
@@ -101,13 +102,7 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {error}") from None
+        loaded = read_yaml_file(path, "Config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping of settings.")
         data.update(loaded or {})

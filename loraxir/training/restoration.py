@@ -46,6 +46,7 @@ from loraxir.training.evaluation import (
     scalars,
     write_json,
 )
+from loraxir.validation import check_choice
 
 LOSSES = ("psnr", "l1")
 Restore = Callable[[dict[str, Any]], Tensor]
@@ -97,8 +98,7 @@ class RestorationConfig(RecipeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        check_choice("loss", self.loss, LOSSES)
         if (self.paired_train is None) != (self.paired_val is None):
             raise ConfigError(
                 "Give both paired_train and paired_val (real pairs need held-out pairs to "
