@@ -37,6 +37,7 @@ import peft
 import torch
 from _timing import Ratio, machine_busy, median_time, paired_ratios
 from torch import nn
+from tqdm import tqdm
 
 import loraxir
 from loraxir import LoraIRConfig
@@ -383,12 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args.device, args.amp, args.repeats, torch.get_num_threads())
     inference, training = _settings(args)
     sections = {"inference": (inference, bench_inference), "training": (training, bench_training)}
-    for section in args.sections:
-        settings, run = sections[section]
-        for setting in settings:
-            start = len(bench.rows)
-            run(bench, setting, args.seed)
-            print(_table(bench.rows[start:]), flush=True)
+    planned = [(section, setting) for section in args.sections for setting in sections[section][0]]
+    # A setting takes minutes on a CPU: a bar over them, each table printed as it completes.
+    for section, setting in tqdm(planned, desc="overhead settings", unit="setting"):
+        start = len(bench.rows)
+        sections[section][1](bench, setting, args.seed)
+        tqdm.write(_table(bench.rows[start:]))
     for warning in bench.warnings:
         print(f"WARNING: {warning}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
