@@ -17,8 +17,11 @@ Every form below computes exactly that (up to float rounding; outputs and the gr
     group expands to ``E*r`` channels).
 ``"weight"``
     Images grouped by identical coefficient rows; each group's mixture is folded into the
-    weight and the base op runs once per group. One distinct row (one degradation for the
-    batch) is a single base call: the cheapest form there is.
+    weight (one ``addmm`` per expert) and the base op runs once per group. One distinct row
+    (one degradation for the batch) is a single base call: the cheapest form there is.
+    When folding costs more multiply-adds than the low-rank path over the call's pixels
+    (a 1x1 convolution on a pooled 1x1 map, a bottleneck on 8x8), the layer runs the base
+    op and adds ``B (c * (A x))`` instead; decided per call (:func:`_folds_cost_more`).
 ``"batched"``
     One folded weight per image, all images in one call: a batched matmul for ``Linear``
     and 1x1 convolutions, a grouped convolution with ``groups = B * groups`` otherwise.
@@ -53,15 +56,15 @@ so the forms are compared by what they add to forward plus input gradient:
   convolution over the batch, which runs about half as fast as the plain one on CPU).
 
 The cheaper one is the layer's training form; grouped convolutions always fold
-(``"batched"``: the factored path would expand every group). In inference, ``Linear`` and
-1x1 convolutions use ``"batched"`` (a batched matmul runs as fast as the convolution),
-grouped convolutions ``"batched"`` (a grouped convolution over the batch costs about the
-base depthwise one), dense ``kxk`` and transposed convolutions ``"weight"`` (a per-group
-loop costs about one batched base call on CPU; each fold is ``r*F`` against ``H*W*F`` for
-the op). :meth:`FormPlan.pick` applies what only a call knows: one distinct row ->
-``"weight"`` in inference, dropout -> ``"activation"``, ``torch.compile`` -> a form
-without data-dependent shapes. ``LoraIRModel.autotune`` refines the plan by timing whole
-model calls.
+(``"batched"``: the factored path would expand every group). In inference every layer
+uses ``"weight"``: running the base op once per group of images costs about what running
+the bare backbone one image at a time costs, and each fold is ``k*r*F`` against ``H*W*F``
+for the op (measured on NAFNet-w32, 128², 4 images routed to 4 experts: ``"weight"`` on
+every layer beat ``"batched"`` and ``"gathered"``, whose grouped convolution over the batch
+runs slower than the depthwise base). :meth:`FormPlan.pick` applies what only a call
+knows: one distinct row -> ``"weight"`` in inference, dropout -> ``"activation"``,
+``torch.compile`` -> a form without data-dependent shapes. ``LoraIRModel.autotune``
+refines the plan by timing whole model calls.
 """
 
 from __future__ import annotations
@@ -127,19 +130,22 @@ def plan_forms(base: nn.Module, rank: int, experts_per_image: int) -> FormPlan:
     of them used per image (the router's ``top_k``); see the module docstring."""
     kind = _kind(base)
     if kind == "conv" and base.groups > 1:
-        return FormPlan(inference="batched", training="batched")
+        return FormPlan(inference="weight", training="batched")
     k_r = experts_per_image * rank
-    if kind == "conv_transpose":
-        fan_in, out = base.in_channels, base.out_channels * math.prod(base.kernel_size)
-    else:
-        fan_in, out = base.weight.shape[1] * math.prod(base.weight.shape[2:]), base.weight.shape[0]
+    fan_in, out = _fan_in_out(base)
     fold = fan_in * out
     if kind == "linear" or _is_pointwise(base):
-        gathered = 2 * k_r * (fan_in + out)
-        return FormPlan("batched", "gathered" if gathered <= fold else "batched")
-    gathered = 3 * k_r * (fan_in + out)
-    training = "gathered" if gathered <= _GROUPED_PENALTY * fold else "batched"
+        training = "gathered" if 2 * k_r * (fan_in + out) <= fold else "batched"
+    else:
+        training = "gathered" if 3 * k_r * (fan_in + out) <= _GROUPED_PENALTY * fold else "batched"
     return FormPlan(inference="weight", training=training)
+
+
+def _fan_in_out(base: nn.Module) -> tuple[int, int]:
+    """``(fan_in, out)``: the weight as the matrix the experts' product ``dW`` has."""
+    if _kind(base) == "conv_transpose":
+        return base.in_channels, base.out_channels * math.prod(base.kernel_size)
+    return math.prod(base.weight.shape[1:]), base.weight.shape[0]
 
 
 def check_form(form: str) -> str:
@@ -188,6 +194,7 @@ def routed_forward(
     output_padding: Any = None,
     exact_base: bool = False,
     expert_input: torch.Tensor | None = None,
+    groups: RowGroups | None = None,
 ) -> torch.Tensor:
     """``base(x) + sum_e coeffs[n, e] * (dW_e * x_n)`` computed by ``form``.
 
@@ -203,6 +210,8 @@ def routed_forward(
         exact_base: run the base op itself and add the delta (see the module docstring).
         expert_input: the experts' input when it differs from the base op's (``x`` after
             ``lora_dropout``); only the ``"activation"`` form takes one.
+        groups: :func:`group_rows` of ``coeffs`` when the caller has it (a layer shares one
+            per call); the ``"weight"`` form computes it otherwise.
     """
     ops = _ops_for(base, output_padding)
     if expert_input is not None and form != "activation":
@@ -214,7 +223,12 @@ def routed_forward(
         delta_input = x if expert_input is None else expert_input
         return ops.base(x) + ops.activation_delta(delta_input, a, b, coeffs)
     if form == "weight":
-        return _weight_form(ops, x, a, b, coeffs)
+        if coeffs.requires_grad:
+            return _per_image_weight_form(ops, x, a, b, coeffs)
+        groups = groups or group_rows(coeffs)
+        if _folds_cost_more(ops.module, x, len(groups.rows), a.shape[0]):
+            return ops.base(x).add_(ops.activation_delta(x, a, b, coeffs))
+        return _grouped_weight_form(ops, x, a, b, groups)
     if form == "batched":
         return _batched_form(ops, x, a, b, coeffs, exact_base)
     if form == "gathered":
@@ -222,32 +236,96 @@ def routed_forward(
     raise unknown_name("compute form", form, FORMS)
 
 
-def _weight_form(
-    ops: _Ops, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor
+@dataclass(frozen=True)
+class RowGroups:
+    """Images grouped by identical coefficient rows, for the ``"weight"`` form.
+
+    Built once per call from coefficients that need no gradient and shared by every layer
+    of the call, so that no layer compares rows, selects images or reads numbers back.
+
+    Attributes:
+        rows: each distinct row as Python numbers (the exact float values of the
+            coefficients), the scales of the folds.
+        members: the images of each row: a ``slice`` when they are consecutive (a view of
+            the input, no copy), else an index tensor.
+        order: the permutation that puts the concatenated group outputs back in image
+            order, or ``None`` when the groups already are in order.
+    """
+
+    rows: tuple[tuple[float, ...], ...]
+    members: tuple[slice | torch.Tensor, ...]
+    order: torch.Tensor | None
+
+
+def group_rows(coeffs: torch.Tensor) -> RowGroups:
+    """:class:`RowGroups` of ``coeffs`` ``(N, E)`` (rows in order of first appearance)."""
+    images: dict[tuple[float, ...], list[int]] = {}
+    for index, row in enumerate(coeffs.tolist()):
+        images.setdefault(tuple(row), []).append(index)
+    members: list[slice | torch.Tensor] = []
+    for group in images.values():
+        if group == list(range(group[0], group[-1] + 1)):
+            members.append(slice(group[0], group[-1] + 1))
+        else:
+            members.append(torch.tensor(group, device=coeffs.device))
+    concatenated = [index for group in images.values() for index in group]
+    order = None
+    if concatenated != sorted(concatenated):
+        order = torch.argsort(torch.tensor(concatenated, device=coeffs.device))
+    return RowGroups(tuple(images), tuple(members), order)
+
+
+def _folds_cost_more(base: nn.Module, x: torch.Tensor, rows: int, experts: int) -> bool:
+    """Whether folding ``rows`` coefficient rows into the weight costs more multiply-adds
+    than the low-rank path over every pixel of ``x``: ``rows * fan_in * out`` against
+    ``pixels * experts * (fan_in + out)`` (the rank cancels). Known only per call: a layer
+    that runs on few pixels (a squeeze-excitation 1x1 on the pooled 1x1 map, a bottleneck
+    on 8x8) folds a large weight for little work, and the low-rank path is then cheaper.
+    Grouped convolutions always fold: their low-rank path expands every group.
+    """
+    if getattr(base, "groups", 1) > 1:  # the low-rank path would expand every group
+        return False
+    fan_in, out = _fan_in_out(base)
+    channels = x.shape[-1] if _kind(base) == "linear" else x.shape[1]
+    pixels = x.numel() // max(channels, 1)
+    return rows * fan_in * out > pixels * experts * (fan_in + out)
+
+
+def _grouped_weight_form(
+    ops: _Ops, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: RowGroups
 ) -> torch.Tensor:
     """The base op once per distinct coefficient row, with that row folded into the weight.
 
-    Rows are grouped only when they need no gradient: a folded weight shared by several
-    images cannot tell which image's coefficient a gradient belongs to.
+    One row (one degradation for the batch) is a single base call. Rows are grouped only
+    when they need no gradient: a folded weight shared by several images cannot tell which
+    image's coefficient a gradient belongs to.
     """
-    num_images = coeffs.shape[0]
-    weight = ops.module.weight
-    shared = not coeffs.requires_grad
-    if num_images == 1 or (shared and bool((coeffs == coeffs[:1]).all())):
-        return ops.op(x, weight + delta_weights(ops.module, a, b, coeffs[:1])[0])
-    if shared:
-        unique, inverse = torch.unique(coeffs, dim=0, return_inverse=True)
-    else:
-        unique, inverse = coeffs, torch.arange(num_images, device=coeffs.device)
-    deltas = delta_weights(ops.module, a, b, unique)
+    if len(groups.rows) == 1:
+        return ops.op(x, ops.fold(a, b, groups.rows[0]))
+    num_images = sum(
+        m.stop - m.start if isinstance(m, slice) else m.numel() for m in groups.members
+    )
     per_image = x.reshape(num_images, x.shape[0] // num_images, *x.shape[1:])
-    order = torch.argsort(inverse, stable=True)
-    outputs = []
-    for u in range(unique.shape[0]):
-        images = (inverse == u).nonzero().flatten()
-        out = ops.op(per_image[images].flatten(0, 1), weight + deltas[u])
-        outputs.append(out.reshape(images.numel(), -1, *out.shape[1:]))
-    return torch.cat(outputs)[torch.argsort(order)].flatten(0, 1)
+    outputs = [
+        ops.op(per_image[members].flatten(0, 1), ops.fold(a, b, row))
+        for row, members in zip(groups.rows, groups.members, strict=True)
+    ]
+    out = torch.cat(outputs)
+    if groups.order is None:
+        return out
+    return out.reshape(num_images, -1, *out.shape[1:])[groups.order].flatten(0, 1)
+
+
+def _per_image_weight_form(
+    ops: _Ops, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor
+) -> torch.Tensor:
+    """The base op once per image with its own folded weight (coefficients with gradients)."""
+    num_images = coeffs.shape[0]
+    weights = ops.module.weight + delta_weights(ops.module, a, b, coeffs)
+    if num_images == 1:
+        return ops.op(x, weights[0])
+    per_image = x.reshape(num_images, x.shape[0] // num_images, *x.shape[1:])
+    return torch.cat([ops.op(per_image[n], weights[n]) for n in range(num_images)])
 
 
 def _batched_form(
@@ -372,6 +450,20 @@ class _Ops(ABC):
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.module.weight)
+
+    def fold(self, a: torch.Tensor, b: torch.Tensor, row: tuple[float, ...]) -> torch.Tensor:
+        """``W0 + sum_e row[e] * dW_e`` as one ``addmm`` per expert with a non-zero
+        coefficient (the coefficient is its ``alpha``): no ``(E, *weight.shape)`` delta is
+        formed and added. A row of zeros gives ``W0`` itself."""
+        weight = self.module.weight
+        matrix = weight.reshape(weight.shape[0], -1)
+        for expert, scale in enumerate(row):
+            if scale != 0.0:
+                left, right = (b[expert], a[expert])
+                if not self.b_is_output:
+                    left, right = a[expert].T, b[expert]
+                matrix = torch.addmm(matrix, left, right, alpha=scale)
+        return matrix.view(weight.shape)
 
     @abstractmethod
     def op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

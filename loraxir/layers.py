@@ -26,7 +26,7 @@ These layers know nothing of routers: they read gates from a shared
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,49 @@ class ExpertBank(nn.Module):
         if len(self.A) == 1:
             return self.A[0], self.B[0]
         return torch.cat(list(self.A)), torch.cat(list(self.B))
+
+
+class _UsedExperts(NamedTuple):
+    """The experts one layer call uses: their factors, coefficients ``(N, k)``, the
+    images grouped by coefficient row (``None`` when the coefficients need gradients),
+    whether a kept expert is fresh (``B = 0``, training) and the compute form."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    coeffs: torch.Tensor
+    groups: compute.RowGroups | None
+    fresh: bool
+    form: str
+
+
+def _gate_support(gates: torch.Tensor) -> tuple[int, ...]:
+    """The experts whose gate is non-zero for some image (once per call)."""
+    return tuple(gates.ne(0).any(0).nonzero().flatten().tolist())
+
+
+def _coefficients(
+    gates: torch.Tensor, used: tuple[int, ...], scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, compute.RowGroups]:
+    """Coefficients ``gates[:, used] * scaling`` in ``dtype`` and their row groups (once
+    per call for every layer with the same experts and scaling; gates without gradients)."""
+    coeffs = _select(gates.to(dtype), used, dim=1) * scaling
+    return coeffs, compute.group_rows(coeffs)
+
+
+def _nonzero_rows(t: torch.Tensor) -> list[bool]:
+    """Whether each ``t[e]`` has a non-zero (or NaN) entry: one ``amax`` of ``|t|``, about
+    twice as fast on CPU as ``any`` over a float tensor."""
+    return [bool(m != 0) for m in t.detach().flatten(1).abs().amax(1).tolist()]
+
+
+def _select(t: torch.Tensor, used: tuple[int, ...], dim: int = 0) -> torch.Tensor:
+    """Entries ``used`` of ``t`` along ``dim``: ``t`` itself when all are used, a view when
+    they are consecutive (the usual top-k support), else a copy."""
+    if len(used) == t.shape[dim]:
+        return t
+    if used[-1] - used[0] + 1 == len(used):
+        return t.narrow(dim, used[0], len(used))
+    return t.index_select(dim, torch.tensor(used, device=t.device))
 
 
 class LoraIRLayer(BaseTunerLayer):
@@ -186,6 +229,8 @@ class LoraIRLayer(BaseTunerLayer):
             self._loraxir_unmerged_weight = weight.detach().clone()
             weight.copy_(merged)
         self.merged_adapters.extend(adapters)
+        if self.merged:
+            self.routing.merged_layers += 1
 
     def unmerge(self) -> None:
         """Restore the exact base weight saved by :meth:`merge`."""
@@ -195,6 +240,7 @@ class LoraIRLayer(BaseTunerLayer):
             self.base_layer.weight.copy_(self._loraxir_unmerged_weight)
         self._loraxir_unmerged_weight = None
         self.merged_adapters = []
+        self.routing.merged_layers -= 1
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The gated weight difference for the routing state's ``merge_gate`` (peft API)."""
@@ -228,23 +274,21 @@ class LoraIRLayer(BaseTunerLayer):
                 "whose leading dimension is image-major (images, or windows of images)."
             )
         a, b = self.loraxir_experts[adapter].stacked()
-        # Coefficients in the factors' dtype: under autocast x may be bf16/fp16 while the
-        # gates and factors stay float32, and the forms cast where they compute.
-        used = self._used_experts(a, b, gates.to(a.dtype) * self.scaling(adapter))
+        used = self._used_experts(adapter, a, b, gates)
         if used is None:
             return self.base_layer(x, *args, **kwargs)
-        a, b, coeffs, fresh = used
         dropout = self.training and self.loraxir_dropout[adapter] > 0
         return compute.routed_forward(
-            self._choose_compute(adapter, coeffs),
+            used.form,
             self.base_layer,
             x,
-            a,
-            b,
-            coeffs,
+            used.a,
+            used.b,
+            used.coeffs,
             output_padding=options.get("output_padding"),
-            exact_base=fresh,
+            exact_base=used.fresh,
             expert_input=self._dropped(adapter, x) if dropout else None,
+            groups=used.groups,
         )
 
     def _call_options(
@@ -260,10 +304,10 @@ class LoraIRLayer(BaseTunerLayer):
         return {}
 
     def _used_experts(
-        self, a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
-        """``(a, b, coeffs, fresh)`` restricted to the experts that contribute, or ``None``
-        when none does (the base output is then exact).
+        self, adapter: str, a: torch.Tensor, b: torch.Tensor, gates: torch.Tensor
+    ) -> _UsedExperts | None:
+        """The experts that contribute to this call and the form that computes them, or
+        ``None`` when none does (the base output is then exact).
 
         Skipped: experts whose gate is zero for every image, unless the gates need
         gradients (dL/dg of a zero gate is not zero); experts whose ``B`` is still zero,
@@ -271,42 +315,63 @@ class LoraIRLayer(BaseTunerLayer):
         bit-identical when experts are added. ``fresh`` says that some kept expert has
         ``B = 0`` and trains: the forms then run the base op itself (``exact_base``), so
         that fresh experts return the base output bit for bit in training too.
-        """
-        if torch.compiler.is_compiling():
-            return a, b, coeffs, False
-        b_nonzero = (b.flatten(1) != 0).any(1)
-        if coeffs.requires_grad:
-            contributes = torch.ones_like(b_nonzero)
-        else:
-            contributes = (coeffs != 0).any(0)
-        fresh = False
-        if torch.is_grad_enabled() and b.requires_grad:
-            fresh = bool((contributes & ~b_nonzero).any())
-        else:
-            contributes = contributes & b_nonzero
-        used = contributes.nonzero().flatten()
-        if used.numel() == 0:
-            return None
-        if used.numel() < coeffs.shape[1]:
-            a, b, coeffs = a[used], b[used], coeffs[:, used]
-        return a, b, coeffs, fresh
 
-    def _choose_compute(self, adapter: str, coeffs: torch.Tensor) -> str:
+        ``B`` is read on every call (an optimizer changes it in place without a trace),
+        except when one base call with a folded weight serves the whole batch: a zero
+        ``B`` then adds exact zeros, so skipping it only saves time. Everything derived
+        from the gates alone is computed once per call and shared by the layers
+        (:meth:`RoutingState.derived`).
+        """
+        scaling = self.scaling(adapter)
+        if torch.compiler.is_compiling():
+            coeffs = gates.to(a.dtype) * scaling
+            return _UsedExperts(a, b, coeffs, None, False, self._choose_compute(adapter, None))
+        if gates.requires_grad:
+            used = tuple(range(a.shape[0]))
+        else:
+            used = self.routing.derived("support", _gate_support)
+            if not used:
+                return None
+        coeffs, groups = self._coefficients(gates, used, scaling, a.dtype)
+        form = self._choose_compute(adapter, groups)
+        trains_b = torch.is_grad_enabled() and b.requires_grad
+        fresh = False
+        if trains_b or form != "weight" or groups is None or len(groups.rows) > 1:
+            nonzero = _nonzero_rows(_select(b, used))
+            if trains_b:
+                fresh = not all(nonzero)
+            elif not all(nonzero):
+                used = tuple(e for e, kept in zip(used, nonzero, strict=True) if kept)
+                if not used:
+                    return None
+                coeffs, groups = self._coefficients(gates, used, scaling, a.dtype)
+                form = self._choose_compute(adapter, groups)
+        return _UsedExperts(_select(a, used), _select(b, used), coeffs, groups, fresh, form)
+
+    def _coefficients(
+        self, gates: torch.Tensor, used: tuple[int, ...], scaling: float, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, compute.RowGroups | None]:
+        """Coefficients ``gates[:, used] * scaling`` ``(N, k)`` and their row groups
+        (``None`` when the gates need gradients). In the factors' dtype: under autocast
+        ``x`` may be bf16/fp16 while the gates and factors stay float32, and the forms cast
+        where they compute."""
+        if gates.requires_grad:
+            return _select(gates.to(dtype), used, dim=1) * scaling, None
+        return self.routing.derived(
+            ("coefficients", used, scaling, dtype),
+            lambda g: _coefficients(g, used, scaling, dtype),
+        )
+
+    def _choose_compute(self, adapter: str, groups: compute.RowGroups | None) -> str:
         """``compute`` when fixed, else the planned form for this call (see module doc)."""
         if self.compute != "auto":
             return compute.check_form(self.compute)
-        compiling = torch.compiler.is_compiling()
         training = self.training and torch.is_grad_enabled()
-        shared = (
-            not compiling
-            and not coeffs.requires_grad
-            and (coeffs.shape[0] == 1 or bool((coeffs == coeffs[:1]).all()))
-        )
         return self.loraxir_plan[adapter].pick(
             training=training,
-            shared_row=shared,
+            shared_row=groups is not None and len(groups.rows) == 1,
             dropout=self.training and self.loraxir_dropout[adapter] > 0,
-            compiling=compiling,
+            compiling=torch.compiler.is_compiling(),
             grouped=getattr(self.base_layer, "groups", 1) > 1,
             tuned=self.tuned.get("training" if training else "inference"),
         )

@@ -191,6 +191,13 @@ class LoraIRModel(BaseTuner):
             if isinstance(module, LoraIRLayer):
                 yield path, module
 
+    def _merged_now(self) -> bool:
+        """:attr:`merged` from the count the layers keep in the routing state: a call must
+        not walk the backbone's modules (about 1.4 ms for NAFNet-w32, 1 % of a 128² call).
+        The count covers exactly this model's layers: they are the ones sharing its routing
+        state, and unloading recounts (:meth:`_unload_and_optionally_merge`)."""
+        return self.routing.merged_layers > 0
+
     def _active_name(self) -> str:
         if len(self.active_adapters) != 1:
             raise RoutingError(f"Exactly one adapter must be active, got {self.active_adapters}.")
@@ -224,7 +231,8 @@ class LoraIRModel(BaseTuner):
         its gates or its embedding (for DAM blocks) are needed."""
         requested = self._requested_gates(x, gates, degradation)
         pinned = self.routing.pinned and requested is None
-        routed = not self.merged and self._adapters_enabled()
+        merged = self._merged_now()
+        routed = not merged and self._adapters_enabled()
         needs_gates = routed and requested is None and not pinned
         needs_embedding = getattr(self.config, "dam", None) is not None and not (
             pinned and self.routing.embedding is not None
@@ -245,7 +253,7 @@ class LoraIRModel(BaseTuner):
                 f"{self.config.degradations}), or attach a router with "
                 "get_loraxir_model(backbone, config, router=...)."
             )
-        if self.merged:
+        if merged:
             if requested is not None:
                 check_merged_request(requested, self.routing.merge_gate, self.config.degradations)
             gates = None
@@ -551,6 +559,14 @@ class LoraIRModel(BaseTuner):
         if gates is not None or degradation is not None:
             self.merge(gates, degradation, safe_merge, adapter_names)
         return super().merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> Any:
+        """peft's unload, then a recount of merged layers: unloaded layers, merged or not,
+        are no longer part of this model."""
+        try:
+            return super()._unload_and_optionally_merge(*args, **kwargs)
+        finally:
+            self.routing.merged_layers = sum(layer.merged for _, layer in self.expert_layers())
 
     # ------------------------------------------------------------ save / load
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:

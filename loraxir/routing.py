@@ -23,7 +23,7 @@ gates, and check that a router's classes are the adapter's; ``LoraIRModel`` call
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,9 @@ class RoutingState:
             call, read by DAM blocks (:mod:`loraxir.guidance`), or ``None``.
         merge_gate: ``(E,)`` gate folded into the base weights by ``merge``, or ``None``.
         pinned: ``True`` inside ``loraxir.route(...)``: calls without gates keep these.
+        merged_layers: how many expert layers sharing this state are merged now (kept by
+            the layers' ``merge``/``unmerge``), so that a call learns it without walking
+            the backbone's modules.
     """
 
     def __init__(self) -> None:
@@ -51,7 +54,10 @@ class RoutingState:
         self.embedding: torch.Tensor | None = None
         self.merge_gate: torch.Tensor | None = None
         self.pinned = False
+        self.merged_layers = 0
         self._calls = 0  # routed calls running now (nested calls count once each)
+        # (gates, version, values): what derived() computed from those gates.
+        self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None
 
     @contextlib.contextmanager
     def activate(
@@ -59,6 +65,7 @@ class RoutingState:
     ) -> Iterator[None]:
         """Make ``gates`` and ``embedding`` the live routing of one call (see module doc)."""
         self.gates, self.embedding = gates, embedding
+        self._derived = None
         self._calls += 1
         try:
             yield
@@ -79,6 +86,29 @@ class RoutingState:
             "model(x, degradation=...), or attach a router), or wrap a direct backbone call in "
             "`with loraxir.route(model, gates=...)`; gates of a finished call are not reused.",
         )
+
+    def derived(self, key: Hashable, build: Callable[[torch.Tensor], Any]) -> Any:
+        """``build(gates)`` for the live gates, computed once and shared by every layer.
+
+        Which experts a batch uses, which images share a gate row and the coefficient rows
+        as Python numbers are the same in every layer of a call: computing them once per
+        call instead of once per layer removes most of the small per-layer work. Values must
+        not be autograd-tracked (a recomputing checkpoint must save the same tensors). They
+        are valid for this gate tensor while it is unchanged: the cache is dropped when a
+        call starts and when the tensor's version moves (an in-place edit); an inference
+        tensor, which has no version, is only cached inside a call.
+        """
+        gates = self.require_gates()
+        version = None if gates.is_inference() else gates._version
+        cache = self._derived
+        if cache is None or cache[0] is not gates or cache[1] != version:
+            if version is None and not self._calls:
+                return build(gates)
+            cache = self._derived = (gates, version, {})
+        values = cache[2]
+        if key not in values:
+            values[key] = build(gates)
+        return values[key]
 
     def require_embedding(self) -> torch.Tensor:
         """Return the current degradation embedding, or raise if no router has set it."""

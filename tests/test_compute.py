@@ -227,13 +227,13 @@ def test_cost_model_plans_per_layer_shape():
     plan = compute.plan_forms
     # NAFNet width 32 at r=8, top-1: the factored path is cheaper than a weight gradient for
     # 1x1 convolutions of 64 channels and dense 2x2 downsamplers, not for the 32 -> 3 output
-    # convolution; grouped convolutions always fold.
-    assert plan(nn.Conv2d(32, 64, 1), 8, 1) == compute.FormPlan("batched", "gathered")
-    assert plan(nn.Linear(256, 256), 8, 2) == compute.FormPlan("batched", "gathered")
+    # convolution; grouped convolutions always fold. Inference folds per row everywhere.
+    assert plan(nn.Conv2d(32, 64, 1), 8, 1) == compute.FormPlan("weight", "gathered")
+    assert plan(nn.Linear(256, 256), 8, 2) == compute.FormPlan("weight", "gathered")
     assert plan(nn.Conv2d(32, 64, 2, stride=2), 8, 1) == compute.FormPlan("weight", "gathered")
     assert plan(nn.Conv2d(32, 3, 3, padding=1), 8, 1) == compute.FormPlan("weight", "batched")
     depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
-    assert plan(depthwise, 8, 1) == compute.FormPlan("batched", "batched")
+    assert plan(depthwise, 8, 1) == compute.FormPlan("weight", "batched")
     assert plan(nn.Conv2d(8, 8, 1), 8, 5).training == "batched"  # rank 40 > the layer
 
 
@@ -268,3 +268,50 @@ def test_unknown_form_names_the_forms():
     assert compute.check_form("auto") == "auto"
     with pytest.raises(UnknownNameError, match="batched"):
         compute.check_form("merged")
+
+
+@pytest.mark.parametrize(
+    ("base", "shape", "low_rank"),
+    [
+        (nn.Conv2d(64, 64, 1), (N, 64, 1, 1), True),  # a squeeze-excitation 1x1 on a pooled map
+        (nn.Conv2d(64, 64, 1), (N, 64, 12, 12), False),
+        (nn.Linear(64, 64), (N, 64), True),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=2), (N, 8, 1, 1), False),  # grouped: always fold
+    ],
+    ids=["pooled_1x1", "large_1x1", "linear_rows", "grouped"],
+)
+@pytest.mark.parametrize("gates", ["top1", "equal"])
+def test_weight_form_folds_or_adds_the_low_rank_path_by_cost(base, shape, low_rank, gates):
+    a, b = _factors(base)
+    coeffs = _coeffs(gates)
+    x = torch.randn(shape)
+    rows = len(compute.group_rows(coeffs).rows)
+    assert compute._folds_cost_more(base, x, rows, E) == low_rank
+    out = _run("weight", base, x, a, b, coeffs, {})
+    assert rel_err(out, _reference(base, x, a, b, coeffs, None)) <= 1e-5
+
+
+def test_group_rows_groups_images_by_row_with_views_where_it_can():
+    row_a, row_b = [0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]
+    groups = compute.group_rows(torch.tensor([row_a, row_a, row_b]))
+    assert groups.rows == (tuple(row_a), tuple(row_b))
+    assert groups.members == (slice(0, 2), slice(2, 3)) and groups.order is None
+    groups = compute.group_rows(torch.tensor([row_a, row_b, row_a]))
+    assert groups.members[0].tolist() == [0, 2] and groups.members[1] == slice(1, 2)
+    concatenated = torch.tensor([0, 2, 1])
+    assert torch.equal(concatenated[groups.order], torch.arange(3))
+
+
+@pytest.mark.parametrize("name", ["linear_windows", "conv3x3", "convT"])
+def test_weight_form_puts_groups_back_in_image_order(name):
+    _, factory, shape, options = CASES[IDS.index(name)]
+    base = factory()
+    a, b = _factors(base)
+    coeffs = _coeffs("top1")
+    coeffs[2] = coeffs[0]  # images 0 and 2 share a row: a group that is not a slice
+    x = torch.randn(shape)
+    groups = compute.group_rows(coeffs)
+    assert groups.order is not None
+    out = _run("weight", base, x, a, b, coeffs, options)
+    expected = _reference(base, x, a, b, coeffs, _output_padding(base, x, options))
+    assert rel_err(out, expected) <= 1e-5

@@ -208,3 +208,35 @@ def test_transposed_conv_honours_output_size(mode):
     y = layer(x, output_size=(10, 10))
     assert y.shape == layer.base_layer(x, output_size=(10, 10)).shape == (3, 8, 10, 10)
     assert rel_err(y, _reference(layer, x, layer.routing.gates, output_padding=1)) <= 1e-5
+
+
+def test_gate_derived_values_are_computed_once_per_gate_tensor_and_version():
+    routing = RoutingState()
+    routing.gates, routing.pinned = torch.rand(3, E), True
+    builds = []
+
+    def build(gates: torch.Tensor) -> float:
+        builds.append(1)
+        return float(gates.sum())
+
+    first = routing.derived("sum", build)
+    assert routing.derived("sum", build) == first and len(builds) == 1
+    routing.gates.mul_(2.0)  # an in-place edit bumps the version: recomputed
+    assert routing.derived("sum", build) == pytest.approx(2 * first) and len(builds) == 2
+    with routing.activate(routing.gates):  # a new call starts afresh
+        routing.derived("sum", build)
+    assert len(builds) == 3
+    routing.gates = torch.rand(3, E)  # new gates: recomputed
+    routing.derived("sum", build)
+    assert len(builds) == 4
+
+
+def test_merge_and_unmerge_keep_the_merged_count_of_the_routing_state():
+    layer = _layer(lambda: nn.Conv2d(6, 8, 3, padding=1), torch.rand(3, E))
+    layer.routing.merge_gate = torch.rand(E)
+    layer.merge()
+    layer.merge()  # already merged: counted once
+    assert layer.routing.merged_layers == 1
+    layer.unmerge()
+    layer.unmerge()
+    assert layer.routing.merged_layers == 0
