@@ -119,6 +119,13 @@ class TrainRouterConfig(RecipeConfig):
     whole_fraction: float = field(
         default=0.3, metadata={"help": "Share of examples that are whole photos (else crops)."}
     )
+    augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Re-shoot clean photos before degrading them: rotation, mirroring, "
+            "exposure and tone jitter, some grayscale (loraxir.router.data.augment_photo)."
+        },
+    )
     train_widen: float = field(
         default=0.25,
         metadata={"help": "Widen the suite's explicit parameter ranges by this for training."},
@@ -316,6 +323,7 @@ def train_fold(
         crops=config.crops,
         sizing=Sizing(config.min_side, config.max_side, config.max_aspect, config.whole_fraction),
         seed=config.seed * 1000 + fold,
+        augment=config.augment,
     )
     model = _LogitsModule(router)
     encoder_lr = config.encoder_learning_rate or config.learning_rate

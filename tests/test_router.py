@@ -26,6 +26,12 @@ from loraxir.router import (
     multi_view,
     top_k_gates,
 )
+from loraxir.router.statistics import (
+    HISTOGRAM_BINS,
+    global_statistics,
+    sharpness_statistics,
+    view_statistics,
+)
 from tests.conftest import save_open_clip_weights, tiny_open_clip_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,6 +398,62 @@ def test_version_1_router_configs_load_with_the_paper_views() -> None:
         RouterConfig.from_dict({**data, "version": 99})
 
 
+def test_version_2_router_configs_load_with_mean_pooling_and_no_statistics() -> None:
+    data = cnn_router().to_config().to_dict()
+    del data["pooling"], data["image_stats"]
+    data["version"] = 2
+    config = RouterConfig.from_dict(data)
+    assert (config.pooling, config.image_stats) == ("mean", False)
+    assert DegradationRouter.from_config(config).mlp[1].in_features == 2 * 128
+
+
+@pytest.mark.parametrize("grid", [0, 2])
+def test_mean_max_pooling_and_statistics_extend_the_features_by_hand(grid: int) -> None:
+    torch.manual_seed(0)
+    router = cnn_router(grid=grid, pooling="mean_max", image_stats=True).eval()
+    images = torch.rand(2, 3, 40, 56)
+    views = router.make_views(images)
+    embeddings = router.encoder(views.flatten(0, 1)).view(2, views.shape[1], -1)
+    parts = [embeddings[:, 0]]
+    if grid:
+        parts += [embeddings[:, 1:].mean(1), embeddings[:, 1:].max(1).values]
+    parts.append(view_statistics(views))
+    with torch.no_grad():
+        torch.testing.assert_close(router.features(images), torch.cat(parts, -1))
+    assert router.mlp[1].in_features == torch.cat(parts, -1).shape[-1]
+
+
+def test_global_statistics_see_haze_and_under_exposure() -> None:
+    torch.manual_seed(0)
+    scene = torch.rand(1, 3, 32, 32)
+    stats = {
+        "clean": global_statistics(scene)[0],
+        "haze": global_statistics(0.4 * scene + 0.6)[0],
+        "dark": global_statistics(0.1 * scene)[0],
+    }
+    dark_channel, saturation, histogram = 6, 8, slice(9, 9 + HISTOGRAM_BINS)
+    assert stats["haze"][dark_channel] > stats["clean"][dark_channel] + 0.3
+    assert stats["haze"][saturation] < stats["clean"][saturation]
+    assert stats["dark"][histogram][0] == 1.0
+    assert stats["clean"][histogram].sum().item() == pytest.approx(1.0)
+
+
+def test_sharpness_statistics_tell_motion_blur_from_haze_and_noise() -> None:
+    torch.manual_seed(0)
+    scene = F.avg_pool2d(torch.rand(1, 3, 66, 66), 3, 1)
+    blurred = F.avg_pool2d(scene, (1, 9), 1)[..., :64, :]
+    hazy = 0.5 * scene[..., :64, :56] + 0.5
+    noisy = (scene[..., :64, :56] + 0.1 * torch.randn(1, 3, 64, 56)).clamp(0, 1)
+    stats = {
+        n: sharpness_statistics(x)[0]
+        for n, x in [("blur", blurred), ("haze", hazy), ("noise", noisy)]
+    }
+    energy, drop, coherence = 0, 1, 2
+    assert stats["blur"][coherence] > stats["haze"][coherence] + 0.3
+    assert stats["noise"][drop] > stats["haze"][drop] > stats["blur"][drop]
+    assert stats["noise"][energy] > stats["haze"][energy]
+
+
 def test_unknown_router_settings_name_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"\['gird'\].*'grid'"):
         cnn_router(gird=2)
@@ -438,6 +500,8 @@ def test_check_degradations_names_both_lists() -> None:
         ({"noise_std": -1.0}, "noise_std"),
         ({"head": "mlp"}, "head"),
         ({"grid": -1}, "grid"),
+        ({"pooling": "median"}, "pooling"),
+        ({"image_stats": "yes"}, "image_stats"),
     ],
 )
 def test_invalid_router_options_raise_config_error(options: dict, message: str) -> None:

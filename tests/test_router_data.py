@@ -9,7 +9,14 @@ from loraxir.degradations import compose
 from loraxir.degradations import suite as load_suite
 from loraxir.degradations.widen import widen
 from loraxir.errors import ConfigError
-from loraxir.router.data import RouterExamples, Sizing, native_crop, pipeline_degrade, sample_image
+from loraxir.router.data import (
+    RouterExamples,
+    Sizing,
+    augment_photo,
+    native_crop,
+    pipeline_degrade,
+    sample_image,
+)
 from loraxir.router.evaluation import accuracy_report, calibration, mean_gates
 
 
@@ -56,6 +63,21 @@ def test_sampled_images_respect_the_sizing(seed: int) -> None:
     assert max(h, w) <= 300 and max(h, w) >= 39
     crop = native_crop(image, sizing, torch.Generator().manual_seed(seed))
     assert crop.shape[-2] <= h and crop.shape[-1] <= w
+
+
+def test_augmented_photos_keep_pixels_in_range_and_include_night_scenes() -> None:
+    photo = torch.rand(3, 40, 60)
+    shapes, peaks = set(), []
+    for seed in range(30):
+        image = augment_photo(photo, torch.Generator().manual_seed(seed))
+        shapes.add(tuple(image.shape))
+        peaks.append(image.amax().item())
+        assert 0 <= image.min() and image.max() <= 1
+    assert shapes == {(3, 40, 60), (3, 60, 40)}, "rotated either way"
+    assert min(peaks) >= 0.08 and max(peaks) <= 1
+    assert 0 < sum(peak < 0.35 for peak in peaks) < len(peaks) / 2, "some night scenes"
+    seeded = [augment_photo(photo, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*seeded)
 
 
 def test_examples_are_deterministic_balanced_views() -> None:

@@ -5,6 +5,7 @@ One module per concern:
 * :mod:`~loraxir.router.config` — :class:`RouterConfig`, every setting, typed (no torch).
 * :mod:`~loraxir.router.views` — the fixed set of square views an image is read through.
 * :mod:`~loraxir.router.encoders` — the towers (tiny CNN, open_clip, 🤗 CLIP, any module).
+* :mod:`~loraxir.router.statistics` — hand-made image statistics of the views (optional).
 * :mod:`~loraxir.router.heads` — linear classifier or CLIP text prototypes.
 * :mod:`~loraxir.router.gating` — top-k gates and the load-balancing loss.
 * :mod:`~loraxir.router.explanation` — :class:`RouterExplanation`.

@@ -21,8 +21,9 @@ from loraxir.errors import ConfigError
 from loraxir.validation import check_choice, check_int, check_names, is_number
 
 CONFIG_FORMAT = "loraxir-router"
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 VIEW_KINDS = ("native", "resize")
+POOLINGS = ("mean", "mean_max")
 HEAD_KINDS = ("linear", "text")
 # Version 1 routers (before `views` existed) all used the paper's resize-and-tile views.
 _V1_DEFAULTS = {"views": "resize"}
@@ -58,6 +59,23 @@ class RouterConfig:
     )
     grid: int = field(
         default=2, metadata={"help": "Local views per side (grid² views); 0: global view only."}
+    )
+    pooling: str = field(
+        default="mean",
+        metadata={
+            "help": "How the local views' features are pooled: 'mean', or 'mean_max' (mean "
+            "and element-wise max concatenated: sparse cues such as a few rain streaks show "
+            "in some crops only, and a mean dilutes them)."
+        },
+    )
+    image_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "Feed the MLP hand-made statistics next to the encoder features: the "
+            "global view's colour, dark channel, saturation and brightness histogram, and "
+            "the local views' gradient energy, its drop with scale and its coherence "
+            "(loraxir.router.statistics)."
+        },
     )
     hidden_dim: int = field(default=512, metadata={"help": "Hidden size of the MLP."})
     embed_dim: int = field(
@@ -96,6 +114,9 @@ class RouterConfig:
         self.degradations = check_names("degradations", self.degradations)
         check_choice("views", self.views, VIEW_KINDS)
         check_choice("head", self.head, HEAD_KINDS)
+        check_choice("pooling", self.pooling, POOLINGS)
+        if not isinstance(self.image_stats, bool):
+            raise ConfigError(f"image_stats must be true or false, got {self.image_stats!r}.")
         for name in ("grid", "hidden_dim", "embed_dim", "top_k"):
             check_int(name, getattr(self, name), minimum=0 if name == "grid" else 1)
         if self.top_k > len(self.degradations):

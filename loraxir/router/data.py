@@ -120,6 +120,37 @@ def native_crop(image: Tensor, sizing: Sizing, generator: torch.Generator) -> Te
     return _cut(image, win_h, win_w, generator)
 
 
+# Photometric jitter of clean photos (augment=True): gain and gamma ranges, grayscale share.
+# A share of photos become night scenes, as dark as under-exposed ones: a dark photo that
+# is also blurred or rainy must go to that expert, so darkness alone cannot mean low_light.
+_GAIN = (0.35, 1.2)
+_NIGHT_GAIN = (0.08, 0.35)
+_NIGHT = 0.2
+_GAMMA = (0.8, 1.25)
+_GRAYSCALE = 0.15
+
+
+def augment_photo(image: Tensor, generator: torch.Generator) -> Tensor:
+    """A clean image ``(..., 3, H, W)`` re-shot: rotated, mirrored, re-exposed, maybe gray.
+
+    With a dozen photos a router learns their content (dark skies, gray scans, pale
+    microscopy) along with the degradations (a blurred night sky read as low light);
+    these variations of orientation, exposure, tone curve and colour make such content
+    appear under every class, so only the degradation predicts the class. The degradation
+    is drawn afterwards, so rain still falls from the top.
+    """
+    image = torch.rot90(image, int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
+    if _uniform(generator, 0, 1) < 0.5:
+        image = image.flip(-1)
+    night = _uniform(generator, 0, 1) < _NIGHT
+    gain = _log_uniform(generator, *(_NIGHT_GAIN if night else _GAIN))
+    gamma = _log_uniform(generator, *_GAMMA)
+    image = (gain * image.clamp(min=0) ** gamma).clamp(0, 1)
+    if _uniform(generator, 0, 1) < _GRAYSCALE:
+        image = image.mean(dim=-3, keepdim=True).expand_as(image)
+    return image.contiguous()
+
+
 class RouterExamples(Dataset):
     """Degraded photos at random sizes, as router views with their class.
 
@@ -140,6 +171,7 @@ class RouterExamples(Dataset):
         crops: readings per degraded image (the whole image, then ``crops - 1`` windows).
         sizing: how images are cut from photos.
         seed: seeds every random choice.
+        augment: re-shoot each clean image first (:func:`augment_photo`).
     """
 
     def __init__(
@@ -153,6 +185,7 @@ class RouterExamples(Dataset):
         crops: int = 1,
         sizing: Sizing | None = None,
         seed: int = 0,
+        augment: bool = False,
     ) -> None:
         if not photos or not degrades or not all(degrades):
             raise ConfigError("RouterExamples needs photos and at least one degradation per class.")
@@ -164,6 +197,7 @@ class RouterExamples(Dataset):
         self.size, self.grid, self.views = int(size), int(grid), views
         self.sizing = sizing or Sizing()
         self.seed = int(seed)
+        self.augment = bool(augment)
 
     def __len__(self) -> int:
         return self.length
@@ -173,6 +207,8 @@ class RouterExamples(Dataset):
         label = index % len(self.degrades)
         photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
         image = sample_image(photo, self.sizing, generator)
+        if self.augment:
+            image = augment_photo(image, generator)
         options = self.degrades[label]
         degrade = options[int(torch.randint(len(options), (), generator=generator))]
         degraded = degrade(image.unsqueeze(0), generator)

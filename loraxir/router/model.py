@@ -5,7 +5,8 @@ Data flow (``docs/routing.md``)::
     image (B, C, H, W) in [0, 1]
       → views: a global view + grid×grid local views          (B, 1+g², 3, S, S)
       → encoder, one call for every view of every image        (B·(1+g²), D)
-      → concat(global, mean of local views)                    (B, 2D)   [(B, D) if g=0]
+      → concat(global, mean [and max] of local views)          (B, 2D or 3D)  [(B, D) if g=0]
+      → [+ image statistics of the views (image_stats)]       (B, F)
       → MLP → degradation embedding e_deg                      (B, embed_dim)
       → head → class logits                                    (B, E)
       → top-k softmax with a temperature → gates               (B, E), rows sum to 1
@@ -35,6 +36,7 @@ from loraxir.router.encoders import DegradationEncoder, create_encoder, encoder_
 from loraxir.router.explanation import RouterExplanation
 from loraxir.router.gating import top_k_gates
 from loraxir.router.heads import TextPrototypeHead, degradation_prompt, grow_linear
+from loraxir.router.statistics import STATISTICS_DIM, view_statistics
 from loraxir.router.views import multi_view
 from loraxir.routing import check_degradations
 from loraxir.validation import check_names
@@ -88,7 +90,9 @@ class DegradationRouter(nn.Module):
         self._config = _make_config(degradations, settings)
         config = self._config
         self.encoder = encoder
-        features = encoder.embed_dim * (2 if config.grid else 1)
+        features = encoder.embed_dim * (1 + _local_pools(config)) + (
+            STATISTICS_DIM if config.image_stats else 0
+        )
         self.mlp = nn.Sequential(
             nn.LayerNorm(features),
             nn.Linear(features, config.hidden_dim),
@@ -251,16 +255,24 @@ class DegradationRouter(nn.Module):
         return multi_view(images, self.encoder.image_size, self.grid, self.views)
 
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
-        """Encoder features ``(B, 2·D)`` (``(B, D)`` with ``grid = 0``) of precomputed views.
+        """Encoder features ``(B, F)`` of precomputed views: the MLP's input.
 
-        All views of all images go through the encoder in one call; the local views'
-        embeddings are averaged and concatenated to the global one.
+        All views of all images go through the encoder in one call. The global view's
+        embedding comes first, then the local views' embeddings pooled by mean (and by
+        element-wise max with ``pooling="mean_max"``; none with ``grid = 0``), then, with
+        ``image_stats``, the views' :func:`~loraxir.router.statistics.view_statistics`.
         """
         batch, num_views = views.shape[:2]
         embeddings = self.encoder(views.flatten(0, 1)).view(batch, num_views, -1)
-        if not self.grid:
-            return embeddings[:, 0]
-        return torch.cat([embeddings[:, 0], embeddings[:, 1:].mean(dim=1)], dim=-1)
+        parts = [embeddings[:, 0]]
+        if self.grid:
+            local = embeddings[:, 1:]
+            parts.append(local.mean(dim=1))
+            if self._config.pooling == "mean_max":
+                parts.append(local.amax(dim=1))
+        if self._config.image_stats:
+            parts.append(view_statistics(views).to(embeddings.dtype))
+        return torch.cat(parts, dim=-1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Multi-view encoder features of images (see :meth:`encode_views`)."""
@@ -418,6 +430,13 @@ class DegradationRouter(nn.Module):
             f"head={config.head!r}, top_k={config.top_k}, temperature={config.temperature}, "
             f"noise_std={config.noise_std}"
         )
+
+
+def _local_pools(config: RouterConfig) -> int:
+    """How many pooled copies of the local views' features the MLP reads (0 without them)."""
+    if not config.grid:
+        return 0
+    return 2 if config.pooling == "mean_max" else 1
 
 
 def _make_config(
