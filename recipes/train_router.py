@@ -105,6 +105,13 @@ class TrainRouterConfig(RecipeConfig):
     run_folds: int | None = field(
         default=None, metadata={"help": "Train and test only the first N folds (None: all)."}
     )
+    final_fit: bool = field(
+        default=False,
+        metadata={
+            "help": "After the folds are tested, train one more router on every photo and save "
+            "it as output_dir/router (the folds still give the held-out report)."
+        },
+    )
     split_seed: int = field(default=0, metadata={"help": "Seed of the photo folds."})
     train_images: int | None = field(
         default=None,
@@ -307,9 +314,11 @@ def class_degrades(data: RouterData, name: str, margin: float) -> list[Degrade]:
 def train_fold(
     accelerator: Any, config: TrainRouterConfig, data: RouterData, fold: int
 ) -> DegradationRouter:
-    """Train one router on every photo outside fold ``fold``; returns it unwrapped."""
+    """Train one router on every photo outside fold ``fold`` (on every photo when ``fold``
+    is ``len(data.folds)``, the final fit); returns it unwrapped."""
     fold_config = dataclasses.replace(config, output_dir=str(_fold_dir(config, fold)))
-    train_photos = [p for i, p in enumerate(data.photos) if i not in data.folds[fold]]
+    held_out = data.folds[fold] if fold < len(data.folds) else []
+    train_photos = [p for i, p in enumerate(data.photos) if i not in held_out]
     examples_per_image = config.crops
     images = config.train_images or -(-config.max_steps * config.batch_size // examples_per_image)
     router = build_router(config, data.trained)
@@ -338,7 +347,7 @@ def train_fold(
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     state = resume(accelerator, fold_config)
     accelerator.print(
-        f"fold {fold + 1}/{config.folds}: training on {len(train_photos)} photos, "
+        f"{_fold_label(config, fold)}: training on {len(train_photos)} photos, "
         f"classes {data.trained}, {len(dataset)} degraded images × {config.crops} readings."
     )
 
@@ -540,7 +549,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             steps=config.max_steps,
             num_processes=accelerator.num_processes,
             photos=data.photo_ids,
+            saved_router="final fit on every photo" if config.final_fit else "fold 0",
         )
+    if config.final_fit:
+        routers[0] = train_fold(accelerator, config, data, len(data.folds))
+    if accelerator.is_main_process:
+        if config.final_fit:
+            routers[0].save_pretrained(_fold_dir(config, len(data.folds)) / "router")
         routers[0].save_pretrained(output_dir / "router")
         write_json(output_dir / "metrics.json", metrics)
         plot_evaluation(metrics, output_dir / "router_evaluation.png")
@@ -564,7 +579,12 @@ def _unsure_rate(probabilities: torch.Tensor, threshold: float) -> float | None:
 
 
 def _fold_dir(config: TrainRouterConfig, fold: int) -> Path:
-    return Path(config.output_dir) / "folds" / f"fold-{fold}"
+    name = "final" if fold == config.folds else f"fold-{fold}"
+    return Path(config.output_dir) / "folds" / name
+
+
+def _fold_label(config: TrainRouterConfig, fold: int) -> str:
+    return "final fit" if fold == config.folds else f"fold {fold + 1}/{config.folds}"
 
 
 def _images_per_batch(config: TrainRouterConfig) -> int:

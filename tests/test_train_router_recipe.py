@@ -159,6 +159,19 @@ def test_one_step_run_writes_a_router_that_loads(tmp_path: Path) -> None:
     )
 
 
+def test_final_fit_saves_a_router_trained_on_every_photo(tmp_path: Path) -> None:
+    """The folds still make the report; the saved router is a separate run on all photos."""
+    metrics = run_recipe(
+        tmp_path, "max_steps=2", "eval_sizes=[64]", "mixtures={}", "final_fit=true"
+    )
+    assert metrics["saved_router"] == "final fit on every photo"
+    saved = load_file(tmp_path / "router" / "router.safetensors")
+    final = load_file(tmp_path / "folds" / "final" / "router" / "router.safetensors")
+    fold = load_file(tmp_path / "folds" / "fold-0" / "router" / "router.safetensors")
+    assert all(torch.equal(saved[key], final[key]) for key in saved)
+    assert not all(torch.equal(saved[key], fold[key]) for key in saved)
+
+
 def test_resumed_run_continues_bit_exactly(tmp_path: Path) -> None:
     fast = ["eval_sizes=[64]", "mixtures={}"]
     full = tmp_path / "full"
