@@ -85,7 +85,10 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
     parser.add_argument(
-        "-o", "--output", required=True, help="output file (one input) or folder (several)"
+        "-o",
+        "--output",
+        default="restored",
+        help="output file (one input) or folder (several); default: the folder ./restored",
     )
     _add_adapter_options(parser)
     parser.add_argument("--degradation", help="force this class (merged experts, no routing)")
@@ -143,7 +146,7 @@ def _run_restore(args: argparse.Namespace) -> int:
         batch.run(
             restorer, jobs, outcome, args.overwrite, args.smooth, args.reference, not args.quiet
         )
-    print(f"Restored {len(outcome.done)} input(s).")
+    print(f"Restored {len(outcome.done)} input(s) into {args.output}.")
     if outcome.failed:
         print(f"Skipped {len(outcome.failed)} input(s):", file=sys.stderr)
         for source, reason in outcome.failed:

@@ -165,7 +165,8 @@ class AdapterInfo:
     def backbone_label(self) -> str:
         if self.backbone is None:
             return "a public checkpoint (see its card)"
-        return f"{self.backbone.get('name')} {self.backbone.get('hyperparameters', {})}"
+        settings = self.backbone.get("hyperparameters", {})
+        return f"{self.backbone.get('name')}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
     def lines(self) -> list[str]:
         """Human-readable summary, one fact per line."""

@@ -365,7 +365,7 @@ def train_fold(
         scheduler=scheduler,
         loader=loader,
         compute_loss=compute_loss,
-        desc=f"train_router fold {fold}",
+        desc=f"train_router {_fold_label(config, fold)}",
     )
     trained = accelerator.unwrap_model(model).router
     accelerator.free_memory()
