@@ -54,6 +54,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         temporary.unlink(missing_ok=True)
 
+RESUME_HINT = "Run the same command again to resume; finished stages are kept."
+
 
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
@@ -164,10 +166,3 @@ def run_recipe(main: Callable[[list[str]], dict[str, Any]], settings: dict[str, 
         GradientState._reset_state()
 
 
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a command-line ``main``; Ctrl-C ends it with a line on how to resume (exit 130)."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\nInterrupted. Run the same command again to resume; finished stages are kept.")
-        sys.exit(130)

@@ -45,11 +45,11 @@ from _all_in_one_methods import (
 )
 from _all_in_one_report import figures, headline, summarise, write_markdown
 from _all_in_one_stages import (
+    RESUME_HINT,
     atomic_path,
     prepare_run,
     recipe,
     recipe_argv,
-    run_cli,
     run_recipe,
     run_stage,
     write_json,
@@ -57,6 +57,7 @@ from _all_in_one_stages import (
 )
 
 from loraxir.errors import ConfigError
+from loraxir.training.entry import run_script
 
 Log = Callable[[str], None]
 SHIFT_NOTE = "shift"
@@ -254,4 +255,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main, RESUME_HINT)

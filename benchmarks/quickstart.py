@@ -25,7 +25,9 @@ from typing import Any
 import all_in_one
 from _all_in_one_config import config_json, load_bench_config
 from _all_in_one_methods import Paths
-from _all_in_one_stages import atomic_path, prepare_run, run_cli, run_stage
+from _all_in_one_stages import RESUME_HINT, atomic_path, prepare_run, run_stage
+
+from loraxir.training.entry import run_script
 
 ADAPTER_METHOD = "lora_ir_top1"
 
@@ -111,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main, RESUME_HINT)

@@ -152,6 +152,7 @@ class AdapterInfo:
     folder: Path
     config: dict[str, Any]
     expert_parameters: int
+    dam_parameters: int
     router_parameters: int
     backbone: dict[str, Any] | None
     backbone_parameters: int | None
@@ -180,14 +181,33 @@ class AdapterInfo:
             f"top-k / temperature: {config.get('top_k')} / {config.get('temperature')}",
             f"targets: {config.get('target_modules') or config.get('preset') or 'detected'}",
             f"router: {encoder if encoder else 'none'}",
-            f"trainable size: {self.expert_parameters:,} expert + "
+            f"trainable size: {self.expert_parameters:,} expert + {self.dam_parameters:,} DAM + "
             f"{self.router_parameters:,} router parameters",
             f"backbone: {self.backbone_label}",
         ]
         if self.backbone_parameters is not None:
             lines.append(f"backbone size: {self.backbone_parameters:,} parameters")
-        lines += [f"metric {name}: {value}" for name, value in self.metrics.items()]
+        lines += [f"metric {name}: {value}" for name, value in _flat(self.metrics)]
         return lines
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """``metrics.json`` as ``(name, value)`` lines: nested tables (a shipped adapter's
+    per-class results) become ``held_out/noise``, numbers are rounded for reading."""
+    rows: list[tuple[str, str]] = []
+    for name, value in metrics.items():
+        if isinstance(value, dict) and all(not isinstance(v, dict) for v in value.values()):
+            cells = ", ".join(f"{k} {_number(v)}" for k, v in value.items())
+            rows.append((f"{prefix}{name}", cells))
+        elif isinstance(value, dict):
+            rows += _flat(value, f"{prefix}{name}/")
+        else:
+            rows.append((f"{prefix}{name}", _number(value)))
+    return rows
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
@@ -195,10 +215,12 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
     metrics (``metrics.json`` when present)."""
     folder = Path(folder)
     config = _read_json(folder / CONFIG_NAME)
-    experts = router = 0
+    experts = dam = router = 0
     for key, count in _tensor_sizes(folder / WEIGHTS_NAME).items():
         if ".loraxir_router." in f".{key}":
             router += count
+        elif ".loraxir_dam." in f".{key}":
+            dam += count
         else:
             experts += count
     backbone = backbone_size = None
@@ -206,7 +228,7 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
         backbone = _read_json(folder / BACKBONE_CONFIG)
         backbone_size = sum(_tensor_sizes(folder / BACKBONE_WEIGHTS).values())
     metrics = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
-    return AdapterInfo(folder, config, experts, router, backbone, backbone_size, metrics)
+    return AdapterInfo(folder, config, experts, dam, router, backbone, backbone_size, metrics)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

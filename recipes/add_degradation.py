@@ -38,6 +38,7 @@ from loraxir.degradations import Suite, Task
 from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
+from loraxir.training.entry import run_script
 from loraxir.training.models import routing_arguments, save_adapter
 from loraxir.training.restoration import (
     RestorationConfig,
@@ -255,4 +256,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]))

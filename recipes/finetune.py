@@ -30,6 +30,7 @@ from torch import nn
 
 from loraxir.errors import ConfigError
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
+from loraxir.training.entry import run_script
 from loraxir.training.models import (
     attach_experts,
     has_dam,
@@ -175,4 +176,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]))

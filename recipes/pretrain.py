@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
+from loraxir.training.entry import run_script
 from loraxir.training.restoration import RestorationConfig, build_data, start_run
 
 RESULT_DIR = "backbone"
@@ -114,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]))

@@ -81,6 +81,7 @@ from loraxir.training import (
     setup_accelerator,
     write_json,
 )
+from loraxir.training.entry import run_script
 from loraxir.validation import check_choice
 
 OBJECTIVES = ("classification", "contrastive")
@@ -624,4 +625,4 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]))

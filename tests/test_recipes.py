@@ -455,3 +455,40 @@ def test_shipped_recipe_configs_load() -> None:
     processes = {p.stem: ClusterConfig.from_yaml_file(p).num_processes
                  for p in (configs / "accelerate").glob("*.yaml")}  # fmt: skip
     assert processes == {"1gpu": 1, "8gpu": 8, "2nodes": 16, "fsdp": 8}
+
+
+def test_ship_adapter_measures_held_out_photos_and_keeps_an_existing_folder(tmp_path) -> None:
+    """recipes/ship_adapter.py: the card's table is metrics.json's, classes the adapter
+    makes worse are named, the shipped folder restores like the trained one, and a second
+    run does not replace it."""
+    from inference_helpers import CLASSES, write_adapter
+    from PIL import Image
+
+    import loraxir
+    from loraxir.data import skimage_image
+
+    trained = write_adapter(tmp_path / "trained")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee"):
+        image = Image.fromarray(skimage_image(name).permute(1, 2, 0).numpy()).resize((64, 48))
+        image.save(photos / f"{name}.png")
+    args = [str(trained), "--photos", str(photos), "--suite", "time_varying", "--name", "tiny",
+            "--into", str(tmp_path / "shipped"), "--repeats", "1",
+            "--trained-by", "train.py"]  # fmt: skip
+    target = recipe("ship_adapter").main(args)
+    metrics = json.loads((target / "metrics.json").read_text())
+    card = (target / "README.md").read_text()
+    assert sorted(metrics["held_out"]) == sorted(CLASSES) and "train.py" in card
+    assert "--adapter tiny" in card and "the default adapter" not in card
+    for task, row in metrics["held_out"].items():
+        assert row["images"] == 2
+        assert f"| {task} | {row['input_psnr']:.2f} | {row['restored_psnr']:.2f} |" in card
+        worse = row["restored_psnr"] <= row["input_psnr"]
+        assert (f"It makes {task} images worse" in card) == worse, task
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loraxir.load_adapter(target)(x), loraxir.load_adapter(trained)(x))
+    with pytest.raises(ConfigError, match="--overwrite"):
+        recipe("ship_adapter").main(args)
+    assert (target / "README.md").read_text() == card

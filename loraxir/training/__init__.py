@@ -19,7 +19,8 @@ checkpointing, stop on NaN), :mod:`~loraxir.training.checkpoints` (save, bit-exa
 resume, fingerprints, output folders), :mod:`~loraxir.training.evaluation` (PSNR/SSIM
 per task gathered over processes, image grids, confusion matrices) and
 :mod:`~loraxir.training.restoration` (data, loss and backbone folders of the restoration
-recipes). See ``docs/recipes.md``.
+recipes) and :mod:`~loraxir.training.entry` (how a script exits on an error or Ctrl-C).
+See ``docs/recipes.md``.
 """
 
 from loraxir.training.checkpoints import (

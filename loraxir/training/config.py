@@ -120,7 +120,7 @@ def load_config(
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise unknown_name(f"setting of {cls.__name__}", key, names)
+            raise unknown_name(f"{cls.__name__} setting", key, names)
     values = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
     return cls(**values)
 

@@ -1,0 +1,34 @@
+"""How a recipe or benchmark script ends when it is run from a shell.
+
+A user who mistypes a path or a config key should read one line naming the problem and the
+fix, not a stack trace: every loraxir error already says both (:mod:`loraxir.errors`). A
+stopped run should say how to continue. Tests call the scripts' ``main`` directly and see
+the exceptions themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+RESUME_HINT = "Add --resume latest to the same command to continue from the last checkpoint."
+
+
+def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoReturn:
+    """Call ``main()`` and exit: 0 on success, 2 with ``<script>: error: <message>`` on a
+    loraxir error, 130 on Ctrl-C with ``resume_hint``. Other exceptions are bugs and keep
+    their traceback."""
+    from loraxir.errors import LoraIRError
+
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except LoraIRError as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. {resume_hint}", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,60 @@
+"""Recipes and benchmark scripts run from a shell: a loraxir error is one line and exit
+status 2, other outcomes keep their exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraxir.errors import ConfigError
+from loraxir.training.entry import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_loraxir_error_is_one_line_and_exit_status_2(capsys) -> None:
+    def main() -> None:
+        raise ConfigError("Config file 'nope.yaml' does not exist.")
+
+    with pytest.raises(SystemExit) as exited:
+        run_script(main)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("error: Config file 'nope.yaml' does not exist.")
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_exits_130_with_the_hint_and_a_bug_keeps_its_traceback(capsys) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        run_script(interrupted, "Add --resume latest.")
+    assert exited.value.code == 130 and "Add --resume latest." in capsys.readouterr().err
+
+    def buggy() -> None:
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        run_script(buggy)
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "add_degradation", "train_router"])
+def test_recipes_report_a_missing_config_without_a_traceback(script, tmp_path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / f"{script}.py"),
+            "--config",
+            str(tmp_path / "no.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{script}.py: error: Config file" in result.stderr
+    assert "Traceback" not in result.stderr

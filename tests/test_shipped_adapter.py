@@ -1,0 +1,102 @@
+"""The adapter that ships with loraxir (``adapters/nafnet-five-task``): it is installed, loads
+by name with no argument, restores held-out photos better than the degraded input (every
+class but the one its card names as a weakness), and `loraxir restore photo.png` works with
+nothing else on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import loraxir
+from loraxir.cli import main
+from loraxir.data import SyntheticPairs
+from loraxir.data.sources import skimage_image
+from loraxir.metrics import psnr
+from loraxir.pretrained import DEFAULT_ADAPTER, find_adapter
+
+# The photos the adapter never saw in training (its card says so): the all-in-one
+# benchmark's test split, split_seed 0.
+HELD_OUT = ("camera", "chelsea", "clock", "rocket")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return loraxir.load_adapter()
+
+
+@pytest.fixture(scope="module")
+def held_out_photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("held_out")
+    for name in HELD_OUT:
+        Image.fromarray(skimage_image(name).permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+    return folder
+
+
+def test_the_default_adapter_is_installed_small_and_documented():
+    assert DEFAULT_ADAPTER in loraxir.list_adapters()
+    folder = find_adapter()
+    size = sum(path.stat().st_size for path in folder.iterdir())
+    assert size < 16 * 2**20
+    card = (folder / "README.md").read_text()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for task, row in metrics["held_out"].items():
+        assert f"| {task} |" in card
+        assert f"| {row['input_psnr']:.2f} | {row['restored_psnr']:.2f} |" in card
+
+
+# Known weakness, stated in the card: the small network trained for minutes darkens and
+# sharpens the contrast of motion-blurred photos (behaviour learned from haze and low
+# light) and loses about 1 dB on them. Strict: an adapter that fixes it fails this mark,
+# so that the card and this list are updated with it.
+KNOWN_WORSE = {"blur"}
+
+
+@pytest.fixture(scope="module")
+def gains(shipped, held_out_photos) -> dict[str, list[float]]:
+    """PSNR gain over the input per class, whole held-out photos degraded with a seed of
+    this test's own (not the card's)."""
+    items = SyntheticPairs(str(held_out_photos), "five_task", None, seed=1234, augment=False)
+    found: dict[str, list[float]] = {task: [] for task in shipped.config.degradations}
+    for index in range(len(items)):
+        item = items[index]
+        with torch.no_grad():
+            restored = shipped(item["lq"][None]).clamp(0, 1)
+        gain = psnr(restored, item["gt"][None], quantize=True) - psnr(
+            item["lq"][None], item["gt"][None], quantize=True
+        )
+        found[item["task_name"]].append(gain.item())
+    return found
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        pytest.param(task, marks=pytest.mark.xfail(strict=True, reason="card: makes it worse"))
+        if task in KNOWN_WORSE
+        else task
+        for task in ("noise", "rain", "haze", "blur", "low_light")
+    ],
+)
+def test_it_restores_held_out_photos_better_than_the_input(gains, task):
+    values = gains[task]
+    assert len(values) == len(HELD_OUT)
+    assert sum(values) / len(values) > 0, f"{task}: {values} dB"
+
+
+def test_the_card_names_what_it_makes_worse():
+    card = (find_adapter() / "README.md").read_text()
+    for task in KNOWN_WORSE:
+        assert f"It makes {task} images worse" in card
+
+
+def test_restore_needs_nothing_but_the_photo(held_out_photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    photo = held_out_photos / "chelsea.png"
+    assert main(["restore", str(photo), "--quiet"]) == 0
+    restored = np.asarray(Image.open(tmp_path / "restored" / "chelsea.png"))
+    assert restored.shape == np.asarray(Image.open(photo)).shape
