@@ -29,18 +29,16 @@ from loraxir.training.entry import run_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def evaluate(
-    model: Any, photos: Path, suite: str, repeats: int, seed: int
-) -> dict[str, dict[str, float]]:
+def evaluate(model: Any, items: Any) -> dict[str, dict[str, float]]:
     """Per class: mean PSNR/SSIM (BasicSR convention) of the degraded and restored whole
     photos, the router's accuracy, and how many images were measured."""
-    from loraxir.data import SyntheticPairs
+    from tqdm.auto import tqdm
+
     from loraxir.metrics import psnr, ssim
 
-    items = SyntheticPairs(str(photos), suite, None, seed=seed, repeats=repeats, augment=False)
     classes = model.config.degradations
     sums: dict[str, dict[str, float]] = {}
-    for index in range(len(items)):
+    for index in tqdm(range(len(items)), desc="held-out photos", dynamic_ncols=True):
         item = items[index]
         gt, lq = item["gt"][None], item["lq"][None]
         with torch.no_grad():
@@ -163,7 +161,7 @@ the router chose the right class.
 
 
 def ship(
-    adapter: Path,
+    adapter: str | Path,
     photos: Path,
     suite: str,
     name: str,
@@ -174,28 +172,37 @@ def ship(
     seed: int = 2024,
     overwrite: bool = False,
 ) -> Path:
-    """Evaluate ``adapter`` on ``photos`` and write ``into/name`` (card, metrics, weights)."""
+    """Evaluate ``adapter`` (a folder, a name or a Hub repo id) on ``photos`` and write
+    ``into/name`` (card, metrics, weights)."""
     import loraxir
     from loraxir.checkpoint import staged_folder
+    from loraxir.data import SyntheticPairs
     from loraxir.errors import ConfigError
-    from loraxir.pretrained import describe_adapter
+    from loraxir.pretrained import describe_adapter, find_adapter
 
     target = into / name
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} exists; pass --overwrite to replace it.")
+    folder = find_adapter(adapter)
+    if not describe_adapter(folder).router_parameters:
+        raise ConfigError(
+            f"{folder} has no router: a shipped adapter routes by itself. Train one "
+            "(recipes/train_router.py) and fine-tune with route_by=router."
+        )
+    items = SyntheticPairs(str(photos), suite, None, seed=seed, repeats=repeats, augment=False)
     torch.manual_seed(seed)
-    model = loraxir.load_adapter(adapter)
-    scores = evaluate(model, photos, suite, repeats, seed)
+    model = loraxir.load_adapter(folder)
+    scores = evaluate(model, items)
     notes = {
         "suite": suite,
         "trained_on": trained_on,
-        "photos": sorted(p.stem for p in photos.iterdir() if p.is_file()),
+        "photos": sorted(Path(name).stem for name in items.image_ids),
         "repeats": repeats,
         "seed": seed,
         "trained_by": list(trained_by),
     }
     with staged_folder(target) as staging:
-        for file in sorted(adapter.iterdir()):
+        for file in sorted(folder.iterdir()):
             if file.is_file() and file.name != "README.md":
                 shutil.copy2(file, staging / file.name)
         metrics = {"held_out": scores, **notes}
@@ -206,7 +213,7 @@ def ship(
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapter", type=Path, help="the trained adapter folder")
+    parser.add_argument("adapter", help="the trained adapter: a folder, a name or a Hub repo id")
     parser.add_argument("--photos", type=Path, required=True, help="held-out clean photos")
     parser.add_argument("--suite", default="five_task")
     parser.add_argument("--name", required=True, help="folder name under --into")

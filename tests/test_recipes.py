@@ -492,3 +492,37 @@ def test_ship_adapter_measures_held_out_photos_and_keeps_an_existing_folder(tmp_
     with pytest.raises(ConfigError, match="--overwrite"):
         recipe("ship_adapter").main(args)
     assert (target / "README.md").read_text() == card
+
+
+def test_ship_adapter_takes_a_name_and_refuses_an_adapter_without_a_router(
+    tmp_path, monkeypatch
+) -> None:
+    """recipes/ship_adapter.py resolves an adapter name like `loraxir restore` does, and an
+    adapter routed only by labels is refused before anything is written."""
+    from inference_helpers import CLASSES, write_adapter
+    from PIL import Image
+
+    import loraxir
+    from loraxir.data import skimage_image
+
+    root = tmp_path / "mine"
+    write_adapter(root / "tiny-named")
+    monkeypatch.setenv("LORAXIR_ADAPTER_PATH", str(root))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = Image.fromarray(skimage_image("coffee").permute(1, 2, 0).numpy()).resize((40, 32))
+    image.save(photos / "coffee.png")
+    common = ["--photos", str(photos), "--suite", "time_varying", "--repeats", "1"]
+    target = recipe("ship_adapter").main(
+        ["tiny-named", *common, "--name", "copy", "--into", str(tmp_path / "out")]
+    )
+    assert sorted(json.loads((target / "metrics.json").read_text())["held_out"]) == sorted(CLASSES)
+
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    config = loraxir.LoraIRConfig(degradations=list(CLASSES), r=2)
+    loraxir.get_loraxir_model(backbone, config).save_pretrained(str(tmp_path / "no_router"))
+    with pytest.raises(ConfigError, match="no router"):
+        recipe("ship_adapter").main(
+            [str(tmp_path / "no_router"), *common, "--name", "x", "--into", str(tmp_path / "out")]
+        )
+    assert not (tmp_path / "out" / "x").exists()
