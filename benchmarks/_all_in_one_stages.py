@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_FILE = "run.json"
 DONE = "STAGE_DONE.json"
 CHECKPOINTS = "checkpoints"
+RESUME_HINT = "Run the same command again to resume; finished stages are kept."
 
 
 # ----------------------------------------------------------------- atomic writes
@@ -53,8 +54,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-RESUME_HINT = "Run the same command again to resume; finished stages are kept."
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -31,25 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def evaluate(model: Any, items: Any) -> dict[str, dict[str, float]]:
     """Per class: mean PSNR/SSIM (BasicSR convention) of the degraded and restored whole
-    photos, the router's accuracy, and how many images were measured."""
+    photos, the router's accuracy, and how many images were measured. Photos go through
+    :class:`~loraxir.inference.Restorer`, as ``loraxir restore`` runs them: routed once on
+    the whole photo, then restored with those gates."""
     from tqdm.auto import tqdm
 
+    from loraxir.inference.restorer import Restorer
     from loraxir.metrics import psnr, ssim
 
-    classes = model.config.degradations
+    restorer = Restorer(model)
     sums: dict[str, dict[str, float]] = {}
     for index in tqdm(range(len(items)), desc="held-out photos", dynamic_ncols=True):
         item = items[index]
         gt, lq = item["gt"][None], item["lq"][None]
-        with torch.no_grad():
-            restored = model(lq).clamp(0, 1)
-            probabilities = model.loraxir_router.explain(lq).probabilities
+        pixels, routing = restorer.restore(item["lq"].permute(1, 2, 0).numpy())
+        restored = torch.from_numpy(pixels).permute(2, 0, 1)[None].clamp(0, 1)
         row = sums.setdefault(item["task_name"], dict.fromkeys(_COLUMNS, 0.0))
         row["input_psnr"] += psnr(lq, gt, quantize=True).item()
         row["input_ssim"] += ssim(lq, gt, quantize=True).item()
         row["restored_psnr"] += psnr(restored, gt, quantize=True).item()
         row["restored_ssim"] += ssim(restored, gt, quantize=True).item()
-        row["routed"] += float(classes[probabilities.argmax().item()] == item["task_name"])
+        row["routed"] += float(routing.label == item["task_name"])
         row["images"] += 1
     return {
         task: {k: v if k == "images" else v / row["images"] for k, v in row.items()}
