@@ -26,6 +26,7 @@ from loraxir.compute import FORMS, check_form
 from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, RoutingError
 from loraxir.layers import LoraIRLayer, wrap_layer
+from loraxir.padding import backbone_unit, reflect_pad, size_multiple
 from loraxir.routing import (
     Degradation,
     RoutingState,
@@ -220,9 +221,25 @@ class LoraIRModel(BaseTuner):
 
         A merged model serves calls that ask for the merged gate (or give no routing) and
         refuses others. The gates live for this call only (see :mod:`loraxir.routing`).
+        When the backbone declares a side unit (NAFNet's ``padder_size``, a Swin
+        ``window_size``), sides that are not multiples of it (rounded up to a multiple of
+        8, as tiled inference does) are reflect-padded for the backbone and cropped back
+        (see :mod:`loraxir.padding`); the router sees ``x`` as given.
         """
         with self.routing.activate(*self._routing_for(x, gates, degradation)):
+            return self._run_backbone(x, *args, **kwargs)
+
+    def _run_backbone(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if backbone_unit(self.model) is None or x.dim() != 4:
             return self.model(x, *args, **kwargs)
+        unit = size_multiple(self.model)
+        if x.shape[-2] % unit == 0 and x.shape[-1] % unit == 0:
+            return self.model(x, *args, **kwargs)
+        padded = reflect_pad(x, unit)
+        out = self.model(padded, *args, **kwargs)
+        height = x.shape[-2] * out.shape[-2] // padded.shape[-2]
+        width = x.shape[-1] * out.shape[-1] // padded.shape[-1]
+        return out[..., :height, :width]
 
     def _routing_for(
         self, x: torch.Tensor, gates: torch.Tensor | None, degradation: Degradation | None

@@ -7,6 +7,7 @@ import pytest
 import torch
 from inference_helpers import local_conv_model, photo, tiny_model
 
+import loraxir
 from loraxir.errors import ConfigError
 from loraxir.inference.restorer import Restorer
 from loraxir.inference.tiling import _axis_weights, plan_tiles, run_tiled
@@ -70,6 +71,23 @@ def test_single_tile_equals_direct_call_for_nafnet():
     with torch.no_grad():
         direct = model(torch.from_numpy(padded).permute(2, 0, 1)[None], gates=routing.gates[None])
     np.testing.assert_allclose(restored, direct[0].permute(1, 2, 0).numpy()[:37, :50], atol=1e-4)
+
+
+@pytest.mark.parametrize(("height", "width"), [(37, 50), (1, 1), (16, 33)])
+def test_model_call_reflect_pads_like_the_restorer(height, width):
+    """``model(x)`` at sides NAFNet would pad with zeros inside itself: the model pads by
+    reflection (as the restorer does) and crops back, instead of the backbone's zeros."""
+    model = tiny_model()
+    image = photo(height, width).astype(np.float32) / 255
+    restored, routing = Restorer(model, tile=None).restore(image)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        direct = model(x, gates=routing.gates[None])
+        with loraxir.route(model, gates=routing.gates[None]):
+            zero_padded = model.model(x)
+    assert direct.shape == x.shape
+    np.testing.assert_allclose(direct[0].permute(1, 2, 0).numpy(), restored, atol=1e-4)
+    assert not torch.allclose(direct, zero_padded, atol=1e-3)
 
 
 def test_every_tile_gets_the_whole_image_gates():

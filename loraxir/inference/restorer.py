@@ -11,7 +11,6 @@ routing, no expert overhead.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from loraxir.errors import RoutingError
 from loraxir.inference.tiling import TilePlan, plan_tiles, run_tiled
+from loraxir.padding import size_multiple
 
 
 @dataclass
@@ -150,16 +150,6 @@ class Restorer:
             embedding = embedding.to(self.device, self.dtype).unsqueeze(0)
         with route(self.model, gates=gates, embedding=embedding):
             yield
-
-
-def size_multiple(backbone: torch.nn.Module) -> int:
-    """The side multiple the backbone needs (NAFNet's ``padder_size``, a transformer's
-    ``window_size``), at least 8 so tiles stay aligned with common downsampling."""
-    for name in ("padder_size", "window_size"):
-        value = getattr(backbone, name, None)
-        if isinstance(value, int) and value > 0:
-            return math.lcm(8, value)
-    return 8
 
 
 def _routing_view(pixels: np.ndarray, max_pixels: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from loraxir.errors import ConfigError
+from loraxir.padding import reflect_indices
 
 Process = Callable[[torch.Tensor], torch.Tensor]
 
@@ -125,11 +126,11 @@ def run_tiled(
     scale = _scale(source.dtype)
     row_weights = _axis_weights(plan.rows, plan.tile_height, plan.overlap)
     col_weights = _axis_weights(plan.cols, plan.tile_width, plan.overlap)
-    col_index = [_reflect(np.arange(c, c + plan.tile_width), plan.width) for c in plan.cols]
+    col_index = [reflect_indices(np.arange(c, c + plan.tile_width), plan.width) for c in plan.cols]
     carry = np.zeros((0, plan.padded_width, channels), np.float32)
     carry_top = 0
     for row, top in enumerate(plan.rows):
-        rows = _reflect(np.arange(top, top + plan.tile_height), plan.height)
+        rows = reflect_indices(np.arange(top, top + plan.tile_height), plan.height)
         band = source[rows]
         strip = np.zeros((plan.tile_height, plan.padded_width, channels), np.float32)
         for left, cols, weights in zip(plan.cols, col_index, col_weights, strict=True):
@@ -204,13 +205,3 @@ def _fade(band: int) -> np.ndarray:
     ramp = band - 2 * guard
     position = (np.arange(band) - guard + 0.5) / max(ramp, 1)
     return (0.5 - 0.5 * np.cos(np.pi * np.clip(position, 0.0, 1.0))).astype(np.float32)
-
-
-def _reflect(indices: np.ndarray, size: int) -> np.ndarray:
-    """Map indices past the end of an axis of ``size`` back inside by mirror reflection
-    (as ``np.pad(mode="reflect")``, repeated for pads longer than the axis)."""
-    if size == 1:
-        return np.zeros_like(indices)
-    period = 2 * (size - 1)
-    folded = np.mod(indices, period)
-    return np.where(folded >= size, period - folded, folded)
