@@ -64,13 +64,16 @@ every layer beat ``"batched"`` and ``"gathered"``, whose grouped convolution ove
 runs slower than the depthwise base). :meth:`FormPlan.pick` applies what only a call
 knows: one distinct row -> ``"weight"`` in inference, dropout -> ``"activation"``,
 ``torch.compile`` -> a form without data-dependent shapes. ``LoraIRModel.autotune``
-refines the plan by timing whole model calls.
+refines the plan by timing whole model calls. Expert layers may keep the folds of
+one-expert rows between inference calls (:func:`folded_forward` with their own ``fold``;
+see ``LoraIRModel.cache_folds``).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,7 +231,7 @@ def routed_forward(
         groups = groups or group_rows(coeffs)
         if _folds_cost_more(ops.module, x, len(groups.rows), a.shape[0]):
             return ops.base(x).add_(ops.activation_delta(x, a, b, coeffs))
-        return _grouped_weight_form(ops, x, a, b, groups)
+        return _grouped_weight_form(ops, x, groups, lambda row: ops.fold(a, b, row))
     if form == "batched":
         return _batched_form(ops, x, a, b, coeffs, exact_base)
     if form == "gathered":
@@ -291,23 +294,47 @@ def _folds_cost_more(base: nn.Module, x: torch.Tensor, rows: int, experts: int) 
     return rows * fan_in * out > pixels * experts * (fan_in + out)
 
 
-def _grouped_weight_form(
-    ops: _Ops, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: RowGroups
+def folded_forward(
+    base: nn.Module,
+    x: torch.Tensor,
+    groups: RowGroups,
+    fold: Callable[[tuple[float, ...]], torch.Tensor],
+    output_padding: Any = None,
 ) -> torch.Tensor:
-    """The base op once per distinct coefficient row, with that row folded into the weight.
+    """The ``"weight"`` form with the folds supplied by the caller: the base op once per
+    distinct row of ``groups``, with weight ``fold(row)`` (``W0 + sum_e row[e] dW_e``, e.g.
+    kept from an earlier call by the layer's fold cache)."""
+    return _grouped_weight_form(_ops_for(base, output_padding), x, groups, fold)
+
+
+def fold_weight(
+    base: nn.Module, a: torch.Tensor, b: torch.Tensor, row: tuple[float, ...]
+) -> torch.Tensor:
+    """``W0 + sum_e row[e] * dW_e`` for the stacked factors ``a``, ``b`` (the fold the
+    ``"weight"`` form computes; ``W0`` itself for a row of zeros)."""
+    return _ops_for(base, None).fold(a, b, row)
+
+
+def _grouped_weight_form(
+    ops: _Ops,
+    x: torch.Tensor,
+    groups: RowGroups,
+    fold: Callable[[tuple[float, ...]], torch.Tensor],
+) -> torch.Tensor:
+    """The base op once per distinct coefficient row, with ``fold(row)`` as its weight.
 
     One row (one degradation for the batch) is a single base call. Rows are grouped only
     when they need no gradient: a folded weight shared by several images cannot tell which
     image's coefficient a gradient belongs to.
     """
     if len(groups.rows) == 1:
-        return ops.op(x, ops.fold(a, b, groups.rows[0]))
+        return ops.op(x, fold(groups.rows[0]))
     num_images = sum(
         m.stop - m.start if isinstance(m, slice) else m.numel() for m in groups.members
     )
     per_image = x.reshape(num_images, x.shape[0] // num_images, *x.shape[1:])
     outputs = [
-        ops.op(per_image[members].flatten(0, 1), ops.fold(a, b, row))
+        ops.op(per_image[members].flatten(0, 1), fold(row))
         for row, members in zip(groups.rows, groups.members, strict=True)
     ]
     out = torch.cat(outputs)

@@ -103,6 +103,18 @@ class _UsedExperts(NamedTuple):
     form: str
 
 
+class _KeptFolds(NamedTuple):
+    """One layer's folds kept between inference calls, and what they are valid for: the
+    adapter, the tensors they derive from with their version counters, and which experts
+    have a non-zero ``B``."""
+
+    adapter: str
+    tensors: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+    live: tuple[bool, ...]
+    weights: dict[tuple[float, ...], torch.Tensor]
+
+
 def _gate_support(gates: torch.Tensor) -> tuple[int, ...]:
     """The experts whose gate is non-zero for some image (once per call)."""
     return tuple(gates.ne(0).any(0).nonzero().flatten().tolist())
@@ -115,6 +127,17 @@ def _coefficients(
     per call for every layer with the same experts and scaling; gates without gradients)."""
     coeffs = _select(gates.to(dtype), used, dim=1) * scaling
     return coeffs, compute.group_rows(coeffs)
+
+
+def _one_expert_rows(
+    gates: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> compute.RowGroups | None:
+    """Row groups of the coefficients ``gates * scaling`` when every row has at most one
+    non-zero entry (top-1 routing, a forced degradation), else ``None`` (once per call)."""
+    groups = compute.group_rows(gates.to(dtype) * scaling)
+    if any(sum(c != 0.0 for c in row) > 1 for row in groups.rows):
+        return None
+    return groups
 
 
 def _nonzero_rows(t: torch.Tensor) -> list[bool]:
@@ -273,6 +296,10 @@ class LoraIRLayer(BaseTunerLayer):
                 f"not a multiple of the {num_images} routed images; expert layers expect inputs "
                 "whose leading dimension is image-major (images, or windows of images)."
             )
+        if self._folds_reusable(adapter):
+            out = self._forward_with_kept_folds(adapter, x, options)
+            if out is not None:
+                return out
         a, b = self.loraxir_experts[adapter].stacked()
         used = self._used_experts(adapter, a, b, gates)
         if used is None:
@@ -290,6 +317,94 @@ class LoraIRLayer(BaseTunerLayer):
             expert_input=self._dropped(adapter, x) if dropout else None,
             groups=used.groups,
         )
+
+    def _folds_reusable(self, adapter: str) -> bool:
+        """Whether this call may use (and fill) the layer's kept folds: an inference call
+        (no gradient, not compiling) whose form is ``"weight"``."""
+        if torch.is_grad_enabled():
+            # A step may follow that changes weights without a version bump (a fused
+            # optimizer): folds kept from before it must not serve the next inference call.
+            self.drop_kept_folds()
+            return False
+        return (
+            self.routing.cache_folds
+            and not torch.compiler.is_compiling()
+            and self._choose_compute(adapter, None) == "weight"
+        )
+
+    def _forward_with_kept_folds(
+        self, adapter: str, x: torch.Tensor, options: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The ``"weight"`` form with each one-expert row's folded weight kept between calls.
+
+        With top-1 routing (or a forced degradation) every image's coefficient row has a
+        single non-zero entry, so a layer only ever folds ``E`` distinct weights: folding
+        them once instead of at every call removes the per-call cost of routing beyond the
+        base op (tiles of one image, frames of a video and batches of one degradation reuse
+        them). ``None`` when some row mixes experts (soft top-k): such rows rarely repeat,
+        and the per-call forms handle them. When the kept weights are dropped: see
+        :meth:`_kept_folds`; they cost up to one copy of the layer's weight per expert in use.
+        """
+        bank = self.loraxir_experts[adapter]
+        dtype = bank.A[0].dtype
+        groups = self.routing.derived(
+            ("one_expert_rows", self.scaling(adapter), dtype),
+            lambda g: _one_expert_rows(g, self.scaling(adapter), dtype),
+        )
+        kept = self._kept_folds(adapter, bank) if groups is not None else None
+        if kept is None or any(
+            c and not kept.live[e] for row in groups.rows for e, c in enumerate(row)
+        ):
+            # An expert with B = 0 adds nothing: the per-call path skips it and runs the
+            # base op on the whole batch, bit for bit, which per-row folds would not.
+            return None
+        folds = kept.weights
+
+        def fold(row: tuple[float, ...]) -> torch.Tensor:
+            weight = folds.get(row)
+            if weight is None:
+                weight = compute.fold_weight(self.base_layer, *bank.stacked(), row)
+                if len(folds) > bank.num_experts:  # E one-expert rows and the zero row
+                    folds.pop(next(iter(folds)))
+                folds[row] = weight
+            return weight
+
+        return compute.folded_forward(
+            self.base_layer, x, groups, fold, options.get("output_padding")
+        )
+
+    def _kept_folds(self, adapter: str, bank: ExpertBank) -> _KeptFolds | None:
+        """The folds kept for ``adapter``, emptied when a tensor they derive from changed in
+        place (its version counter moved: ``load_state_dict``, merge, edits under
+        ``no_grad``). ``.to()``, ``train()``/``eval()``, a call with gradients and growing the
+        bank drop them outright, because some updates move no version counter (fused
+        optimizers, writes through ``.data``). ``None`` for inference tensors, which carry
+        no version."""
+        kept = self.__dict__.get("_loraxir_kept_folds")
+        if kept is not None and kept.adapter == adapter:
+            if all(t._version == v for t, v in zip(kept.tensors, kept.versions, strict=True)):
+                return kept
+        tensors = (self.base_layer.weight, *bank.A, *bank.B)
+        if any(t.is_inference() for t in tensors):
+            return None
+        live = tuple(_nonzero_rows(bank.stacked()[1]))
+        kept = _KeptFolds(adapter, tensors, tuple(t._version for t in tensors), live, {})
+        self.__dict__["_loraxir_kept_folds"] = kept
+        return kept
+
+    def drop_kept_folds(self) -> None:
+        """Free the weights kept by :meth:`_forward_with_kept_folds`."""
+        self.__dict__.pop("_loraxir_kept_folds", None)
+
+    def train(self, mode: bool = True) -> Any:
+        # Switching phase brackets training steps: start the next inference with fresh folds.
+        self.drop_kept_folds()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(), .half(), .cuda() may replace parameter storage without a version change.
+        self.drop_kept_folds()
+        return super()._apply(fn, recurse)
 
     def _call_options(
         self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]

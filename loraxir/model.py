@@ -183,6 +183,22 @@ class LoraIRModel(BaseTuner):
         return list(self.config.degradations)
 
     @property
+    def cache_folds(self) -> bool:
+        """Whether inference calls keep, in each expert layer, the weight folded for each
+        expert (top-1 routing, forced degradations) to reuse in later calls (default
+        ``True``). Routed top-1 inference then costs about what the bare backbone costs run
+        once per expert group; the price is up to one copy of each targeted weight per
+        expert in use. Set ``False`` to fold at every call and free the kept weights."""
+        return self.routing.cache_folds
+
+    @cache_folds.setter
+    def cache_folds(self, enabled: bool) -> None:
+        self.routing.cache_folds = bool(enabled)
+        if not enabled:
+            for _, layer in self.expert_layers():
+                layer.drop_kept_folds()
+
+    @property
     def merged(self) -> bool:
         return any(layer.merged for _, layer in self.expert_layers())
 
@@ -415,6 +431,7 @@ class LoraIRModel(BaseTuner):
         active = self._active_name()
         for _, layer in self.expert_layers():
             layer.loraxir_experts[active].grow(1)
+            layer.drop_kept_folds()
         if router is not None:
             router.add_degradation(name)
         self.peft_config[active] = updated

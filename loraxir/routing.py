@@ -47,6 +47,9 @@ class RoutingState:
         merged_layers: how many expert layers sharing this state are merged now (kept by
             the layers' ``merge``/``unmerge``), so that a call learns it without walking
             the backbone's modules.
+        cache_folds: whether expert layers keep the weights they fold for one-expert gate
+            rows between inference calls (see :meth:`LoraIRModel.cache_folds
+            <loraxir.LoraIRModel.cache_folds>`).
     """
 
     def __init__(self) -> None:
@@ -55,6 +58,7 @@ class RoutingState:
         self.merge_gate: torch.Tensor | None = None
         self.pinned = False
         self.merged_layers = 0
+        self.cache_folds = True
         self._calls = 0  # routed calls running now (nested calls count once each)
         # (gates, version, values): what derived() computed from those gates.
         self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None

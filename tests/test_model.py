@@ -326,3 +326,82 @@ def test_merge_and_unload_folds_every_named_adapter():
         expected += scale * (b[2] @ a[2]).reshape(expected.shape)  # haze = expert 2
     plain = tuner.merge_and_unload(degradation="haze", adapter_names=["default", "other"])
     assert rel_err(plain.intro.weight, expected) <= 1e-6
+
+
+def _count_folds(monkeypatch):
+    """Count the weights folded from now on."""
+    import loraxir.compute
+
+    calls = []
+    original = loraxir.compute.fold_weight
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(loraxir.compute, "fold_weight", counting)
+    return calls
+
+
+def test_kept_folds_serve_later_calls_and_equal_per_call_folds(monkeypatch):
+    """Top-1 rows fold once per layer and expert; later calls reuse them and give the same
+    numbers as folding at every call (``cache_folds = False``)."""
+    model = _trained_model()
+    x = torch.rand(4, 3, 32, 32)
+    gates = torch.eye(3)[[0, 2, 2, 1]]
+    layers = len(list(model.expert_layers()))
+    with torch.no_grad():
+        model.cache_folds = False
+        reference = model(x, gates=gates)
+        reference_pair = model(x[:2], gates=gates[[1, 0]])
+        model.cache_folds = True
+        folds = _count_folds(monkeypatch)
+        first = model(x, gates=gates)
+        assert len(folds) == 3 * layers
+        pair = model(x[:2], gates=gates[[1, 0]])
+        assert len(folds) == 3 * layers
+    assert torch.equal(first, reference)
+    assert torch.equal(pair, reference_pair)
+
+
+def test_kept_folds_follow_weight_changes():
+    """An in-place edit, a fused optimizer step (no version bump) and a dtype change all
+    reach the next inference call."""
+    model = _trained_model()
+    x = torch.rand(2, 3, 32, 32)
+    gates = torch.eye(3)[[1, 1]]
+
+    def fresh(inputs=x):
+        """The same call on a copy that folds at every call."""
+        copied = copy.deepcopy(model)
+        copied.cache_folds = False
+        return copied(inputs, gates=gates)
+
+    with torch.no_grad():
+        before = model(x, gates=gates)
+        bank = next(layer for _, layer in model.expert_layers()).loraxir_experts["default"]
+        bank.B[0].add_(0.5)
+        edited = model(x, gates=gates)
+        assert not torch.equal(edited, before)
+        assert torch.equal(edited, fresh())
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True
+    )
+    model(x, gates=gates).square().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        stepped = model(x, gates=gates)
+        assert not torch.equal(stepped, edited)
+        assert torch.equal(stepped, fresh())
+        model.double()  # kept float32 folds would fail on float64 inputs
+        doubled = model(x.double(), gates=gates)
+        assert doubled.dtype == torch.float64
+        assert torch.equal(doubled, fresh(x.double()))
+
+
+def test_soft_rows_are_not_kept(monkeypatch):
+    model = _trained_model()
+    folds = _count_folds(monkeypatch)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32), gates=torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7]]))
+    assert not folds
