@@ -392,6 +392,10 @@ class LoraIRLayer(BaseTunerLayer):
         self.__dict__["_loraxir_kept_folds"] = kept
         return kept
 
+    def live_experts(self, adapter: str) -> list[bool]:
+        """Whether each expert of ``adapter`` has a non-zero ``B`` in this layer."""
+        return _nonzero_rows(self.loraxir_experts[adapter].stacked()[1])
+
     def drop_kept_folds(self) -> None:
         """Free the weights kept by :meth:`_forward_with_kept_folds`."""
         self.__dict__.pop("_loraxir_kept_folds", None)

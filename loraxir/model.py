@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from loraxir import checkpoint, guidance
-from loraxir.compute import FORMS, check_form
+from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, RoutingError
 from loraxir.layers import LoraIRLayer, wrap_layer
@@ -242,8 +242,61 @@ class LoraIRModel(BaseTuner):
         8, as tiled inference does) are reflect-padded for the backbone and cropped back
         (see :mod:`loraxir.padding`); the router sees ``x`` as given.
         """
-        with self.routing.activate(*self._routing_for(x, gates, degradation)):
-            return self._run_backbone(x, *args, **kwargs)
+        gates, embedding = self._routing_for(x, gates, degradation)
+        groups = self._inference_groups(x, gates, args, kwargs)
+        if groups is None:
+            with self.routing.activate(gates, embedding):
+                return self._run_backbone(x, *args, **kwargs)
+        outputs = []
+        for members in groups.members:
+            part = None if embedding is None else embedding[members]
+            with self.routing.activate(gates[members], part):
+                outputs.append(self._run_backbone(x[members]))
+        out = torch.cat(outputs)
+        return out if groups.order is None else out[groups.order]
+
+    def _inference_groups(
+        self,
+        x: torch.Tensor,
+        gates: torch.Tensor | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> RowGroups | None:
+        """The images grouped by gate row when an inference call is better run one group
+        at a time through the whole backbone, else ``None``.
+
+        In inference the ``"weight"`` form runs every expert layer once per distinct gate
+        row anyway (each group with its own folded weight). Running the backbone once per
+        group instead keeps one group's activations in cache from layer to layer and saves
+        a split and a concatenation in every layer. Not done for training, under
+        ``torch.compile``, inside ``loraxir.route`` (pinned gates stay whole), with extra
+        backbone arguments, when the config fixes or tunes inference to another form
+        (those compute the whole batch in one call), or when a routed expert is still
+        fresh (``B = 0``: the layers then run the base op on the whole batch, which gives
+        the backbone's own output bit for bit; checked on the first expert layer, as
+        experts are attached and trained in every layer together).
+        """
+        if (
+            gates is None
+            or gates.shape[0] < 2
+            or gates.shape[0] != x.shape[0]
+            or args
+            or kwargs
+            or self.training
+            or torch.is_grad_enabled()
+            or self.routing.pinned
+            or torch.compiler.is_compiling()
+            or self.config.compute not in ("auto", "weight")
+            or (self.config.tuned or {}).get("inference", "auto") not in ("auto", "weight")
+        ):
+            return None
+        groups = group_rows(gates)
+        if len(groups.rows) < 2:
+            return None
+        _, layer = next(self.expert_layers())
+        live = layer.live_experts(self._active_name())
+        used = {e for row in groups.rows for e, c in enumerate(row) if c}
+        return groups if all(live[e] for e in used) else None
 
     def _run_backbone(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if backbone_unit(self.model) is None or x.dim() != 4:

@@ -282,3 +282,18 @@ def test_pretrained_blocks_are_kept_when_experts_attach():
     with torch.no_grad():
         assert torch.equal(model(x), expected)  # fresh experts: the pre-trained function
     assert not any(p.requires_grad for n, p in model.named_parameters() if "loraxir_dam" in n)
+
+
+def test_dam_embeddings_follow_their_images_when_a_batch_runs_by_gate_row():
+    model = _dam_model()
+    x = torch.rand(3, 3, 32, 32)
+    gates = torch.eye(len(DEGRADATIONS))[[1, 0, 1]]
+    with torch.no_grad():
+        out = model(x, gates=gates)
+        one_by_one = torch.cat([model(x[i : i + 1], gates=gates[i : i + 1]) for i in range(3)])
+        # The same images with images 0 and 2 given each other's DAM embedding.
+        swapped_embedding = model.loraxir_router.route(x.flip(0)).embedding
+        with loraxir.route(model, gates=gates, embedding=swapped_embedding):
+            swapped = model.model(x)
+    assert rel_err(out, one_by_one) < 1e-5
+    assert rel_err(out, swapped) > 1e-3

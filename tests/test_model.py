@@ -405,3 +405,22 @@ def test_soft_rows_are_not_kept(monkeypatch):
     with torch.no_grad():
         model(torch.rand(2, 3, 32, 32), gates=torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7]]))
     assert not folds
+
+
+def test_inference_runs_the_backbone_once_per_gate_row(monkeypatch):
+    """Images routed to different experts go through the backbone one group at a time and
+    come back in order, as they would one by one; calls with gradients stay whole."""
+    model = _trained_model()
+    x = torch.rand(4, 3, 32, 32)
+    gates = torch.eye(3)[[0, 2, 0, 1]]
+    batches = []
+    forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda t: batches.append(len(t)) or forward(t))
+    with torch.no_grad():
+        out = model(x, gates=gates)
+        assert sorted(batches) == [1, 1, 2]
+        one_by_one = torch.cat([model(x[i : i + 1], gates=gates[i : i + 1]) for i in range(4)])
+    assert rel_err(out, one_by_one) < 1e-6
+    batches.clear()
+    model(x, gates=gates)
+    assert batches == [4]
