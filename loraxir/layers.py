@@ -387,7 +387,7 @@ class LoraIRLayer(BaseTunerLayer):
         tensors = (self.base_layer.weight, *bank.A, *bank.B)
         if any(t.is_inference() for t in tensors):
             return None
-        live = tuple(_nonzero_rows(bank.stacked()[1]))
+        live = tuple(self.live_experts(adapter))
         kept = _KeptFolds(adapter, tensors, tuple(t._version for t in tensors), live, {})
         self.__dict__["_loraxir_kept_folds"] = kept
         return kept
