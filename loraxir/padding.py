@@ -3,9 +3,10 @@
 Backbones with downsampling stages need sides that are a multiple of some unit. NAFNet pads
 inside its own forward, with zeros: on a photo whose sides are not multiples of 16 the
 network sees a black band it never saw in training, and the restored border (and, through
-its global channel attention, the whole image) gets worse, by up to 1.3 dB on a 300×400
-photo. Reflecting the image instead continues its content, which is what training crops
-look like. Both :class:`~loraxir.LoraIRModel` and tiled inference pad this way.
+its global channel attention, the whole image) gets worse: 0.8–1.8 dB on a 300×400
+photo (see docs/api.md). Reflecting the image instead continues its content, which is
+what training crops look like. Both :class:`~loraxir.LoraIRModel` and tiled inference pad
+this way.
 """
 
 from __future__ import annotations
