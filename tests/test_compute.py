@@ -22,6 +22,8 @@ CASES = [
     ("conv1x1", lambda: nn.Conv2d(6, 8, 1), (N, 6, 9, 9), {}),
     ("conv1x1_tiles", lambda: nn.Conv2d(6, 8, 1, bias=False), (N * 2, 6, 5, 5), {}),
     ("conv1x1_stride2", lambda: nn.Conv2d(6, 8, 1, stride=2), (N, 6, 9, 9), {}),
+    # a U-Net bottleneck: a fold per image costs more than the rank path on a 2x2 map
+    ("conv1x1_bottleneck", lambda: nn.Conv2d(40, 24, 1), (N, 40, 2, 2), {}),
     ("conv3x3", lambda: nn.Conv2d(6, 8, 3, padding=1), (N, 6, 9, 9), {}),
     ("conv3x3_tiles", lambda: nn.Conv2d(6, 8, 3, padding=1), (N * 2, 6, 7, 7), {}),
     ("conv_stride2", lambda: nn.Conv2d(6, 8, 2, stride=2), (N, 6, 8, 8), {}),
@@ -315,3 +317,23 @@ def test_weight_form_puts_groups_back_in_image_order(name):
     out = _run("weight", base, x, a, b, coeffs, options)
     expected = _reference(base, x, a, b, coeffs, _output_padding(base, x, options))
     assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [("conv1x1", True), ("linear_nobias", True), ("conv1x1_bottleneck", False), ("linear", False)],
+)
+def test_gathered_form_folds_per_image_only_where_folding_is_cheaper(name, fused, monkeypatch):
+    """The fused per-image fold runs on large maps; on a map smaller than the weight the base
+    op plus the rank path runs instead (both match the reference above)."""
+    _, factory, shape, options = CASES[IDS.index(name)]
+    base = factory().requires_grad_(False)
+    a, b = _factors(base)
+    calls = []
+    apply = compute._FusedLowRank.apply
+    monkeypatch.setattr(
+        compute._FusedLowRank, "apply", lambda *args: calls.append(1) or apply(*args)
+    )
+    out = _run("gathered", base, torch.randn(shape), a, b, _coeffs("top1"), options)
+    assert out.shape[0] == shape[0]
+    assert bool(calls) is fused
