@@ -5,7 +5,9 @@ after ``autotune``), one degradation for the whole batch, and merged weights, ea
 ratio of the best way to run the bare backbone (the faster of one batched call and one
 image at a time). Training rows: one experts-only step (top-1, top-2, and a single
 expert E=1 r=40 of the same trainable size) as a ratio of one full training step of the
-bare network, and the step's memory as a ratio of the full step's. ``autotune`` rows
+bare network, and the step's memory as a ratio of the full step's; the floor row is the
+frozen network with no experts (forward and input gradients only), what an experts-only
+step costs before its experts add anything. ``autotune`` rows
 compare the tuned model with the best single form applied to every layer, on the same
 input. Every ratio is the median of paired ratios (candidate and reference alternate)
 with its spread; a busy machine or a drifting reference is flagged (``!`` and a warning).
@@ -153,6 +155,15 @@ def _train_step(model: nn.Module, call: Callable[[], torch.Tensor]) -> Callable[
     return step
 
 
+def _frozen_floor(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` whose first parameter alone trains: the backward pass reaches every
+    layer (input gradients) but forms no other weight gradient. An experts-only step costs
+    this plus what the experts add, so it is the lowest such a step can go."""
+    floor = copy.deepcopy(base).requires_grad_(False)
+    next(floor.parameters()).requires_grad_(True)
+    return floor
+
+
 def _training_bytes(bench: Bench, model: nn.Module, step: Callable[[], None], call) -> float:
     """Memory of one training step (see the module docstring)."""
     if bench.device.type == "cuda":
@@ -295,6 +306,10 @@ def bench_training(bench: Bench, setting: tuple[str, int, int], seed: int) -> No
     full_step = _train_step(full, lambda: full(x))
     full_memory = _training_bytes(bench, full, full_step, lambda: full(x))
     bench.record(setting, "full base train step (s)", bench.seconds(full_step))
+    floor = _frozen_floor(base)
+    floor_step = _train_step(floor, lambda: floor(x))
+    ratio = bench.ratio(floor_step, full_step)
+    bench.record(setting, "frozen base, no experts (floor) / full base step", ratio)
     variants = [
         ("top-1", 1, EXPERTS, RANK),
         ("top-2", 2, EXPERTS, RANK),

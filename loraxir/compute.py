@@ -40,11 +40,12 @@ Every form below computes exactly that (up to float rounding; outputs and the gr
     convolution over the batch, added in a fused ``baddbmm``. For grouped convolutions it
     is ``"batched"`` restricted to the gathered experts.
 
-``exact_base=True`` (for experts whose ``B`` is still zero) makes ``"batched"`` and
-``"gathered"`` compute ``op(x, W0) + delta`` with the base op itself, so that zero experts
-give the base output bit for bit; the fast fused forms may differ from the base op by
-float rounding (their kernels add in another order). ``"activation"`` and ``"weight"``
-with one distinct row are exact by construction (``delta = 0``, ``W0 + 0 = W0``).
+``exact_base=True`` (for experts whose ``B`` is still zero) makes ``"weight"``,
+``"batched"`` and ``"gathered"`` compute ``op(x, W0) + delta`` with the base op itself, so
+that zero experts give the base output bit for bit; the fast fused forms may differ from
+the base op by float rounding (their kernels add in another order, and a convolution of
+part of the batch may round unlike one of the whole batch). ``"activation"`` is exact by
+construction (``delta = 0``).
 
 **Cost model** (:func:`plan_forms`, fixed per layer shape when the layer is wrapped).
 Per output pixel, the base op costs ``F = fan_in * out`` multiply-adds (``fan_in =
@@ -55,17 +56,22 @@ so the forms are compared by what they add to forward plus input gradient:
 - ``"gathered"`` (fused, 1x1 and ``Linear``): ``2*k*r*(fan_in + out)`` (rank products
   for the factor gradients); dense ``kxk`` (base op + low-rank path): ``3*k*r*(fan_in +
   out)``;
-- ``"batched"`` in training: the per-image weight gradient, ``F`` (``2F`` for a grouped
-  convolution over the batch, which runs about half as fast as the plain one on CPU).
+- folding in training: the weight gradient of the folded weight, ``F``. ``Linear`` and
+  1x1 layers fold per image (``"batched"``: one batched matmul); dense ``kxk``
+  convolutions fold per group of images sharing a row (``"weight"``: a plain
+  convolution per group, which on a CPU ran the 32 -> 3 output convolution of NAFNet in
+  half the time of the grouped convolution over the batch that ``"batched"`` needs).
 
-The cheaper one is the layer's training form; grouped convolutions always fold
-(``"batched"``: the factored path would expand every group). In inference every layer
+The cheaper one is the layer's training form; grouped convolutions always fold per image
+(``"batched"``: the factored path would expand every group, and a depthwise convolution
+per group of images cost more than one grouped call over the batch). In inference every layer
 uses ``"weight"``: running the base op once per group of images costs about what running
 the bare backbone one image at a time costs, and each fold is ``k*r*F`` against ``H*W*F``
 for the op (measured on NAFNet-w32, 128², 4 images routed to 4 experts: ``"weight"`` on
 every layer beat ``"batched"`` and ``"gathered"``, whose grouped convolution over the batch
 runs slower than the depthwise base). :meth:`FormPlan.pick` applies what only a call
-knows: one distinct row -> ``"weight"`` in inference, dropout -> ``"activation"``,
+knows: one distinct row -> ``"weight"`` in inference, and in training where the plan folds
+(one weight gradient for the batch instead of one per image), dropout -> ``"activation"``,
 ``torch.compile`` -> a form without data-dependent shapes. ``LoraIRModel.autotune``
 refines the plan by timing whole model calls. Expert layers may keep the folds of
 one-expert rows between inference calls (:func:`folded_forward` with their own ``fold``;
@@ -87,8 +93,6 @@ from torch import nn
 from loraxir.errors import ConfigError, TargetModulesError, unknown_name
 
 FORMS = ("activation", "weight", "batched", "gathered")
-# A grouped convolution over the batch runs about half as fast as the plain one on CPU.
-_GROUPED_PENALTY = 2.0
 
 
 # --------------------------------------------------------------------------- cost model
@@ -128,6 +132,8 @@ class FormPlan:
             return "weight"
         if tuned is not None:
             return tuned
+        if shared_row and self.training == "batched":
+            return "weight"  # one fold and one weight gradient for the batch, not one per image
         return self.training if training else self.inference
 
 
@@ -143,7 +149,7 @@ def plan_forms(base: nn.Module, rank: int, experts_per_image: int) -> FormPlan:
     if kind == "linear" or _is_pointwise(base):
         training = "gathered" if 2 * k_r * (fan_in + out) <= fold else "batched"
     else:
-        training = "gathered" if 3 * k_r * (fan_in + out) <= _GROUPED_PENALTY * fold else "batched"
+        training = "gathered" if 3 * k_r * (fan_in + out) <= fold else "weight"
     return FormPlan(inference="weight", training=training)
 
 
@@ -229,6 +235,8 @@ def routed_forward(
         delta_input = x if expert_input is None else expert_input
         return ops.base(x) + ops.activation_delta(delta_input, a, b, coeffs)
     if form == "weight":
+        if exact_base:  # convolutions of sub-batches may round unlike the base op's own call
+            return ops.base(x) + ops.activation_delta(x, a, b, coeffs)
         if coeffs.requires_grad:
             return _per_image_weight_form(ops, x, a, b, coeffs)
         groups = groups or group_rows(coeffs)

@@ -36,6 +36,7 @@ def test_overhead_benchmark_runs_and_writes_every_measure(tmp_path, monkeypatch,
     assert {"merged inference", "trainable params: loraxir / peft LoRA"} <= set(measures)
     assert any(m.startswith("routed top-1 inference") for m in measures)
     assert any(m.startswith("experts-only train step top-1") for m in measures)
+    assert "frozen base, no experts (floor) / full base step" in measures
     assert len(set(measures)) == len(measures)  # one row per measure for one setting
     for row in rows:
         assert (row["backbone"], row["batch"], row["size"]) == ("nafnet-tiny", 2, 32)
@@ -48,3 +49,16 @@ def test_overhead_benchmark_runs_and_writes_every_measure(tmp_path, monkeypatch,
     assert abs(ratio - 1) <= 0.5 / rank
     printed = capsys.readouterr().out
     assert all(measure in printed for measure in measures)
+
+
+def test_training_floor_trains_one_parameter_and_leaves_the_backbone_alone(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("overhead", None)
+    import overhead
+
+    import loraxir
+
+    base = loraxir.create_backbone("nafnet-tiny")
+    floor = overhead._frozen_floor(base)
+    assert [p.requires_grad for p in floor.parameters()].count(True) == 1
+    assert all(p.requires_grad for p in base.parameters())

@@ -187,7 +187,7 @@ def test_fused_form_gives_the_frozen_weight_its_gradient_when_it_trains(name):
         assert rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("form", ["batched", "gathered"])
+@pytest.mark.parametrize("form", ["weight", "batched", "gathered"])
 @pytest.mark.parametrize(("name", "factory", "shape", "options"), CASES, ids=IDS)
 def test_exact_base_gives_zero_experts_the_base_output_bit_for_bit(
     name, factory, shape, options, form
@@ -229,11 +229,12 @@ def test_cost_model_plans_per_layer_shape():
     plan = compute.plan_forms
     # NAFNet width 32 at r=8, top-1: the factored path is cheaper than a weight gradient for
     # 1x1 convolutions of 64 channels and dense 2x2 downsamplers, not for the 32 -> 3 output
-    # convolution; grouped convolutions always fold. Inference folds per row everywhere.
+    # convolution, which folds per group of images; grouped convolutions fold per image.
+    # Inference folds per row everywhere.
     assert plan(nn.Conv2d(32, 64, 1), 8, 1) == compute.FormPlan("weight", "gathered")
     assert plan(nn.Linear(256, 256), 8, 2) == compute.FormPlan("weight", "gathered")
     assert plan(nn.Conv2d(32, 64, 2, stride=2), 8, 1) == compute.FormPlan("weight", "gathered")
-    assert plan(nn.Conv2d(32, 3, 3, padding=1), 8, 1) == compute.FormPlan("weight", "batched")
+    assert plan(nn.Conv2d(32, 3, 3, padding=1), 8, 1) == compute.FormPlan("weight", "weight")
     depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
     assert plan(depthwise, 8, 1) == compute.FormPlan("weight", "batched")
     assert plan(nn.Conv2d(8, 8, 1), 8, 5).training == "batched"  # rank 40 > the layer
@@ -248,6 +249,12 @@ def test_plan_pick_applies_what_only_a_call_knows():
     assert plan.pick(**call | {"dropout": True}, grouped=False) == "activation"
     assert plan.pick(**call | {"compiling": True}, grouped=True) == "batched"
     assert plan.pick(**call, grouped=False, tuned="weight") == "weight"
+    # a plan that folds per image in training folds once for a batch that shares one row
+    folds = compute.FormPlan("weight", "batched")
+    training = call | {"training": True}
+    assert folds.pick(**training, grouped=True) == "batched"
+    assert folds.pick(**training | {"shared_row": True}, grouped=True) == "weight"
+    assert folds.pick(**training | {"shared_row": True}, grouped=True, tuned="batched") == "batched"
 
 
 def test_only_the_activation_form_takes_a_separate_expert_input():
