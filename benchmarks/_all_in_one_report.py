@@ -261,9 +261,7 @@ def _psnr_axes(ax: Any, summary: dict[str, Any]) -> None:
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         entry = summary["methods"][name]
-        rows = [entry["per_task"][t]["psnr"] for t in summary["tasks"]] + [
-            entry["average"]["psnr"]
-        ]
+        rows = [entry["per_task"][t]["psnr"] for t in summary["tasks"]] + [entry["average"]["psnr"]]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
         ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["std"] for r in rows],
                label=entry["label"], capsize=2)  # fmt: skip
@@ -398,4 +396,3 @@ def write_markdown(path: Path, summaries: list[dict[str, Any]], command: str) ->
     text = "\n".join(markdown(summary, command) for summary in summaries)
     write_text(path, text)
     return text
-

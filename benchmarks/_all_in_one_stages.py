@@ -163,5 +163,3 @@ def run_recipe(main: Callable[[list[str]], dict[str, Any]], settings: dict[str, 
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-
-
