@@ -1,4 +1,5 @@
-"""The overhead benchmark runs end to end at a toy size and writes its JSON table."""
+"""The overhead and training-throughput benchmarks run end to end at a toy size and write
+their JSON tables."""
 
 from __future__ import annotations
 
@@ -62,3 +63,31 @@ def test_training_floor_trains_one_parameter_and_leaves_the_backbone_alone(monke
     floor = overhead._frozen_floor(base)
     assert [p.requires_grad for p in floor.parameters()].count(True) == 1
     assert all(p.requires_grad for p in base.parameters())
+
+
+def test_training_throughput_benchmark_runs_and_writes_every_measure(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("training_throughput", None)
+    import torch
+    import training_throughput
+
+    threads = torch.get_num_threads()
+    output = tmp_path / "throughput.json"
+    try:
+        report = training_throughput.main(["--quick", "--output", str(output)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(output.read_text()) == report
+    rows = report["rows"]
+    assert [row["measure"] for row in rows] == [
+        "pre-training: full network + DAM (frozen router)",
+        "pre-training: full network, no DAM",
+        "fine-tuning: experts only (batched, top-1)",
+        "fine-tuning: experts only (auto, top-1)",
+        "fine-tuning under Accelerate",
+        "fine-tuning under Accelerate",
+    ]
+    assert [row["processes"] for row in rows[-2:]] == [1, 2]  # two processes really ran
+    assert all(math.isfinite(row["patches_per_s"]) and row["patches_per_s"] > 0 for row in rows)
+    # both fine-tuning rows train the same experts, whatever form computes them
+    assert rows[2]["trainable_parameters"] == rows[3]["trainable_parameters"] > 0
