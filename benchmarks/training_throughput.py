@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
@@ -110,7 +111,7 @@ def single_process_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         ),
     }
     rows = []
-    for name, (build, routed) in cases.items():
+    for name, (build, routed) in tqdm(cases.items(), desc="single-process steps", unit="case"):
         model = build().train()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rate = patches_per_second(_step_fn(model, args.batch, args.patch, routed), args.batch,
@@ -152,7 +153,7 @@ def scaling_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """1 versus 2 processes (torchrun, gloo), the same global batch and total threads."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for processes in (1, 2):
+        for processes in tqdm((1, 2), desc="1 vs 2 processes", unit="run"):
             out = Path(folder) / f"p{processes}.json"
             threads = max(1, args.threads // processes)  # the same cores in total
             command = [
