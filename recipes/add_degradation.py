@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
         restored, logits = module(batch["lq"], **routing_arguments("label", batch, data))
-        loss = pixel_loss(restored, batch["gt"], config.loss)
+        loss = pixel_loss(restored, batch["gt"], config.loss, config.fft_weight)
         if logits is not None:
             targets = class_index.to(logits.device)[batch["label"]]
             loss = loss + config.router_loss_weight * F.cross_entropy(logits.float(), targets)

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -131,6 +132,8 @@ def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None
         load_config(RestorationConfig, None, ["patchsize=32"])
     with pytest.raises(ConfigError, match="loss"):
         load_config(RestorationConfig, None, ["loss=l3"])
+    with pytest.raises(ConfigError, match="fft_weight"):
+        load_config(RestorationConfig, None, ["loss=l1_fft", "fft_weight=-0.1"])
     with pytest.raises(ConfigError, match="paired_val"):
         load_config(RestorationConfig, None, ["paired_train={rain: data/rain}"])
     with pytest.raises(ConfigError, match=r"paired_train\.rain"):
@@ -143,6 +146,20 @@ def test_psnr_loss_is_minus_the_mean_psnr_in_decibels() -> None:
     # PSNRs 20 dB and 40 dB: the loss is -(20 + 40) / 2 (up to the 1e-8 in the log).
     assert pixel_loss(restored, target, "psnr").item() == pytest.approx(-30.0, abs=1e-3)
     assert pixel_loss(restored, target, "l1").item() == pytest.approx(0.055)
+
+
+def test_l1_fft_loss_adds_the_l1_distance_of_the_spectra() -> None:
+    generator = torch.Generator().manual_seed(0)
+    restored = torch.rand(2, 3, 8, 6, generator=generator)
+    target = torch.rand(2, 3, 8, 6, generator=generator)
+    # Independent reference: numpy's real FFT of the difference, real and imaginary parts.
+    spectrum = np.fft.rfft2((restored - target).double().numpy())
+    expected = np.abs(restored - target).mean().item() + 0.1 * np.mean(
+        np.abs(np.stack([spectrum.real, spectrum.imag]))
+    )
+    assert pixel_loss(restored, target, "l1_fft").item() == pytest.approx(expected, rel=1e-5)
+    l1 = pixel_loss(restored, target, "l1")
+    assert pixel_loss(restored, target, "l1_fft", fft_weight=0.0) == pytest.approx(l1.item())
 
 
 def test_validation_metrics_are_per_task_and_average_over_tasks() -> None:

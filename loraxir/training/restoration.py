@@ -48,7 +48,7 @@ from loraxir.training.evaluation import (
 )
 from loraxir.validation import check_choice
 
-LOSSES = ("psnr", "l1")
+LOSSES = ("psnr", "l1", "l1_fft")
 Restore = Callable[[dict[str, Any]], Tensor]
 
 
@@ -82,7 +82,14 @@ class RestorationConfig(RecipeConfig):
     val_repeats: int = field(default=2, metadata={"help": "Validation patches per (image, task)."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of photos held out."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/val photo split."})
-    loss: str = field(default="psnr", metadata={"help": "'psnr' (PSNR loss) or 'l1'."})
+    loss: str = field(
+        default="psnr",
+        metadata={"help": "'psnr' (PSNR loss), 'l1', or 'l1_fft' (L1 plus L1 of the spectra)."},
+    )
+    fft_weight: float = field(
+        default=0.1,
+        metadata={"help": "Weight of the spectral term of loss 'l1_fft' (MIMO-UNet's 0.1)."},
+    )
     ema_decay: float = field(
         default=0.0, metadata={"help": "EMA of the trained weights (validated, saved); 0: off."}
     )
@@ -104,6 +111,8 @@ class RestorationConfig(RecipeConfig):
                 "Give both paired_train and paired_val (real pairs need held-out pairs to "
                 "validate on), or neither (synthetic pairs from `source`)."
             )
+        if self.fft_weight < 0:
+            raise ConfigError(f"fft_weight must be >= 0, got {self.fft_weight}.")
         if self.ema_decay and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}.")
 
@@ -271,13 +280,22 @@ def _paired_data(config: RestorationConfig) -> RestorationData:
     return RestorationData(train, val, names, names, names)
 
 
-def pixel_loss(restored: Tensor, target: Tensor, kind: str) -> Tensor:
+def pixel_loss(restored: Tensor, target: Tensor, kind: str, fft_weight: float = 0.1) -> Tensor:
     """``"l1"``: mean absolute error. ``"psnr"``: the PSNR loss of NAFNet and LoRA-IR,
     ``mean_b 10·log10(MSE_b + 1e-8)`` (minus the PSNR of each image in [0, 1], up to a
-    constant), so that every image's error counts in decibels whatever its level."""
+    constant), so that every image's error counts in decibels whatever its level.
+    ``"l1_fft"``: L1 plus ``fft_weight`` × the L1 distance of the 2-D spectra (real and
+    imaginary parts, unnormalised as in MIMO-UNet): a pixel loss barely notices a missing
+    high frequency spread thinly over a patch, while its spectral coefficient is large. A
+    uniform offset counts about ``fft_weight`` times its L1 there, so brightness errors
+    weigh relatively less (low light trains slower; see docs/recipes.md)."""
     restored, target = restored.float(), target.float()
-    if kind == "l1":
-        return (restored - target).abs().mean()
+    if kind in ("l1", "l1_fft"):
+        loss = (restored - target).abs().mean()
+        if kind == "l1_fft":
+            spectrum = torch.view_as_real(torch.fft.rfft2(restored - target))
+            loss = loss + fft_weight * spectrum.abs().mean()
+        return loss
     mse = (restored - target).pow(2).mean(dim=(1, 2, 3))
     return (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
 
@@ -374,7 +392,8 @@ class RestorationRun:
 
     def images_loss(self, batch: dict[str, Any]) -> Tensor:
         """Training loss of such a network: ``config.loss`` between output and target."""
-        return pixel_loss(self.model(batch["lq"]), batch["gt"], self.config.loss)
+        config = self.config
+        return pixel_loss(self.model(batch["lq"]), batch["gt"], config.loss, config.fft_weight)
 
     def resume(self) -> int:
         """Restore ``config.resume`` (if any); returns the step training resumes from."""
