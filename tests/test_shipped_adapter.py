@@ -51,7 +51,7 @@ def test_the_default_adapter_is_installed_small_and_documented():
 
 # Known weakness, stated in the card: the small network trained for minutes barely
 # sharpens motion-blurred photos and loses 0.3-3 dB on near-clean ones (its own error
-# floor) and on grayscale ones (a faint colour cast), -0.80 dB on average
+# floor), and half the blurred test photos are read as haze and dehazed: -1.17 dB on average
 # (docs/benchmarks.md). Strict: an adapter that fixes it fails this mark, so that the card
 # and this list are updated with it.
 KNOWN_WORSE = {"blur"}
