@@ -132,6 +132,12 @@ def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None
         load_config(RestorationConfig, None, ["patchsize=32"])
     with pytest.raises(ConfigError, match="loss"):
         load_config(RestorationConfig, None, ["loss=l3"])
+    with pytest.raises(ConfigError, match="not a mapping"):
+        load_config(RestorationConfig, None, ["loss=l1", "loss.weight=1"])
+    with pytest.raises(ConfigError, match="joined by dots"):
+        load_config(RestorationConfig, None, ["paired_train..rain=x"])
+    with pytest.raises(UnknownNameError, match="paired_train"):
+        load_config(RestorationConfig, None, ["paired_trian.rain=x"])
     with pytest.raises(ConfigError, match="fft_weight"):
         load_config(RestorationConfig, None, ["loss=l1_fft", "fft_weight=-0.1"])
     with pytest.raises(ConfigError, match="paired_val"):

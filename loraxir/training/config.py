@@ -98,7 +98,9 @@ def load_config(
 
     Unknown keys raise :class:`~loraxir.errors.UnknownNameError` naming the closest valid
     keys; values are checked against the field types (an int is accepted for a float
-    field, and a number written ``1e-3``, which YAML reads as text, is converted).
+    field, and a number written ``1e-3``, which YAML reads as text, is converted). A dotted
+    key sets one entry of a mapping setting and keeps the others (``router.max_steps=800``),
+    so that changing one value of a section does not mean restating all of it.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -111,11 +113,12 @@ def load_config(
         if not sep or not key.strip():
             raise ConfigError(f"Overrides are key=value, got {override!r}.")
         try:
-            data[key.strip()] = yaml.safe_load(text)
+            value = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise ConfigError(
                 f"Override {override!r}: the value is not valid YAML: {error}"
             ) from None
+        _set_dotted(data, key.strip(), value, override)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -123,6 +126,24 @@ def load_config(
             raise unknown_name(f"{cls.__name__} setting", key, names)
     values = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
     return cls(**values)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, override: str) -> None:
+    """``data[a][b] = value`` for the key ``"a.b"`` (any depth), creating missing mappings."""
+    *parents, leaf = key.split(".")
+    if not all([*parents, leaf]):
+        raise ConfigError(f"Override {override!r}: a key is names joined by dots, got {key!r}.")
+    target = data
+    for depth, part in enumerate(parents):
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(
+                f"Override {override!r}: {where!r} is {child!r}, not a mapping of settings; "
+                f"set it whole ({where}={{...}})."
+            )
+        target = child
+    target[leaf] = value
 
 
 def parse_recipe_args(
