@@ -3,6 +3,7 @@ checkpointing, the stop on a non-finite loss, fingerprints, output folders, metr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,22 @@ def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None
         load_config(RestorationConfig, None, ["paired_train={rain: data/rain}"])
     with pytest.raises(ConfigError, match=r"paired_train\.rain"):
         load_config(RestorationConfig, None, ["paired_train={rain: 3}", "paired_val={}"])
+
+
+@dataclasses.dataclass
+class _Sections:
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"width": 16, "depth": 2})
+    paired: dict[str, str] | None = None
+
+
+def test_a_dotted_override_sets_one_entry_and_keeps_the_others() -> None:
+    assert load_config(_Sections, None, ["model.width=32"]).model == {"width": 32, "depth": 2}
+    assert load_config(_Sections, None, ["model={width: 8}", "model.depth=3"]).model == {
+        "width": 8,
+        "depth": 3,
+    }
+    assert load_config(_Sections, None, ["paired.rain=data/rain"]).paired == {"rain": "data/rain"}
+    assert _Sections().model == {"width": 16, "depth": 2}  # the default is not mutated
 
 
 def test_psnr_loss_is_minus_the_mean_psnr_in_decibels() -> None:

@@ -10,6 +10,7 @@ enters the checkpoint's fingerprint (see :mod:`loraxir.training.checkpoints`).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import types
@@ -102,6 +103,8 @@ def load_config(
     key sets one entry of a mapping setting and keeps the others (``router.max_steps=800``),
     so that changing one value of a section does not mean restating all of it.
     """
+    names = [f.name for f in dataclasses.fields(cls)]
+    defaults = {name: value for name, value in _field_defaults(cls).items() if value is not None}
     data: dict[str, Any] = {}
     if path is not None:
         loaded = read_yaml_file(path, "Config file")
@@ -118,14 +121,28 @@ def load_config(
             raise ConfigError(
                 f"Override {override!r}: the value is not valid YAML: {error}"
             ) from None
-        _set_dotted(data, key.strip(), value, override)
+        key = key.strip()
+        section = key.split(".")[0]
+        if section != key and section not in data and section in defaults:
+            data[section] = copy.deepcopy(defaults[section])
+        _set_dotted(data, key, value, override)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             raise unknown_name(f"{cls.__name__} setting", key, names)
     values = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
     return cls(**values)
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default value (``default_factory`` called), for fields that have one."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            found[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            found[f.name] = f.default_factory()
+    return found
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, override: str) -> None:
