@@ -103,8 +103,8 @@ def load_config(
     key sets one entry of a mapping setting and keeps the others (``router.max_steps=800``),
     so that changing one value of a section does not mean restating all of it.
     """
-    names = [f.name for f in dataclasses.fields(cls)]
-    defaults = {name: value for name, value in _field_defaults(cls).items() if value is not None}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     data: dict[str, Any] = {}
     if path is not None:
         loaded = read_yaml_file(path, "Config file")
@@ -123,8 +123,10 @@ def load_config(
             ) from None
         key = key.strip()
         section = key.split(".")[0]
-        if section != key and section not in data and section in defaults:
-            data[section] = copy.deepcopy(defaults[section])
+        if section != key and section not in data and section in fields:
+            default = _field_default(fields[section])
+            if default is not None:
+                data[section] = default
         _set_dotted(data, key, value, override)
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -134,15 +136,11 @@ def load_config(
     return cls(**values)
 
 
-def _field_defaults(cls: type) -> dict[str, Any]:
-    """Each field's default value (``default_factory`` called), for fields that have one."""
-    found = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            found[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            found[f.name] = f.default_factory()
-    return found
+def _field_default(f: dataclasses.Field) -> Any:
+    """A fresh copy of the field's default (``default_factory`` called), or ``None``."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else copy.deepcopy(f.default)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, override: str) -> None:

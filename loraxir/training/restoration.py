@@ -49,6 +49,8 @@ from loraxir.training.evaluation import (
 from loraxir.validation import check_choice
 
 LOSSES = ("psnr", "l1", "l1_fft")
+# Default weight of the spectral term of "l1_fft" (MIMO-UNet's).
+FFT_WEIGHT = 0.1
 Restore = Callable[[dict[str, Any]], Tensor]
 
 
@@ -87,7 +89,7 @@ class RestorationConfig(RecipeConfig):
         metadata={"help": "'psnr' (PSNR loss), 'l1', or 'l1_fft' (L1 plus L1 of the spectra)."},
     )
     fft_weight: float = field(
-        default=0.1,
+        default=FFT_WEIGHT,
         metadata={"help": "Weight of the spectral term of loss 'l1_fft' (MIMO-UNet's 0.1)."},
     )
     ema_decay: float = field(
@@ -280,7 +282,9 @@ def _paired_data(config: RestorationConfig) -> RestorationData:
     return RestorationData(train, val, names, names, names)
 
 
-def pixel_loss(restored: Tensor, target: Tensor, kind: str, fft_weight: float = 0.1) -> Tensor:
+def pixel_loss(
+    restored: Tensor, target: Tensor, kind: str, fft_weight: float = FFT_WEIGHT
+) -> Tensor:
     """``"l1"``: mean absolute error. ``"psnr"``: the PSNR loss of NAFNet and LoRA-IR,
     ``mean_b 10·log10(MSE_b + 1e-8)`` (minus the PSNR of each image in [0, 1], up to a
     constant), so that every image's error counts in decibels whatever its level.
