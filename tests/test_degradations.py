@@ -349,6 +349,14 @@ def test_unknown_suite_lists_the_builtin_ones():
         D.suite("three_tasks")
 
 
+def test_load_suite_given_a_builtin_name_points_to_suite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"suite\('five_task'\)"):
+        D.load_suite("five_task")
+    with pytest.raises(ConfigError, match="does not exist"):
+        D.load_suite("five_tasks")
+
+
 def test_unknown_task_of_a_suite_lists_its_tasks(photo):
     with pytest.raises(UnknownNameError, match="noise_25"):
         D.suite("three_task").degrade(photo, "noise_20")

@@ -8,7 +8,10 @@ weights the tests write themselves.
 from __future__ import annotations
 
 import json
+import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -247,6 +250,21 @@ def test_registered_config_travels_in_the_spec() -> None:
     assert spec["model_cfg"] == TINY_OPEN_CLIP
     rebuilt = encoder_from_spec(json.loads(json.dumps(spec)))
     assert rebuilt.embed_dim == TINY_OPEN_CLIP["embed_dim"]
+
+
+def test_registering_a_config_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Each process that registered a config used to leave a folder in /tmp forever."""
+    script = (
+        "import open_clip, torch\n"
+        "from loraxir.router.encoders import create_encoder, register_open_clip_config\n"
+        f"register_open_clip_config('leak-check', {TINY_OPEN_CLIP!r})\n"
+        "register_open_clip_config('leak-check-2', {**%r, 'embed_dim': 8})\n"
+        "assert {'leak-check', 'leak-check-2'} <= set(open_clip.list_models())\n"
+        "assert create_encoder('leak-check').embed_dim == %d\n"
+    ) % (TINY_OPEN_CLIP, TINY_OPEN_CLIP["embed_dim"])
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_custom_module_is_wrapped_and_cannot_be_rebuilt_from_its_spec() -> None:

@@ -181,6 +181,11 @@ def suite(name: str | Path) -> Suite:
 def load_suite(path: str | Path) -> Suite:
     """Load and check a suite YAML file (format in this module's docstring)."""
     path = Path(path)
+    if not path.exists() and str(path) in available_suites():
+        raise ConfigError(
+            f"{str(path)!r} is the name of a built-in suite, not a file: load it with "
+            f"loraxir.degradations.suite({str(path)!r})."
+        )
     data = read_yaml_file(path, "Suite file")
     return _parse_suite(data, default_name=path.stem, where=str(path))
 

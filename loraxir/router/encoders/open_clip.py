@@ -25,7 +25,6 @@ from loraxir.router.encoders.base import (
 LOCAL_DIR_PREFIX = "local-dir:"
 # Architectures added with register_open_clip_config, kept so that a saved spec carries them.
 _REGISTERED_OPEN_CLIP: dict[str, dict[str, Any]] = {}
-_REGISTRY_DIR: list[Path] = []
 
 
 @register_encoder("open_clip")
@@ -106,11 +105,12 @@ def register_open_clip_config(name: str, model_cfg: dict[str, Any]) -> str:
     model_cfg = json.loads(json.dumps(model_cfg))
     if _REGISTERED_OPEN_CLIP.get(name) == model_cfg:
         return name
-    if not _REGISTRY_DIR:
-        _REGISTRY_DIR.append(Path(tempfile.mkdtemp(prefix="loraxir-open-clip-configs-")))
-    path = _REGISTRY_DIR[0] / f"{name}.json"
-    path.write_text(json.dumps(model_cfg))
-    open_clip.add_model_config(path)
+    # open_clip reads architectures from files only, and keeps what it read: the file can go
+    # as soon as it has been read, so that no process leaves a folder behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="loraxir-open-clip-config-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
     _REGISTERED_OPEN_CLIP[name] = model_cfg
     return name
 
