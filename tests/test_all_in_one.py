@@ -275,16 +275,16 @@ def test_every_scale_gives_settings_its_recipes_accept(scale: str, tmp_path: Pat
 def test_a_dotted_override_changes_one_entry_of_a_section_and_reaches_its_recipe(
     tmp_path: Path,
 ) -> None:
-    # The shipped adapter's command (adapters/nafnet-five-task/README.md).
     from _all_in_one_methods import router_settings
 
     cpu = load_bench_config("cpu")
-    config = load_bench_config("cpu", overrides=["data.loss=l1_fft", "router.max_steps=800"])
-    assert config.data == {**cpu.data, "loss": "l1_fft"}
-    assert config.router == {**cpu.router, "max_steps": 800}
+    config = load_bench_config("cpu", overrides=["data.loss=psnr", "router.max_steps=500"])
+    assert (cpu.data["loss"], cpu.router["max_steps"]) != ("psnr", 500)
+    assert config.data == {**cpu.data, "loss": "psnr"}
+    assert config.router == {**cpu.router, "max_steps": 500}
     paths = Paths(tmp_path, config.suites[0], config.seeds[0], config.router_per_seed)
-    assert shared_stage(config, paths).settings["loss"] == "l1_fft"
-    assert router_settings(config, paths)["max_steps"] == 800
+    assert shared_stage(config, paths).settings["loss"] == "psnr"
+    assert router_settings(config, paths)["max_steps"] == 500
 
 
 def test_bad_settings_name_the_value_and_the_fix() -> None:
