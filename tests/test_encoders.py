@@ -255,13 +255,14 @@ def test_registered_config_travels_in_the_spec() -> None:
 def test_registering_a_config_leaves_no_file_behind(tmp_path: Path) -> None:
     """Each process that registered a config used to leave a folder in /tmp forever."""
     script = (
-        "import open_clip, torch\n"
+        "import open_clip\n"
         "from loraxir.router.encoders import create_encoder, register_open_clip_config\n"
-        f"register_open_clip_config('leak-check', {TINY_OPEN_CLIP!r})\n"
-        "register_open_clip_config('leak-check-2', {**%r, 'embed_dim': 8})\n"
+        f"config = {TINY_OPEN_CLIP!r}\n"
+        "register_open_clip_config('leak-check', config)\n"
+        "register_open_clip_config('leak-check-2', {**config, 'embed_dim': 8})\n"
         "assert {'leak-check', 'leak-check-2'} <= set(open_clip.list_models())\n"
-        "assert create_encoder('leak-check').embed_dim == %d\n"
-    ) % (TINY_OPEN_CLIP, TINY_OPEN_CLIP["embed_dim"])
+        "assert create_encoder('leak-check').embed_dim == config['embed_dim']\n"
+    )
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", script], env=env, check=True)
     assert list(tmp_path.iterdir()) == []
