@@ -53,7 +53,7 @@ class BenchConfig:
         default="skimage", metadata={"help": "Clean photos: 'skimage' or a folder of images."}
     )
     test_fraction: float = field(
-        default=0.27, metadata={"help": "Share of photos held out for the test (4 of 15)."}
+        default=0.27, metadata={"help": "Share of photos held out for the test (4 of 14)."}
     )
     val_fraction: float = field(
         default=0.25, metadata={"help": "Share of the other photos used for validation."}
