@@ -65,17 +65,19 @@ def test_sampled_images_respect_the_sizing(seed: int) -> None:
     assert crop.shape[-2] <= h and crop.shape[-1] <= w
 
 
-def test_augmented_photos_keep_pixels_in_range_and_include_night_scenes() -> None:
+def test_augmented_photos_keep_pixels_in_range_and_include_night_and_pale_scenes() -> None:
     photo = torch.rand(3, 40, 60)
-    shapes, peaks = set(), []
+    shapes, peaks, floors = set(), [], []
     for seed in range(30):
         image = augment_photo(photo, torch.Generator().manual_seed(seed))
         shapes.add(tuple(image.shape))
         peaks.append(image.amax().item())
+        floors.append(image.amin().item())
         assert 0 <= image.min() and image.max() <= 1
     assert shapes == {(3, 40, 60), (3, 60, 40)}, "rotated either way"
     assert min(peaks) >= 0.08 and max(peaks) <= 1
     assert 0 < sum(peak < 0.35 for peak in peaks) < len(peaks) / 2, "some night scenes"
+    assert 0 < sum(floor > 0.05 for floor in floors) < len(floors) / 2, "some pale scenes"
     seeded = [augment_photo(photo, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*seeded)
 

@@ -123,21 +123,28 @@ def native_crop(image: Tensor, sizing: Sizing, generator: torch.Generator) -> Te
 # Photometric jitter of clean photos (augment=True): gain and gamma ranges, grayscale share.
 # A share of photos become night scenes, as dark as under-exposed ones: a dark photo that
 # is also blurred or rainy must go to that expert, so darkness alone cannot mean low_light.
+# Likewise a share become pale scenes (black point lifted towards a light gray, as mist,
+# a pale stain or a washed-out scan look): paleness alone cannot mean haze.
 _GAIN = (0.35, 1.2)
 _NIGHT_GAIN = (0.08, 0.35)
 _NIGHT = 0.2
 _GAMMA = (0.8, 1.25)
+_PALE = 0.2
+_PALE_LIFT = (0.1, 0.5)
+_PALE_LEVEL = (0.6, 1.0)
 _GRAYSCALE = 0.15
 
 
 def augment_photo(image: Tensor, generator: torch.Generator) -> Tensor:
-    """A clean image ``(..., 3, H, W)`` re-shot: rotated, mirrored, re-exposed, maybe gray.
+    """A clean image ``(..., 3, H, W)`` re-shot: rotated, mirrored, re-exposed, maybe pale
+    or gray.
 
     With a dozen photos a router learns their content (dark skies, gray scans, pale
-    microscopy) along with the degradations (a blurred night sky read as low light);
-    these variations of orientation, exposure, tone curve and colour make such content
-    appear under every class, so only the degradation predicts the class. The degradation
-    is drawn afterwards, so rain still falls from the top.
+    microscopy) along with the degradations (a blurred night sky read as low light, a
+    blurred pale scan or gray texture read as haze); these variations of orientation,
+    exposure, black point, tone curve and colour make such content appear under every
+    class, so only the degradation predicts the class. The degradation is drawn
+    afterwards, so rain still falls from the top.
     """
     image = torch.rot90(image, int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
     if _uniform(generator, 0, 1) < 0.5:
@@ -146,6 +153,9 @@ def augment_photo(image: Tensor, generator: torch.Generator) -> Tensor:
     gain = _log_uniform(generator, *(_NIGHT_GAIN if night else _GAIN))
     gamma = _log_uniform(generator, *_GAMMA)
     image = (gain * image.clamp(min=0) ** gamma).clamp(0, 1)
+    if _uniform(generator, 0, 1) < _PALE:
+        lift = _uniform(generator, *_PALE_LIFT)
+        image = image * (1 - lift) + lift * _uniform(generator, *_PALE_LEVEL)
     if _uniform(generator, 0, 1) < _GRAYSCALE:
         image = image.mean(dim=-3, keepdim=True).expand_as(image)
     return image.contiguous()
