@@ -131,7 +131,8 @@ class TrainRouterConfig(RecipeConfig):
         default=False,
         metadata={
             "help": "Re-shoot clean photos before degrading them: rotation, mirroring, "
-            "exposure and tone jitter, some grayscale (loraxir.router.data.augment_photo)."
+            "exposure and tone jitter, night and pale scenes, some grayscale "
+            "(loraxir.router.data.augment_photo)."
         },
     )
     train_widen: float = field(
