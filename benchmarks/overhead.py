@@ -2,12 +2,13 @@
 
 Inference rows: routed top-1 and top-2 with per-image experts (default settings, then
 after ``autotune``), one degradation for the whole batch, and merged weights, each as a
-ratio of the best way to run the bare backbone (the faster of one batched call and one
-image at a time). Training rows: one experts-only step (top-1, top-2, and a single
-expert E=1 r=40 of the same trainable size) as a ratio of one full training step of the
-bare network, and the step's memory as a ratio of the full step's; the floor row is the
-frozen network with no experts (forward and input gradients only), what an experts-only
-step costs before its experts add anything. ``autotune`` rows
+ratio of the best way to run the bare backbone (the fastest of one batched call, one
+image at a time and, on a CPU, the chunks of ``loraxir.model.CPU_CHUNK_PIXELS`` pixels
+that a LoraIRModel's inference runs). Training rows: one experts-only step (top-1,
+top-2, and a single expert E=1 r=40 of the same trainable size) as a ratio of one full
+training step of the bare network, and the step's memory as a ratio of the full step's;
+the floor row is the frozen network with no experts (forward and input gradients only),
+what an experts-only step costs before its experts add anything. ``autotune`` rows
 compare the tuned model with the best single form applied to every layer, on the same
 input. Every ratio is the median of paired ratios (candidate and reference alternate)
 with its spread; a busy machine or a drifting reference is flagged (``!`` and a warning).
@@ -243,6 +244,13 @@ def _setup(
     return base, x, generator
 
 
+def _chunk_size(bench: Bench, x: torch.Tensor) -> int:
+    """Images per backbone call that a LoraIRModel's inference uses for ``x`` here."""
+    if bench.device.type != "cpu":
+        return x.shape[0]
+    return max(1, loraxir.model.CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
+
+
 def bench_inference(bench: Bench, setting: tuple[str, int, int], seed: int) -> None:
     batch = setting[2]
     base, x, generator = _setup(bench, setting, seed)
@@ -252,14 +260,26 @@ def bench_inference(bench: Bench, setting: tuple[str, int, int], seed: int) -> N
     def batched() -> None:
         base(x)
 
-    @torch.no_grad()
-    def one_at_a_time() -> None:
-        for i in range(batch):
-            base(x[i : i + 1])
+    def in_chunks(size: int) -> Callable[[], None]:
+        @torch.no_grad()
+        def run() -> None:
+            for i in range(0, batch, size):
+                base(x[i : i + size])
 
-    alone = bench.ratio(one_at_a_time, batched)
-    bench.record(setting, "bare: one image at a time / one batched call", alone)
-    reference = one_at_a_time if alone.median < 1.0 else batched
+        return run
+
+    # The bare backbone's best way: one call, one image at a time, or the chunks a
+    # LoraIRModel runs on this device (model.inference_chunk_pixels).
+    candidates = {"one image at a time": in_chunks(1)}
+    chunk = _chunk_size(bench, x)
+    if 1 < chunk < batch:
+        candidates[f"{chunk} images per call"] = in_chunks(chunk)
+    reference, best = batched, 1.0
+    for label, candidate in candidates.items():
+        ratio = bench.ratio(candidate, batched)
+        bench.record(setting, f"bare: {label} / one batched call", ratio)
+        if ratio.median < best:
+            reference, best = candidate, ratio.median
     model = _routed(base, generator).eval()
     for top_k in (1, 2):
         gates = _gates(batch, top_k, generator).to(bench.device)

@@ -297,3 +297,17 @@ def test_dam_embeddings_follow_their_images_when_a_batch_runs_by_gate_row():
             swapped = model.model(x)
     assert rel_err(out, one_by_one) < 1e-5
     assert rel_err(out, swapped) > 1e-3
+
+
+@pytest.mark.parametrize("compute", ["activation", "auto"])
+def test_chunked_cpu_inference_gives_each_image_its_own_dam_embedding(compute):
+    """Split into chunks (``inference_chunk_pixels``), every image keeps the router's gates
+    and degradation embedding: the output equals one call's."""
+    model = _dam_model(compute=compute)
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        model.inference_chunk_pixels = None
+        whole = model(x)
+        model.inference_chunk_pixels = 2 * 32 * 32
+        chunked = model(x)
+    assert rel_err(chunked, whole) < 1e-6

@@ -424,3 +424,44 @@ def test_inference_runs_the_backbone_once_per_gate_row(monkeypatch):
     batches.clear()
     model(x, gates=gates)
     assert batches == [4]
+
+
+def _count_calls(model, monkeypatch) -> list[int]:
+    batches: list[int] = []
+    forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda t: batches.append(len(t)) or forward(t))
+    return batches
+
+
+def test_cpu_inference_splits_large_batches_and_keeps_each_images_gates(monkeypatch):
+    """Over ``inference_chunk_pixels`` a batch runs a few images per backbone call, each
+    with its own gate row (soft rows: chunks of the batch; one-hot rows: chunks of each
+    expert group), and returns what one call returns; autograd and ``None`` do not split."""
+    x = torch.rand(5, 3, 32, 32)
+    soft = torch.softmax(torch.randn(5, 3), dim=-1)
+    for compute, gates, unsplit, split in (
+        ("activation", soft, [5], [2, 2, 1]),
+        ("auto", torch.eye(3)[[0, 1, 0, 1, 0]], [3, 2], [2, 1, 2]),
+    ):
+        model = _trained_model(compute=compute)
+        batches = _count_calls(model, monkeypatch)
+        with torch.no_grad():
+            model.inference_chunk_pixels = None
+            whole = model(x, gates=gates)
+            assert batches == unsplit
+            batches.clear()
+            model.inference_chunk_pixels = 2 * 32 * 32
+            chunked = model(x, gates=gates)
+        assert batches == split
+        assert rel_err(chunked, whole) < 1e-6
+        batches.clear()
+        model(x, gates=gates)
+        assert batches == [5]
+
+
+@pytest.mark.parametrize("pixels", [0, -4, 1.5, True, "32768"])
+def test_inference_chunk_pixels_refuses_what_is_not_a_positive_int(pixels):
+    model = _model()
+    with pytest.raises(ConfigError, match="inference_chunk_pixels must be a positive int"):
+        model.inference_chunk_pixels = pixels
+    assert model.inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
