@@ -190,17 +190,28 @@ def inference_costs(
     config: BenchConfig, paths: Paths, suite: Any, loaded: dict[str, Any]
 ) -> dict[str, dict[str, float]]:
     """FLOPs (exact) and wall time (paired, median) of each method on one test batch,
-    relative to the base (the DAM network; the shared stage when base is not run)."""
+    relative to the base (the DAM network; the shared stage when base is not run), every
+    method fed the same chunks of the batch."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from loraxir.model import CPU_CHUNK_PIXELS
 
     items = _test_items(config, paths, suite)
     size = min(config.eval_batch_size, len(items))
     batch = next(iter(torch.utils.data.DataLoader(items, batch_size=size)))
     reference = "base" if "base" in loaded else "pretrain"
+    # Every method runs the batch in the chunks a LoraIRModel runs on a CPU, so that the
+    # plain networks are timed at their best too (see LoraIRModel.inference_chunk_pixels).
+    step = max(1, CPU_CHUNK_PIXELS // (batch["lq"].shape[-2] * batch["lq"].shape[-1]))
+    chunks = [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, size, step)]
+
+    def run(restore: Restore) -> None:
+        for chunk in chunks:
+            restore(chunk)
 
     def flops(restore: Restore) -> int:
         with FlopCounterMode(display=False) as counter:
-            restore(batch)
+            run(restore)
         return counter.get_total_flops()
 
     base_flops = flops(loaded[reference][1])
@@ -210,7 +221,7 @@ def inference_costs(
         costs[method] = {
             "flops": flops(restore) / base_flops,
             "time": paired_ratio(
-                lambda r=restore: r(batch), lambda: base_call(batch), config.timing_repeats
+                lambda r=restore: run(r), lambda: run(base_call), config.timing_repeats
             ),
         }
     return costs
