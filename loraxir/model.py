@@ -312,15 +312,24 @@ class LoraIRModel(BaseTuner):
             budget is None
             or x.dim() != 4
             or x.device.type != "cpu"
-            or args
+            or not self._splittable_call(args, kwargs)
+        ):
+            return x.shape[0]
+        return max(1, budget // (x.shape[-2] * x.shape[-1]))
+
+    def _splittable_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call may run its batch in parts through the backbone: an inference
+        call (not training, no autograd) outside ``loraxir.route`` (pinned gates stay
+        whole) and ``torch.compile``, without extra backbone arguments (which may be
+        per-batch)."""
+        return not (
+            args
             or kwargs
             or self.training
             or torch.is_grad_enabled()
             or self.routing.pinned
             or torch.compiler.is_compiling()
-        ):
-            return x.shape[0]
-        return max(1, budget // (x.shape[-2] * x.shape[-1]))
+        )
 
     def _inference_groups(
         self,
@@ -347,12 +356,7 @@ class LoraIRModel(BaseTuner):
             gates is None
             or gates.shape[0] < 2
             or gates.shape[0] != x.shape[0]
-            or args
-            or kwargs
-            or self.training
-            or torch.is_grad_enabled()
-            or self.routing.pinned
-            or torch.compiler.is_compiling()
+            or not self._splittable_call(args, kwargs)
             or self.config.compute not in ("auto", "weight")
             or (self.config.tuned or {}).get("inference", "auto") not in ("auto", "weight")
         ):
