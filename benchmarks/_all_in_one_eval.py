@@ -194,7 +194,7 @@ def inference_costs(
     method fed the same chunks of the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from loraxir.model import CPU_CHUNK_PIXELS
+    from loraxir.model import images_per_call
 
     items = _test_items(config, paths, suite)
     size = min(config.eval_batch_size, len(items))
@@ -202,7 +202,7 @@ def inference_costs(
     reference = "base" if "base" in loaded else "pretrain"
     # Every method runs the batch in the chunks a LoraIRModel runs on a CPU, so that the
     # plain networks are timed at their best too (see LoraIRModel.inference_chunk_pixels).
-    step = max(1, CPU_CHUNK_PIXELS // (batch["lq"].shape[-2] * batch["lq"].shape[-1]))
+    step = images_per_call(*batch["lq"].shape[-2:])
     chunks = [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, size, step)]
 
     def run(restore: Restore) -> None:

@@ -248,7 +248,7 @@ def _chunk_size(bench: Bench, x: torch.Tensor) -> int:
     """Images per backbone call that a LoraIRModel's inference uses for ``x`` here."""
     if bench.device.type != "cpu":
         return x.shape[0]
-    return max(1, loraxir.model.CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
+    return loraxir.model.images_per_call(x.shape[-2], x.shape[-1])
 
 
 def bench_inference(bench: Bench, setting: tuple[str, int, int], seed: int) -> None:

@@ -47,6 +47,12 @@ from loraxir.targeting import resolve_targets
 CPU_CHUNK_PIXELS = 1 << 16
 
 
+def images_per_call(height: int, width: int, pixels: int = CPU_CHUNK_PIXELS) -> int:
+    """How many ``height × width`` images a CPU inference call of a :class:`LoraIRModel`
+    passes to the backbone at once under a budget of ``pixels`` (at least one)."""
+    return max(1, pixels // (height * width))
+
+
 class LoraIRModel(BaseTuner):
     """A restoration backbone whose targeted layers carry routed low-rank experts.
 
@@ -70,7 +76,7 @@ class LoraIRModel(BaseTuner):
     ) -> None:
         self.routing = RoutingState()
         self._pending_targets: set[str] = set()
-        self.inference_chunk_pixels = CPU_CHUNK_PIXELS
+        self._chunk_pixels: int | None = CPU_CHUNK_PIXELS
         config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
         if isinstance(config, LoraIRConfig):
             if router is None and config.router is not None:
@@ -198,7 +204,7 @@ class LoraIRModel(BaseTuner):
         images at a time, at least one. ``None`` runs every batch in one call. Not applied
         on GPUs, in training, under autograd or ``torch.compile``, or inside
         ``loraxir.route``. Outputs are the same as one call's up to float rounding."""
-        return self.routing.chunk_pixels
+        return self._chunk_pixels
 
     @inference_chunk_pixels.setter
     def inference_chunk_pixels(self, pixels: int | None) -> None:
@@ -207,7 +213,7 @@ class LoraIRModel(BaseTuner):
             raise ConfigError(
                 f"inference_chunk_pixels must be a positive int or None, got {pixels!r}."
             )
-        self.routing.chunk_pixels = pixels
+        self._chunk_pixels = pixels
 
     @property
     def cache_folds(self) -> bool:
@@ -315,7 +321,7 @@ class LoraIRModel(BaseTuner):
             or not self._splittable_call(args, kwargs)
         ):
             return x.shape[0]
-        return max(1, budget // (x.shape[-2] * x.shape[-1]))
+        return images_per_call(x.shape[-2], x.shape[-1], budget)
 
     def _splittable_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this call may run its batch in parts through the backbone: an inference

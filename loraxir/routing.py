@@ -50,9 +50,6 @@ class RoutingState:
         cache_folds: whether expert layers keep the weights they fold for one-expert gate
             rows between inference calls (see :meth:`LoraIRModel.cache_folds
             <loraxir.LoraIRModel.cache_folds>`).
-        chunk_pixels: the most pixels per backbone call in CPU inference, or ``None`` (see
-            :attr:`LoraIRModel.inference_chunk_pixels
-            <loraxir.LoraIRModel.inference_chunk_pixels>`).
     """
 
     def __init__(self) -> None:
@@ -62,7 +59,6 @@ class RoutingState:
         self.pinned = False
         self.merged_layers = 0
         self.cache_folds = True
-        self.chunk_pixels: int | None = None
         self._calls = 0  # routed calls running now (nested calls count once each)
         # (gates, version, values): what derived() computed from those gates.
         self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None
