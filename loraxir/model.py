@@ -39,8 +39,8 @@ from loraxir.routing import (
 from loraxir.targeting import resolve_targets
 
 # Pixels per backbone call in CPU inference (model.inference_chunk_pixels). Measured on a
-# 2-core CPU (NAFNet-w32, float32, the bare backbone): 4 images of 256² took 0.72-0.73×
-# the time of one call when run one at a time, 16 of 128² 0.64-0.69× four at a time: a
+# 2-core CPU (NAFNet-w32, float32, the bare backbone): 4 images of 256² took 0.63-0.73×
+# the time of one call when run one at a time, 16 of 128² 0.58-0.69× four at a time: a
 # call whose activations outgrow the caches costs more than the extra calls. At 128² two
 # per call against four was within noise (0.84-1.02×), so 2^16: four 128² images per
 # call, one 192² or larger.
