@@ -407,15 +407,21 @@ def test_soft_rows_are_not_kept(monkeypatch):
     assert not folds
 
 
+def _count_calls(model, monkeypatch) -> list[int]:
+    """The batch size of every backbone call the model makes from now on."""
+    batches: list[int] = []
+    forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda t: batches.append(len(t)) or forward(t))
+    return batches
+
+
 def test_inference_runs_the_backbone_once_per_gate_row(monkeypatch):
     """Images routed to different experts go through the backbone one group at a time and
     come back in order, as they would one by one; calls with gradients stay whole."""
     model = _trained_model()
     x = torch.rand(4, 3, 32, 32)
     gates = torch.eye(3)[[0, 2, 0, 1]]
-    batches = []
-    forward = model.model.forward
-    monkeypatch.setattr(model.model, "forward", lambda t: batches.append(len(t)) or forward(t))
+    batches = _count_calls(model, monkeypatch)
     with torch.no_grad():
         out = model(x, gates=gates)
         assert sorted(batches) == [1, 1, 2]
@@ -424,13 +430,6 @@ def test_inference_runs_the_backbone_once_per_gate_row(monkeypatch):
     batches.clear()
     model(x, gates=gates)
     assert batches == [4]
-
-
-def _count_calls(model, monkeypatch) -> list[int]:
-    batches: list[int] = []
-    forward = model.model.forward
-    monkeypatch.setattr(model.model, "forward", lambda t: batches.append(len(t)) or forward(t))
-    return batches
 
 
 def test_cpu_inference_splits_large_batches_and_keeps_each_images_gates(monkeypatch):
