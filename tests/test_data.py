@@ -142,6 +142,57 @@ def test_whole_images_without_patch_size():
     assert item["gt"].shape == skimage_image(item["name"]).shape
 
 
+def _motion_suite(tmp_path, length: int = 7):
+    path = tmp_path / "motion.yaml"
+    path.write_text(
+        "name: motion\ntasks:\n  - name: blur\n    steps:\n"
+        f"      - motion_blur: {{length: {length}, angle: 30}}\n"
+    )
+    return degradations.load_suite(path)
+
+
+def _find(patch: torch.Tensor, photo: torch.Tensor) -> tuple[int, int]:
+    """Where the ``(3, p, p)`` patch lies in ``photo`` (random pixels: one place only)."""
+    size = patch.shape[-1]
+    for top, left in itertools.product(range(photo.shape[-2] - size + 1), repeat=2):
+        if torch.equal(photo[:, top : top + size, left : left + size], patch):
+            return top, left
+    raise AssertionError("patch not found in the photo")
+
+
+@pytest.mark.parametrize("context, same", [(8, True), (0, False)])
+def test_patches_are_crops_of_the_degraded_photo_with_enough_context(tmp_path, context, same):
+    _save(tmp_path / "photo" / "a.png", _rgb(4, 40, 40))
+    suite = _motion_suite(tmp_path)
+    data = SyntheticPairs(
+        tmp_path / "photo", suite, 16, split="all", repeats=6, augment=False, context=context
+    )
+    photo = read_image(tmp_path / "photo" / "a.png").float()[None] / 255
+    blurred_photo, _ = suite.degrade(photo, 0, torch.Generator())
+    matches = []
+    for index in range(len(data)):
+        item = data[index]
+        top, left = _find(item["gt"], photo[0])
+        crop = blurred_photo[0, :, top : top + 16, left : left + 16]
+        matches.append(torch.allclose(item["lq"], crop, atol=1 / 255 + 1e-6))
+    assert all(matches) if same else not any(matches)
+
+
+def test_context_keeps_the_crops_and_flips_of_bare_patches(tmp_path):
+    bare = SyntheticPairs("skimage", "five_task", 24, split="train", context=0)
+    wide = SyntheticPairs("skimage", "five_task", 24, split="train", context=32)
+    assert bare.augment and wide.augment
+    for index in range(10):
+        assert torch.equal(bare[index]["gt"], wide[index]["gt"])
+        assert wide[index]["lq"].shape == (3, 24, 24)
+
+
+@pytest.mark.parametrize("context", [-1, 2.5, True])
+def test_bad_context_raises(context):
+    with pytest.raises(DataError, match="context must be a whole number"):
+        SyntheticPairs("skimage", "five_task", 16, context=context)
+
+
 # ----------------------------------------------------------------- folders of clean images
 
 

@@ -141,6 +141,8 @@ def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None
         load_config(RestorationConfig, None, ["paired_trian.rain=x"])
     with pytest.raises(ConfigError, match="fft_weight"):
         load_config(RestorationConfig, None, ["loss=l1_fft", "fft_weight=-0.1"])
+    with pytest.raises(ConfigError, match="patch_context"):
+        load_config(RestorationConfig, None, ["patch_context=-8"])
     with pytest.raises(ConfigError, match="paired_val"):
         load_config(RestorationConfig, None, ["paired_train={rain: data/rain}"])
     with pytest.raises(ConfigError, match=r"paired_train\.rain"):

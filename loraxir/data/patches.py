@@ -38,10 +38,47 @@ def random_crop(images: Sequence[Tensor], size: int, generator: torch.Generator)
     """The same random ``size``×``size`` window of each image ``(C, H, W)`` (padded first if
     smaller), so that LQ and GT stay aligned."""
     padded = [pad_to(image, size) for image in images]
-    height, width = padded[0].shape[-2:]
+    top, left = _random_corner(padded[0], size, generator)
+    return [image[:, top : top + size, left : left + size] for image in padded]
+
+
+def random_crop_in_context(
+    image: Tensor, size: int, context: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """The window :func:`random_crop` would draw (same random draws), with up to ``context``
+    pixels of ``image`` around it on every side (fewer where the image ends).
+
+    Returns ``(window, marker)``: the window ``(C, h, w)`` and a ``(1, h, w)`` mask that is 1
+    on the ``size``×``size`` patch, so that the patch can be found again after the window
+    is flipped or rotated (:func:`random_dihedral` on both) and cut out with
+    :func:`cut_marked`. Degrading the window before cutting makes the patch a crop of a
+    degraded photo: blur and streaks cross its borders and no border padding shows.
+    """
+    padded = pad_to(image, size)
+    top, left = _random_corner(padded, size, generator)
+    height, width = padded.shape[-2:]
+    y0, x0 = max(0, top - context), max(0, left - context)
+    y1, x1 = min(height, top + size + context), min(width, left + size + context)
+    marker = torch.zeros(1, y1 - y0, x1 - x0, dtype=image.dtype)
+    marker[:, top - y0 : top - y0 + size, left - x0 : left - x0 + size] = 1
+    return padded[:, y0:y1, x0:x1], marker
+
+
+def cut_marked(images: Sequence[Tensor], marker: Tensor) -> list[Tensor]:
+    """The part of each image ``(..., h, w)`` where ``marker`` ``(1, h, w)`` is set (a
+    rectangle, see :func:`random_crop_in_context`)."""
+    rows = marker[0].any(dim=1).nonzero()
+    cols = marker[0].any(dim=0).nonzero()
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return [image[..., top:bottom, left:right] for image in images]
+
+
+def _random_corner(image: Tensor, size: int, generator: torch.Generator) -> tuple[int, int]:
+    """Top-left corner of a uniformly drawn ``size``×``size`` window of ``image``."""
+    height, width = image.shape[-2:]
     top = int(torch.randint(0, height - size + 1, (), generator=generator))
     left = int(torch.randint(0, width - size + 1, (), generator=generator))
-    return [image[:, top : top + size, left : left + size] for image in padded]
+    return top, left
 
 
 def random_dihedral(images: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:

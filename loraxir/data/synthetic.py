@@ -9,7 +9,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from loraxir import degradations
-from loraxir.data.patches import random_crop, random_dihedral, seeded_generator
+from loraxir.data.patches import (
+    cut_marked,
+    random_crop_in_context,
+    random_dihedral,
+    seeded_generator,
+)
 from loraxir.data.sampling import split_by_image
 from loraxir.data.sources import open_source
 from loraxir.degradations import Suite
@@ -42,6 +47,12 @@ class SyntheticPairs(Dataset):
             🤗 ``datasets.Dataset`` with an ``image_column``.
         suite: a suite name, a suite YAML path or a :class:`~loraxir.degradations.Suite`.
         patch_size: side of the square patches; smaller images are reflect-padded.
+        context: pixels of the photo around each patch that are degraded with it and then
+            cut away (fewer at the photo's edges), so that a patch is a crop of a degraded
+            photo, as a crop of a user's photo is: motion blur and rain streaks cross its
+            borders, haze depth is estimated with its surroundings, and no border padding
+            of the degradation shows. The default covers the shipped suites' reach
+            (motion blur and streaks up to about 31 px); 0 degrades the bare patch.
         tasks: restrict to these task names (labels stay the suite's indices).
         split: ``"train"``, ``"test"`` or ``"all"``; the split is by image (see
             :func:`~loraxir.data.split_by_image`): ``test_fraction`` of the images, chosen
@@ -66,6 +77,7 @@ class SyntheticPairs(Dataset):
         seed: int = 0,
         repeats: int = 1,
         augment: bool | None = None,
+        context: int = 32,
         image_column: str = "image",
         strict: bool = False,
     ) -> None:
@@ -73,6 +85,8 @@ class SyntheticPairs(Dataset):
             raise DataError(f"patch_size must be a positive number of pixels, got {patch_size}.")
         if repeats < 1:
             raise DataError(f"repeats must be >= 1, got {repeats}.")
+        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+            raise DataError(f"context must be a whole number of pixels >= 0, got {context!r}.")
         self.suite = suite if isinstance(suite, Suite) else degradations.suite(suite)
         self.tasks = [self.suite.index(name) for name in tasks or self.suite.task_names]
         self.source = open_source(source, image_column, strict)
@@ -80,6 +94,7 @@ class SyntheticPairs(Dataset):
         self.patch_size = patch_size
         self.seed = seed
         self.repeats = repeats
+        self.context = context
         self.augment = split == "train" if augment is None else augment
         self.epoch = 0
 
@@ -122,10 +137,13 @@ class SyntheticPairs(Dataset):
         task = self.tasks[index % len(self.tasks)]
         image = self.images[(index // len(self.tasks)) % len(self.images)]
         generator = seeded_generator(self.seed, self.epoch, index)
-        gt = self._clean_patch(image, generator)
+        gt, marker = self._clean_window(image, generator)
         lq, _ = self.suite.degrade(gt[None], task, generator)
+        lq = lq[0]
+        if marker is not None:
+            gt, lq = cut_marked([gt, lq], marker)
         return {
-            "lq": lq[0],
+            "lq": lq,
             "gt": gt,
             "task": task,
             "task_name": self.suite.task_names[task],
@@ -133,10 +151,18 @@ class SyntheticPairs(Dataset):
             "name": self.source.ids[image],
         }
 
-    def _clean_patch(self, image: int, generator: Any) -> Tensor:
+    def _clean_window(self, image: int, generator: Any) -> tuple[Tensor, Tensor | None]:
+        """The clean patch with its context (the whole image without patches), flipped or
+        rotated when augmenting, and the marker of the patch in it (None: keep it all)."""
         pixels = self.source.load(image)
+        marker = None
         if self.patch_size is not None:
-            (pixels,) = random_crop([pixels], self.patch_size, generator)
+            pixels, marker = random_crop_in_context(
+                pixels, self.patch_size, self.context, generator
+            )
         if self.augment:
-            (pixels,) = random_dihedral([pixels], generator)
-        return pixels.float() / 255
+            if marker is None:
+                (pixels,) = random_dihedral([pixels], generator)
+            else:
+                pixels, marker = random_dihedral([pixels, marker], generator)
+        return pixels.float() / 255, marker

@@ -80,6 +80,13 @@ class RestorationConfig(RecipeConfig):
     val_patch_size: int | None = field(
         default=128, metadata={"help": "Side of validation patches; null: whole images."}
     )
+    patch_context: int = field(
+        default=32,
+        metadata={
+            "help": "Pixels around each synthetic patch degraded with it, then cut away, so "
+            "that patches are crops of degraded photos (0: degrade the bare patch)."
+        },
+    )
     train_repeats: int = field(default=8, metadata={"help": "Patches per (image, task) per epoch."})
     val_repeats: int = field(default=2, metadata={"help": "Validation patches per (image, task)."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of photos held out."})
@@ -115,6 +122,8 @@ class RestorationConfig(RecipeConfig):
             )
         if self.fft_weight < 0:
             raise ConfigError(f"fft_weight must be >= 0, got {self.fft_weight}.")
+        if self.patch_context < 0:
+            raise ConfigError(f"patch_context must be >= 0 pixels, got {self.patch_context}.")
         if self.ema_decay and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}.")
 
@@ -217,6 +226,7 @@ def _synthetic_data(
             split="train",
             seed=config.seed,
             repeats=count,
+            context=config.patch_context,
             **split,
         )
         for count, names in groups.items()
@@ -229,6 +239,7 @@ def _synthetic_data(
         split="test",
         seed=config.seed + 1,
         repeats=config.val_repeats,
+        context=config.patch_context,
         **split,
     )
     train = parts[0] if len(parts) == 1 else EpochConcat(parts)
