@@ -142,11 +142,13 @@ def test_whole_images_without_patch_size():
     assert item["gt"].shape == skimage_image(item["name"]).shape
 
 
-def _motion_suite(tmp_path, length: int = 7):
+def _motion_suite(tmp_path):
+    """A suite with one fixed 7 px motion blur (reach 3 px), so that degrading is a pure
+    function of the image."""
     path = tmp_path / "motion.yaml"
     path.write_text(
         "name: motion\ntasks:\n  - name: blur\n    steps:\n"
-        f"      - motion_blur: {{length: {length}, angle: 30}}\n"
+        "      - motion_blur: {length: 7, angle: 30}\n"
     )
     return degradations.load_suite(path)
 
@@ -178,7 +180,7 @@ def test_patches_are_crops_of_the_degraded_photo_with_enough_context(tmp_path, c
     assert all(matches) if same else not any(matches)
 
 
-def test_context_keeps_the_crops_and_flips_of_bare_patches(tmp_path):
+def test_context_keeps_the_crops_and_flips_of_bare_patches():
     bare = SyntheticPairs("skimage", "five_task", 24, split="train", context=0)
     wide = SyntheticPairs("skimage", "five_task", 24, split="train", context=32)
     assert bare.augment and wide.augment
