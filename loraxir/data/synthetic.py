@@ -50,7 +50,7 @@ class SyntheticPairs(Dataset):
         context: pixels of the photo around each patch that are degraded with it and then
             cut away (fewer at the photo's edges), so that a patch is a crop of a degraded
             photo, as a crop of a user's photo is: motion blur and rain streaks cross its
-            borders, haze depth is estimated with its surroundings, and no border padding
+            borders, haze depth is estimated over the larger window, and no border padding
             of the degradation shows. The default covers the shipped suites' reach
             (motion blur and streaks up to about 31 px); 0 degrades the bare patch.
         tasks: restrict to these task names (labels stay the suite's indices).
