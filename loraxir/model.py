@@ -268,8 +268,9 @@ class LoraIRModel(BaseTuner):
         """Restore ``x`` (B, C, H, W), routed by ``gates`` (B, E), by ``degradation`` name(s),
         by gates pinned with :func:`loraxir.route`, or by the attached router.
 
-        A merged model serves calls that ask for the merged gate (or give no routing) and
-        refuses others. The gates live for this call only (see :mod:`loraxir.routing`).
+        A merged model serves calls that ask for the merged gate, passed or pinned (or give
+        no routing), and refuses others. The gates live for this call only (see
+        :mod:`loraxir.routing`).
         When the backbone declares a side unit (NAFNet's ``padder_size``, a Swin
         ``window_size``), sides that are not multiples of it (rounded up to a multiple of
         8, as tiled inference does) are reflect-padded for the backbone and cropped back
@@ -417,8 +418,8 @@ class LoraIRModel(BaseTuner):
                 "get_loraxir_model(backbone, config, router=...)."
             )
         if merged:
-            if requested is not None:
-                check_merged_request(requested, self.routing.merge_gate, self.config.degradations)
+            if requested is not None or pinned:
+                check_merged_request(gates, self.routing.merge_gate, self.config.degradations)
             gates = None
         if gates is not None:
             self.last_routing = gates.detach()

@@ -67,7 +67,12 @@ class RoutingState:
     def activate(
         self, gates: torch.Tensor | None, embedding: torch.Tensor | None = None
     ) -> Iterator[None]:
-        """Make ``gates`` and ``embedding`` the live routing of one call (see module doc)."""
+        """Make ``gates`` and ``embedding`` the live routing of one call (see module doc).
+
+        Inside ``loraxir.route`` the pinned gates and embedding come back when the call
+        ends: a call may run with other gates (none on a merged model) and the next call in
+        the block must still find the pinned ones."""
+        pinned = (self.gates, self.embedding) if self.pinned else None
         self.gates, self.embedding = gates, embedding
         self._derived = None
         self._calls += 1
@@ -75,6 +80,8 @@ class RoutingState:
             yield
         finally:
             self._calls -= 1
+            if pinned is not None:
+                self.gates, self.embedding = pinned
 
     def _readable(self) -> bool:
         if self._calls or self.pinned or torch.compiler.is_compiling():

@@ -310,6 +310,23 @@ def test_merged_model_accepts_its_own_degradation_and_refuses_others():
                 model(x, **kwargs)
 
 
+def test_merged_model_inside_route_serves_every_call_and_refuses_other_pins():
+    """Tiled restoration pins the gates once and calls the model per tile: a merged model
+    must serve every call of the block (the first used to clear the pinned gates) and
+    refuse pinned gates it cannot serve, like gates passed to the call."""
+    model = _trained_model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        routed = model(x, degradation="haze")
+        model.merge(degradation="haze")
+        with loraxir.route(model, degradation="haze"):
+            for _ in range(3):
+                assert rel_err(model(x), routed) <= 1e-5
+        with loraxir.route(model, degradation="rain"):
+            with pytest.raises(RoutingError, match=r"merged for .*haze.*asks for 'rain'"):
+                model(x)
+
+
 def test_merge_and_unload_folds_every_named_adapter():
     import peft
 
