@@ -392,7 +392,12 @@ class LoraIRModel(BaseTuner):
         self, x: torch.Tensor, gates: torch.Tensor | None, degradation: Degradation | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(gates, embedding)`` of one call; the router runs at most once, and only when
-        its gates or its embedding (for DAM blocks) are needed."""
+        its gates or its embedding (for DAM blocks) are needed.
+
+        When the caller fixes the class (``gates=``, ``degradation=``, pinned gates without
+        an embedding, or a merge) and the router has fitted class embeddings, DAM blocks get
+        those gates' class embedding instead of the image's: a forced class then restores
+        as that class, whatever the image looks like to the router."""
         requested = self._requested_gates(x, gates, degradation)
         pinned = self.routing.pinned and requested is None
         merged = self._merged_now()
@@ -402,8 +407,12 @@ class LoraIRModel(BaseTuner):
             pinned and self.routing.embedding is not None
         )
         routed_gates = embedding = None
+        if needs_embedding and not pinned:
+            embedding = self._class_embedding(requested, merged)
+            needs_embedding = embedding is None
         if self.loraxir_router is not None and (needs_gates or needs_embedding):
-            routed_gates, embedding = self._run_router(x)
+            routed_gates, routed_embedding = self._run_router(x)
+            embedding = routed_embedding if embedding is None else embedding
         if pinned:
             gates = self._pinned_gates(x.shape[0])
             embedding = self.routing.embedding if self.routing.embedding is not None else embedding
@@ -424,6 +433,16 @@ class LoraIRModel(BaseTuner):
         if gates is not None:
             self.last_routing = gates.detach()
         return gates, embedding
+
+    def _class_embedding(self, fixed: torch.Tensor | None, merged: bool) -> torch.Tensor | None:
+        """The fitted class embedding of the gates the caller fixed (``fixed``, or the
+        merge's gate), or ``None`` (nothing fixed, or a router without class embeddings)."""
+        fitted = getattr(self.loraxir_router, "class_embedding", None)
+        if fixed is None and merged:
+            fixed = self.routing.merge_gate
+        if fitted is None or fixed is None:
+            return None
+        return fitted(fixed)
 
     def _requested_gates(
         self, x: torch.Tensor, gates: torch.Tensor | None, degradation: Degradation | None
@@ -468,7 +487,8 @@ class LoraIRModel(BaseTuner):
         embedding: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """Fix the gates (and optionally the DAM embedding) for every call inside the block
-        (see :func:`loraxir.route`)."""
+        (see :func:`loraxir.route`). Without ``embedding``, DAM blocks get the gates' class
+        embedding when the router has fitted ones (else the router's, per call)."""
         if gates is not None and degradation is not None:
             raise RoutingError("loraxir.route takes gates= or degradation=, not both.")
         if gates is not None:
@@ -479,6 +499,8 @@ class LoraIRModel(BaseTuner):
         else:
             raise RoutingError("loraxir.route needs gates= or degradation=.")
         device = next(self.model.parameters()).device
+        if embedding is None and getattr(self.config, "dam", None) is not None:
+            embedding = self._class_embedding(pinned.to(device), merged=False)
         routing = self.routing
         previous = (routing.gates, routing.embedding, routing.pinned)
         routing.gates, routing.embedding, routing.pinned = pinned.to(device), embedding, True

@@ -31,21 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def evaluate(model: Any, items: Any) -> dict[str, dict[str, float]]:
     """Per class: mean PSNR/SSIM (BasicSR convention) of the degraded and restored whole
-    photos, the router's accuracy, and how many images were measured. Photos go through
-    :class:`~loraxir.inference.Restorer`, as ``loraxir restore`` runs them: routed once on
-    the whole photo, then restored with those gates."""
+    photos, the PSNR when the class is given (``given_psnr``), the router's accuracy, and
+    how many images were measured. Photos go through :class:`~loraxir.inference.Restorer`,
+    as ``loraxir restore`` runs them: routed once on the whole photo, then restored with
+    those gates; or with ``--degradation`` set to the true class."""
     from tqdm.auto import tqdm
 
     from loraxir.inference.restorer import Restorer
     from loraxir.metrics import psnr, ssim
 
-    restorer = Restorer(model)
-    sums: dict[str, dict[str, float]] = {}
-    for index in tqdm(range(len(items)), desc="held-out photos", dynamic_ncols=True):
-        item = items[index]
-        gt, lq = item["gt"][None], item["lq"][None]
+    def restore(restorer: Restorer, item: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         pixels, routing = restorer.restore(item["lq"].permute(1, 2, 0).numpy())
-        restored = torch.from_numpy(pixels).permute(2, 0, 1)[None].clamp(0, 1)
+        return torch.from_numpy(pixels).permute(2, 0, 1)[None].clamp(0, 1), routing
+
+    sums: dict[str, dict[str, float]] = {}
+    members: dict[str, list[int]] = {}
+    restorer = Restorer(model)
+    for index in tqdm(range(len(items)), desc="held-out photos, routed", dynamic_ncols=True):
+        item = items[index]
+        members.setdefault(item["task_name"], []).append(index)
+        gt, lq = item["gt"][None], item["lq"][None]
+        restored, routing = restore(restorer, item)
         row = sums.setdefault(item["task_name"], dict.fromkeys(_COLUMNS, 0.0))
         row["input_psnr"] += psnr(lq, gt, quantize=True).item()
         row["input_ssim"] += ssim(lq, gt, quantize=True).item()
@@ -53,13 +59,31 @@ def evaluate(model: Any, items: Any) -> dict[str, dict[str, float]]:
         row["restored_ssim"] += ssim(restored, gt, quantize=True).item()
         row["routed"] += float(routing.label == item["task_name"])
         row["images"] += 1
+    for task in tqdm(members, desc="held-out photos, class given", dynamic_ncols=True):
+        given = Restorer(model, degradation=task)
+        for index in members[task]:
+            restored, _ = restore(given, items[index])
+            gt = items[index]["gt"][None]
+            sums[task]["given_psnr"] += psnr(restored, gt, quantize=True).item()
+        model.unmerge()
     return {
         task: {k: v if k == "images" else v / row["images"] for k, v in row.items()}
         for task, row in sums.items()
     }
 
 
-_COLUMNS = ("input_psnr", "input_ssim", "restored_psnr", "restored_ssim", "routed", "images")
+# Crops the class embeddings are fitted on: side, and draws per photo and class.
+_CLASS_CROP = 128
+_CLASS_REPEATS = 8
+_COLUMNS = (
+    "input_psnr",
+    "input_ssim",
+    "restored_psnr",
+    "restored_ssim",
+    "given_psnr",
+    "routed",
+    "images",
+)
 
 
 def card(name: str, info: Any, scores: dict[str, dict[str, float]], notes: dict[str, Any]) -> str:
@@ -67,16 +91,23 @@ def card(name: str, info: Any, scores: dict[str, dict[str, float]], notes: dict[
     rows = [
         f"| {task} | {s['input_psnr']:.2f} | {s['restored_psnr']:.2f} | "
         f"{s['restored_psnr'] - s['input_psnr']:+.2f} | {s['input_ssim']:.4f} | "
-        f"{s['restored_ssim']:.4f} | {s['routed']:.0%} |"
+        f"{s['restored_ssim']:.4f} | {s['routed']:.0%} | {s['given_psnr'] - s['input_psnr']:+.2f} |"
         for task, s in scores.items()
     ]
     mean = {k: sum(s[k] for s in scores.values()) / len(scores) for k in _COLUMNS}
     rows.append(
         f"| average | {mean['input_psnr']:.2f} | {mean['restored_psnr']:.2f} | "
         f"{mean['restored_psnr'] - mean['input_psnr']:+.2f} | {mean['input_ssim']:.4f} | "
-        f"{mean['restored_ssim']:.4f} | {mean['routed']:.0%} |"
+        f"{mean['restored_ssim']:.4f} | {mean['routed']:.0%} | "
+        f"{mean['given_psnr'] - mean['input_psnr']:+.2f} |"
     )
     commands = "\n".join(notes["trained_by"])
+    given = (
+        ": its experts, and DAM blocks driven by the class's mean embedding (fitted on "
+        f"{notes['class_photos']}) instead of the image's"
+        if notes.get("class_photos")
+        else ""
+    )
     config = info.config
     top_k = config.get("top_k") or len(info.degradations)
     router = config.get("router") if isinstance(config.get("router"), dict) else {}
@@ -101,7 +132,13 @@ def card(name: str, info: Any, scores: dict[str, dict[str, float]], notes: dict[
     )
     weak = "".join(
         f"- It makes {task} images worse ({s['restored_psnr'] - s['input_psnr']:+.2f} dB on "
-        "average above): leave such images as they are.\n"
+        "average above): leave such images as they are"
+        + (
+            f", or give the class (`--degradation {task}`: "
+            f"{s['given_psnr'] - s['input_psnr']:+.2f} dB).\n"
+            if s["given_psnr"] > s["restored_psnr"]
+            else ".\n"
+        )
         for task, s in scores.items()
         if s["restored_psnr"] <= s["input_psnr"]
     ) + "".join(
@@ -138,11 +175,12 @@ restored = model(images)                 # (B, 3, H, W) in [0, 1], routed per im
 
 Whole photos that no training run saw ({", ".join(notes["photos"])}; at their own size),
 each degraded {notes["repeats"]} times per class with seed
-{notes["seed"]}: PSNR (dB) and SSIM in the BasicSR convention (RGB, 8-bit), and how often
-the router chose the right class.
+{notes["seed"]}: PSNR (dB) and SSIM in the BasicSR convention (RGB, 8-bit), how often
+the router chose the right class (routed), and the gain when the class is given (given:
+`--degradation NAME`){given}.
 
-| degradation | input PSNR | restored PSNR | gain | input SSIM | restored SSIM | routed right |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| degradation | input PSNR | restored PSNR | gain | input SSIM | restored SSIM | routed | given |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 {chr(10).join(rows)}
 
 `metrics.json` holds the same numbers; the last command below measured them.
@@ -173,9 +211,12 @@ def ship(
     repeats: int = 3,
     seed: int = 2024,
     overwrite: bool = False,
+    class_photos: Path | None = None,
 ) -> Path:
     """Evaluate ``adapter`` (a folder, a name or a Hub repo id) on ``photos`` and write
-    ``into/name`` (card, metrics, weights)."""
+    ``into/name`` (card, metrics, weights). With ``class_photos`` (the training photos), the
+    router's class embeddings are fitted first (:func:`fit_class_embeddings`) and saved with
+    the adapter."""
     import loraxir
     from loraxir.checkpoint import staged_folder
     from loraxir.data import SyntheticPairs
@@ -194,6 +235,8 @@ def ship(
     items = SyntheticPairs(str(photos), suite, None, seed=seed, repeats=repeats, augment=False)
     torch.manual_seed(seed)
     model = loraxir.load_adapter(folder)
+    if class_photos is not None:
+        fit_class_embeddings(model, class_photos, suite, seed)
     scores = evaluate(model, items)
     notes = {
         "suite": suite,
@@ -202,15 +245,46 @@ def ship(
         "repeats": repeats,
         "seed": seed,
         "trained_by": list(trained_by),
+        "class_photos": None if class_photos is None else _photo_names(class_photos),
     }
     with staged_folder(target) as staging:
         for file in sorted(folder.iterdir()):
             if file.is_file() and file.name != "README.md":
                 shutil.copy2(file, staging / file.name)
+        if class_photos is not None:
+            model.save_pretrained(str(staging))
         metrics = {"held_out": scores, **notes}
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "README.md").write_text(card(name, describe_adapter(staging), scores, notes))
     return target
+
+
+def fit_class_embeddings(model: Any, photos: Path, suite: str, seed: int) -> None:
+    """Fit the router's class embeddings (each class's mean degradation embedding) on
+    degraded 128² crops of ``photos``, 8 per photo and class: the photos the adapter
+    trained on, whose crops its DAM blocks saw. A forced class (``--degradation``) then
+    drives DAM with its class embedding instead of the image's, which the router may read
+    as another class."""
+    from loraxir.data import SyntheticPairs
+
+    crops = SyntheticPairs(
+        str(photos), suite, _CLASS_CROP, seed=seed + 1, repeats=_CLASS_REPEATS, augment=False
+    )
+    items = [crops[index] for index in range(len(crops))]
+    batches = (
+        (
+            torch.stack([item["lq"] for item in items[start : start + 16]]),
+            [item["task_name"] for item in items[start : start + 16]],
+        )
+        for start in range(0, len(items), 16)
+    )
+    model.loraxir_router.fit_class_embeddings(batches)
+
+
+def _photo_names(photos: Path) -> str:
+    from loraxir.data.sources import open_source
+
+    return ", ".join(sorted(Path(name).stem for name in open_source(str(photos)).ids))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -229,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--class-photos",
+        type=Path,
+        help="the training photos: fit the router's class embeddings on them (for forced classes)",
+    )
     args = parser.parse_args(argv)
     target = ship(
         args.adapter,
@@ -241,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         args.repeats,
         args.seed,
         args.overwrite,
+        args.class_photos,
     )
     print((target / "README.md").read_text())
     return target

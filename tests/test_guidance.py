@@ -311,3 +311,61 @@ def test_chunked_cpu_inference_gives_each_image_its_own_dam_embedding(compute):
         model.inference_chunk_pixels = 2 * 32 * 32
         chunked = model(x)
     assert rel_err(chunked, whole) < 1e-6
+
+
+def _fit_class_embeddings(router: DegradationRouter) -> list[torch.Tensor]:
+    """Fit on two random batches; returns the images of each class, in class order."""
+    torch.manual_seed(3)
+    images = torch.rand(9, 3, 24, 24)
+    labels = [DEGRADATIONS[i % 3] for i in range(9)]
+    router.fit_class_embeddings([(images[:5], labels[:5]), (images[5:], labels[5:])])
+    return [images[i::3] for i in range(3)]
+
+
+def test_fitted_class_embeddings_are_each_class_mean_embedding_and_round_trip(tmp_path):
+    model = _dam_model()
+    router = model.loraxir_router
+    per_class = _fit_class_embeddings(router)
+    with torch.no_grad():
+        means = torch.stack([router.embed(images).mean(0) for images in per_class])
+    torch.testing.assert_close(router.class_embeddings, means)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "adapter")
+    assert torch.equal(loaded.loraxir_router.class_embeddings, router.class_embeddings)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, degradation="rain"), model(x, degradation="rain"))
+
+
+def test_a_given_class_drives_dam_with_its_class_embedding_and_skips_the_router():
+    model = _dam_model()
+    router = model.loraxir_router
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        routed_before = model(x)
+        given_before = model(x, degradation="haze")
+    _fit_class_embeddings(router)
+    calls = []
+    router.mlp.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        given = model(x, degradation="haze")
+        assert not calls  # the class embedding replaces the router's pass
+        with loraxir.route(model, degradation="haze", embedding=router.class_embeddings[2:3]):
+            by_hand = model.model(x)
+        with loraxir.route(model, degradation="haze"):
+            pinned = model.model(x)
+        mixed = model(x, gates=torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]))
+        by_hand_mixed = torch.cat(
+            [
+                model(x[:1], gates=torch.tensor([[0.0, 0.5, 0.5]])),
+                model(x[1:], degradation="noise"),
+            ]
+        )
+        routed = model(x)
+        model.merge(degradation="haze")
+        merged = model(x)
+    assert rel_err(given, by_hand) < 1e-6 and torch.equal(pinned, by_hand)
+    assert rel_err(given, given_before) > 1e-3
+    assert rel_err(merged, given) < 1e-5
+    assert rel_err(mixed, by_hand_mixed) < 1e-5
+    assert torch.equal(routed, routed_before)  # routed calls keep the image's embedding

@@ -577,3 +577,28 @@ def test_safetensors_file_path_loads_its_folder(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, tmp_path / "router" / "router.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         DegradationRouter.from_pretrained(tmp_path / "router")
+
+
+def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router(tmp_path):
+    router = cnn_router().eval()
+    images = torch.rand(4, 3, 24, 24)
+    with pytest.raises(RoutingError, match=r"No images of class\(es\) \['rain'"):
+        router.fit_class_embeddings([(images, ["noise", "noise", "haze", "haze"])])
+    with pytest.raises(RoutingError, match="Unknown class name"):
+        router.fit_class_embeddings([(images, ["noise", "fog", "haze", "rain"])])
+    with pytest.raises(RoutingError, match="Class indices"):
+        router.fit_class_embeddings([(images, torch.tensor([0, 1, 2, 9]))])
+    assert router.class_embedding(torch.eye(len(CLASSES))) is None
+    labels = torch.arange(len(CLASSES)).repeat(2)
+    fitted = router.fit_class_embeddings([(torch.rand(len(labels), 3, 24, 24), labels)])
+    assert fitted.shape == (len(CLASSES), 24)
+    torch.testing.assert_close(router.class_embedding(torch.eye(len(CLASSES))[1]), fitted[1:2])
+    router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router")
+    assert torch.equal(loaded.class_embeddings, fitted)
+    loaded.add_degradation("snow")
+    assert loaded.class_embeddings is None
+    with pytest.raises(CheckpointError, match="class_embeddings"):
+        cnn_router().load_adapter_state_dict(
+            {**router.adapter_state_dict(), "class_embeddings": torch.zeros(2, 24)}
+        )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from loraxir import checkpoint
-from loraxir.errors import CheckpointError, ConfigError
+from loraxir.errors import CheckpointError, ConfigError, RoutingError
 from loraxir.router.config import RouterConfig, field_names
 from loraxir.router.encoders import DegradationEncoder, create_encoder, encoder_from_spec
 from loraxir.router.explanation import RouterExplanation
@@ -43,6 +43,8 @@ from loraxir.validation import check_names
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "router.safetensors"
+# Key of the fitted class embeddings in router.safetensors (absent until fitted).
+CLASS_EMBEDDINGS_KEY = "class_embeddings"
 
 
 @dataclass
@@ -99,6 +101,8 @@ class DegradationRouter(nn.Module):
             nn.GELU(),
             nn.Linear(config.hidden_dim, config.embed_dim),
         )
+        # (E, embed_dim) mean e_deg per class (fit_class_embeddings); moves with the router.
+        self.register_buffer("class_embeddings", None, persistent=False)
         if config.head == "linear":
             self.head: nn.Module = nn.Linear(config.embed_dim, len(config.degradations))
             self._config = dataclasses.replace(config, prompts=None)
@@ -298,6 +302,49 @@ class DegradationRouter(nn.Module):
         """The degradation embedding ``e_deg`` ``(B, embed_dim)``."""
         return self.mlp(self.features(images))
 
+    @torch.no_grad()
+    def fit_class_embeddings(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | Sequence[str]]]
+    ) -> torch.Tensor:
+        """Set :attr:`class_embeddings` to each class's mean ``e_deg`` over ``batches``.
+
+        ``batches`` yields ``(images, labels)``: images ``(B, C, H, W)`` in [0, 1], labels
+        class indices ``(B,)`` or names. Use the images DAM blocks and experts trained on
+        (degraded training crops): the mean is the embedding they saw most of for that
+        class. Raises :class:`RoutingError` naming a class that no image showed; the
+        router is left unchanged then. Returns the ``(E, embed_dim)`` embeddings.
+        """
+        classes = self.degradations
+        sums = torch.zeros(len(classes), self._config.embed_dim, dtype=torch.float64)
+        counts = torch.zeros(len(classes), dtype=torch.float64)
+        was_training = self.training
+        self.eval()
+        try:
+            for images, labels in batches:
+                index = _class_indices(labels, classes).cpu()
+                embedding = self.embed(images).double().cpu()
+                sums.index_add_(0, index, embedding)
+                counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        finally:
+            self.train(was_training)
+        unseen = [name for name, count in zip(classes, counts.tolist(), strict=True) if not count]
+        if unseen:
+            raise RoutingError(
+                f"No images of class(es) {unseen} to fit class embeddings on; give images "
+                f"of every class {classes}."
+            )
+        parameter = next(self.mlp.parameters())
+        self.class_embeddings = (sums / counts[:, None]).to(parameter)
+        return self.class_embeddings
+
+    def class_embedding(self, gates: torch.Tensor) -> torch.Tensor | None:
+        """``gates @ class_embeddings``: the DAM embedding of a class the caller fixed
+        (``(B, E)`` or ``(E,)`` gates), or ``None`` before :meth:`fit_class_embeddings`."""
+        if self.class_embeddings is None:
+            return None
+        rows = gates.reshape(-1, gates.shape[-1])
+        return rows.to(self.class_embeddings) @ self.class_embeddings
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, E)`` (the input of the gating and of a classification loss)."""
         return self.head(self.embed(images))
@@ -323,7 +370,7 @@ class DegradationRouter(nn.Module):
         With ``head="text"`` its prototype is the text embedding of ``prompt`` (default
         :func:`degradation_prompt`), so the router recognises it zero-shot. With a linear
         head the new row is freshly initialised and must be trained. Old classes' logits are
-        unchanged either way.
+        unchanged either way. Fitted class embeddings are dropped (fit them again).
         """
         degradations = check_names("degradations", [*self.degradations, name])
         prompts = self._config.prompts
@@ -334,6 +381,7 @@ class DegradationRouter(nn.Module):
         else:
             self.head = grow_linear(self.head)
         self._config = dataclasses.replace(self._config, degradations=degradations, prompts=prompts)
+        self.class_embeddings = None
 
     # ------------------------------------------------------------------ saving
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -347,11 +395,14 @@ class DegradationRouter(nn.Module):
         parts: list[tuple[str, nn.Module]] = [("mlp", self.mlp), ("head", self.head)]
         if self.encoder.saves_weights:
             parts.append(("encoder", self.encoder))
-        return {
+        tensors = {
             f"{prefix}.{key}": tensor.detach().contiguous()
             for prefix, module in parts
             for key, tensor in module.state_dict().items()
         }
+        if self.class_embeddings is not None:
+            tensors[CLASS_EMBEDDINGS_KEY] = self.class_embeddings.detach().contiguous()
+        return tensors
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load tensors saved by :meth:`adapter_state_dict`, strictly.
@@ -360,6 +411,12 @@ class DegradationRouter(nn.Module):
         mismatches; the router is left unchanged when it raises.
         """
         expected = self.adapter_state_dict()
+        expected.pop(CLASS_EMBEDDINGS_KEY, None)
+        fitted = state_dict.get(CLASS_EMBEDDINGS_KEY)
+        if fitted is not None:
+            expected[CLASS_EMBEDDINGS_KEY] = torch.empty(
+                len(self.degradations), self._config.embed_dim
+            )
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         mismatched = [
@@ -384,7 +441,10 @@ class DegradationRouter(nn.Module):
         targets = self.state_dict(keep_vars=True)
         with torch.no_grad():
             for key, value in state_dict.items():
-                targets[key].copy_(value)
+                if key != CLASS_EMBEDDINGS_KEY:
+                    targets[key].copy_(value)
+        if fitted is not None:
+            self.class_embeddings = fitted.to(next(self.mlp.parameters())).clone()
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``router_config.json`` and ``router.safetensors`` into ``directory``.
@@ -430,6 +490,19 @@ class DegradationRouter(nn.Module):
             f"head={config.head!r}, top_k={config.top_k}, temperature={config.temperature}, "
             f"noise_std={config.noise_std}"
         )
+
+
+def _class_indices(labels: torch.Tensor | Sequence[str], classes: list[str]) -> torch.Tensor:
+    """Class indices ``(B,)`` from indices or names; unknown names raise RoutingError."""
+    if isinstance(labels, torch.Tensor):
+        index = labels.long().flatten()
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < len(classes)):
+            raise RoutingError(f"Class indices must be in [0, {len(classes)}), got {labels}.")
+        return index
+    unknown = sorted({name for name in labels if name not in classes})
+    if unknown:
+        raise RoutingError(f"Unknown class name(s) {unknown}; the router's classes are {classes}.")
+    return torch.tensor([classes.index(name) for name in labels], dtype=torch.long)
 
 
 def _local_pools(config: RouterConfig) -> int:
