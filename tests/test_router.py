@@ -586,6 +586,8 @@ def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router
         router.fit_class_embeddings([(images, ["noise", "noise", "haze", "haze"])])
     with pytest.raises(RoutingError, match="Unknown class name"):
         router.fit_class_embeddings([(images, ["noise", "fog", "haze", "rain"])])
+    with pytest.raises(RoutingError, match="3 labels for 4 images"):
+        router.fit_class_embeddings([(images, ["noise", "rain", "haze"])])
     with pytest.raises(RoutingError, match="Class indices"):
         router.fit_class_embeddings([(images, torch.tensor([0, 1, 2, 9]))])
     assert router.class_embedding(torch.eye(len(CLASSES))) is None

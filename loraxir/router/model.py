@@ -322,6 +322,11 @@ class DegradationRouter(nn.Module):
         try:
             for images, labels in batches:
                 index = _class_indices(labels, classes).cpu()
+                if index.numel() != images.shape[0]:
+                    raise RoutingError(
+                        f"{index.numel()} labels for {images.shape[0]} images; give one "
+                        "label per image."
+                    )
                 embedding = self.embed(images).double().cpu()
                 sums.index_add_(0, index, embedding)
                 counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
