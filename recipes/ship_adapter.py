@@ -9,7 +9,12 @@ an interrupted run leaves the previous adapter intact.
 
     python recipes/ship_adapter.py outputs/all_in_one_cpu/five_task/seed-0/lora_ir_top1/adapter \\
         --photos outputs/all_in_one_cpu/photos/test --suite five_task --name nafnet-five-task \\
-        --trained-by "python benchmarks/all_in_one.py --scale cpu --publish"
+        --trained-by "python benchmarks/all_in_one.py --scale cpu --publish" \\
+        --class-photos outputs/all_in_one_cpu/photos/trainval
+
+With ``--class-photos`` (the training photos) the router's class embeddings are fitted and
+saved first, so that a class the user gives drives the DAM blocks as that class. Either
+way the card's "given" column measures each class given (``--degradation NAME``).
 """
 
 from __future__ import annotations

@@ -492,6 +492,17 @@ def test_ship_adapter_measures_held_out_photos_and_keeps_an_existing_folder(tmp_
     with pytest.raises(ConfigError, match="--overwrite"):
         recipe("ship_adapter").main(args)
     assert (target / "README.md").read_text() == card
+    assert loraxir.load_adapter(target).loraxir_router.class_embeddings is None
+    fitted = recipe("ship_adapter").main(
+        [*args, "--into", str(tmp_path / "fitted"), "--class-photos", str(photos)]
+    )  # the last --into wins
+    router = loraxir.load_adapter(fitted).loraxir_router
+    assert router.class_embeddings.shape == (len(CLASSES), router.mlp[-1].out_features)
+    assert "fitted on astronaut, coffee" in (fitted / "README.md").read_text()
+    with torch.no_grad():
+        assert torch.equal(loraxir.load_adapter(fitted)(x), loraxir.load_adapter(trained)(x))
+    given = json.loads((fitted / "metrics.json").read_text())["held_out"]
+    assert all(row["given_psnr"] > 0 for row in given.values())
 
 
 def test_ship_adapter_takes_a_name_and_refuses_an_adapter_without_a_router(
