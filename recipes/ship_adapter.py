@@ -271,19 +271,12 @@ def fit_class_embeddings(model: Any, photos: Path, suite: str, seed: int) -> Non
     drives DAM with its class embedding instead of the image's, which the router may read
     as another class."""
     from loraxir.data import SyntheticPairs
+    from loraxir.router import labelled_batches
 
     crops = SyntheticPairs(
         str(photos), suite, _CLASS_CROP, seed=seed + 1, repeats=_CLASS_REPEATS, augment=False
     )
-    items = [crops[index] for index in range(len(crops))]
-    batches = (
-        (
-            torch.stack([item["lq"] for item in items[start : start + 16]]),
-            [item["task_name"] for item in items[start : start + 16]],
-        )
-        for start in range(0, len(items), 16)
-    )
-    model.loraxir_router.fit_class_embeddings(batches)
+    model.loraxir_router.fit_class_embeddings(labelled_batches(crops))
 
 
 def _photo_names(photos: Path) -> str:

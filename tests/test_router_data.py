@@ -116,3 +116,19 @@ def test_calibration_and_accuracy_match_a_hand_count() -> None:
     expected = (1 * abs(0 - 0.55) + 2 * abs(0.5 - 0.75) + 1 * abs(1 - 0.9)) / 4
     assert result["ece"] == pytest.approx(expected)
     assert mean_gates(probs, ["a", "b"]) == pytest.approx({"a": 0.4875, "b": 0.5125})
+
+
+def test_labelled_batches_stack_degraded_images_with_their_class_names() -> None:
+    from loraxir.data import SyntheticPairs
+    from loraxir.router import labelled_batches
+
+    pairs = SyntheticPairs("skimage", "three_task", 24, repeats=1, augment=False)
+    batches = list(labelled_batches(pairs, batch_size=4))
+    assert [len(names) for _, names in batches[:-1]] == [4] * (len(batches) - 1)
+    assert sum(len(names) for _, names in batches) == len(pairs)
+    images, names = batches[-1]
+    assert images.shape == (len(names), 3, 24, 24)
+    last = pairs[len(pairs) - 1]
+    assert torch.equal(images[-1], last["lq"]) and names[-1] == last["task_name"]
+    with pytest.raises(ConfigError, match="batch_size"):
+        next(labelled_batches(pairs, batch_size=0))

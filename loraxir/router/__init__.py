@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from loraxir.router.config import RouterConfig
 
 if TYPE_CHECKING:
+    from loraxir.router.data import labelled_batches
     from loraxir.router.explanation import RouterExplanation
     from loraxir.router.gating import load_balancing_loss, top_k_gates
     from loraxir.router.heads import degradation_prompt
@@ -42,6 +43,7 @@ _LAZY = {
     "RouterOutput": "model",
     "check_degradations": "model",
     "RouterExplanation": "explanation",
+    "labelled_batches": "data",
     "load_balancing_loss": "gating",
     "top_k_gates": "gating",
     "degradation_prompt": "heads",
@@ -70,6 +72,7 @@ __all__ = [
     "RouterOutput",
     "check_degradations",
     "degradation_prompt",
+    "labelled_batches",
     "load_balancing_loss",
     "multi_view",
     "top_k_gates",

@@ -14,7 +14,7 @@ process and worker, and on every run.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +227,21 @@ class RouterExamples(Dataset):
         ]
         views = [multi_view(x, self.size, self.grid, self.views)[0] for x in readings]
         return {"views": torch.stack(views), "label": label}
+
+
+def labelled_batches(items: Dataset, batch_size: int = 16) -> Iterator[tuple[Tensor, list[str]]]:
+    """``(images, class names)`` batches of a restoration dataset's degraded images, for
+    :meth:`DegradationRouter.fit_class_embeddings
+    <loraxir.router.DegradationRouter.fit_class_embeddings>`.
+
+    ``items`` yields dicts with ``"lq"`` ``(3, H, W)`` (one size for the whole dataset) and
+    ``"task_name"``, as :class:`~loraxir.data.SyntheticPairs` with a ``patch_size`` does.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}.")
+    for start in range(0, len(items), batch_size):
+        batch = [items[index] for index in range(start, min(start + batch_size, len(items)))]
+        yield torch.stack([item["lq"] for item in batch]), [item["task_name"] for item in batch]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
