@@ -21,6 +21,10 @@ from typing import Any
 
 from loraxir.errors import CheckpointError, ConfigError, unknown_name
 
+# The saved key of a router's fitted class embeddings (checkpoint.ROUTER_PREFIX + the
+# router's CLASS_EMBEDDINGS_KEY), spelt out: this module reads folders without torch.
+_CLASS_EMBEDDINGS_KEY = "base_model.loraxir_router.class_embeddings"
+
 ADAPTER_PATH_ENV = "LORAXIR_ADAPTER_PATH"
 #: The adapter ``loraxir restore`` uses when none is given.
 DEFAULT_ADAPTER = "nafnet-five-task"
@@ -157,6 +161,7 @@ class AdapterInfo:
     backbone: dict[str, Any] | None
     backbone_parameters: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    class_embeddings: bool = False
 
     @property
     def degradations(self) -> list[str]:
@@ -174,13 +179,14 @@ class AdapterInfo:
         config = self.config
         router = config.get("router") or {}
         encoder = router.get("encoder") if isinstance(router, dict) else None
+        fitted = ", with fitted class embeddings" if self.class_embeddings else ""
         lines = [
             f"folder: {self.folder}",
             f"degradations ({len(self.degradations)}): {', '.join(self.degradations)}",
             f"rank r / alpha: {config.get('r')} / {config.get('lora_alpha')}",
             f"top-k / temperature: {config.get('top_k')} / {config.get('temperature')}",
             f"targets: {config.get('target_modules') or config.get('preset') or 'detected'}",
-            f"router: {encoder if encoder else 'none'}",
+            f"router: {encoder if encoder else 'none'}{fitted}",
             f"trainable size: {self.expert_parameters:,} expert + {self.dam_parameters:,} DAM + "
             f"{self.router_parameters:,} router parameters",
             f"backbone: {self.backbone_label}",
@@ -216,8 +222,11 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
     folder = Path(folder)
     config = _read_json(folder / CONFIG_NAME)
     experts = dam = router = 0
+    class_embeddings = False
     for key, count in _tensor_sizes(folder / WEIGHTS_NAME).items():
-        if ".loraxir_router." in f".{key}":
+        if key == _CLASS_EMBEDDINGS_KEY:
+            class_embeddings = True
+        elif ".loraxir_router." in f".{key}":
             router += count
         elif ".loraxir_dam." in f".{key}":
             dam += count
@@ -228,7 +237,9 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
         backbone = _read_json(folder / BACKBONE_CONFIG)
         backbone_size = sum(_tensor_sizes(folder / BACKBONE_WEIGHTS).values())
     metrics = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
-    return AdapterInfo(folder, config, experts, dam, router, backbone, backbone_size, metrics)
+    return AdapterInfo(
+        folder, config, experts, dam, router, backbone, backbone_size, metrics, class_embeddings
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

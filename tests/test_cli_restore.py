@@ -147,6 +147,19 @@ def test_info_describes_and_lists(adapter, capsys, monkeypatch):
     assert "tiny-three" in capsys.readouterr().out
 
 
+def test_info_says_when_class_embeddings_are_fitted_and_does_not_count_them(adapter, tmp_path):
+    from loraxir.pretrained import describe_adapter
+
+    model = loraxir.load_adapter(adapter)
+    labels = torch.arange(len(CLASSES)).repeat(2)
+    model.loraxir_router.fit_class_embeddings([(torch.rand(len(labels), 3, 32, 32), labels)])
+    model.save_pretrained(str(tmp_path / "fitted"))
+    before, after = describe_adapter(adapter), describe_adapter(tmp_path / "fitted")
+    assert (before.class_embeddings, after.class_embeddings) == (False, True)
+    assert after.router_parameters == before.router_parameters
+    assert any("with fitted class embeddings" in line for line in after.lines())
+
+
 @pytest.mark.parametrize("name", ["blur", "compression"])
 def test_merge_writes_a_plain_spandrel_checkpoint_equal_to_routing(adapter, tmp_path, name):
     from spandrel import ModelLoader
