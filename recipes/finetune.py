@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from loraxir.errors import ConfigError
+from loraxir.router import labelled_batches
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
 from loraxir.training.entry import run_script
 from loraxir.training.models import (
@@ -48,6 +50,8 @@ from loraxir.training.restoration import (
 from loraxir.validation import check_choice
 
 ROUTE_BY = ("router", "label")
+# At most this many training patches (evenly spaced) fit the router's class embeddings.
+_CLASS_EMBEDDING_PATCHES = 2048
 
 
 @dataclass
@@ -89,11 +93,24 @@ class FinetuneConfig(RestorationConfig):
     trainable: str = field(
         default="experts", metadata={"help": "'experts', 'experts+router' or 'all'."}
     )
+    class_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Before training, fit the router's class embeddings on training patches "
+            "(up to 2048): a given class (labels, --degradation) then drives the DAM blocks "
+            "with its class's mean embedding. Needs DAM blocks and trainable='experts'."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("route_by", self.route_by, ROUTE_BY)
         check_choice("trainable", self.trainable, ("experts", "experts+router", "all"))
+        if self.class_embeddings and self.trainable != "experts":
+            raise ConfigError(
+                "class_embeddings are fitted once, before training, on a frozen router; "
+                f"trainable={self.trainable!r} trains the router. Use trainable='experts'."
+            )
         if self.trainable == "experts+router" and self.route_by == "label":
             raise ConfigError(
                 "trainable='experts+router' trains the router through its gates, but "
@@ -133,7 +150,19 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
             "trainable",
         )
     }
-    return attach_experts(backbone, classes, settings, router=router)
+    model = attach_experts(backbone, classes, settings, router=router)
+    if config.class_embeddings:
+        if not has_dam(backbone):
+            raise ConfigError(
+                f"class_embeddings drive DAM blocks, and {config.base!r} has none; "
+                "pre-train with router=... to add them, or drop class_embeddings."
+            )
+        step = max(1, len(data.train) // _CLASS_EMBEDDING_PATCHES)
+        patches = Subset(data.train, range(0, len(data.train), step))
+        model.loraxir_router.fit_class_embeddings(
+            labelled_batches(patches, class_names=data.class_names)
+        )
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

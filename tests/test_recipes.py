@@ -421,6 +421,41 @@ def test_finetuned_dam_adapter_reproduces_its_psnr_routed_by_its_router(
     assert not torch.equal(trained[key], start["head.weight"]), "experts+router trains it"
 
 
+def test_finetune_fits_class_embeddings_that_drive_dam_for_labels(
+    guided: dict[str, Any], base: Path, tmp_path: Path
+) -> None:
+    """class_embeddings=true: fitted before training on the training patches, saved with
+    the adapter, and used by label-routed validation (the adapter reproduces it)."""
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+    from loraxir.training.models import routing_arguments
+
+    pre = guided["root"] / "pre" / "backbone"
+    metrics = run(
+        "finetune", tmp_path / "ft", *FINETUNE, f"base={pre}", "class_embeddings=true",
+        "max_steps=2",
+    )  # fmt: skip
+    _reset_accelerate()
+    folder = tmp_path / "ft" / "adapter"
+    model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
+    assert model.loraxir_router.class_embeddings.shape == (len(CLASSES), 16)
+
+    def by_label(batch: dict[str, Any], data: Any) -> torch.Tensor:
+        return model(batch["lq"], **routing_arguments("label", batch, data))
+
+    assert_same_psnr(reevaluate("finetune", tmp_path / "ft", by_label), metrics["final"])
+    model.loraxir_router.class_embeddings = None  # the image's embedding instead
+    other = reevaluate("finetune", tmp_path / "ft", by_label)
+    assert other["psnr"] != pytest.approx(metrics["final"]["psnr"], abs=1e-6)
+    with pytest.raises(ConfigError, match="trainable='experts'"):
+        run("finetune", tmp_path / "x", *FINETUNE, f"base={pre}", "class_embeddings=true",
+            "trainable=all")  # fmt: skip
+    with pytest.raises(ConfigError, match="has none"):
+        run("finetune", tmp_path / "y", *FINETUNE, f"base={base}", "class_embeddings=true",
+            "router=" + str(guided["root"] / "router"))  # fmt: skip
+    _reset_accelerate()
+
+
 def test_add_degradation_trains_only_the_routers_new_class(
     guided: dict[str, Any], tmp_path: Path
 ) -> None:

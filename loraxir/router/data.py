@@ -229,19 +229,27 @@ class RouterExamples(Dataset):
         return {"views": torch.stack(views), "label": label}
 
 
-def labelled_batches(items: Dataset, batch_size: int = 16) -> Iterator[tuple[Tensor, list[str]]]:
+def labelled_batches(
+    items: Dataset, batch_size: int = 16, class_names: Sequence[str] | None = None
+) -> Iterator[tuple[Tensor, list[str]]]:
     """``(images, class names)`` batches of a restoration dataset's degraded images, for
     :meth:`DegradationRouter.fit_class_embeddings
     <loraxir.router.DegradationRouter.fit_class_embeddings>`.
 
     ``items`` yields dicts with ``"lq"`` ``(3, H, W)`` (one size for the whole dataset) and
     ``"task_name"``, as :class:`~loraxir.data.SyntheticPairs` with a ``patch_size`` does.
+    With ``class_names``, an item's class is ``class_names[item["label"]]`` instead (suites
+    whose tasks share classes, as the recipes' data names them).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}.")
     for start in range(0, len(items), batch_size):
         batch = [items[index] for index in range(start, min(start + batch_size, len(items)))]
-        yield torch.stack([item["lq"] for item in batch]), [item["task_name"] for item in batch]
+        names = [
+            item["task_name"] if class_names is None else class_names[int(item["label"])]
+            for item in batch
+        ]
+        yield torch.stack([item["lq"] for item in batch]), names
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
