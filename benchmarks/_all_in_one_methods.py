@@ -147,11 +147,15 @@ def method_stage(config: BenchConfig, paths: Paths, method: str, classes: int) -
         return Stage(method, "finetune", {**adapters, **wide, "router": single, "top_k": 1})
     if method == "peft_lora":
         return Stage(method, "peft", {**_peft_settings(adapters), **wide})
+    # The LoRA-IR adapters are the ones users restore with (the shipped one is seed 0's
+    # top-1): their routers get class embeddings, for a class the user gives. Routed
+    # training and testing do not read them.
+    routed = {**adapters, "route_by": "router", "class_embeddings": True}
     if method == "lora_ir_top1":
-        return Stage(method, "finetune", {**adapters, "route_by": "router", "top_k": 1})
+        return Stage(method, "finetune", {**routed, "top_k": 1})
     if method == "lora_ir_top2":
         top2 = str(paths.router_variant("top2"))
-        return Stage(method, "finetune", {**adapters, "router": top2, "top_k": 2})
+        return Stage(method, "finetune", {**routed, "router": top2, "top_k": 2})
     if method == "oracle":
         return Stage(method, "finetune", {**adapters, "route_by": "label", "top_k": 1})
     raise ValueError(f"unknown method {method!r}")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from loraxir.errors import ConfigError, UnknownNameError
+from loraxir.pretrained import describe_adapter
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
@@ -67,6 +68,9 @@ def test_tiny_run_writes_every_artefact(tiny: tuple[Path, dict[str, Any]]) -> No
     seed_dir = root / "three_task" / "seed-0"
     for method in ADAPTER_METHODS:
         assert (seed_dir / method / "adapter" / "adapter_model.safetensors").is_file()
+        # The LoRA-IR adapters (the ones users restore with) carry class embeddings.
+        fitted = describe_adapter(seed_dir / method / "adapter").class_embeddings
+        assert fitted == method.startswith("lora_ir"), method
     assert (seed_dir / "peft_lora" / "adapter" / "lora.safetensors").is_file()
     assert not list(root.rglob("checkpoints")), "finished stages drop their checkpoints"
     assert set(summary["expert_usage"]) == {"lora_ir_top1", "lora_ir_top2"}
