@@ -311,10 +311,12 @@ class DegradationRouter(nn.Module):
         ``batches`` yields ``(images, labels)``: images ``(B, C, H, W)`` in [0, 1], labels
         class indices ``(B,)`` or names. Use the images DAM blocks and experts trained on
         (degraded training crops): the mean is the embedding they saw most of for that
-        class. Raises :class:`RoutingError` naming a class that no image showed; the
-        router is left unchanged then. Returns the ``(E, embed_dim)`` embeddings.
+        class. Images go to the router's device. Raises :class:`RoutingError` naming a class
+        that no image showed; the router is left unchanged then. Returns the
+        ``(E, embed_dim)`` embeddings.
         """
         classes = self.degradations
+        parameter = next(self.mlp.parameters())
         sums = torch.zeros(len(classes), self._config.embed_dim, dtype=torch.float64)
         counts = torch.zeros(len(classes), dtype=torch.float64)
         was_training = self.training
@@ -327,7 +329,7 @@ class DegradationRouter(nn.Module):
                         f"{index.numel()} labels for {images.shape[0]} images; give one "
                         "label per image."
                     )
-                embedding = self.embed(images).double().cpu()
+                embedding = self.embed(images.to(parameter.device)).double().cpu()
                 sums.index_add_(0, index, embedding)
                 counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
         finally:
@@ -338,7 +340,6 @@ class DegradationRouter(nn.Module):
                 f"No images of class(es) {unseen} to fit class embeddings on; give images "
                 f"of every class {classes}."
             )
-        parameter = next(self.mlp.parameters())
         self.class_embeddings = (sums / counts[:, None]).to(parameter)
         return self.class_embeddings
 
