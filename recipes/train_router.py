@@ -250,8 +250,8 @@ class _LogitsModule(nn.Module):
         super().__init__()
         self.router = router
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        return self.router.route_views(views).logits
+    def forward(self, views: torch.Tensor, cepstrum: torch.Tensor | None = None) -> torch.Tensor:
+        return self.router.route_views(views, cepstrum).logits
 
 
 def build_router(config: TrainRouterConfig, classes: Sequence[str]) -> DegradationRouter:
@@ -331,6 +331,7 @@ def train_fold(
         size=router.encoder.image_size,
         grid=router.grid,
         views=router.views,
+        cepstrum=router.cepstrum,
         crops=config.crops,
         sizing=Sizing(config.min_side, config.max_side, config.max_aspect, config.whole_fraction),
         seed=config.seed * 1000 + fold,
@@ -355,8 +356,10 @@ def train_fold(
 
     def compute_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         views = batch["views"].flatten(0, 1)
+        cepstrum = batch["cepstrum"].flatten(0, 1) if "cepstrum" in batch else None
         labels = batch["label"].repeat_interleave(config.crops)
-        return F.cross_entropy(model(views), labels, label_smoothing=config.label_smoothing)
+        logits = model(views, cepstrum)
+        return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
 
     fit(
         accelerator,
@@ -429,7 +432,10 @@ def predict(
                 for image, *_ in chunk
             ]
         )
-        probabilities = router.route_views(views).probabilities
+        cepstrum = None
+        if router.cepstrum:
+            cepstrum = torch.cat([router.read_cepstrum(image[None]) for image, *_ in chunk])
+        probabilities = router.route_views(views, cepstrum).probabilities
         predictions.add(probabilities, *zip(*[rest for _, *rest in chunk], strict=True))
     return predictions
 

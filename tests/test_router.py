@@ -16,6 +16,8 @@ from torch import nn
 
 import loraxir
 import loraxir.checkpoint
+from loraxir.data.sources import skimage_image
+from loraxir.degradations import apply
 from loraxir.errors import CheckpointError, ConfigError, RoutingError, UnknownNameError
 from loraxir.router import (
     DegradationRouter,
@@ -28,6 +30,7 @@ from loraxir.router import (
 )
 from loraxir.router.statistics import (
     HISTOGRAM_BINS,
+    cepstrum_statistics,
     global_statistics,
     sharpness_statistics,
     view_statistics,
@@ -452,6 +455,43 @@ def test_sharpness_statistics_tell_motion_blur_from_haze_and_noise() -> None:
     assert stats["blur"][coherence] > stats["haze"][coherence] + 0.3
     assert stats["noise"][drop] > stats["haze"][drop] > stats["blur"][drop]
     assert stats["noise"][energy] > stats["haze"][energy]
+
+
+def test_cepstrum_statistics_find_motion_blur_and_ignore_haze() -> None:
+    """A streak leaves a deep cepstral trough; haze (affine in intensity) changes nothing."""
+    photos = [skimage_image("grass"), skimage_image("chelsea").flip(-1)]
+    scene = torch.stack([photo[:, 20:276, 30:250] for photo in photos]).float() / 255
+    clean = cepstrum_statistics(scene, 128)
+    hazy = cepstrum_statistics(0.4 * scene + 0.55, 128)
+    torch.testing.assert_close(hazy, clean, atol=1e-3, rtol=1e-4)
+    for length in (7, 15, 31):
+        blurred = apply("motion_blur", scene, length=length, angle=30.0)[0]
+        assert (cepstrum_statistics(blurred, 128) < clean - 3).all(), length
+    assert clean.shape == (2, 2) and (clean < 0).all()
+    assert torch.equal(cepstrum_statistics(scene[..., :15, :], 128), torch.zeros(2, 2))
+
+
+def test_a_router_with_cepstrum_reads_it_beside_its_views() -> None:
+    torch.manual_seed(0)
+    router = cnn_router(grid=2, image_stats=True, cepstrum=32).eval()
+    images = torch.rand(2, 3, 40, 56)
+    views = router.make_views(images)
+    parts = [router.encode_views(views, torch.zeros(2, 2))[:, :-2], cepstrum_statistics(images, 32)]
+    with torch.no_grad():
+        torch.testing.assert_close(router.features(images), torch.cat(parts, -1))
+        torch.testing.assert_close(
+            router.route(images).logits,
+            router.route_views(views, router.read_cepstrum(images)).logits,
+        )
+    assert router.mlp[1].in_features == parts[0].shape[-1] + 2
+    assert DegradationRouter.from_config(router.to_config().to_dict()).cepstrum == 32
+    assert cnn_router().read_cepstrum(images) is None
+    with pytest.raises(RoutingError, match=r"read_cepstrum\(images\)"):
+        router.route_views(views)
+    with pytest.raises(RoutingError, match=r"got \(1, 2\)"):
+        router.route_views(views, torch.zeros(1, 2))
+    with pytest.raises(ConfigError, match="at least 16"):
+        cnn_router(cepstrum=8)
 
 
 def test_unknown_router_settings_name_the_valid_ones() -> None:

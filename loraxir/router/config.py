@@ -25,6 +25,8 @@ CONFIG_VERSION = 3
 VIEW_KINDS = ("native", "resize")
 POOLINGS = ("mean", "mean_max")
 HEAD_KINDS = ("linear", "text")
+# Shortest native crop with a usable cepstrum (the `cepstrum` setting).
+CEPSTRUM_MIN_SIZE = 16
 # Version 1 routers (before `views` existed) all used the paper's resize-and-tile views.
 _V1_DEFAULTS = {"views": "resize"}
 
@@ -77,6 +79,16 @@ class RouterConfig:
             "(loraxir.router.statistics)."
         },
     )
+    cepstrum: int = field(
+        default=0,
+        metadata={
+            "help": "Side in pixels of the native crops whose cepstrum the MLP also reads "
+            "(loraxir.router.statistics.cepstrum_statistics): linear motion blur leaves a "
+            "trough at its streak length there, which tells blur from haze on textured and "
+            "pale photos. 0: off; at least 16; streaks up to about a quarter of it show "
+            "(128: up to 32 pixels)."
+        },
+    )
     hidden_dim: int = field(default=512, metadata={"help": "Hidden size of the MLP."})
     embed_dim: int = field(
         default=384, metadata={"help": "Size of the degradation embedding e_deg (MLP output)."}
@@ -117,8 +129,13 @@ class RouterConfig:
         check_choice("pooling", self.pooling, POOLINGS)
         if not isinstance(self.image_stats, bool):
             raise ConfigError(f"image_stats must be true or false, got {self.image_stats!r}.")
-        for name in ("grid", "hidden_dim", "embed_dim", "top_k"):
-            check_int(name, getattr(self, name), minimum=0 if name == "grid" else 1)
+        for name in ("grid", "cepstrum", "hidden_dim", "embed_dim", "top_k"):
+            check_int(name, getattr(self, name), minimum=0 if name in ("grid", "cepstrum") else 1)
+        if 0 < self.cepstrum < CEPSTRUM_MIN_SIZE:
+            raise ConfigError(
+                f"cepstrum must be 0 (off) or at least {CEPSTRUM_MIN_SIZE} pixels, got "
+                f"{self.cepstrum}."
+            )
         if self.top_k > len(self.degradations):
             raise ConfigError(
                 f"top_k must be an integer in [1, {len(self.degradations)}] (the number of "

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from loraxir.data.patches import seeded_generator
 from loraxir.degradations import Compose, quantize
 from loraxir.errors import ConfigError
+from loraxir.router.statistics import cepstrum_statistics
 from loraxir.router.views import multi_view
 
 # A class's degradation for one example: the clean image (1, 3, H, W) and a generator in,
@@ -165,7 +166,9 @@ class RouterExamples(Dataset):
     """Degraded photos at random sizes, as router views with their class.
 
     Item ``i`` is one degraded image read ``crops`` ways: ``{"views": (crops, 1 + grid²,
-    3, size, size) float, "label": int}``. The first reading is the whole image (see
+    3, size, size) float, "label": int}``, and ``"cepstrum": (crops, 2)`` with
+    ``cepstrum`` (:func:`~loraxir.router.statistics.cepstrum_statistics`). The first
+    reading is the whole image (see
     :func:`sample_image`), the others are native windows of it (:func:`native_crop`): a
     crop of a degraded photo is itself a degraded photo, and degrading once for several
     examples divides the cost of degradation (the bulk of the data time) by ``crops``.
@@ -177,7 +180,8 @@ class RouterExamples(Dataset):
         degrades: one list of :data:`Degrade` per class (a class with several tasks, such
             as noise at σ 15/25/50, draws one of them per example).
         length: number of items (degraded images).
-        size, grid, views: the router's view settings (tower input, local views, kind).
+        size, grid, views, cepstrum: the router's view settings (tower input, local views,
+            kind, cepstrum crop side or 0).
         crops: readings per degraded image (the whole image, then ``crops - 1`` windows).
         sizing: how images are cut from photos.
         seed: seeds every random choice.
@@ -196,6 +200,7 @@ class RouterExamples(Dataset):
         sizing: Sizing | None = None,
         seed: int = 0,
         augment: bool = False,
+        cepstrum: int = 0,
     ) -> None:
         if not photos or not degrades or not all(degrades):
             raise ConfigError("RouterExamples needs photos and at least one degradation per class.")
@@ -205,6 +210,7 @@ class RouterExamples(Dataset):
         self.degrades = [list(options) for options in degrades]
         self.length, self.crops = int(length), int(crops)
         self.size, self.grid, self.views = int(size), int(grid), views
+        self.cepstrum = int(cepstrum)
         self.sizing = sizing or Sizing()
         self.seed = int(seed)
         self.augment = bool(augment)
@@ -226,7 +232,10 @@ class RouterExamples(Dataset):
             native_crop(degraded, self.sizing, generator) for _ in range(self.crops - 1)
         ]
         views = [multi_view(x, self.size, self.grid, self.views)[0] for x in readings]
-        return {"views": torch.stack(views), "label": label}
+        item = {"views": torch.stack(views), "label": label}
+        if self.cepstrum:
+            item["cepstrum"] = torch.cat([cepstrum_statistics(x, self.cepstrum) for x in readings])
+        return item
 
 
 def labelled_batches(

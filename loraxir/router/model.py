@@ -36,7 +36,12 @@ from loraxir.router.encoders import DegradationEncoder, create_encoder, encoder_
 from loraxir.router.explanation import RouterExplanation
 from loraxir.router.gating import top_k_gates
 from loraxir.router.heads import TextPrototypeHead, degradation_prompt, grow_linear
-from loraxir.router.statistics import STATISTICS_DIM, view_statistics
+from loraxir.router.statistics import (
+    CEPSTRUM_DIM,
+    STATISTICS_DIM,
+    cepstrum_statistics,
+    view_statistics,
+)
 from loraxir.router.views import multi_view
 from loraxir.routing import check_degradations
 from loraxir.validation import check_names
@@ -92,8 +97,10 @@ class DegradationRouter(nn.Module):
         self._config = _make_config(degradations, settings)
         config = self._config
         self.encoder = encoder
-        features = encoder.embed_dim * (1 + _local_pools(config)) + (
-            STATISTICS_DIM if config.image_stats else 0
+        features = (
+            encoder.embed_dim * (1 + _local_pools(config))
+            + (STATISTICS_DIM if config.image_stats else 0)
+            + (CEPSTRUM_DIM if config.cepstrum else 0)
         )
         self.mlp = nn.Sequential(
             nn.LayerNorm(features),
@@ -130,6 +137,11 @@ class DegradationRouter(nn.Module):
     def grid(self) -> int:
         """Local views per side (0: global view only); fixed, as it sets the MLP's input."""
         return self._config.grid
+
+    @property
+    def cepstrum(self) -> int:
+        """Side of the native crops whose cepstrum the MLP reads (0: off); fixed."""
+        return self._config.cepstrum
 
     @property
     def hidden_dim(self) -> int:
@@ -258,13 +270,25 @@ class DegradationRouter(nn.Module):
         """The ``(B, 1 + grid², 3, S, S)`` views this router encodes (``S``: tower input)."""
         return multi_view(images, self.encoder.image_size, self.grid, self.views)
 
-    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+    def read_cepstrum(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The ``(B, 2)`` cepstrum statistics this router reads beside its views, or
+        ``None`` without the ``cepstrum`` setting
+        (:func:`~loraxir.router.statistics.cepstrum_statistics`)."""
+        if not self.cepstrum:
+            return None
+        return cepstrum_statistics(images, self.cepstrum)
+
+    def encode_views(
+        self, views: torch.Tensor, cepstrum: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Encoder features ``(B, F)`` of precomputed views: the MLP's input.
 
         All views of all images go through the encoder in one call. The global view's
         embedding comes first, then the local views' embeddings pooled by mean (and by
         element-wise max with ``pooling="mean_max"``; none with ``grid = 0``), then, with
-        ``image_stats``, the views' :func:`~loraxir.router.statistics.view_statistics`.
+        ``image_stats``, the views' :func:`~loraxir.router.statistics.view_statistics`,
+        then, with ``cepstrum``, the images' :meth:`read_cepstrum` (required then: views
+        are too small to hold it).
         """
         batch, num_views = views.shape[:2]
         embeddings = self.encoder(views.flatten(0, 1)).view(batch, num_views, -1)
@@ -276,15 +300,27 @@ class DegradationRouter(nn.Module):
                 parts.append(local.amax(dim=1))
         if self._config.image_stats:
             parts.append(view_statistics(views).to(embeddings.dtype))
+        if self.cepstrum:
+            if cepstrum is None or cepstrum.shape != (batch, CEPSTRUM_DIM):
+                got = None if cepstrum is None else tuple(cepstrum.shape)
+                raise RoutingError(
+                    f"This router reads the cepstrum of each image beside its views: pass "
+                    f"cepstrum=router.read_cepstrum(images) ({batch}, {CEPSTRUM_DIM}) with the "
+                    f"views (got {got}), or call router.route(images)."
+                )
+            parts.append(cepstrum.to(embeddings))
         return torch.cat(parts, dim=-1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Multi-view encoder features of images (see :meth:`encode_views`)."""
-        return self.encode_views(self.make_views(images))
+        return self.encode_views(self.make_views(images), self.read_cepstrum(images))
 
-    def route_views(self, views: torch.Tensor) -> RouterOutput:
-        """One routing pass on precomputed :meth:`make_views` output (training pipelines)."""
-        embedding = self.mlp(self.encode_views(views))
+    def route_views(
+        self, views: torch.Tensor, cepstrum: torch.Tensor | None = None
+    ) -> RouterOutput:
+        """One routing pass on precomputed :meth:`make_views` (and :meth:`read_cepstrum`)
+        output (training pipelines)."""
+        embedding = self.mlp(self.encode_views(views, cepstrum))
         logits = self.head(embedding)
         noise = self.noise_std if self.training else 0.0
         gates = top_k_gates(logits, self.top_k, self.temperature, noise)
@@ -292,7 +328,7 @@ class DegradationRouter(nn.Module):
 
     def route(self, images: torch.Tensor) -> RouterOutput:
         """One routing pass: ``e_deg``, logits and gates (see :class:`RouterOutput`)."""
-        return self.route_views(self.make_views(images))
+        return self.route_views(self.make_views(images), self.read_cepstrum(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Gates ``(B, E)`` for images ``(B, C, H, W)`` in [0, 1]."""

@@ -10,12 +10,19 @@ are cheap (a few reductions of the views, whatever the image size) and work for 
 encoder. They are computed on the views, so the global ones mean the same at every image
 size (the global view is a low-pass copy of the whole image) and the local ones read
 native pixels like the encoder does.
+
+:func:`cepstrum_statistics` (the router's ``cepstrum`` setting) reads the image itself:
+the router's 32-pixel views are shorter than the streaks of a camera shake, and the cue
+that tells a blurred photo from a hazy or pale one needs the streak's whole length.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from loraxir.router.config import CEPSTRUM_MIN_SIZE
+from loraxir.router.views import as_rgb, lattice_offsets
 
 # Brightness histogram bins over [0, 1]; eight bins separate under-exposure from dark scenes.
 HISTOGRAM_BINS = 8
@@ -29,6 +36,12 @@ GLOBAL_DIM = 9 + HISTOGRAM_BINS
 # each pooled by mean and max over the local views.
 LOCAL_DIM = 6
 STATISTICS_DIM = GLOBAL_DIM + LOCAL_DIM
+# Cepstrum: the strength of its deepest off-centre trough, mean and min over the crops.
+CEPSTRUM_DIM = 2
+# Native crops whose cepstrum is read: a _CEPSTRUM_GRID × _CEPSTRUM_GRID lattice.
+_CEPSTRUM_GRID = 3
+# Troughs nearer the centre than this are the photo's own smoothness, not a streak.
+_CEPSTRUM_MIN_RADIUS = 3
 
 
 def view_statistics(views: torch.Tensor) -> torch.Tensor:
@@ -91,6 +104,46 @@ def sharpness_statistics(views: torch.Tensor) -> torch.Tensor:
         jxx + jyy + _ENERGY_EPS
     )
     return torch.stack([energy[0], energy[0] - energy[1], coherence], dim=-1)
+
+
+def cepstrum_statistics(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, CEPSTRUM_DIM)`` motion-blur evidence of images ``(B, C, H, W)`` in [0, 1].
+
+    A linear blur of length ``L`` multiplies the spectrum by a sinc whose zeros repeat
+    every ``1/L`` cycles along the motion; the cepstrum (inverse FFT of the log power
+    spectrum) turns that comb into one deep trough at distance ``L`` from the centre. Sharp
+    photos, haze (an affine change of intensity) and low light have no such trough, whatever
+    the photo's contrast or paleness. Each of ``3 × 3`` luminance crops of ``size`` pixels
+    at the image's own resolution (of its shorter side when smaller; no rescale, which
+    would change ``L``) is Hann-windowed; its cepstrum's deepest value between 3 pixels
+    and the crop's half side, as a z-score over that annulus, is pooled by mean and min
+    over the crops. Streaks up to about ``size / 4`` pixels show clearly (the window
+    fades the longer ones); images shorter than
+    :data:`CEPSTRUM_MIN_SIZE` give zeros.
+    """
+    gray = as_rgb(images).float().mean(dim=1)
+    height, width = gray.shape[-2:]
+    crop = min(size, height, width)
+    if crop < CEPSTRUM_MIN_SIZE:
+        return gray.new_zeros(gray.shape[0], CEPSTRUM_DIM)
+    crops = torch.stack(
+        [
+            gray[:, top : top + crop, left : left + crop]
+            for top in lattice_offsets(height, crop, _CEPSTRUM_GRID)
+            for left in lattice_offsets(width, crop, _CEPSTRUM_GRID)
+        ],
+        dim=1,
+    )
+    window = torch.hann_window(crop, periodic=False, dtype=crops.dtype, device=crops.device)
+    crops = (crops - crops.mean((-2, -1), keepdim=True)) * window[:, None] * window
+    power = torch.fft.fft2(crops).abs().square()
+    floor = 1e-6 * power.mean((-2, -1), keepdim=True) + 1e-12
+    cepstrum = torch.fft.ifft2(torch.log(power + floor)).real
+    offset = torch.fft.fftfreq(crop, 1 / crop, device=crops.device).abs()
+    radius = torch.sqrt(offset[:, None].square() + offset.square())
+    annulus = cepstrum[..., (radius >= _CEPSTRUM_MIN_RADIUS) & (radius <= crop / 2 - 2)]
+    trough = (annulus.amin(-1) - annulus.mean(-1)) / (annulus.std(-1) + 1e-6)
+    return torch.stack([trough.mean(dim=1), trough.amin(dim=1)], dim=-1)
 
 
 def _gradients(gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

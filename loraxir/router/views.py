@@ -104,8 +104,8 @@ def native_views(images: torch.Tensor, size: int, grid: int) -> torch.Tensor:
     views = [F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)]
     height, width = images.shape[-2:]
     crop = min(size, height, width)
-    for top in _offsets(height, crop, grid):
-        for left in _offsets(width, crop, grid):
+    for top in lattice_offsets(height, crop, grid):
+        for left in lattice_offsets(width, crop, grid):
             views.append(resize_square(images[..., top : top + crop, left : left + crop], size))
     return torch.stack(views, dim=1)
 
@@ -122,7 +122,7 @@ def multi_view(images: torch.Tensor, size: int, grid: int, kind: str = "native")
     return VIEWS[kind](as_rgb(images), size, grid)
 
 
-def _offsets(length: int, crop: int, grid: int) -> list[int]:
+def lattice_offsets(length: int, crop: int, grid: int) -> list[int]:
     """Start of ``grid`` crops of ``crop`` spread evenly from edge to edge of ``length``."""
     if grid == 1:
         return [(length - crop) // 2]
