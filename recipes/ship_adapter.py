@@ -136,11 +136,11 @@ def card(name: str, info: Any, scores: dict[str, dict[str, float]], notes: dict[
         "\n  and changed a little."
     )
     weak = "".join(
-        f"- It makes {task} images worse ({s['restored_psnr'] - s['input_psnr']:+.2f} dB on "
+        f"- It makes {task} images worse ({_gain(s['restored_psnr'] - s['input_psnr'])} dB on "
         "average above): leave such images as they are"
         + (
             f", or give the class (`--degradation {task}`: "
-            f"{s['given_psnr'] - s['input_psnr']:+.2f} dB).\n"
+            f"{_gain(s['given_psnr'] - s['input_psnr'])} dB).\n"
             if s["given_psnr"] > s["restored_psnr"]
             else ".\n"
         )
@@ -277,6 +277,12 @@ def fit_class_embeddings(model: Any, photos: Path, suite: str, seed: int) -> Non
         str(photos), suite, _CLASS_CROP, seed=seed + 1, repeats=_CLASS_REPEATS, augment=False
     )
     model.loraxir_router.fit_class_embeddings(labelled_batches(crops))
+
+
+def _gain(decibels: float) -> str:
+    """A gain in dB for the card's prose: two decimals, three where two would read 0.00
+    (a loss of 0.001 dB is still a loss, and the card says so)."""
+    return f"{decibels:+.2f}" if abs(decibels) >= 0.005 else f"{decibels:+.3f}"
 
 
 def _photo_names(photos: Path) -> str:
