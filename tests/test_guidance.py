@@ -337,6 +337,27 @@ def test_fitted_class_embeddings_are_each_class_mean_embedding_and_round_trip(tm
         assert torch.equal(loaded(x, degradation="rain"), model(x, degradation="rain"))
 
 
+def test_class_embeddings_survive_peft_load_and_save(tmp_path):
+    """peft's PeftModel loads the fitted class embeddings of our adapter (a given class
+    restores as with our loader) and writes them back when it saves."""
+    from peft import PeftModel
+
+    model = _dam_model()
+    _fit_class_embeddings(model.loraxir_router)
+    model.save_pretrained(tmp_path / "ours")
+    by_peft = PeftModel.from_pretrained(_backbone(), tmp_path / "ours")
+    by_peft.save_pretrained(tmp_path / "peft")
+    reloaded = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "peft")
+    fitted = model.loraxir_router.class_embeddings
+    assert torch.equal(by_peft.base_model.loraxir_router.class_embeddings, fitted)
+    assert torch.equal(reloaded.loraxir_router.class_embeddings, fitted)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x, degradation="rain")
+        assert torch.equal(by_peft.base_model(x, degradation="rain"), expected)
+        assert torch.equal(reloaded(x, degradation="rain"), expected)
+
+
 def test_a_given_class_drives_dam_with_its_class_embedding_and_skips_the_router():
     model = _dam_model()
     router = model.loraxir_router

@@ -638,6 +638,13 @@ def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router
     router.save_pretrained(tmp_path / "router")
     loaded = DegradationRouter.from_pretrained(tmp_path / "router")
     assert torch.equal(loaded.class_embeddings, fitted)
+    # torch's state dict (Accelerate checkpoints, peft) carries them into an unfitted router.
+    assert torch.equal(router.state_dict()["class_embeddings"], fitted)
+    unfitted = cnn_router()
+    unfitted.load_state_dict(router.state_dict())
+    assert torch.equal(unfitted.class_embeddings, fitted)
+    with pytest.raises(RuntimeError, match="size mismatch for class_embeddings"):
+        cnn_router().load_state_dict({**router.state_dict(), "class_embeddings": fitted[:2]})
     loaded.add_degradation("snow")
     assert loaded.class_embeddings is None
     with pytest.raises(CheckpointError, match="class_embeddings"):

@@ -108,8 +108,9 @@ class DegradationRouter(nn.Module):
             nn.GELU(),
             nn.Linear(config.hidden_dim, config.embed_dim),
         )
-        # (E, embed_dim) mean e_deg per class (fit_class_embeddings); moves with the router.
-        self.register_buffer("class_embeddings", None, persistent=False)
+        # (E, embed_dim) mean e_deg per class (fit_class_embeddings); moves with the router
+        # and is in state_dict() once fitted, so peft's save and load keep it too.
+        self.register_buffer("class_embeddings", None)
         if config.head == "linear":
             self.head: nn.Module = nn.Linear(config.embed_dim, len(config.degradations))
             self._config = dataclasses.replace(config, prompts=None)
@@ -378,6 +379,27 @@ class DegradationRouter(nn.Module):
             )
         self.class_embeddings = (sums / counts[:, None]).to(parameter)
         return self.class_embeddings
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """torch's loading, which skips a buffer that is still ``None``: fitted class
+        embeddings in ``state_dict`` (a peft or Accelerate checkpoint) land in an unfitted
+        router too. A wrong shape is reported as torch reports any other."""
+        fitted = state_dict.get(prefix + CLASS_EMBEDDINGS_KEY)
+        if self.class_embeddings is None and isinstance(fitted, torch.Tensor):
+            shape = (len(self.degradations), self._config.embed_dim)
+            self.class_embeddings = torch.empty(shape).to(next(self.mlp.parameters()))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def class_embedding(self, gates: torch.Tensor) -> torch.Tensor | None:
         """``gates @ class_embeddings``: the DAM embedding of a class the caller fixed
