@@ -77,6 +77,32 @@ def evaluate(model: Any, items: Any) -> dict[str, dict[str, float]]:
     }
 
 
+def evaluate_clean(model: Any, items: Any) -> dict[str, Any]:
+    """What the adapter does to the held-out photos left undegraded, as ``loraxir restore``
+    runs them: a router without a clean class sends each to some expert. Mean and lowest
+    PSNR of the output against the photo itself, and the class each was routed to."""
+    from loraxir.inference.restorer import Restorer
+    from loraxir.metrics import psnr
+
+    restorer = Restorer(model)
+    seen: set[str] = set()
+    scores, routed_to = [], {}
+    for index in range(len(items)):
+        item = items[index]
+        if item["name"] in seen:
+            continue
+        seen.add(item["name"])
+        pixels, routing = restorer.restore(item["gt"].permute(1, 2, 0).numpy())
+        restored = torch.from_numpy(pixels).permute(2, 0, 1)[None].clamp(0, 1)
+        scores.append(psnr(restored, item["gt"][None], quantize=True).item())
+        routed_to[Path(item["name"]).stem] = routing.label
+    return {
+        "psnr": sum(scores) / len(scores),
+        "lowest_psnr": min(scores),
+        "routed_to": routed_to,
+    }
+
+
 # Crops the class embeddings are fitted on: side, and draws per photo and class.
 _CLASS_CROP = 128
 _CLASS_REPEATS = 8
@@ -91,7 +117,13 @@ _COLUMNS = (
 )
 
 
-def card(name: str, info: Any, scores: dict[str, dict[str, float]], notes: dict[str, Any]) -> str:
+def card(
+    name: str,
+    info: Any,
+    scores: dict[str, dict[str, float]],
+    clean: dict[str, Any],
+    notes: dict[str, Any],
+) -> str:
     """The model card: what the adapter is, its held-out table, how it was made, its limits."""
     rows = [
         f"| {task} | {s['input_psnr']:.2f} | {s['restored_psnr']:.2f} | "
@@ -130,10 +162,16 @@ def card(name: str, info: Any, scores: dict[str, dict[str, float]], notes: dict[
     )
     mixing = (
         "One expert is chosen per image (top-1): an image with two degradations gets the one "
-        "the\n  router finds strongest. A clean photo is routed to some class and changed a little."
+        "the\n  router finds strongest."
         if top_k == 1
-        else f"The {top_k} strongest experts are mixed per image; a clean photo is still routed"
-        "\n  and changed a little."
+        else f"The {top_k} strongest experts are mixed per image."
+    )
+    routed_to = ", ".join(f"{photo} as {label}" for photo, label in clean["routed_to"].items())
+    clean_line = (
+        "- It has no class for clean photos and changes them: the held-out photos above, "
+        f"undegraded,\n  were read as degraded ({routed_to}) and came out at "
+        f"{clean['psnr']:.2f} dB PSNR against\n  themselves on average (lowest "
+        f"{clean['lowest_psnr']:.2f} dB). Restore only photos that need it.\n"
     )
     weak = "".join(
         f"- It makes {task} images worse ({_gain(s['restored_psnr'] - s['input_psnr'])} dB on "
@@ -201,7 +239,7 @@ the router chose the right class (routed), and the gain when the class is given 
 - Trained {notes["trained_on"]}, with synthetic degradations only: expect it to help
   on images that look like those degradations, and to do less on real rain, real haze or real
   camera shake.
-{weak}- {mixing}
+{weak}{clean_line}- {mixing}
 """
 
 
@@ -243,6 +281,7 @@ def ship(
     if class_photos is not None:
         fit_class_embeddings(model, class_photos, suite, seed)
     scores = evaluate(model, items)
+    clean = evaluate_clean(model, items)
     notes = {
         "suite": suite,
         "trained_on": trained_on,
@@ -258,9 +297,10 @@ def ship(
                 shutil.copy2(file, staging / file.name)
         if class_photos is not None:
             model.save_pretrained(str(staging))
-        metrics = {"held_out": scores, **notes}
+        metrics = {"held_out": scores, "clean_photos": clean, **notes}
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (staging / "README.md").write_text(card(name, describe_adapter(staging), scores, notes))
+        info = describe_adapter(staging)
+        (staging / "README.md").write_text(card(name, info, scores, clean, notes))
     return target
 
 

@@ -521,6 +521,11 @@ def test_ship_adapter_measures_held_out_photos_and_keeps_an_existing_folder(tmp_
         assert f"| {task} | {row['input_psnr']:.2f} | {row['restored_psnr']:.2f} |" in card
         worse = row["restored_psnr"] <= row["input_psnr"]
         assert (f"It makes {task} images worse" in card) == worse, task
+    clean = metrics["clean_photos"]
+    assert sorted(clean["routed_to"]) == ["astronaut", "coffee"]
+    assert set(clean["routed_to"].values()) <= set(CLASSES)
+    assert clean["lowest_psnr"] <= clean["psnr"] < 100
+    assert f"came out at {clean['psnr']:.2f} dB PSNR" in card
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loraxir.load_adapter(target)(x), loraxir.load_adapter(trained)(x))
