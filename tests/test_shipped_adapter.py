@@ -47,6 +47,9 @@ def test_the_default_adapter_is_installed_small_and_documented():
     for task, row in metrics["held_out"].items():
         assert f"| {task} |" in card
         assert f"| {row['input_psnr']:.2f} | {row['restored_psnr']:.2f} |" in card
+    clean = metrics["clean_photos"]  # what it does to photos that need no restoring
+    assert sorted(clean["routed_to"]) == sorted(HELD_OUT)
+    assert f"came out at {clean['psnr']:.2f} dB PSNR" in card
 
 
 # Known weakness, stated in the card: the small network trained for minutes does not
