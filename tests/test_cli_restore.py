@@ -103,6 +103,32 @@ def test_restore_skips_bad_inputs_reports_them_and_restores_the_others(adapter, 
     assert main([*again, "--quiet", "--overwrite", "--degradation", "blur"]) == 0
 
 
+def test_restore_flags_an_unsure_image_with_its_runner_up(adapter, tmp_path, capsys):
+    """An image whose top probability is under the router's ``unsure_below`` is reported
+    as unsure, with the second class and the command that forces it."""
+    import shutil
+
+    from loraxir.inference.restorer import Restorer
+
+    unsure = tmp_path / "unsure"
+    shutil.copytree(adapter, unsure)
+    model = loraxir.load_adapter(adapter)
+    model.loraxir_router.unsure_below = 1.0  # no image is that sure
+    model.save_pretrained(str(unsure))
+    Image.fromarray(photo(40, 60)).save(tmp_path / "a.png")
+    args = ["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out.png"), "--quiet"]
+    assert main([*args, "--adapter", str(unsure)]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if "-> " in row)
+    routing = Restorer(loraxir.load_adapter(unsure)).route(photo(40, 60))
+    name, probability = routing.runner_up()
+    assert routing.unsure and name != routing.label
+    detected = f"{routing.label} (p={routing.confidence:.2f})"
+    assert f"{detected}, UNSURE: {name} p={probability:.2f}" in line
+    assert line.rstrip().endswith(f"--degradation {name} -> {tmp_path / 'out.png'}")
+    assert main([*args, "--adapter", str(adapter), "--overwrite", "--degradation", name]) == 0
+    assert "UNSURE" not in capsys.readouterr().out
+
+
 def test_forced_degradation_equals_routing_to_that_class(adapter, tmp_path):
     image = photo(33, 47)
     Image.fromarray(image).save(tmp_path / "x.png")

@@ -125,4 +125,6 @@ def test_time_varying_degradations_are_detected_per_frame(tmp_path, video_router
     with open(tmp_path / "frames.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12 and {"detected", "gate_noise", "psnr", "psnr_input"} <= set(rows[0])
+    flagged = [row["confidence"] < video_router.unsure_below for row in report.rows]
+    assert [row["unsure"] == "True" for row in rows] == flagged
     assert (tmp_path / "frames.png").stat().st_size > 1000

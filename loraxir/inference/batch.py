@@ -20,7 +20,7 @@ import numpy as np
 
 from loraxir.errors import LoraIRError
 from loraxir.inference.images import Picture, read_picture, write_picture
-from loraxir.inference.restorer import Restorer
+from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.video import VIDEO_EXTENSIONS, probe_video, restore_video
 
 IMAGE_SUFFIXES = frozenset(
@@ -131,8 +131,22 @@ def _restore_image(restorer: Restorer, job: Job, progress: bool) -> str:
         job.target,
         lambda path: write_picture(path, Picture(restored, picture.alpha, picture.grayscale)),
     )
-    how = "forced" if restorer.degradation is not None else f"p={routing.confidence:.2f}"
-    return f"{job.source}: {routing.label} ({how}) -> {job.target}"
+    return f"{job.source}: {_detected(restorer, routing)} -> {job.target}"
+
+
+def _detected(restorer: Restorer, routing: Routing) -> str:
+    """``rain (p=0.93)``; for an unsure image also the runner-up and what to do about it."""
+    if restorer.degradation is not None:
+        return f"{routing.label} (forced)"
+    text = f"{routing.label} (p={routing.confidence:.2f})"
+    runner_up = routing.runner_up()
+    if not routing.unsure or runner_up is None:
+        return text
+    name, probability = runner_up
+    return (
+        f"{text}, UNSURE: {name} p={probability:.2f} next; if it is {name}, rerun it with "
+        f"--degradation {name}"
+    )
 
 
 def _restore_video(

@@ -11,6 +11,7 @@ routing, no expert overhead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ class Routing:
     """``(E,)`` the router's belief per class, or ``None`` for a forced degradation."""
     embedding: torch.Tensor | None = None
     """``(D,)`` the router's degradation embedding (read by DAM blocks), or ``None``."""
+    unsure_below: float = 0.0
+    """The router's threshold: a top probability under it is flagged (:attr:`unsure`)."""
 
     @property
     def label(self) -> str:
@@ -48,13 +51,26 @@ class Routing:
             return 1.0
         return float(self.probabilities.max())
 
+    @property
+    def unsure(self) -> bool:
+        """The router's top probability is under its ``unsure_below``: the image may be
+        another class (see :meth:`runner_up`), a mixture, or unlike its training images."""
+        return self.probabilities is not None and self.confidence < self.unsure_below
+
+    def runner_up(self) -> tuple[str, float] | None:
+        """The second most likely class and its probability (``None`` when forced)."""
+        if self.probabilities is None or len(self.degradations) < 2:
+            return None
+        values, indices = self.probabilities.topk(2)
+        return self.degradations[int(indices[1])], float(values[1])
+
     def smoothed(self, previous: Routing | None, momentum: float) -> Routing:
         """Exponential moving average of the gates with ``previous`` (video smoothing):
         ``momentum * previous + (1 - momentum) * these``; probabilities stay per frame."""
         if previous is None or momentum <= 0:
             return self
         gates = momentum * previous.gates + (1 - momentum) * self.gates
-        return Routing(self.degradations, gates, self.probabilities, self.embedding)
+        return dataclasses.replace(self, gates=gates)
 
 
 class Restorer:
@@ -114,12 +130,14 @@ class Restorer:
             gates[names.index(self.degradation)] = 1.0
             return Routing(names, gates)
         image = _routing_view(pixels, self.route_pixels).to(self.device, self.dtype)
-        output = self.model.loraxir_router.route(image)
+        router = self.model.loraxir_router
+        output = router.route(image)
         return Routing(
             names,
             output.gates[0].float().cpu(),
             torch.softmax(output.logits[0].float(), dim=-1).cpu(),
             output.embedding[0].cpu(),
+            float(getattr(router, "unsure_below", 0.0)),
         )
 
     def restore(

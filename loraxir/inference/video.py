@@ -116,6 +116,7 @@ class FrameReport:
             "frame": len(self.rows),
             "detected": routing.label,
             "confidence": round(routing.confidence, 4),
+            "unsure": routing.unsure,
         }
         row |= {
             f"gate_{n}": round(float(g), 4)
