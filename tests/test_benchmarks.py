@@ -39,6 +39,9 @@ def test_overhead_benchmark_runs_and_writes_every_measure(tmp_path, monkeypatch,
     assert any(m.startswith("experts-only train step top-1") for m in measures)
     assert "frozen base, no experts (floor) / full base step" in measures
     assert len(set(measures)) == len(measures)  # one row per measure for one setting
+    for kind in ("inference", "training"):  # timed in pairs against the best fixed form
+        row = next(r for r in rows if r["measure"] == f"autotuned / best fixed form ({kind} top-1)")
+        assert row["low"] <= row["value"] <= row["high"], row
     for row in rows:
         assert (row["backbone"], row["batch"], row["size"]) == ("nafnet-tiny", 2, 32)
         assert row["unit"] == ("s" if row["measure"].endswith("(s)") else "x"), row
