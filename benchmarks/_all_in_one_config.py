@@ -112,6 +112,12 @@ class BenchConfig:
         for name in ("test_fraction", "val_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}.")
+        if self.eval_patch_size is None and self.eval_batch_size > 1:
+            raise ConfigError(
+                f"eval_batch_size={self.eval_batch_size} with whole test photos "
+                "(eval_patch_size: null): photos of different sizes cannot share a batch. Set "
+                "eval_batch_size=1 (as the paper scale does) or an eval_patch_size."
+            )
         for section in ("pretrain", "adapters"):
             steps = getattr(self, section).get("max_steps")
             if not isinstance(steps, int) or steps < 1:

@@ -300,3 +300,5 @@ def test_bad_settings_name_the_value_and_the_fix() -> None:
         load_bench_config("tiny", overrides=["seed=[1]"])
     with pytest.raises(ConfigError, match=r"adapters\.max_steps"):
         BenchConfig(pretrain={"max_steps": 1}, adapters={})
+    with pytest.raises(ConfigError, match="eval_batch_size=1"):
+        load_bench_config("tiny", overrides=["eval_patch_size=null"])

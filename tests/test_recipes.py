@@ -270,6 +270,19 @@ def test_missing_or_empty_data_fails_before_any_model_is_built(
     assert not (out / "config.yaml").exists(), "the Accelerator (and model) came after the check"
 
 
+def test_whole_photos_of_different_sizes_validate_without_a_batch_setting(
+    base: Path, tmp_path: Path
+) -> None:
+    """``val_patch_size: null`` alone once crashed inside torch's collate (a 512² and a
+    1000×872 photo in one batch); whole photos now go one per batch by default."""
+    metrics = run(
+        "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=1", "tasks=[noise]",
+        "val_patch_size=null", "source=skimage", "test_fraction=0.2",
+    )  # fmt: skip
+    assert metrics["final"]["num_images"] == 3  # 3 of the 14 photos, 1 draw each
+    assert any((tmp_path / "figures").glob("*.png")), "the validation grid was written"
+
+
 def test_a_nan_loss_stops_naming_the_step_and_the_last_checkpoint(
     base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,6 +147,8 @@ def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None
         load_config(RestorationConfig, None, ["paired_train={rain: data/rain}"])
     with pytest.raises(ConfigError, match=r"paired_train\.rain"):
         load_config(RestorationConfig, None, ["paired_train={rain: 3}", "paired_val={}"])
+    with pytest.raises(ConfigError, match="val_batch_size=4 with whole-image"):
+        load_config(RestorationConfig, None, ["val_patch_size=null", "val_batch_size=4"])
 
 
 @dataclasses.dataclass

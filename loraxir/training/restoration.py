@@ -106,7 +106,9 @@ class RestorationConfig(RecipeConfig):
         default=False, metadata={"help": "Recompute block activations in backward."}
     )
     validate_every: int = run_setting(0, "Steps between validations; 0: only at the end.")
-    val_batch_size: int | None = run_setting(None, "Validation batch (default batch_size).")
+    val_batch_size: int | None = run_setting(
+        None, "Validation batch (default batch_size; 1 for whole images, which differ in size)."
+    )
     val_y_channel: bool = field(
         default=False, metadata={"help": "Validate on the Y channel (BT.601), as BasicSR."}
     )
@@ -119,6 +121,12 @@ class RestorationConfig(RecipeConfig):
             raise ConfigError(
                 "Give both paired_train and paired_val (real pairs need held-out pairs to "
                 "validate on), or neither (synthetic pairs from `source`)."
+            )
+        if self.val_patch_size is None and (self.val_batch_size or 1) > 1:
+            raise ConfigError(
+                f"val_batch_size={self.val_batch_size} with whole-image validation "
+                "(val_patch_size: null): images of different sizes cannot share a batch. Leave "
+                "val_batch_size unset (whole images go one at a time) or set val_patch_size."
             )
         if self.fft_weight < 0:
             raise ConfigError(f"fft_weight must be >= 0, got {self.fft_weight}.")
@@ -481,7 +489,8 @@ def start_run(
     groups = param_groups(model) if param_groups else [{"params": list(model.parameters())}]
     optimizer, scheduler = make_optimizer_and_scheduler(groups, config)
     train_loader = make_loader(data.train, config, shuffle=True)
-    val_loader = make_loader(data.val, config, shuffle=False, batch_size=config.val_batch_size)
+    val_batch = config.val_batch_size or (1 if config.val_patch_size is None else None)
+    val_loader = make_loader(data.val, config, shuffle=False, batch_size=val_batch)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
