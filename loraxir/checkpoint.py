@@ -143,10 +143,18 @@ def staged_folder(directory: str | os.PathLike) -> Iterator[Path]:
     block leaves the previous folder exactly as it was and no staging folder behind.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file, not a folder; choose a folder path.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(
+            f"Cannot make the folder {target}: a part of its path is a file."
+        ) from None
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        with_default_modes(staging)
         if target.exists():
             for item in target.iterdir():
                 if not (staging / item.name).exists():
@@ -161,6 +169,18 @@ def staged_folder(directory: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def with_default_modes(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions a plain
+    ``open``/``mkdir`` would (``0o666`` / ``0o777`` less the umask). Temporary files and
+    folders start private (``0o600`` / ``0o700``), and safetensors writes ``0o600``: left
+    so, a checkpoint could not be read by the rest of a team sharing a machine."""
+    mask = os.umask(0)
+    os.umask(mask)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def write(

@@ -185,6 +185,17 @@ def insert_dam(
     return list(plan)
 
 
+def remove_dam(backbone: nn.Module) -> None:
+    """Take every DAM block and its hook out of ``backbone``, which then computes exactly as
+    before :func:`insert_dam` (used to undo an injection that failed part-way)."""
+    for module in backbone.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, _DAMHook):
+                del module._forward_pre_hooks[key]
+    if hasattr(backbone, DAM_ATTRIBUTE):
+        delattr(backbone, DAM_ATTRIBUTE)
+
+
 def dam_config(backbone: nn.Module) -> DAMConfig | None:
     """The :class:`DAMConfig` describing the blocks on ``backbone``, or ``None``."""
     blocks = _blocks(backbone)

@@ -279,8 +279,16 @@ class LoraIRLayer(BaseTunerLayer):
                 f"The merge gate has {gate.numel()} entries but adapter {adapter_name!r} has "
                 f"{bank.num_experts} experts; merge adapters of the same degradations together."
             )
+        # Experts with a zero gate are left out, as in the forward: they add nothing, and a
+        # broken one (inf or NaN) must not spoil the merge of the others (0 · inf = NaN).
+        used = tuple(i for i, g in enumerate(gate.tolist()) if g != 0.0)
+        if not used:
+            return torch.zeros_like(self.base_layer.weight)
+        a, b = bank.stacked()
         coeffs = gate.to(self.base_layer.weight).reshape(1, -1) * self.scaling(adapter_name)
-        return compute.delta_weights(self.base_layer, *bank.stacked(), coeffs)[0]
+        return compute.delta_weights(
+            self.base_layer, _select(a, used), _select(b, used), _select(coeffs, used, dim=1)
+        )[0]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

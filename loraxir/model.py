@@ -24,7 +24,7 @@ from torch import nn
 from loraxir import checkpoint, guidance
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
-from loraxir.errors import ConfigError, RoutingError
+from loraxir.errors import ConfigError, DataError, RoutingError
 from loraxir.layers import LoraIRLayer, wrap_layer
 from loraxir.padding import backbone_unit, reflect_pad, size_multiple
 from loraxir.routing import (
@@ -85,7 +85,13 @@ class LoraIRModel(BaseTuner):
                 router = _router_from_config(config.router)
             if router is not None:
                 check_router(router, config.degradations, config.top_k)  # before injecting
-        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
+        layers_before = {id(m) for m in model.modules() if isinstance(m, LoraIRLayer)}
+        dam_before = [(m, m.routing) for m in model.modules() if isinstance(m, guidance.DAMBlock)]
+        try:
+            super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
+        except BaseException:
+            _undo_injection(model, layers_before, dam_before)
+            raise
         self.last_routing: torch.Tensor | None = None
         self.loraxir_router: nn.Module | None = None
         if router is not None:
@@ -276,6 +282,7 @@ class LoraIRModel(BaseTuner):
         8, as tiled inference does) are reflect-padded for the backbone and cropped back
         (see :mod:`loraxir.padding`); the router sees ``x`` as given.
         """
+        self._check_input(x)
         gates, embedding = self._routing_for(x, gates, degradation)
         groups = self._inference_groups(x, gates, args, kwargs)
         if groups is None:
@@ -286,6 +293,31 @@ class LoraIRModel(BaseTuner):
             outputs.append(self._run_in_chunks(x[members], gates[members], part, (), {}))
         out = torch.cat(outputs)
         return out if groups.order is None else out[groups.order]
+
+    def _check_input(self, x: Any) -> None:
+        """Refuse what the backbone would reject from deep inside torch: a non-tensor, an
+        integer tensor, or a float dtype other than the weights' (outside autocast)."""
+        if not isinstance(x, torch.Tensor):
+            raise DataError(
+                f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
+                "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+            )
+        if not x.is_floating_point():
+            raise DataError(
+                f"Expected float images in [0, 1], got dtype {x.dtype}; convert 8-bit images "
+                "with x.float() / 255."
+            )
+        weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if (
+            weight is not None
+            and x.dtype != weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            raise DataError(
+                f"The images are {x.dtype} but the model's weights are {weight.dtype}; pass "
+                f"x.to({weight.dtype}), convert the model with model.to({x.dtype}), or run "
+                "under torch.autocast."
+            )
 
     def _run_in_chunks(
         self,
@@ -610,6 +642,12 @@ class LoraIRModel(BaseTuner):
         Returns seconds per candidate. Training mode is restored and gradients cleared on
         every exit; on an error every layer's previous choice is restored.
         """
+        if self.merged:
+            raise RoutingError(
+                "autotune times the expert compute forms, but the model is merged: every form "
+                "would run the same merged weights. Call model.unmerge() first, or keep the "
+                "merged model (it has no expert overhead to tune)."
+            )
         phase = "training" if training else "inference"
         layers = [layer for _, layer in self.expert_layers()]
         dropout = training and any(
@@ -695,12 +733,16 @@ class LoraIRModel(BaseTuner):
 
         ``gates`` is ``(E,)``; ``degradation`` a name (one-hot). ``adapter_names`` merges
         several adapters (default: the active one), each with the same gate. With
-        ``safe_merge`` every folded weight is checked to be finite; on any error nothing
-        stays merged. Afterwards ``model(x)`` and ``model(x, degradation=<that name>)`` run
-        the merged weights; other routing raises. Undo with :meth:`unmerge`.
+        ``safe_merge`` every folded weight is checked to be finite; on any error the model
+        is left as it was (unmerged, or merged for its earlier gate). Afterwards ``model(x)``
+        and ``model(x, degradation=<that name>)`` run the merged weights; other routing
+        raises. Undo with :meth:`unmerge`.
         """
         gate = fixed_gate(gates, degradation, self.config.degradations)
+        earlier = None
         if self.merged:
+            layer = next(layer for _, layer in self.expert_layers() if layer.merged)
+            earlier = (self.routing.merge_gate, list(layer.merged_adapters))
             self.unmerge()
         self.routing.merge_gate = gate
         merged: list[LoraIRLayer] = []
@@ -715,6 +757,8 @@ class LoraIRModel(BaseTuner):
             for layer in merged:
                 layer.unmerge()
             self.routing.merge_gate = None
+            if earlier is not None:
+                self.merge(earlier[0], adapter_names=earlier[1])
             raise
 
     def unmerge(self) -> None:
@@ -843,6 +887,22 @@ class LoraIRModel(BaseTuner):
                 for index, (a, b) in enumerate(zip(bank.A, bank.B, strict=True)):
                     a.copy_(tensors[checkpoint.expert_key(path, "A", index)])
                     b.copy_(tensors[checkpoint.expert_key(path, "B", index)])
+
+
+def _undo_injection(
+    model: nn.Module, layers_before: set[int], dam_before: list[tuple[nn.Module, RoutingState]]
+) -> None:
+    """Put back the plain layers that a failed injection had already wrapped, and the DAM
+    blocks as they were (taken out when it inserted them, bound to their earlier routing
+    otherwise), so that an error leaves the user's network as it was."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoraIRLayer) and id(child) not in layers_before:
+                setattr(module, name, child.get_base_layer())
+    if not dam_before:
+        guidance.remove_dam(model)
+    for block, routing in dam_before:
+        block.routing = routing
 
 
 def _router_from_config(spec: Any) -> nn.Module:

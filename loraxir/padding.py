@@ -20,8 +20,14 @@ _UNIT_ATTRIBUTES = ("padder_size", "window_size")
 
 
 def backbone_unit(backbone: torch.nn.Module) -> int | None:
-    """The side multiple ``backbone`` declares (NAFNet's ``padder_size``, a Swin
-    transformer's ``window_size``), or ``None`` when it declares none."""
+    """The side multiple ``backbone`` needs: its family preset's ``side_multiple`` when it
+    has one (SCUNet, Restormer), else what the network declares (NAFNet's ``padder_size``,
+    a Swin transformer's ``window_size``), or ``None`` when neither says."""
+    from loraxir.backbones import detect_preset
+
+    preset = detect_preset(backbone)
+    if preset is not None and preset.side_multiple is not None:
+        return preset.side_multiple
     for name in _UNIT_ATTRIBUTES:
         value = getattr(backbone, name, None)
         if isinstance(value, int) and value > 0:

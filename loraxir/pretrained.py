@@ -131,6 +131,8 @@ def save_merged(
     """
     from safetensors.torch import save_file
 
+    from loraxir.checkpoint import with_default_modes
+
     output = Path(output)
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it.")
@@ -145,6 +147,7 @@ def save_merged(
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))
+    with_default_modes(partial)
     os.replace(partial, output)
     return output
 

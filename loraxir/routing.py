@@ -177,13 +177,18 @@ def degradation_gates(
     """
     if isinstance(degradation, str):
         names = [degradation] * (batch_size or 1)
-    else:
+    elif isinstance(degradation, Sequence) and all(isinstance(n, str) for n in degradation):
         names = list(degradation)
         if batch_size is not None and len(names) != batch_size:
             raise RoutingError(
                 f"Got {len(names)} degradation names for a batch of {batch_size} images; pass "
                 "one name for all images or one per image."
             )
+    else:
+        raise RoutingError(
+            f"degradation={degradation!r} is neither a class name nor a list of names (one "
+            f"per image); the classes are {list(known)}."
+        )
     gates = torch.zeros(len(names), len(known))
     for row, name in enumerate(names):
         if name not in known:

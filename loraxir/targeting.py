@@ -45,6 +45,13 @@ def matches(pattern: str | list[str] | None, path: str) -> bool:
     return any(path == name or path.endswith("." + name) for name in pattern)
 
 
+def _supported(module: nn.Module) -> bool:
+    """Can experts wrap ``module``? (grouped transposed convolutions have no expert form)"""
+    if type(module) not in LAYER_TYPES:
+        return False
+    return not isinstance(module, nn.ConvTranspose2d) or module.groups == 1
+
+
 def resolve_targets(
     backbone: nn.Module,
     target_modules: str | list[str] | None,
@@ -79,19 +86,32 @@ def resolve_targets(
         paths.append(path)
         if not matches(target_modules, path) or any(matches(e, path) for e in exclude):
             continue
-        if type(module) in LAYER_TYPES:
+        if _supported(module):
             targets.append(path)
+        elif isinstance(target_modules, list) and type(module) in LAYER_TYPES:
+            raise TargetModulesError(
+                f"Target {path!r} is a ConvTranspose2d with groups={module.groups}; experts "
+                "attach to ConvTranspose2d with groups=1 only. Leave it out (exclude_modules="
+                f"[{path!r}])."
+            )
         elif isinstance(target_modules, list):
             raise TargetModulesError(
                 f"Target {path!r} is a {type(module).__name__}; experts attach to "
                 f"{', '.join(t.__name__ for t in LAYER_TYPES)}. Name its inner layers instead."
             )
     if not targets:
+        if any(isinstance(m, LoraIRLayer) for m in backbone.modules()):
+            raise TargetModulesError(
+                f"The {type(backbone).__name__} already carries loraxir experts, so "
+                f"target_modules={target_modules!r} found nothing left to wrap. Grow the existing "
+                "model instead (model.add_degradation(name)), or take the plain network back "
+                "first (model.merge_and_unload())."
+            )
         wanted = target_modules if isinstance(target_modules, list) else [target_modules]
         close = sorted(
             {c for w in wanted for c in difflib.get_close_matches(w, paths, n=5, cutoff=0.3)}
         )
-        supported = [p for p in paths if type(backbone.get_submodule(p)) in LAYER_TYPES][:10]
+        supported = [p for p in paths if _supported(backbone.get_submodule(p))][:10]
         raise TargetModulesError(
             f"target_modules={target_modules!r} matched no Linear/Conv2d/ConvTranspose2d module "
             f"of the {type(backbone).__name__}. Closest module names: {close or supported}. "

@@ -50,6 +50,31 @@ def test_save_writes_config_weights_and_model_card(tmp_path):
     assert "noise, rain, haze" in card and "psnr_rain" in card
 
 
+def test_saved_folders_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """Staging folders and safetensors files start private (0700 / 0600); a saved adapter
+    gets a plain mkdir's and open's permissions."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        _trained_model().save_pretrained(tmp_path / "adapter")
+    finally:
+        os.umask(mask)
+    folder = tmp_path / "adapter"
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+
+
+def test_saving_onto_a_file_path_is_a_checkpoint_error(tmp_path):
+    model = _trained_model()
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        model.save_pretrained(tmp_path / "taken")
+    with pytest.raises(CheckpointError, match="part of its path is a file"):
+        model.save_pretrained(tmp_path / "taken" / "adapter")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_get_peft_model_trains_only_experts_and_refuses_gate_kwargs():
     peft_model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]

@@ -192,6 +192,9 @@ def test_merge_writes_a_plain_spandrel_checkpoint_equal_to_routing(adapter, tmp_
 
     target = tmp_path / f"{name}.safetensors"
     assert main(["merge", str(adapter), "--degradation", name, "-o", str(target)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask, "not private as a temp file"
     descriptor = ModelLoader().load_from_file(str(target))
     assert descriptor.architecture.id == "NAFNet"
     hyper = json.loads((adapter / "backbone.json").read_text())["hyperparameters"]

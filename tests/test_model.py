@@ -57,6 +57,23 @@ def test_bad_routing_raises_documented_error(kwargs, error, message):
         model(torch.rand(2, 3, 32, 32), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("images", "kwargs", "error", "message"),
+    [
+        (lambda: torch.rand(1, 3, 16, 16).numpy(), {}, loraxir.DataError, "torch.Tensor.*ndarray"),
+        (lambda: torch.zeros(1, 3, 16, 16, dtype=torch.uint8), {}, loraxir.DataError, "/ 255"),
+        (lambda: torch.rand(1, 3, 16, 16).double(), {}, loraxir.DataError, "float64.*float32"),
+        (lambda: torch.rand(1, 3, 16, 16), {"degradation": 1}, RoutingError, "neither a class"),
+    ],
+)
+def test_inputs_the_backbone_cannot_take_are_refused_up_front(images, kwargs, error, message):
+    model = _model().eval()
+    with pytest.raises(error, match=message):
+        model(images(), **{"degradation": "rain", **kwargs})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.rand(1, 3, 16, 16).bfloat16(), degradation="rain").shape[1] == 3
+
+
 def test_target_patterns_that_match_nothing_list_close_names():
     backbone = loraxir.create_backbone("nafnet-tiny")
     with pytest.raises(TargetModulesError, match=r"Closest module names.*conv"):
@@ -68,6 +85,92 @@ def test_target_patterns_that_match_nothing_list_close_names():
         loraxir.get_loraxir_model(
             torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)), LoraIRConfig(num_experts=2)
         )
+
+
+def _plain_layers(module: torch.nn.Module) -> list[str]:
+    return [type(m).__name__ for m in module.modules()]
+
+
+class _GroupedUp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inc = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2)
+        self.outc = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outc(self.up(self.down(self.inc(x))))
+
+
+def test_a_grouped_transposed_conv_is_refused_by_name_before_anything_changes():
+    net = _GroupedUp()
+    before = _plain_layers(net)
+    named = LoraIRConfig(num_experts=2, target_modules=["inc", "down", "up", "outc"])
+    with pytest.raises(TargetModulesError, match=r"groups=2.*exclude_modules=\['up'\]"):
+        loraxir.get_loraxir_model(net, named)
+    assert _plain_layers(net) == before
+    model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules=r".*"))
+    assert [path for path, _ in model.expert_layers()] == ["inc", "down", "outc"]
+    with pytest.raises(TargetModulesError, match=r"already carries loraxir experts"):
+        loraxir.get_loraxir_model(model.model, LoraIRConfig(num_experts=2, target_modules=["inc"]))
+
+
+@pytest.mark.parametrize("dam", [False, True])
+def test_a_failure_during_injection_leaves_the_network_as_it_was(monkeypatch, dam):
+    """Whatever fails part-way (here the third layer to wrap), the layers already wrapped
+    and any DAM blocks inserted are taken out again: the network computes as before."""
+    import loraxir.model as model_module
+    from loraxir.config import DAMConfig
+
+    backbone = loraxir.create_backbone("nafnet-tiny").eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = backbone(x)
+    before = _plain_layers(backbone)
+    calls = []
+    real_wrap = model_module.wrap_layer
+
+    def failing_wrap(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real_wrap(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "wrap_layer", failing_wrap)
+    config = LoraIRConfig(degradations=DEGRADATIONS, dam=DAMConfig(embed_dim=8) if dam else None)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        loraxir.get_loraxir_model(backbone, config)
+    assert len(calls) == 3
+    assert _plain_layers(backbone) == before
+    assert not hasattr(backbone, "loraxir_dam")
+    assert not any(m._forward_pre_hooks for m in backbone.modules())
+    with torch.no_grad():
+        assert torch.equal(backbone(x), expected)
+    monkeypatch.setattr(model_module, "wrap_layer", real_wrap)
+    model = loraxir.get_loraxir_model(backbone, config)
+    assert len(list(model.expert_layers())) > 3, "a retry wraps every target"
+
+
+def test_a_failure_while_wrapping_a_guided_network_keeps_its_dam_blocks_bound(monkeypatch):
+    import loraxir.model as model_module
+    from loraxir.guidance import DAMBlock, GuidedBackbone
+    from loraxir.router import DegradationRouter
+
+    router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16,
+                                            hidden_dim=16, embed_dim=8)  # fmt: skip
+    guided = GuidedBackbone(loraxir.create_backbone("nafnet-tiny"), router).eval()
+    for block in (m for m in guided.modules() if isinstance(m, DAMBlock)):
+        torch.nn.init.normal_(block.beta)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = guided(x)
+    monkeypatch.setattr(model_module, "wrap_layer", lambda *a, **k: 1 / 0)
+    config = LoraIRConfig(degradations=DEGRADATIONS, dam=guided.dam)
+    with pytest.raises(ZeroDivisionError):
+        loraxir.get_loraxir_model(guided.backbone, config, router=router)
+    with torch.no_grad():
+        assert torch.equal(guided(x), expected)
 
 
 def test_user_module_with_names_regex_and_exclude():
@@ -207,6 +310,26 @@ def test_existing_checkpoint_loads_through_spandrel_and_its_preset_is_detected(t
     assert {p for p, _ in model.expert_layers()} == expected
 
 
+@pytest.mark.parametrize(("name", "unit"), [("restormer-tiny", 8), ("scunet-tiny", 64)])
+def test_any_input_size_runs_where_the_network_alone_needs_a_multiple(name, unit):
+    """Restormer pads nothing and SCUNet's own reflect padding to 64 fails on sides <= 32:
+    their presets name the multiple, and the model reflect-pads to it."""
+    from loraxir.padding import backbone_unit
+
+    backbone = loraxir.create_backbone(name).eval()
+    assert backbone_unit(backbone) == unit
+    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(num_experts=2)).eval()
+    randomize_experts(model)
+    with torch.no_grad():
+        for size in [(1, 1), (8, 8), (17, 70), (32, 32)]:
+            x = torch.rand(1, 3, *size)
+            assert model(x, degradation="expert_1").shape == x.shape
+        if name == "scunet-tiny":  # where SCUNet pads itself, the same reflection
+            x = torch.rand(1, 3, unit * 2 - 3, unit + 5)
+            model.merge(degradation="expert_1")
+            assert rel_err(model(x), model.model(x)) < 1e-6
+
+
 def test_unrecognised_backbone_checkpoint_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
@@ -265,6 +388,15 @@ def test_failed_autotune_restores_every_layer(monkeypatch):
     )
 
 
+def test_autotune_refuses_a_merged_model_and_keeps_its_choice():
+    model = _model().eval()
+    model.set_compute_choice({"inference": "activation"})
+    model.merge(degradation="rain")
+    with pytest.raises(RoutingError, match=r"merged.*unmerge\(\)"):
+        model.autotune(torch.rand(1, 3, 32, 32), degradation="rain", repeats=1)
+    assert model.compute_choice() == {"inference": "activation"} and model.merged
+
+
 def test_safe_merge_refuses_non_finite_weights_and_leaves_the_model_untouched():
     model = _trained_model()
     path, layer = list(model.expert_layers())[7]
@@ -276,6 +408,17 @@ def test_safe_merge_refuses_non_finite_weights_and_leaves_the_model_untouched():
     assert not model.merged and model.routing.merge_gate is None
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert isinstance(model.model.get_submodule(path), LoraIRLayer)
+    x = torch.rand(1, 3, 32, 32)
+    model.merge(degradation="rain")
+    with torch.no_grad():
+        rain = model(x)
+    merged_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RoutingError, match="non-finite"):
+        model.merge(degradation="haze", safe_merge=True)
+    assert model.merged, "the earlier merge stays"
+    assert all(torch.equal(v, merged_weights[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), rain)
 
 
 def test_gates_live_for_one_call_or_a_route_block():

@@ -559,6 +559,8 @@ def test_gating_errors_are_routing_errors() -> None:
         top_k_gates(torch.zeros(2, 3), 4)
     with pytest.raises(RoutingError, match="float"):
         cnn_router()(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(RoutingError, match="NaN or infinite"):
+        cnn_router()(torch.full((1, 3, 16, 16), float("nan")))
 
 
 def test_explain_flags_images_whose_top_probability_is_low() -> None:

@@ -45,6 +45,10 @@ class Preset:
         defaults: keyword arguments of the default variant.
         variants: ``{suffix: overrides}``; ``create_backbone(f"{name}-{suffix}")``.
         extra: pip extra that provides ``builder``'s package when it is optional.
+        side_multiple: the multiple that input sides must be, where the network does not
+            declare it itself (``padder_size``, ``window_size``) or declares less than it
+            needs; inputs are reflect-padded to it (see :mod:`loraxir.padding`). ``None``:
+            what the network declares.
     """
 
     name: str
@@ -59,6 +63,7 @@ class Preset:
     defaults: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: str | None = None
+    side_multiple: int | None = None
 
     def backbone_names(self) -> list[str]:
         """Names :func:`create_backbone` accepts for this family (none without a builder)."""

@@ -23,6 +23,8 @@ PRESET = register_preset(
         dam_points=r"encoder_level[123]|latent",
         builder="spandrel_extra_arches.architectures.Restormer:Restormer",
         extra="restormer",
+        # Three pixel-unshuffle downsamplings and no padding of its own.
+        side_multiple=8,
         defaults={},
         variants={
             "tiny": {

@@ -23,6 +23,9 @@ PRESET = register_preset(
         # conv that reads the whole input (conv1_1), not the first layer, gives the width.
         dam_channel_layer=r"(0\.)?conv1_1",
         builder="spandrel.architectures.SCUNet:SCUNet",
+        # Three 2× downsamplings under 8² windows: SCUNet reflect-pads its input to a
+        # multiple of 64 itself, which fails on any side of 32 or less.
+        side_multiple=64,
         defaults={},
         variants={
             # SCUNet fixes head_dim=32, so dim cannot go below 64: ~5.5 M parameters.

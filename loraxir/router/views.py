@@ -51,6 +51,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
             f"Expected float images in [0, 1], got dtype {images.dtype}. "
             "Convert with images.float() / 255."
         )
+    if not bool(torch.isfinite(images).all()):
+        raise RoutingError(
+            "The images hold NaN or infinite values; the router cannot read them. Check the "
+            "decoding or the arithmetic that produced them (torch.nan_to_num clears them)."
+        )
     channels = images.shape[1]
     if channels == 3:
         return images
