@@ -350,6 +350,11 @@ class LoraIRConfig(PeftConfig):
                 data = json.load(handle)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error}).") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ConfigError(
+                f"No adapter config file at {path}; an adapter folder holds "
+                "adapter_config.json and adapter_model.safetensors (save_pretrained writes them)."
+            ) from None
         return cls.from_dict(data, strict=strict)
 
     def to_json_string(self) -> str:

@@ -197,8 +197,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from loraxir import LoraIRConfig
 
     config = parse_recipe_args(AddDegradationConfig, __doc__.splitlines()[0], argv)
+    adapter_config = Path(config.adapter) / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise ConfigError(
+            f"adapter={config.adapter!r} holds no adapter_config.json; point it at an adapter "
+            "folder, such as the adapter/ that recipes/finetune.py writes in its output_dir."
+        )
     prepare_output_dir(config, ("adapter",))
-    old_classes = LoraIRConfig.from_file(Path(config.adapter) / "adapter_config.json").degradations
+    old_classes = LoraIRConfig.from_file(adapter_config).degradations
     suite, old_tasks = grown_suite(config, old_classes)
     replay = dict.fromkeys(old_tasks, config.replay_repeats)
     data = build_data(config, suite, [t.name for t in suite.tasks], replay)

@@ -128,13 +128,18 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
             "pass router=<folder written by recipes/train_router.py>."
         )
     classes = config.experts or (router.degradations if router else data.classes)
-    if config.route_by == "label":
-        missing = sorted(set(data.classes) - set(classes))
-        if missing:
-            raise ConfigError(
-                f"route_by='label' but the data's classes {missing} have no expert among "
-                f"{classes}; set experts= to cover every class of the data."
-            )
+    missing = sorted(set(data.classes) - set(classes))
+    if missing and config.route_by == "label":
+        raise ConfigError(
+            f"route_by='label' but the data's classes {missing} have no expert among "
+            f"{classes}; set experts= to cover every class of the data."
+        )
+    if missing:
+        raise ConfigError(
+            f"route_by='router' but the router knows only {classes}, not the data's classes "
+            f"{missing}: their images would train the experts of other classes. Use a router "
+            "trained on this data's suite, or keep to its classes with tasks=[...]."
+        )
     settings = {
         name: getattr(config, name)
         for name in (

@@ -79,8 +79,10 @@ from loraxir.training import (
     resume,
     save_confusion_matrix,
     setup_accelerator,
+    start_recording,
     write_json,
 )
+from loraxir.training.checkpoints import check_resumable
 from loraxir.training.entry import run_script
 from loraxir.validation import check_choice
 
@@ -220,6 +222,16 @@ class TrainRouterConfig(RecipeConfig):
             raise ConfigError(
                 f"router settings {unknown or ['degradations']} are not allowed; use RouterConfig "
                 "fields other than degradations (the suite gives the classes)."
+            )
+        top_k = self.router.get("top_k", 1)
+        placeholders = top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else 1
+        # Check the router settings now, on stand-in classes, not after minutes of data work.
+        stand_ins = [f"class_{i}" for i in range(max(2, placeholders))]
+        RouterConfig(degradations=stand_ins, **self.router)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.eval_sizes):
+            raise ConfigError(
+                f"eval_sizes must be image sides in pixels (>= 1), or 0 for full size; got "
+                f"{self.eval_sizes}."
             )
         for name, steps in self.mixtures.items():
             compose(steps)  # fail now, with the step named, rather than after training
@@ -519,7 +531,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "(each fold continues from its own latest checkpoint)."
         )
     data = build_data(config)
-    accelerator = setup_accelerator(config, "train_router")
+    accelerator = setup_accelerator(config)
+    for fold in range(run_folds):  # a refused resume must not rewrite config.yaml
+        check_resumable(dataclasses.replace(config, output_dir=str(_fold_dir(config, fold))))
+    start_recording(accelerator, config, "train_router")
     if config.overwrite and config.resume is None and accelerator.is_main_process:
         shutil.rmtree(output_dir / "folds", ignore_errors=True)
     accelerator.wait_for_everyone()

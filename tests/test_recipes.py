@@ -250,6 +250,48 @@ def test_an_existing_output_is_not_overwritten_without_the_flag(base: Path, tmp_
     assert metrics["steps"] == 1 and (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_refused_run_leaves_the_earlier_one_as_it_was(
+    finetuned: tuple[Path, dict], base: Path, tmp_path: Path
+) -> None:
+    """A refused resume, or an --overwrite whose settings fail while the model is built,
+    keeps the earlier run's config.yaml, checkpoints and logs."""
+    out = tmp_path / "run"
+    shutil.copytree(finetuned[0], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="learning_rate"):
+        run("finetune", out, *FINETUNE, f"base={base}", "max_steps=6", "learning_rate=0.5",
+            flags=("--resume", "latest"))  # fmt: skip
+    _reset_accelerate()
+    with pytest.raises(ConfigError, match="route_by=router needs"):
+        run("finetune", out, *FINETUNE, f"base={base}", "route_by=router",
+            flags=("--overwrite",))  # fmt: skip
+    _reset_accelerate()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_routing_by_a_router_of_fewer_classes_than_the_data_is_refused(
+    base: Path, tmp_path: Path
+) -> None:
+    from loraxir.router import DegradationRouter
+
+    router = DegradationRouter.from_encoder(
+        "cnn-tiny", ["noise", "rain", "haze"], image_size=16, hidden_dim=16, embed_dim=8
+    )
+    router.save_pretrained(tmp_path / "router")
+    with pytest.raises(ConfigError, match=r"knows only.*\['blur', 'low_light'\]"):
+        run("finetune", tmp_path / "out", *FINETUNE, f"base={base}", "route_by=router",
+            f"router={tmp_path / 'router'}")  # fmt: skip
+
+
+def test_add_degradation_without_an_adapter_folder_says_what_to_point_at(
+    base: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"holds no adapter_config\.json.*finetune"):
+        run("add_degradation", tmp_path / "out", *DATA, f"adapter={base}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -290,6 +290,20 @@ def test_bad_configs_raise_with_the_setting_named(
         load_config(_Config, path, overrides)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("eval_sizes=[128, -1]", "eval_sizes must be image sides"),
+        ("router.top_k=abc", "top_k"),
+        ("router.views=tiles", "views"),
+    ],
+)
+def test_router_settings_are_checked_when_the_config_loads(setting: str, message: str) -> None:
+    """Before any photo is degraded or any step trained (these once failed after training)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(_recipe().TrainRouterConfig, None, [setting])
+
+
 def test_recipe_config_rejects_zero_shot_without_text_prototypes() -> None:
     recipe = _recipe()
     with pytest.raises(ConfigError, match="contrastive"):

@@ -27,6 +27,7 @@ from loraxir.training import (
     make_optimizer_and_scheduler,
     prepare_output_dir,
 )
+from loraxir.training.checkpoints import clear_earlier_run
 from loraxir.training.restoration import RestorationConfig, pixel_loss
 
 
@@ -123,9 +124,27 @@ def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"--overwrite.*--resume latest"):
         prepare_output_dir(RecipeConfig(output_dir=str(tmp_path)), ("adapter",))
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path), resume="latest"), ("adapter",))
-    prepare_output_dir(RecipeConfig(output_dir=str(tmp_path), overwrite=True), ("adapter",))
-    assert not (tmp_path / "checkpoints").exists()
+    overwrite = RecipeConfig(output_dir=str(tmp_path), overwrite=True)
+    prepare_output_dir(overwrite, ("adapter",))
+    assert (tmp_path / "checkpoints").exists(), "nothing goes before the new run is built"
+    clear_earlier_run(overwrite)
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "adapter").exists()
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new")), ("adapter",))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("num_workers=-1", "num_workers must be >= 0"),
+        ("keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+        ("max_grad_norm=-1", "max_grad_norm must be >= 0"),
+        ("validate_every=-1", "validate_every must be >= 0"),
+        ("val_batch_size=0", "val_batch_size must be >= 1"),
+    ],
+)
+def test_negative_counts_are_refused_when_the_config_loads(setting: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(RestorationConfig, None, [setting])
 
 
 def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None:

@@ -96,7 +96,7 @@ class Suite:
                 )
             return task
         if task not in self.task_names:
-            raise unknown_name(f"task of suite {self.name!r}", task, self.task_names)
+            raise unknown_name("task", task, self.task_names, f"(suite {self.name!r})")
         return self.task_names.index(task)
 
     def task(self, task: int | str) -> Task:

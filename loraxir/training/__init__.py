@@ -6,7 +6,9 @@ A recipe reads top to bottom::
     config = parse_recipe_args(MyConfig, "what this trains")    # YAML + --set overrides
     prepare_output_dir(config, ("adapter",))                     # no silent overwrite
     data = build_data(config)                                     # data errors before models
-    accelerator = setup_accelerator(config, "my_recipe")         # seeds, trackers, gloo on CPU
+    accelerator = setup_accelerator(config)                       # seeds, gloo on CPU
+    model = build_model(config)                                   # model errors before writing
+    start_recording(accelerator, config, "my_recipe")            # config.yaml, trackers
     model, optimizer, loader, scheduler = accelerator.prepare(...)
     ema = maybe_ema(accelerator, model, config.ema_decay)
     state = resume(accelerator, config)                          # or a fresh TrainState
@@ -54,6 +56,7 @@ from loraxir.training.engine import (
     maybe_ema,
     progress_bar,
     setup_accelerator,
+    start_recording,
     train_batches,
     trainable_parameters,
 )
@@ -98,6 +101,7 @@ __all__ = [
     "save_confusion_matrix",
     "save_image_grid",
     "setup_accelerator",
+    "start_recording",
     "train_batches",
     "trainable_parameters",
     "write_json",

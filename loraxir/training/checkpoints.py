@@ -59,9 +59,11 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
 
     An ``output_dir`` holding checkpoints, ``metrics.json`` or one of the ``results``
     folders belongs to another run: starting afresh there would mix their checkpoints and
-    replace their results. ``resume`` continues it instead; ``overwrite`` deletes its
-    checkpoints and logs first (results are replaced when the new run saves). Call it on
-    every process before anything is built; only the main process deletes.
+    replace their results. ``resume`` continues it instead; ``overwrite`` replaces it. Call
+    it on every process before anything is built. It deletes nothing: the earlier run's
+    checkpoints and logs go only when the new run has been built
+    (:func:`~loraxir.training.start_recording`), so that a setting refused on the way (a
+    bad value, a missing router) costs nothing.
     """
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -71,20 +73,29 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
     found = [
         name for name in (CHECKPOINTS_DIR, "metrics.json", *results) if (output_dir / name).exists()
     ]
-    if not found:
-        return
-    if not config.overwrite:
+    if found and not config.overwrite:
         raise ConfigError(
             f"output_dir {str(output_dir)!r} already holds {found} of an earlier run. Pass "
             "--overwrite to replace it, --resume latest to continue it, or choose another "
             "output_dir."
         )
-    from accelerate import PartialState
 
-    if PartialState().is_main_process:
+
+def clear_earlier_run(config: RecipeConfig) -> None:
+    """With ``overwrite`` (and no ``resume``), delete the earlier run's checkpoints and
+    logs; its results are replaced when the new run saves. Main process only."""
+    if config.overwrite and config.resume is None:
         for name in (CHECKPOINTS_DIR, LOGS_DIR):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-    PartialState().wait_for_everyone()
+            shutil.rmtree(Path(config.output_dir) / name, ignore_errors=True)
+
+
+def check_resumable(config: RecipeConfig) -> None:
+    """Before anything is written: the checkpoint ``config.resume`` names (if any yet) was
+    written with this run's settings (:class:`CheckpointError` otherwise), so that a refused
+    resume leaves the run's ``config.yaml`` and logs as they were."""
+    folder = _resume_folder(config)
+    if folder is not None:
+        _check_settings(folder, json.loads((folder / STATE_NAME).read_text()), config)
 
 
 def model_signature(accelerator: Any) -> str:
@@ -138,31 +149,43 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
     ``output_dir``, or a fresh start when there is none. A path: that checkpoint. The
     checkpoint's fingerprint must match this run's (:class:`CheckpointError` otherwise).
     """
-    if config.resume is None:
-        return TrainState()
-    if config.resume == "latest":
-        folder = last_checkpoint(config)
-        if folder is None:
+    folder = _resume_folder(config)
+    if folder is None:
+        if config.resume is not None:
             accelerator.print(f"No checkpoint in {config.output_dir}; starting from scratch.")
-            return TrainState()
-    else:
-        folder = Path(config.resume)
-        if not (folder / STATE_NAME).is_file():
-            raise CheckpointError(
-                f"{str(folder)!r} is not a complete checkpoint (no {STATE_NAME}); pass a "
-                f"folder under {Path(config.output_dir) / CHECKPOINTS_DIR} or resume=latest."
-            )
+        return TrainState()
     record = json.loads((folder / STATE_NAME).read_text())
-    _check_fingerprint(folder, record, config, model_signature(accelerator))
+    _check_settings(folder, record, config)
+    if record.get("model") not in (None, model_signature(accelerator)):
+        raise CheckpointError(
+            f"Cannot resume from {str(folder)!r}: its model has other tensors (names or "
+            "shapes) than the one this run built, although the settings match (was the base "
+            "network or the router replaced on disk?). Start a new run (another output_dir, "
+            "or --overwrite)."
+        )
     state = TrainState(step=record["step"], batches=record["batches"])
     accelerator.load_state(str(folder))
     accelerator.print(f"Resumed from {folder} at step {state.step}.")
     return state
 
 
-def _check_fingerprint(
-    folder: Path, record: dict[str, Any], config: RecipeConfig, signature: str
-) -> None:
+def _resume_folder(config: RecipeConfig) -> Path | None:
+    """The checkpoint ``config.resume`` names: ``None`` for a fresh start (no resume, or
+    ``"latest"`` with no checkpoint yet)."""
+    if config.resume is None:
+        return None
+    if config.resume == "latest":
+        return last_checkpoint(config)
+    folder = Path(config.resume)
+    if not (folder / STATE_NAME).is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} is not a complete checkpoint (no {STATE_NAME}); pass a "
+            f"folder under {Path(config.output_dir) / CHECKPOINTS_DIR} or resume=latest."
+        )
+    return folder
+
+
+def _check_settings(folder: Path, record: dict[str, Any], config: RecipeConfig) -> None:
     saved = record.get("config")
     if saved is None:
         return
@@ -177,11 +200,4 @@ def _check_fingerprint(
             f"Cannot resume from {str(folder)!r}: it was written by a run with other settings "
             f"({'; '.join(differences)}). Resume with the settings it was written with, or "
             "start a new run (another output_dir, or --overwrite)."
-        )
-    if record.get("model") not in (None, signature):
-        raise CheckpointError(
-            f"Cannot resume from {str(folder)!r}: its model has other tensors (names or "
-            "shapes) than the one this run built, although the settings match (was the base "
-            "network or the router replaced on disk?). Start a new run (another output_dir, "
-            "or --overwrite)."
         )

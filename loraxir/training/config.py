@@ -71,10 +71,16 @@ class RecipeConfig:
     cpu: bool = run_setting(False, "Train on the CPU (gloo under torchrun).")
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every")
+        positive = (
+            "max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
+            "keep_checkpoints",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("warmup_steps", "max_grad_norm", "num_workers", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(
                 f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}."

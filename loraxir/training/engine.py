@@ -28,18 +28,23 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from loraxir.errors import ConfigError, TrainingError
-from loraxir.training.checkpoints import LOGS_DIR, TrainState, last_checkpoint
+from loraxir.training.checkpoints import (
+    LOGS_DIR,
+    TrainState,
+    check_resumable,
+    clear_earlier_run,
+    last_checkpoint,
+)
 from loraxir.training.config import RecipeConfig, config_dict, flatten_config
 
 
-def setup_accelerator(
-    config: RecipeConfig, project_name: str, find_unused_parameters: bool = False
-) -> Any:
-    """An ``Accelerator`` for ``config``: seeded, tensorboard under ``output_dir/logs``.
+def setup_accelerator(config: RecipeConfig, find_unused_parameters: bool = False) -> Any:
+    """An ``Accelerator`` for ``config``: seeded, logging to tensorboard under
+    ``output_dir/logs`` once :func:`start_recording` starts the trackers.
 
     ``find_unused_parameters`` tells DDP that some trained parameters may miss a step's
-    graph (an expert no image of the batch is routed to). Also writes the resolved config
-    to ``output_dir/config.yaml`` on the main process.
+    graph (an expert no image of the batch is routed to). It writes nothing: call
+    :func:`start_recording` once the run's model is built.
     """
     from accelerate import Accelerator
     from accelerate.utils import (
@@ -71,12 +76,27 @@ def setup_accelerator(
             f"{accelerator.num_processes} processes."
         )
     set_seed(config.seed)
+    return accelerator
+
+
+def start_recording(accelerator: Any, config: RecipeConfig, project_name: str) -> None:
+    """Make ``output_dir`` this run's: check that a resumed checkpoint has this run's
+    settings, clear an overwritten run's checkpoints and logs, write the resolved config to
+    ``config.yaml`` (main process) and start the tensorboard trackers.
+
+    Call it after the model is built, so that a refused setting or resume leaves the
+    folder of an earlier run as it was: its ``config.yaml`` still describes its
+    checkpoints.
+    """
+    check_resumable(config)
     if accelerator.is_main_process:
+        clear_earlier_run(config)
+        output_dir = Path(config.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(config_dict(config), sort_keys=False)
         (output_dir / "config.yaml").write_text(text)
+    accelerator.wait_for_everyone()
     accelerator.init_trackers(project_name, config=flatten_config(config_dict(config)))
-    return accelerator
 
 
 def make_loader(

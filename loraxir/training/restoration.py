@@ -38,6 +38,7 @@ from loraxir.training.engine import (
     make_optimizer_and_scheduler,
     maybe_ema,
     setup_accelerator,
+    start_recording,
 )
 from loraxir.training.evaluation import (
     evaluate_restoration,
@@ -121,6 +122,12 @@ class RestorationConfig(RecipeConfig):
             raise ConfigError(
                 "Give both paired_train and paired_val (real pairs need held-out pairs to "
                 "validate on), or neither (synthetic pairs from `source`)."
+            )
+        if self.validate_every < 0:
+            raise ConfigError(f"validate_every must be >= 0, got {self.validate_every}.")
+        if self.val_batch_size is not None and self.val_batch_size < 1:
+            raise ConfigError(
+                f"val_batch_size must be >= 1 (or unset: batch_size), got {self.val_batch_size}."
             )
         if self.val_patch_size is None and (self.val_batch_size or 1) > 1:
             raise ConfigError(
@@ -482,8 +489,9 @@ def start_run(
     ``param_groups(model)`` gives the optimizer's groups (default: one group of every
     trainable parameter); ``find_unused_parameters`` goes to DDP.
     """
-    accelerator = setup_accelerator(config, project, find_unused_parameters)
+    accelerator = setup_accelerator(config, find_unused_parameters)
     model = build_model()
+    start_recording(accelerator, config, project)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     groups = param_groups(model) if param_groups else [{"params": list(model.parameters())}]
