@@ -140,11 +140,16 @@ def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Pat
         ("max_grad_norm=-1", "max_grad_norm must be >= 0"),
         ("validate_every=-1", "validate_every must be >= 0"),
         ("val_batch_size=0", "val_batch_size must be >= 1"),
+        ("tasks=[noise, rain, noise]", "names a task twice"),
+        ("paired_train={rain: a}\npaired_val={rain: ./a}", "same folder for \\['rain'\\]"),
+        ("paired_train={rain: a}\npaired_val={rain: b}\ntasks=[rain]", "list only the classes"),
     ],
 )
-def test_negative_counts_are_refused_when_the_config_loads(setting: str, message: str) -> None:
+def test_settings_that_would_train_wrongly_are_refused_when_the_config_loads(
+    setting: str, message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(RestorationConfig, None, [setting])
+        load_config(RestorationConfig, None, setting.split("\n"))
 
 
 def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None:

@@ -123,6 +123,24 @@ class RestorationConfig(RecipeConfig):
                 "Give both paired_train and paired_val (real pairs need held-out pairs to "
                 "validate on), or neither (synthetic pairs from `source`)."
             )
+        if self.paired_train is not None and self.tasks is not None:
+            raise ConfigError(
+                "tasks picks tasks of a synthetic suite, but paired_train gives real pairs; "
+                "list only the classes to train in paired_train / paired_val instead."
+            )
+        if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks names a task twice: {self.tasks}; list each once.")
+        shared = sorted(
+            name
+            for name, folder in (self.paired_val or {}).items()
+            if isinstance(folder, str)
+            and Path(folder).resolve() == Path((self.paired_train or {}).get(name, "")).resolve()
+        )
+        if shared:
+            raise ConfigError(
+                f"paired_train and paired_val use the same folder for {shared}: validation "
+                "would score pairs the network trained on. Hold some pairs out in another folder."
+            )
         if self.validate_every < 0:
             raise ConfigError(f"validate_every must be >= 0, got {self.validate_every}.")
         if self.val_batch_size is not None and self.val_batch_size < 1:
