@@ -134,7 +134,7 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
             f"route_by='label' but the data's classes {missing} have no expert among "
             f"{classes}; set experts= to cover every class of the data."
         )
-    if missing:
+    if missing and len(classes) > 1:  # one expert (a plain LoRA) takes every image
         raise ConfigError(
             f"route_by='router' but the router knows only {classes}, not the data's classes "
             f"{missing}: their images would train the experts of other classes. Use a router "

@@ -297,7 +297,7 @@ def test_add_degradation_without_an_adapter_folder_says_what_to_point_at(
     [
         (["source=/no/such/folder"], "neither 'skimage', a folder"),
         (["source={empty}"], "No images"),
-        (["paired_train={{rain: /no/such}}", "paired_val={{rain: /no/such}}"], "does not exist"),
+        (["paired_train={{rain: /no/such}}", "paired_val={{rain: /no/such2}}"], "does not exist"),
     ],
 )
 def test_missing_or_empty_data_fails_before_any_model_is_built(
