@@ -93,7 +93,7 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
     _add_adapter_options(parser)
     parser.add_argument("--degradation", help="force this class (merged experts, no routing)")
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps"
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
     )
     parser.add_argument(
         "--precision",
@@ -104,9 +104,14 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tile", type=int, default=512, help="largest tile side in pixels")
     parser.add_argument("--overlap", type=int, default=32, help="pixels shared by neighbour tiles")
     parser.add_argument(
-        "--smooth", type=float, default=0.0, help="video: EMA momentum of the gates, in [0, 1)"
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="video: EMA momentum of the gates, in [0, 1) (a warning when no input is a video)",
     )
-    parser.add_argument("--reference", help="video: clean reference video (PSNR per frame)")
+    parser.add_argument(
+        "--reference", help="video: clean reference video (PSNR per frame; videos only)"
+    )
     parser.add_argument(
         "--max-pixels", type=int, default=1_000_000_000, help="refuse larger images (header check)"
     )
@@ -136,9 +141,15 @@ def _run_restore(args: argparse.Namespace) -> int:
     from loraxir.inference.restorer import Restorer
     from loraxir.pretrained import load_adapter
 
+    device = _check_restore_options(args)
     jobs, outcome = batch.collect(args.inputs, args.output)
+    if (args.smooth or args.reference) and jobs and not any(job.is_video for job in jobs):
+        print(
+            "loraxir: warning: --smooth and --reference apply to videos only; no input is a "
+            "video, so they are ignored.",
+            file=sys.stderr,
+        )
     if jobs:
-        device = _device(args.device)
         dtype = _precision(args.precision, device)
         set_pixel_limit(args.max_pixels)
         model = load_adapter(args.adapter, args.backbone, device=device)
@@ -155,16 +166,47 @@ def _run_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_restore_options(args: argparse.Namespace) -> str:
+    """Refuse bad option values once, before any input is read (exit 2, not one skipped
+    input per value); returns the device. ``--tile`` is checked again against the network's
+    size unit once the adapter is loaded."""
+    from pathlib import Path
+
+    from loraxir.errors import ConfigError
+    from loraxir.inference.tiling import check_tiling
+
+    check_tiling(args.tile, args.overlap, 1)
+    if not 0.0 <= args.smooth < 1.0:
+        raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}.")
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise ConfigError(f"--reference {args.reference!r} is not a file; pass the clean video.")
+    if args.max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}.")
+    return _device(args.device)
+
+
 def _device(name: str) -> str:
+    """The torch device for ``--device``; :class:`~loraxir.errors.ConfigError` for a name
+    torch has no device for, or a device this machine does not have (listing those it has)."""
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    from loraxir.errors import ConfigError
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
+    available = ["cpu", *(["cuda"] if cuda else []), *(f"cuda:{i}" for i in range(cuda))]
+    available += ["mps"] if mps else []
+    if name not in available:
+        raise ConfigError(
+            f"--device {name!r} is not available on this machine (available: "
+            f"{', '.join(available)}). Pass one of those, or --device auto."
+        )
+    return name
 
 
 def _precision(name: str, device: str) -> Any:

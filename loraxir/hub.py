@@ -13,7 +13,7 @@ from typing import Any
 
 from loraxir import __version__
 from loraxir.config import LoraIRConfig
-from loraxir.errors import CheckpointError
+from loraxir.errors import CheckpointError, ConfigError
 from loraxir.router.config import RouterConfig
 
 
@@ -93,12 +93,17 @@ def push_folder(
     Uploads the adapter files and, when present, ``backbone.json``/``backbone.safetensors``
     and ``metrics.json``. The folder's ``README.md`` is the card (rendered from the config
     when missing); a "use it" section naming ``repo_id`` is added to the uploaded copy when
-    the card does not mention the repo yet. The folder itself is not modified.
+    the card does not mention the repo yet. The folder itself is not modified. An invalid
+    ``repo_id`` raises :class:`ConfigError` before any upload; offline mode, an unreachable
+    endpoint and a refused upload raise :class:`CheckpointError` saying which it was.
     """
+    import httpx2
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     from loraxir.pretrained import CARD_NAME, FOLDER_FILES, describe_adapter
 
+    _check_repo_id(repo_id)
     folder = Path(folder)
     info = describe_adapter(folder)
     if not (folder / "adapter_model.safetensors").is_file():
@@ -112,16 +117,49 @@ def push_folder(
     if repo_id not in card:
         card += _usage_section(repo_id, info.degradations[0] if info.degradations else "noise")
     api = HfApi(token=token, endpoint=endpoint)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as staging:
         for name in (*FOLDER_FILES, "metrics.json"):
             if name != CARD_NAME and (folder / name).is_file():
                 shutil.copy2(folder / name, Path(staging) / name)
         (Path(staging) / CARD_NAME).write_text(card, encoding="utf-8")
-        commit = api.upload_folder(
-            repo_id=repo_id, folder_path=staging, commit_message="Upload loraxir adapter"
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=staging, commit_message="Upload loraxir adapter"
+            )
+        except OfflineModeIsEnabled:
+            raise CheckpointError(
+                f"Cannot push {folder} to {repo_id!r}: the Hub is in offline mode "
+                "(HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE to upload."
+            ) from None
+        except HfHubHTTPError as error:
+            raise CheckpointError(
+                f"The Hub at {api.endpoint} refused to push {folder} to {repo_id!r}: {error}. "
+                "Log in (`hf auth login` or HF_TOKEN) with a token that may write to that repo."
+            ) from None
+        except (httpx2.HTTPError, OSError) as error:
+            raise CheckpointError(
+                f"Cannot reach the Hub at {api.endpoint} to push {repo_id!r}: {error}. Check "
+                "the network, and --endpoint / HF_ENDPOINT."
+            ) from None
     return str(commit)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    """Refuse an id the Hub would reject, or one without an owner (the upload would go to
+    the token's own namespace, a surprise), before anything goes over the network."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise ConfigError(
+            f"Invalid Hub repo id {repo_id!r}: {error} Use owner/name, e.g. me/my-adapter."
+        ) from None
+    if "/" not in repo_id:
+        raise ConfigError(
+            f"Hub repo id {repo_id!r} has no owner; use owner/name, e.g. me/{repo_id}."
+        )
 
 
 def _usage_section(repo_id: str, degradation: str) -> str:

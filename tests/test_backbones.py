@@ -67,8 +67,10 @@ def test_importing_the_families_imports_no_network_code():
 def test_unknown_names_and_bad_hyperparameters_are_clear_errors():
     with pytest.raises(UnknownNameError, match=r"Unknown backbone 'nafnet-w46'.*nafnet-w64"):
         loraxir.create_backbone("nafnet-w46")
-    with pytest.raises(ConfigError, match=r"Invalid hyper-parameters for backbone 'nafnet-tiny'"):
+    with pytest.raises(ConfigError, match=r"'nafnet-tiny' cannot be built.*given: depth=3"):
         loraxir.create_backbone("nafnet-tiny", depth=3)
+    with pytest.raises(ConfigError, match=r"given: width='abc'.*defaults: \{'width': 32"):
+        loraxir.create_backbone("nafnet", width="abc")
     with pytest.raises(UnknownNameError, match=r"Unknown preset 'swinr'.*swinir"):
         get_preset("swinr")
 

@@ -84,3 +84,10 @@ def test_cli_module_imports_only_the_standard_library_at_top_level():
 def test_bad_size_is_refused(tmp_path, capsys):
     assert cli.main(["degradations", "--size", "4", "-o", str(tmp_path / "x.png")]) == 2
     assert "--size must be >= 16" in capsys.readouterr().err
+
+
+def test_an_output_suffix_matplotlib_cannot_write_exits_2(tmp_path, capsys):
+    out = tmp_path / "gal.jpgx"
+    assert cli.main(["degradations", "-o", str(out), "--size", "16"]) == 2
+    assert ".jpgx is not a format matplotlib writes" in capsys.readouterr().err
+    assert not out.exists()

@@ -205,3 +205,153 @@ def test_merge_writes_a_plain_spandrel_checkpoint_equal_to_routing(adapter, tmp_
         routed = loraxir.load_adapter(adapter)(x, degradation=name)
     torch.testing.assert_close(merged, routed, rtol=1e-4, atol=1e-5)
     assert main(["merge", str(adapter), "--degradation", name, "-o", str(target)]) == 2
+
+
+def _video(path, frames=1):
+    from fractions import Fraction
+
+    from loraxir.inference.video import VideoWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, 16, 16, Fraction(5)) as writer:
+        for index in range(frames):
+            writer.write(photo(16, 16, seed=index))
+    return path
+
+
+def test_video_reports_are_outputs_too(adapter, tmp_path, capsys):
+    """clip.mp4 and clip.webm would both write clip.frames.csv/.png: the second is skipped;
+    an existing report is not replaced without --overwrite."""
+    videos = tmp_path / "videos"
+    _video(videos / "clip.mp4")
+    _video(videos / "clip.webm")
+    out = tmp_path / "out"
+    restore = ["restore", "--adapter", str(adapter), "--quiet"]
+    assert main([*restore, str(videos), "-o", str(out)]) == 1
+    assert f"also writes {out / 'clip.frames.csv'}" in capsys.readouterr().err
+    names = ["clip.frames.csv", "clip.frames.png", "clip.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    (out / "clip.mp4").unlink()
+    assert main([*restore, str(videos / "clip.mp4"), "-o", str(out)]) == 1
+    assert f"{out / 'clip.frames.csv'} exists (pass --overwrite)" in capsys.readouterr().err
+    assert not (out / "clip.mp4").exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_an_input(adapter, tmp_path):
+    folder = tmp_path / "g"
+    (folder / "a").mkdir(parents=True)
+    Image.fromarray(photo(16, 16)).save(folder / "a" / "x.png")
+    restore = ["restore", "-o", str(folder / "restored"), "--adapter", str(adapter), "--quiet"]
+    assert main([*restore, str(folder)]) == 0
+    assert main([*restore, str(folder), "--overwrite"]) == 0
+    assert main([*restore, f"{folder}/**/*.png", "--overwrite"]) == 0  # a glob through it too
+    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert found == ["a/x.png", "restored/a/x.png", "restored/x.png"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "foo"])
+def test_a_device_this_machine_lacks_exits_2_naming_what_it_has(
+    adapter, tmp_path, capsys, monkeypatch, device
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    Image.fromarray(photo(16, 16)).save(tmp_path / "x.png")
+    code = main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "--adapter", str(adapter), "--device", device])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and f"--device {device!r}" in error
+    assert ("available: cpu" in error) == (device != "foo")
+
+
+def test_a_backbone_that_is_not_a_checkpoint_exits_2(adapter, tmp_path, capsys):
+    (tmp_path / "junk.pth").write_bytes(b"junk\n")
+    Image.fromarray(photo(16, 16)).save(tmp_path / "x.png")
+    code = main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "--adapter", str(adapter), "--backbone", str(tmp_path / "junk.pth")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and "junk.pth is not a PyTorch or safetensors checkpoint" in error
+
+
+@pytest.mark.parametrize(("source", "output"), [("clip.mp4", "out.png"), ("x.png", "out.mp4")])
+def test_an_output_suffix_that_does_not_suit_the_input_exits_2(
+    adapter, tmp_path, capsys, source, output
+):
+    if source.endswith(".mp4"):
+        _video(tmp_path / source)
+    else:
+        Image.fromarray(photo(16, 16)).save(tmp_path / source)
+    code = main(["restore", str(tmp_path / source), "-o", str(tmp_path / output),
+                 "--adapter", str(adapter), "--quiet"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and f"-o {str(tmp_path / output)!r}" in error and ".mp4" in error
+    assert not any(tmp_path.glob("*out*"))
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "setting", "message"),
+    [
+        ("a/b/c", {}, "Invalid Hub repo id 'a/b/c'"),
+        ("notarepo", {}, "'notarepo' has no owner; use owner/name"),
+        ("me/tiny", {"offline": True}, "offline mode (HF_HUB_OFFLINE is set)"),
+        ("me/tiny", {"endpoint": "http://127.0.0.1:9"}, "Cannot reach the Hub at http://127"),
+    ],
+)
+def test_push_problems_exit_2_saying_which(adapter, capsys, monkeypatch, repo_id, setting, message):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", setting.get("offline", False))
+    argv = ["push", str(adapter), repo_id]
+    if "endpoint" in setting:
+        argv += ["--endpoint", setting["endpoint"]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", ["results.v2/", "existing.d"])
+def test_a_folder_style_output_is_a_folder(adapter, tmp_path, output):
+    """A trailing slash, or an existing folder, is a folder even for one input (and a
+    dotted name)."""
+    Image.fromarray(photo(16, 16)).save(tmp_path / "x.png")
+    (tmp_path / "existing.d").mkdir()
+    code = main(["restore", str(tmp_path / "x.png"), "-o", f"{tmp_path}/{output}",
+                 "--adapter", str(adapter), "--quiet"])  # fmt: skip
+    assert code == 0
+    assert (tmp_path / output.rstrip("/") / "x.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tile", "64", "--overlap", "32"], "--tile 64 must be at least 3 x --overlap 32"),
+        (["--tile", "0"], "--tile must be a positive number of pixels, got 0"),
+        (["--tile", "4", "--overlap", "0"], "--tile 4 is under this network's size unit of 8"),
+        (["--overlap", "-8"], "--overlap must be >= 0, got -8"),
+        (["--smooth", "1.5"], r"--smooth must be in [0, 1), got 1.5"),
+    ],
+)
+def test_bad_options_exit_2_once_quoting_the_values(adapter, tmp_path, capsys, options, message):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(photo(16, 16)).save(tmp_path / name)
+    code = main(["restore", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                 "-o", str(tmp_path / "out"), "--adapter", str(adapter), *options])  # fmt: skip
+    result = capsys.readouterr()
+    assert code == 2 and result.err.count(message) == 1 and "Skipped" not in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_write_error_names_the_real_output(adapter, tmp_path, capsys):
+    rgba = np.dstack([photo(16, 16), np.full((16, 16), 128, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "i.png")
+    code = main(["restore", str(tmp_path / "i.png"), "-o", str(tmp_path / "so" / "i.jpg"),
+                 "--adapter", str(adapter), "--quiet"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 1 and f"{str(tmp_path / 'so' / 'i.jpg')!r}: JPEG has no alpha" in error
+    assert "partial" not in error
+
+
+def test_video_options_with_only_images_are_warned_about(adapter, tmp_path, capsys):
+    Image.fromarray(photo(16, 16)).save(tmp_path / "x.png")
+    code = main(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "--adapter", str(adapter), "--quiet", "--smooth", "0.5"])  # fmt: skip
+    assert code == 0
+    assert "--smooth and --reference apply to videos only" in capsys.readouterr().err

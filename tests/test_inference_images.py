@@ -13,6 +13,7 @@ from PIL import Image
 from loraxir.errors import DataError
 from loraxir.inference.images import (
     Picture,
+    check_output,
     probe_image,
     read_picture,
     set_pixel_limit,
@@ -42,25 +43,106 @@ def test_rgba_alpha_is_kept(tmp_path):
         np.testing.assert_array_equal(np.asarray(out)[..., 3], rgba[..., 3])
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4])
+def _png16(path, values, exif=None):
+    """A 16-bit PNG written byte by byte (gray, gray+alpha, RGB or RGBA by channel count),
+    so the reader is tested against files it did not write; ``exif``: an eXIf chunk."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width, channels = values.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = values.astype(">u2").reshape(height, -1)
+    data = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    extra = chunk(b"eXIf", exif.tobytes()[6:]) if exif is not None else b""  # no "Exif\0\0"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + extra
+        + chunk(b"IDAT", data)
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_16_bit_png_keeps_its_bit_depth(tmp_path, channels):
     values = np.random.default_rng(0).integers(0, 65536, (9, 11, channels), dtype=np.uint16)
-    if channels == 1:
-        Image.fromarray(values[..., 0]).save(tmp_path / "deep.png")
-    else:
-        from loraxir.inference.images import _write_deep_colour
-
-        alpha = values[..., 3] if channels == 4 else None
-        _write_deep_colour(tmp_path / "deep.png", Picture(values[..., :3], alpha))
+    _png16(tmp_path / "deep.png", values)
     picture = read_picture(tmp_path / "deep.png")
+    assert picture.grayscale == (channels < 3)
     assert picture.pixels.dtype == np.uint16 and probe_image(tmp_path / "deep.png").bits == 16
-    expected = np.repeat(values[..., :1], 3, -1) if channels == 1 else values[..., :3]
+    expected = np.repeat(values[..., :1], 3, -1) if channels < 3 else values[..., :3]
     np.testing.assert_array_equal(picture.pixels, expected)
+    alpha = values[..., -1] if channels in (2, 4) else None
+    np.testing.assert_array_equal(picture.alpha, alpha)
     write_picture(tmp_path / "out.png", picture)
     again = read_picture(tmp_path / "out.png")
+    assert again.grayscale == picture.grayscale
     np.testing.assert_array_equal(again.pixels, picture.pixels)
-    if channels == 4:
-        np.testing.assert_array_equal(again.alpha, values[..., 3])
+    np.testing.assert_array_equal(again.alpha, alpha)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16_bit_colour_tiff_keeps_its_bit_depth(tmp_path, channels):
+    """Pillow reads 16-bit colour TIFFs as 8-bit RGB; they are read through FFmpeg and
+    written back as 16-bit TIFF."""
+    import tifffile
+
+    values = np.random.default_rng(1).integers(0, 65536, (9, 11, channels), dtype=np.uint16)
+    extra = {"extrasamples": ["unassalpha"]} if channels == 4 else {}
+    tifffile.imwrite(tmp_path / "deep.tif", values, photometric="rgb", **extra)
+    picture = read_picture(tmp_path / "deep.tif")
+    assert picture.pixels.dtype == np.uint16 and probe_image(tmp_path / "deep.tif").bits == 16
+    np.testing.assert_array_equal(picture.pixels, values[..., :3])
+    write_picture(tmp_path / "out.tif", picture)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), values)
+
+
+def test_exif_rotated_16_bit_colour_png_is_read_upright(tmp_path):
+    values = np.random.default_rng(2).integers(0, 65536, (6, 10, 3), dtype=np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    _png16(tmp_path / "r.png", values, exif)
+    picture = read_picture(tmp_path / "r.png")
+    assert picture.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(picture.pixels, np.rot90(values, -1))
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        (np.linspace(0, 1, 80, dtype=np.float32).reshape(8, 10), "floating-point"),
+        (np.arange(80, dtype=np.int32).reshape(8, 10) * 3000, "32-bit or signed integer"),
+    ],
+)
+def test_float_and_32_bit_integer_images_are_refused(tmp_path, values, kind):
+    """Their white level is not in the file: scaled either way, a wrong image would be
+    written without a word (0-1 floats came out black, integers were clipped)."""
+    Image.fromarray(values).save(tmp_path / "x.tif")
+    with pytest.raises(DataError, match=f"holds {kind} samples"):
+        read_picture(tmp_path / "x.tif")
+
+
+@pytest.mark.parametrize(
+    ("name", "alpha", "dtype", "problem"),
+    [
+        ("x.jpg", True, np.uint8, "JPEG has no alpha channel"),
+        ("x.jpg", False, np.uint16, "16-bit images are written as PNG or TIFF only"),
+        ("x.tif", True, np.uint16, None),
+        ("x.v2", False, np.uint8, ".v2 is not an image format"),
+    ],
+)
+def test_output_form_is_checked_before_writing(tmp_path, name, alpha, dtype, problem):
+    pixels = np.zeros((4, 5, 3), dtype)
+    picture = Picture(pixels, pixels[..., 0].copy() if alpha else None)
+    if problem is None:
+        check_output(tmp_path / name, picture)
+        return
+    with pytest.raises(DataError, match=problem):
+        check_output(tmp_path / name, picture)
 
 
 def test_exif_rotated_jpeg_is_read_upright(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from inference_helpers import local_conv_model, photo, tiny_model
+from inference_helpers import CLASSES, local_conv_model, photo, tiny_model
 
 import loraxir
 from loraxir.errors import ConfigError
@@ -39,8 +39,50 @@ def test_plan_covers_a_20000_pixel_image_with_flat_working_memory():
 
 
 def test_tile_must_hold_three_overlaps():
-    with pytest.raises(ConfigError, match="at least 3 x overlap"):
+    with pytest.raises(ConfigError, match="--tile 64 must be at least 3 x --overlap 32 = 96"):
         plan_tiles(100, 100, tile=64, overlap=32)
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "message"),
+    [
+        (8, 0, "--tile 8 is under this network's size unit of 16"),
+        (100, 33, r"--tile 100 \(rounded down to 96\) must be at least 3 x --overlap 33 = 99"),
+        (64, -8, "--overlap must be >= 0, got -8"),
+    ],
+)
+def test_tiling_errors_quote_the_values_given(tile, overlap, message):
+    """Not the rounded tile alone ("got 0") or the size unit ("got 16, -8")."""
+    with pytest.raises(ConfigError, match=message):
+        plan_tiles(500, 500, tile=tile, overlap=overlap, multiple=16)
+
+
+def _dam_model() -> loraxir.LoraIRModel:
+    """nafnet-tiny with DAM blocks and a router without fitted class embeddings."""
+    from loraxir.router import DegradationRouter
+
+    torch.manual_seed(0)
+    router = DegradationRouter.from_encoder(
+        "cnn-tiny", CLASSES, image_size=16, grid=1, hidden_dim=16, embed_dim=8
+    )
+    config = loraxir.LoraIRConfig(
+        degradations=list(CLASSES), r=2, dam=loraxir.DAMConfig(embed_dim=8)
+    )
+    return loraxir.get_loraxir_model(loraxir.create_backbone("nafnet-tiny"), config, router=router)
+
+
+@pytest.mark.parametrize("dam", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_restores_on_the_cpu(dtype, dam):
+    """The router's views (anti-aliased resizing) have no half-precision CPU kernel: they are
+    made in float32. A forced class whose DAM blocks need the router's embedding (no fitted
+    class embeddings) gets it the same way, from the whole image, pinned for every tile."""
+    image = photo(40, 56)
+    make, forced = (_dam_model, "noise") if dam else (tiny_model, None)
+    full, _ = Restorer(make(), forced, tile=None).restore(image)
+    half, routing = Restorer(make(), forced, tile=None, dtype=dtype).restore(image)
+    assert half.dtype == np.uint8 and routing.embedding is not None
+    assert np.abs(full.astype(int) - half).mean() < 2
 
 
 @pytest.mark.parametrize(("height", "width"), [(75, 133), (61, 47), (1, 1), (9, 200)])
@@ -95,13 +137,13 @@ def test_every_tile_gets_the_whole_image_gates():
     model = tiny_model()
     router = model.loraxir_router
     route_calls, seen = [], []
-    original_route = router.route
+    original_views = router.make_views
 
-    def counting_route(images):
+    def counting_views(images):
         route_calls.append(tuple(images.shape))
-        return original_route(images)
+        return original_views(images)
 
-    router.route = counting_route
+    router.make_views = counting_views
     model.model.register_forward_pre_hook(lambda *_: seen.append(model.routing.gates.clone()))
     restorer = Restorer(model, tile=32, overlap=8)
     image = photo(70, 90)

@@ -143,7 +143,12 @@ def create_backbone(name: str, **hyperparams: Any) -> nn.Module:
     try:
         model = getattr(module, class_name)(**arguments)
     except TypeError as error:
-        raise ConfigError(f"Invalid hyper-parameters for backbone {name!r}: {error}.") from None
+        given = ", ".join(f"{k}={v!r}" for k, v in hyperparams.items()) or "none"
+        defaults = preset.defaults or "the network's own"
+        raise ConfigError(
+            f"Backbone {name!r} cannot be built from its hyper-parameters (given: {given}; "
+            f"defaults: {defaults}): {error}. Check the names and types of the values given."
+        ) from None
     model._loraxir_architecture = class_name
     model._loraxir_backbone = {"name": name, "hyperparameters": arguments}
     return model
@@ -154,11 +159,16 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
     or a folder written by :func:`save_backbone`.
 
     Returns the trainable ``nn.Module`` (spandrel's ``descriptor.model``, not its inference
-    wrapper), with its architecture id remembered for preset detection.
+    wrapper), with its architecture id remembered for preset detection. A file that is not
+    a checkpoint at all raises :class:`CheckpointError`: torch's unpickler and safetensors
+    report one with their own exception types, which name no file.
     """
     folder = Path(path)
     if folder.is_dir():
         return _load_backbone_folder(folder)
+    import pickle
+
+    from safetensors import SafetensorError
     from spandrel import ModelLoader, UnsupportedModelError
 
     _install_extra_architectures()
@@ -168,6 +178,11 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(
             f"spandrel does not recognise the architecture of {path}. Build the network "
             "yourself, load its state dict, and pass the module to get_loraxir_model."
+        ) from None
+    except (pickle.UnpicklingError, EOFError, SafetensorError) as error:
+        raise CheckpointError(
+            f"{path} is not a PyTorch or safetensors checkpoint ({type(error).__name__}: "
+            f"{error}). Pass the .pth/.safetensors file of the network's weights."
         ) from None
     except (OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"Could not read backbone checkpoint {path}: {error}") from None

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from loraxir.degradations.registry import available, get
 from loraxir.degradations.suites import Suite
+from loraxir.errors import ConfigError
 
 # Cells show the images at about one screen pixel per image pixel.
 _DPI = 100
@@ -36,10 +37,20 @@ def render_gallery(
     clean image first, each cell titled with the task and the parameters drawn.
 
     A cell is ``W + 20`` pixels wide for a ``W``-pixel-wide image, plus room for the
-    longest title (wrapped to the cell width) above it.
+    longest title (wrapped to the cell width) above it. A ``path`` whose suffix is not a
+    format matplotlib writes raises :class:`ConfigError` before anything is drawn.
     """
+    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.figure import Figure
 
+    path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().removeprefix(".") not in formats:
+        problem = f"{path.suffix} is not a format matplotlib writes" if path.suffix else "no suffix"
+        raise ConfigError(
+            f"--output {str(path)!r}: {problem}; end it with one of "
+            f"{', '.join(f'.{f}' for f in formats)} (e.g. gallery.png)."
+        )
     generator = torch.Generator().manual_seed(seed)
     cells: list[tuple[str, str, Tensor]] = [("clean", "", image)]
     if suite is None:
@@ -62,7 +73,6 @@ def render_gallery(
         axis.set_title(title, fontsize=8)
     for axis in axes:
         axis.axis("off")
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path

@@ -3,7 +3,10 @@
 One bad input never stops the others: a corrupt or unsupported file, a missing path, or
 an output that already exists (without ``overwrite``) is skipped and listed at the end,
 and the caller exits non-zero. Outputs are written to a temporary name and renamed, so an
-interrupted run leaves no half-written file under the final name.
+interrupted run leaves no half-written file under the final name. A video also writes its
+per-frame report (``<name>.frames.csv`` and ``.png``) next to it: those files count as
+outputs too, so two inputs never write the same report and an existing one is not
+replaced without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from loraxir.errors import LoraIRError
-from loraxir.inference.images import Picture, read_picture, write_picture
+from loraxir.errors import ConfigError, LoraIRError
+from loraxir.inference.images import Picture, check_output, read_picture, write_picture
 from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.video import VIDEO_EXTENSIONS, probe_video, restore_video
 
@@ -39,6 +42,19 @@ class Job:
     def is_video(self) -> bool:
         return self.source.suffix.lower() in VIDEO_EXTENSIONS
 
+    @property
+    def reports(self) -> tuple[Path, ...]:
+        """The per-frame report of a video (CSV, plot) beside its target; none for images."""
+        if not self.is_video:
+            return ()
+        stem = self.target.with_suffix("")
+        return tuple(stem.with_name(f"{stem.name}.frames{kind}") for kind in (".csv", ".png"))
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Every file this job writes."""
+        return (self.target, *self.reports)
+
 
 @dataclass
 class Outcome:
@@ -52,42 +68,94 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
     """Expand ``inputs`` (files, folders searched recursively, glob patterns) into jobs.
 
     ``output`` is the output file when there is exactly one input file and it has a file
-    suffix; otherwise a folder: files keep their name, files found in a folder keep their
-    path relative to it.
+    suffix, does not end in a slash and is not an existing folder; otherwise a folder:
+    files keep their name, files found in a folder keep their path relative to it. Files
+    under an output folder inside a searched folder are not inputs, so running the same
+    command twice does not restore the first run's results. A single output file whose
+    suffix does not suit its input (an image suffix for a video) raises
+    :class:`ConfigError`, before anything runs.
     """
+    single = len(inputs) == 1 and Path(inputs[0]).is_file()
+    single = single and Path(output).suffix != "" and not _is_folder(output)
     output = Path(output)
     outcome = Outcome()
     found: list[tuple[Path, Path]] = []  # (source, path relative to the output folder)
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
+            results = None if single else _nested(output, path)
             for child in sorted(path.rglob("*")):
                 relative = child.relative_to(path)
-                if child.is_file() and not any(p.startswith(".") for p in relative.parts):
+                hidden = any(p.startswith(".") for p in relative.parts)
+                if child.is_file() and not hidden and not _under(child, results):
                     found.append((child, relative))
         elif path.is_file():
             found.append((path, Path(path.name)))
         elif glob.has_magic(spec):
+            results = None if single else _nested(output, _glob_root(spec))
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            matches = [match for match in matches if not _under(match, results)]
             if not matches:
                 outcome.failed.append((spec, "the pattern matches no file"))
             found += [(match, Path(match.name)) for match in matches]
         else:
             outcome.failed.append((spec, "no such file or folder"))
-    single = len(inputs) == 1 and Path(inputs[0]).is_file() and output.suffix != ""
-    jobs, targets = [], {}
+    if single and found:
+        _check_single_output(found[0][0], output)
+    jobs, writers = [], {}
     for source, relative in found:
         suffix = source.suffix.lower()
         if suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_EXTENSIONS:
             outcome.failed.append((str(source), f"unsupported file type {suffix or '(none)'}"))
             continue
-        target = output if single else output / relative
-        if target in targets:
-            outcome.failed.append((str(source), f"{targets[target]} also writes {target}"))
+        job = Job(source, output if single else output / relative)
+        clash = next((path for path in job.outputs if path in writers), None)
+        if clash is not None:
+            outcome.failed.append(
+                (str(source), f"{writers[clash]} also writes {clash}; restore it on its own")
+            )
             continue
-        targets[target] = source
-        jobs.append(Job(source, target))
+        writers |= dict.fromkeys(job.outputs, source)
+        jobs.append(job)
     return jobs, outcome
+
+
+def _is_folder(output: str | Path) -> bool:
+    """``-o`` names a folder: it ends in a slash or is an existing folder."""
+    text = str(output)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def _nested(output: Path, searched: Path) -> Path | None:
+    """The output folder when it lies strictly inside ``searched`` (its files are results,
+    not inputs), else ``None``."""
+    output, searched = output.resolve(), searched.resolve()
+    return output if output != searched and output.is_relative_to(searched) else None
+
+
+def _under(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob pattern searches: its parts before the first wildcard."""
+    parts = Path(pattern).parts
+    index = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return Path(*parts[:index]) if index else Path()
+
+
+def _check_single_output(source: Path, output: Path) -> None:
+    """Refuse an output file of the wrong kind (an unsupported input is reported later)."""
+    video = source.suffix.lower() in VIDEO_EXTENSIONS
+    allowed = VIDEO_EXTENSIONS if video else IMAGE_SUFFIXES
+    if output.suffix.lower() in allowed or source.suffix.lower() not in allowed:
+        return
+    kind = "a video" if video else "an image"
+    raise ConfigError(
+        f"-o {str(output)!r}: {source.name} is {kind}, written as one of "
+        f"{', '.join(sorted(allowed))}, not {output.suffix}. Name the output with one of "
+        "those suffixes, or end -o with / to write into a folder."
+    )
 
 
 def run(
@@ -104,8 +172,9 @@ def run(
 
     bar = tqdm(jobs, desc="inputs", unit="input", disable=not progress)
     for job in bar:
-        if job.target.exists() and not overwrite:
-            outcome.failed.append((str(job.source), f"{job.target} exists (pass --overwrite)"))
+        existing = next((path for path in job.outputs if path.exists()), None)
+        if existing is not None and not overwrite:
+            outcome.failed.append((str(job.source), f"{existing} exists (pass --overwrite)"))
             continue
         try:
             if job.is_video:
@@ -124,6 +193,7 @@ def _restore_image(restorer: Restorer, job: Job, progress: bool) -> str:
     from tqdm.auto import tqdm
 
     picture = read_picture(job.source)
+    check_output(job.target, picture)
     tiles = len(restorer.plan(*picture.size))
     with tqdm(total=tiles, desc="tiles", leave=False, disable=not progress or tiles < 2) as bar:
         restored, routing = restorer.restore(picture.pixels, on_tile=bar.update)
@@ -162,9 +232,9 @@ def _restore_video(
                 restorer, job.source, path, smooth, reference, lambda _: bar.update()
             ),
         )
-    stem = job.target.with_suffix("")
-    csv_path = report.write_csv(stem.with_name(f"{stem.name}.frames.csv"))
-    plot_path = report.plot(stem.with_name(f"{stem.name}.frames.png"), title=job.source.name)
+    csv_path, plot_path = job.reports
+    report.write_csv(csv_path)
+    report.plot(plot_path, title=job.source.name)
     labels, counts = np.unique([row["detected"] for row in report.rows], return_counts=True)
     detected = ", ".join(f"{label} {count}" for label, count in zip(labels, counts, strict=True))
     return (

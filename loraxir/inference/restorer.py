@@ -5,7 +5,8 @@ DAM blocks) are then pinned with :func:`loraxir.route` for every tile, so all ti
 restored by the same mixture of experts (a tile alone could look like another
 degradation). With a forced degradation
 the experts are merged into the base weights for that class (``model.merge``): no
-routing, no expert overhead.
+routing, no expert overhead; only DAM blocks without fitted class embeddings still need
+the router's embedding, which is then taken from the whole image and pinned the same way.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from loraxir.errors import RoutingError
-from loraxir.inference.tiling import TilePlan, plan_tiles, run_tiled
+from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
+
+if TYPE_CHECKING:
+    from loraxir.router import RouterOutput
 
 
 @dataclass
@@ -85,7 +90,12 @@ class Restorer:
         multiple: pad sizes to a multiple of this (default: the backbone's own unit).
         route_pixels: images larger than this are area-downscaled to it for routing only,
             so routing a huge image does not need a float copy of it.
-        dtype: compute dtype (``torch.float16`` on GPUs for half precision).
+        dtype: compute dtype (``torch.float16`` on GPUs for half precision). The router's
+            views and cepstrum are always computed in float32 (their anti-aliased
+            resampling and FFT have no half-precision CPU kernels), then cast to it.
+
+    Raises :class:`~loraxir.errors.ConfigError` for a ``tile`` and ``overlap`` that cannot
+    tile every image with this network, once here rather than for each image.
     """
 
     def __init__(
@@ -102,11 +112,23 @@ class Restorer:
         self.degradation = degradation
         self.tile, self.overlap, self.route_pixels = tile, overlap, route_pixels
         self.multiple = multiple or size_multiple(model.model)
+        check_tiling(tile, overlap, self.multiple)
         self.device = next(model.parameters()).device
         self.dtype = dtype
+        router = getattr(model, "loraxir_router", None)
+        # A forced class's DAM blocks still read the router's embedding when it has no fitted
+        # class embeddings: take it from the whole image (float32 views), as routing does,
+        # rather than let the model run the router on each tile in the compute dtype.
+        self._embeds_forced = (
+            degradation is not None
+            and router is not None
+            and getattr(model.config, "dam", None) is not None
+            and hasattr(router, "route_views")
+            and getattr(router, "class_embeddings", None) is None
+        )
         if degradation is not None:
             model.merge(degradation=degradation)
-        elif getattr(model, "loraxir_router", None) is None:
+        elif router is None:
             raise RoutingError(
                 "This adapter has no router, so it cannot pick experts by itself. Pass "
                 f"--degradation NAME (one of {model.degradations})."
@@ -128,16 +150,28 @@ class Restorer:
         if self.degradation is not None:
             gates = torch.zeros(len(names))
             gates[names.index(self.degradation)] = 1.0
-            return Routing(names, gates)
-        image = _routing_view(pixels, self.route_pixels).to(self.device, self.dtype)
+            embedding = (
+                self._run_router(pixels).embedding[0].float().cpu() if self._embeds_forced else None
+            )
+            return Routing(names, gates, embedding=embedding)
         router = self.model.loraxir_router
-        output = router.route(image)
+        output = self._run_router(pixels)
         return Routing(
             names,
             output.gates[0].float().cpu(),
             torch.softmax(output.logits[0].float(), dim=-1).cpu(),
-            output.embedding[0].cpu(),
+            output.embedding[0].float().cpu(),
             float(getattr(router, "unsure_below", 0.0)),
+        )
+
+    def _run_router(self, pixels: np.ndarray) -> RouterOutput:
+        """The router on the whole image; views and cepstrum in float32 (see the class)."""
+        image = _routing_view(pixels, self.route_pixels).to(self.device)
+        router = self.model.loraxir_router
+        cepstrum = router.read_cepstrum(image)
+        return router.route_views(
+            router.make_views(image).to(self.dtype),
+            None if cepstrum is None else cepstrum.to(self.dtype),
         )
 
     def restore(
@@ -157,7 +191,7 @@ class Restorer:
 
     @contextlib.contextmanager
     def _pinned(self, routing: Routing) -> Iterator[None]:
-        if self.degradation is not None:
+        if self.degradation is not None and routing.embedding is None:
             yield
             return
         from loraxir import route

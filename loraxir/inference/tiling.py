@@ -72,22 +72,18 @@ def plan_tiles(
 
     ``tile`` is rounded down to a multiple of ``multiple``; unless one tile covers the
     image, it must be at least three times ``overlap`` so that the blend bands of a tile's
-    two sides never meet.
+    two sides never meet (see :func:`check_tiling`).
     """
     if height < 1 or width < 1:
         raise ConfigError(f"Cannot tile an image of {height}x{width} pixels.")
-    if multiple < 1 or overlap < 0:
-        raise ConfigError(f"multiple must be >= 1 and overlap >= 0, got {multiple}, {overlap}.")
+    if multiple < 1:
+        raise ConfigError(f"multiple must be >= 1, got {multiple}.")
     padded_height, padded_width = _round_up(height, multiple), _round_up(width, multiple)
+    given = tile
     if tile is None:
         tile = max(padded_height, padded_width)
     tile = tile // multiple * multiple
-    whole = tile >= max(padded_height, padded_width)
-    if tile < multiple or (tile < 3 * overlap and not whole):
-        raise ConfigError(
-            f"--tile must be a multiple of {multiple} and at least 3 x overlap "
-            f"({3 * overlap}); got {tile}. Raise --tile or lower --overlap."
-        )
+    check_tiling(given, overlap, multiple, whole=tile >= max(padded_height, padded_width))
     tile_height, tile_width = min(tile, padded_height), min(tile, padded_width)
     return TilePlan(
         height,
@@ -100,6 +96,33 @@ def plan_tiles(
         _starts(padded_height, tile_height, overlap),
         _starts(padded_width, tile_width, overlap),
     )
+
+
+def check_tiling(tile: int | None, overlap: int, multiple: int, whole: bool = False) -> None:
+    """Raise :class:`ConfigError`, quoting the values as given, unless tiles of ``tile``
+    pixels (rounded down to ``multiple``, the network's size unit) with ``overlap`` can
+    tile any image; ``whole``: one tile covers this image, so the overlap is not used.
+    ``tile=None`` (no tiling) always can. Callers check once before a run, not per image.
+    """
+    if overlap < 0:
+        raise ConfigError(f"--overlap must be >= 0, got {overlap}.")
+    if tile is None:
+        return
+    if tile < 1:
+        raise ConfigError(f"--tile must be a positive number of pixels, got {tile}.")
+    rounded = tile // multiple * multiple
+    if rounded < multiple:
+        smallest = max(multiple, _round_up(3 * overlap, multiple))
+        raise ConfigError(
+            f"--tile {tile} is under this network's size unit of {multiple} pixels; tiles "
+            f"are whole multiples of it. Use --tile {smallest} or more."
+        )
+    if rounded < 3 * overlap and not whole:
+        shown = f"--tile {tile}" + (f" (rounded down to {rounded})" if rounded != tile else "")
+        raise ConfigError(
+            f"{shown} must be at least 3 x --overlap {overlap} = {3 * overlap}, so the blend "
+            "bands of a tile's two sides never meet. Raise --tile or lower --overlap."
+        )
 
 
 def run_tiled(
