@@ -109,6 +109,15 @@ class BenchConfig:
             raise ConfigError("seeds, suites and methods must each name at least one entry.")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}.")
+        # Checked here, before an --overwrite run deletes the earlier one's folder.
+        from loraxir.degradations import suite as load_suite
+
+        for name in self.suites:
+            load_suite(name)
+        if self.source != "skimage" and not Path(self.source).is_dir():
+            raise ConfigError(
+                f"source {self.source!r} is neither 'skimage' nor a folder of images."
+            )
         for name in ("test_fraction", "val_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}.")

@@ -10,11 +10,25 @@ the scripts print those warnings beside the numbers instead of hiding them.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for counts and sizes: a bad value is refused with the usage line
+    before anything runs, not by torch after minutes of work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 
 # A reference timing whose spread (max - min) / median exceeds this drifted: the machine's
 # load changed during the measure.

@@ -23,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from _timing import positive_int
 from torch.utils.data import DataLoader
 
 from loraxir import degradations
@@ -89,10 +90,12 @@ def loading_versus_training(batch: int, patch: int, batches: int) -> dict[str, d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=256, help="side of the throughput images")
-    parser.add_argument("--patch", type=int, default=128, help="training patch side")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument(
+        "--size", type=positive_int, default=256, help="side of the throughput images"
+    )
+    parser.add_argument("--patch", type=positive_int, default=128, help="training patch side")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--output", type=Path, default=Path("benchmarks/results/degradation_throughput.json")
     )

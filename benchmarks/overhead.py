@@ -38,7 +38,7 @@ from pathlib import Path
 
 import peft
 import torch
-from _timing import Ratio, machine_busy, median_time, paired_ratios
+from _timing import Ratio, machine_busy, median_time, paired_ratios, positive_int
 from torch import nn
 from tqdm import tqdm
 
@@ -428,13 +428,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a representative subset")
     parser.add_argument("--backbones", nargs="+", help="a grid instead of the issue's table")
-    parser.add_argument("--sizes", "--size", nargs="+", type=int, dest="sizes")
-    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--sizes", "--size", nargs="+", type=positive_int, dest="sizes")
+    parser.add_argument("--batches", nargs="+", type=positive_int)
     parser.add_argument("--sections", nargs="+", default=["inference", "training"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent / "results" / "overhead.json"

@@ -26,6 +26,7 @@ import all_in_one
 from _all_in_one_config import config_json, load_bench_config
 from _all_in_one_methods import Paths
 from _all_in_one_stages import RESUME_HINT, atomic_path, prepare_run, run_stage
+from _timing import positive_int
 
 from loraxir.training.entry import run_script
 
@@ -75,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output-dir", default="outputs/quickstart")
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run.")
     parser.add_argument("--scale", default="quick", help=argparse.SUPPRESS)
-    parser.add_argument("--max-side", type=int, default=512, help="Side of restored photos.")
+    parser.add_argument(
+        "--max-side", type=positive_int, default=512, help="Side of restored photos."
+    )
     args = parser.parse_args(argv)
     config = load_bench_config(args.scale)
     root = Path(args.output_dir)

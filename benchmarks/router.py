@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import torch
-from _timing import median_time
+from _timing import median_time, positive_int
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -143,10 +143,10 @@ def main() -> None:
     parser.add_argument("--backbone", default="nafnet", help="loraxir.create_backbone name")
     parser.add_argument("--encoders", nargs="+", default=["cnn-tiny", "ViT-B-32", "ViT-L-14-336"])
     parser.add_argument("--views", default="native", help="'native' or 'resize' (the paper's)")
-    parser.add_argument("--image-size", type=int, default=32, help="input of the tiny CNN")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="input of the tiny CNN")
     parser.add_argument("--flops-only", action="store_true", help="skip the timing")
-    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", type=positive_int, default=[256, 512])
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="benchmarks/results/router.json")
     args = parser.parse_args()
@@ -162,7 +162,9 @@ def main() -> None:
     output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     if repeats:
         plot(rows, output.with_suffix(".png"))
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+        print(f"wrote {output} and {output.with_suffix('.png')}")
+    else:
+        print(f"wrote {output} (no timing, so no plot of it)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _timing import positive_int
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -111,10 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random", action="store_true", help="use a random nafnet-tiny adapter")
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64], help="MP")
     parser.add_argument("--quick", action="store_true", help="sizes 0.05 and 0.2 MP, 4 images")
-    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--tile", type=positive_int, default=512)
     parser.add_argument("--overlap", type=int, default=32)
-    parser.add_argument("--images", type=int, default=16, help="folder size for throughput")
-    parser.add_argument("--image-size", type=int, default=512, help="side of folder images")
+    parser.add_argument(
+        "--images", type=positive_int, default=16, help="folder size for throughput"
+    )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=512, help="side of folder images"
+    )
     parser.add_argument("--degradation", help="class merged for the fast path (default: first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="tiled_inference.json")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import positive_int
 from torch import nn
 from tqdm import tqdm
 
@@ -188,10 +189,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="nafnet-small")
-    parser.add_argument("--patch", type=int, default=64, help="training patch side")
-    parser.add_argument("--batch", type=int, default=8, help="global batch (even)")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--patch", type=positive_int, default=64, help="training patch side")
+    parser.add_argument("--batch", type=positive_int, default=8, help="global batch (even)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--quick", action="store_true", help="nafnet-tiny, 32², 2 steps, 1 thread per process"
     )

@@ -824,10 +824,15 @@ class LoraIRModel(BaseTuner):
         base_model: str | None = None,
     ) -> None:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md``
-        model card, atomically (a crash leaves the previous checkpoint as it was)."""
+        model card, atomically (a crash leaves the previous checkpoint as it was).
+
+        The saved ``top_k`` is the attached router's (a router's ``top_k`` may be changed
+        after attaching): the adapter reloads routing as it ran when saved."""
         adapter = adapter_name or self._active_name()
         config = copy.deepcopy(self.peft_config[adapter])
         config.router = self.loraxir_router.to_config() if self.loraxir_router is not None else None
+        if config.router is not None:
+            config.top_k = config.router.top_k
         config.inference_mode = False
         checkpoint.write(
             save_directory,

@@ -302,3 +302,8 @@ def test_bad_settings_name_the_value_and_the_fix() -> None:
         BenchConfig(pretrain={"max_steps": 1}, adapters={})
     with pytest.raises(ConfigError, match="eval_batch_size=1"):
         load_bench_config("tiny", overrides=["eval_patch_size=null"])
+    # Refused when the config loads: before an --overwrite run deletes the earlier folder.
+    with pytest.raises(UnknownNameError, match="nope"):
+        load_bench_config("tiny", overrides=["suites=[nope]"])
+    with pytest.raises(ConfigError, match="neither 'skimage' nor a folder"):
+        load_bench_config("tiny", overrides=["source=/no/such/folder"])

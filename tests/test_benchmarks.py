@@ -94,3 +94,19 @@ def test_training_throughput_benchmark_runs_and_writes_every_measure(tmp_path, m
     assert all(math.isfinite(row["patches_per_s"]) and row["patches_per_s"] > 0 for row in rows)
     # both fine-tuning rows train the same experts, whatever form computes them
     assert rows[2]["trainable_parameters"] == rows[3]["trainable_parameters"] > 0
+
+
+def test_counts_and_sizes_below_one_are_refused_before_anything_runs(monkeypatch, capsys):
+    """--repeats 0 or --max-side 0 once failed inside torch, the latter after the whole
+    quickstart pipeline had run."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("overhead", None)
+    import overhead
+
+    for argv in (["--repeats", "0"], ["--batches", "4", "-2"], ["--sizes", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            overhead.main(argv)
+        assert exit_info.value.code == 2
+    assert "must be >= 1, got 0" in capsys.readouterr().err

@@ -313,3 +313,10 @@ def test_encoder_kinds_rebuild_through_the_registry() -> None:
     assert spec["type"] == "cnn" and encoder_from_spec(spec).spec() == spec
     with pytest.raises(UnknownNameError, match="'cnn'"):
         encoder_from_spec({**spec, "type": "cnnn"})
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, True])
+def test_an_encoder_input_size_that_is_no_size_is_refused(size: object) -> None:
+    """0 once became the CNN's default 64 silently, and -3 failed inside torch."""
+    with pytest.raises(ConfigError, match="image_size must be a whole number"):
+        create_encoder("cnn-tiny", image_size=size)

@@ -120,6 +120,19 @@ def test_peft_round_trip_keeps_router_weights(tmp_path):
         assert torch.equal(again(X), expected)
 
 
+def test_a_router_top_k_changed_after_attaching_is_saved_as_it_runs(tmp_path):
+    model = _model()
+    model.loraxir_router.top_k = 2
+    with torch.no_grad():
+        expected = model(X)
+    assert (model.last_routing > 0).sum(dim=1).tolist() == [2, 2, 2]
+    model.save_pretrained(tmp_path / "a")
+    again = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
+    assert again.config.top_k == 2
+    with torch.no_grad():
+        assert torch.equal(again(X), expected)
+
+
 def _reordered_router():
     torch.manual_seed(8)
     return DegradationRouter.from_encoder("cnn-tiny", degradations=["rain", "noise", "haze"])

@@ -561,6 +561,17 @@ def test_gating_errors_are_routing_errors() -> None:
         cnn_router()(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(RoutingError, match="NaN or infinite"):
         cnn_router()(torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(RoutingError, match="empty batch"):
+        cnn_router()(torch.rand(0, 3, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_images_of_any_float_dtype_route_as_float32_does(dtype: torch.dtype) -> None:
+    """Half-precision resampling has no CPU kernel, and float64 met float32 weights."""
+    router = cnn_router().eval()
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(router(images.to(dtype)), router(images.to(dtype).float()))
 
 
 def test_explain_flags_images_whose_top_probability_is_low() -> None:

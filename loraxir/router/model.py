@@ -328,8 +328,18 @@ class DegradationRouter(nn.Module):
         return RouterOutput(embedding=embedding, logits=logits, gates=gates)
 
     def route(self, images: torch.Tensor) -> RouterOutput:
-        """One routing pass: ``e_deg``, logits and gates (see :class:`RouterOutput`)."""
-        return self.route_views(self.make_views(images), self.read_cepstrum(images))
+        """One routing pass: ``e_deg``, logits and gates (see :class:`RouterOutput`).
+
+        Views and cepstrum are computed in float32 from images of any float dtype (their
+        anti-aliased resampling and FFT have no half-precision CPU kernels), then cast to
+        the router's own dtype."""
+        if images.is_floating_point():
+            images = images.float()
+        dtype = next(self.mlp.parameters()).dtype
+        cepstrum = self.read_cepstrum(images)
+        return self.route_views(
+            self.make_views(images).to(dtype), None if cepstrum is None else cepstrum.to(dtype)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Gates ``(B, E)`` for images ``(B, C, H, W)`` in [0, 1]."""

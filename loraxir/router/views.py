@@ -51,6 +51,8 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
             f"Expected float images in [0, 1], got dtype {images.dtype}. "
             "Convert with images.float() / 255."
         )
+    if images.shape[0] == 0:
+        raise RoutingError("Got an empty batch (0 images); route at least one image.")
     if not bool(torch.isfinite(images).all()):
         raise RoutingError(
             "The images hold NaN or infinite values; the router cannot read them. Check the "

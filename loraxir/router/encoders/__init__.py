@@ -68,6 +68,13 @@ def create_encoder(
         trainable: unfreeze the tower. Default: ``True`` for ``"cnn-tiny"`` (it has no
             pretrained weights and exists to be trained), ``False`` for everything else.
     """
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8
+    ):
+        raise ConfigError(
+            f"image_size must be a whole number of pixels >= 8 (or None: the tower's own), "
+            f"got {image_size!r}."
+        )
     if isinstance(encoder, DegradationEncoder):
         built = encoder
     elif isinstance(encoder, nn.Module):
