@@ -11,7 +11,9 @@ scikit-image's ``peak_signal_noise_ratio(data_range=255)`` and
 data_range=255)`` on the same 0–255 arrays.
 
 Inputs are float ``(B, 3, H, W)`` in [0, 1]; values outside are clamped, as BasicSR's
-``tensor2img`` does. ``quantize=True`` also rounds to 8-bit levels first, which is what
+``tensor2img`` does. Integer tensors (``uint8`` 0–255) are refused rather than guessed at:
+clamped as [0, 1] values they would give wrong numbers silently; convert with
+``x.float() / 255``. ``quantize=True`` also rounds to 8-bit levels first, which is what
 evaluating saved PNG files (BasicSR's pipeline) measures. Results are float64 ``(B,)``;
 identical images have infinite PSNR.
 """
@@ -68,6 +70,14 @@ def _prepare(
                 f"{name} must be a float tensor (B, 3, H, W) in [0, 1], got {shape}; add a "
                 "batch dimension with x[None]."
             )
+        if not images.is_floating_point():
+            raise DataError(
+                f"{name} must be a float tensor in [0, 1], got dtype {images.dtype}; convert "
+                "8-bit images with x.float() / 255."
+            )
+    for option, value in (("y_channel", y_channel), ("quantize", quantize)):
+        if not isinstance(value, bool):
+            raise DataError(f"{option} must be True or False, got {value!r}.")
     if pred.shape != target.shape:
         raise DataError(
             f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}."

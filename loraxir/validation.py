@@ -7,6 +7,7 @@ errors the same way. Standard library only: configs must load without torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,17 +18,49 @@ from loraxir.errors import ConfigError
 
 def read_yaml_file(path: str | Path, kind: str) -> Any:
     """The content of the YAML file ``path`` (safe loader), or a :class:`ConfigError` that
-    names the file as a ``kind`` (``"Config file"``, ``"Suite file"``) when it is missing or
-    not valid YAML."""
+    names the file as a ``kind`` (``"Config file"``, ``"Suite file"``) when it is missing,
+    not UTF-8 text, not valid YAML, or writes a key twice in one mapping (PyYAML keeps the
+    last silently: a task written with two ``steps:`` would quietly lose the first)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{kind} {str(path)!r} does not exist.")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{kind} {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it with UTF-8 encoding."
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{kind} {str(path)!r} is not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{kind} {str(path)!r}: {error}") from None
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader, refusing a key repeated in one mapping (built on first use:
+    PyYAML is imported only when a YAML file is read)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(
+                        f"key {key!r} is written twice in one mapping (line "
+                        f"{key_node.start_mark.line + 1}); keep one of them."
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def is_number(value: Any) -> bool:

@@ -195,6 +195,29 @@ def test_bad_context_raises(context):
         SyntheticPairs("skimage", "five_task", 16, context=context)
 
 
+@pytest.mark.parametrize(
+    ("patch_size", "options", "match"),
+    [
+        (2.5, {}, "patch_size must be a whole number"),
+        ("16", {}, "patch_size must be a whole number"),
+        (True, {}, "patch_size must be a whole number"),
+        (0, {}, "patch_size must be a whole number"),
+        (16, {"seed": -1}, "seed must be an integer >= 0"),
+        (16, {"repeats": 2.5}, "repeats must be an integer"),
+        (16, {"tasks": []}, "tasks must be a non-empty list"),
+        (16, {"tasks": "rain"}, "tasks must be a non-empty list"),
+    ],
+)
+def test_bad_synthetic_arguments_raise_data_error(patch_size, options, match):
+    with pytest.raises(DataError, match=match):
+        SyntheticPairs("skimage", "three_task", patch_size, **options)
+
+
+def test_splits_refuses_a_split_argument():
+    with pytest.raises(DataError, match="builds both the 'train' and the 'test' side"):
+        SyntheticPairs.splits("skimage", "three_task", 16, split="all")
+
+
 # ----------------------------------------------------------------- folders of clean images
 
 
@@ -388,6 +411,78 @@ def test_unknown_task_in_metadata_lists_the_vocabulary(tmp_path):
         PairedFolder(tmp_path, task_names=["noise", "rain"])
 
 
+def _save_oriented(path, array: np.ndarray, orientation: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+
+
+def test_pairs_are_compared_as_displayed_after_exif_orientation(tmp_path):
+    # Stored 24x32 with orientation 6 displays (and is read) as 32x24.
+    _save_oriented(tmp_path / "turned" / "lq" / "a.jpg", _rgb(1, 24, 32), 6)
+    _save(tmp_path / "turned" / "gt" / "a.png", _rgb(1, 24, 32))
+    with pytest.raises(DataError, match=r"'lq/a.jpg' is \(32, 24\).*'gt/a.png' is \(24, 32\)"):
+        PairedFolder(tmp_path / "turned")
+    _save_oriented(tmp_path / "upright" / "lq" / "a.jpg", _rgb(1, 24, 32), 6)
+    _save(tmp_path / "upright" / "gt" / "a.png", _rgb(1, 32, 24))
+    _save_oriented(tmp_path / "upright" / "gt" / "b.png", _rgb(2, 24, 32), 8)
+    _save(tmp_path / "upright" / "lq" / "b.png", _rgb(2, 32, 24))
+    pairs = PairedFolder(tmp_path / "upright")
+    for index in range(2):
+        item = pairs[index]
+        assert item["lq"].shape == item["gt"].shape == (3, 32, 24)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"patch_size": 0}, "patch_size must be a whole number"),
+        ({"patch_size": -5}, "patch_size must be a whole number"),
+        ({"patch_size": 2.5}, "patch_size must be a whole number"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"key": "(\\d+"}, "not a valid regular expression"),
+        ({"gt": "lq"}, "pair every image with itself"),
+        ({"task": "rain", "task_names": "rain"}, r"write \['rain'\]"),
+        ({"task": "rain", "task_names": ["rain", "rain"]}, "unique"),
+    ],
+)
+def test_bad_paired_arguments_raise_data_error_when_built(tmp_path, options, match):
+    _save(tmp_path / "lq" / "a.png", _rgb(1))
+    _save(tmp_path / "gt" / "a.png", _rgb(1))
+    with pytest.raises(DataError, match=match):
+        PairedFolder(tmp_path, **options)
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("{outside}", "not inside"),
+        ("../outside/x.png", "not inside"),
+        (5, "must be non-empty strings"),
+        ("", "must be non-empty strings"),
+    ],
+)
+def test_metadata_file_names_must_be_paths_inside_the_folder(tmp_path, name, match):
+    root = tmp_path / "set"
+    _metadata_folder(root, 1)
+    _save(tmp_path / "outside" / "x.png", _rgb(10))
+    if name == "{outside}":
+        name = str(tmp_path / "outside" / "x.png")
+    row = {"lq_file_name": name, "gt_file_name": "gt/0.png"}
+    (root / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"line 1.*{match}"):
+        PairedFolder(root)
+
+
+def test_metadata_with_an_empty_task_raises(tmp_path):
+    _metadata_folder(tmp_path, 1)
+    row = {"lq_file_name": "lq/0.png", "gt_file_name": "gt/0.png", "task": None}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="'task' is empty"):
+        PairedFolder(tmp_path)
+
+
 def test_empty_paired_folder_raises(tmp_path):
     with pytest.raises(DataError, match="No LQ/GT pairs"):
         PairedFolder(tmp_path)
@@ -412,6 +507,11 @@ def test_task_balanced_sampler_is_seeded_per_epoch():
     assert list(a) == list(b)
     b.set_epoch(1)
     assert list(a) != list(b)
+
+
+def test_task_balanced_sampler_refuses_a_negative_seed():
+    with pytest.raises(DataError, match="seed must be an integer >= 0"):
+        TaskBalancedSampler([0, 1], seed=-1)
 
 
 def test_task_labels_of_concatenated_datasets(tmp_path):

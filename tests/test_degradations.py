@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +252,82 @@ def test_bad_images_raise_data_error(images, match):
         D.apply("noise", images, sigma=5)
 
 
+@pytest.mark.parametrize("name", ["noise", "haze"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_images_raise_data_error(name, value, photo):
+    # NaN passes every comparison with 0 and 1; it used to come out as NaN pixels.
+    images = photo.clone()
+    images[0, 1, 3, 4] = value
+    with pytest.raises(DataError, match="1 NaN or infinite"):
+        D.apply(name, images, _gen(0))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_haze_refuses_a_non_finite_depth_map(value, photo):
+    depth = torch.rand(photo.shape[-2:])
+    depth[5, 5] = value
+    with pytest.raises(DataError, match="depth holds NaN or infinite"):
+        D.apply("haze", photo, _gen(0), beta=0.0, depth=depth)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_an_empty_batch_comes_back_empty_with_its_parameters(name, photo):
+    empty = photo[:0]
+    out, params = D.apply(name, empty, _gen(0))
+    assert out.shape == empty.shape and out.dtype == empty.dtype
+    assert params == D.get(name).sample(_gen(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_downsample_keeps_half_precision_on_the_cpu(dtype, photo):
+    out, params = D.apply("downsample", photo.to(dtype), _gen(0))
+    reference, _ = D.apply("downsample", photo, **params)
+    assert out.dtype == dtype
+    assert (out.float() - reference).abs().max() <= 3 / 255
+
+
+# ----------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        (5, {}, "non-empty string"),
+        ("", {}, "non-empty string"),
+        ("noise", {}, "already registered"),
+        ("custom", {"seed": D.Param(0, 1, 0.5, "s")}, "'seed'"),
+        ("custom", {"a": (0, 1)}, "must be a Param"),
+    ],
+)
+def test_register_refuses_bad_names_and_params_at_once(name, params, match):
+    before = D.available()
+    with pytest.raises(ConfigError, match=match):
+        D.register(name, params, "a summary")(lambda images, generator, **kwargs: images)
+    assert D.available() == before  # --list keeps working
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((0, 1, (2, 3), "h"), {}, "out of range"),
+        ((0, 1, 2, "h"), {}, "out of range"),
+        ((0, 10, 2.5, "h"), {"integer": True}, "integer"),
+        ((5, 1, 2, "h"), {}, "low <= high"),
+        ((0, math.nan, 0.5, "h"), {}, "finite"),
+        ((2, 4, (2, 4), "h"), {"integer": True, "choices": (2, 8)}, "choices"),
+        ((2, 4, (2, 3), "h"), {"integer": True, "choices": (2, 4)}, "not one of"),
+    ],
+)
+def test_param_checks_itself_when_built(args, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        D.Param(*args, **kwargs)
+
+
+def test_compose_refuses_a_step_whose_params_are_not_a_mapping():
+    with pytest.raises(ConfigError, match=r"cannot read step \('haze', None\)"):
+        D.compose([("haze", None)])
+
+
 # ----------------------------------------------------------------- suites
 
 
@@ -280,6 +358,12 @@ def test_time_varying_switches_task_every_period_frames():
     video = D.suite("time_varying")
     assert video.frame_tasks(35) == [0] * 10 + [1] * 10 + [2] * 10 + [0] * 5
     assert video.frame_tasks(6, period=2) == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("period", [2.5, 0, True])
+def test_frame_tasks_refuses_a_period_that_is_not_a_whole_number(period):
+    with pytest.raises(ConfigError, match="whole number of frames"):
+        D.suite("time_varying").frame_tasks(5, period=period)
 
 
 def test_degrade_video_holds_parameters_per_segment_but_not_noise():
@@ -335,12 +419,38 @@ def test_user_suite_loads_from_yaml(tmp_path, photo):
             "b",
         ),
         ("tasks: [", ConfigError, "not valid YAML"),
+        (
+            "tasks:\n  - name: a\n    steps: [noise]\n    steps: [rain]",
+            ConfigError,
+            "'steps'.*twice",
+        ),
+        ("name: s\nname: t\ntasks: [{name: a, steps: [noise]}]", ConfigError, "'name'.*twice"),
+        ("tasks:\n  - name:\n    steps: [noise]", ConfigError, "task 0: 'name' is empty"),
+        ("tasks:\n  - {name: a, label: , steps: [noise]}", ConfigError, "'label' is empty"),
+        ("tasks:\n  - {name: [a], steps: [noise]}", ConfigError, "must be text"),
+        (
+            "tasks:\n  - {name: a, steps: [noise]}\n  - {name: b, steps: [{noise: {sigma: 300}}]}",
+            ConfigError,
+            r"bad\.yaml: task 1 \(b\): noise: sigma=300",
+        ),
+        (
+            "tasks:\n  - {name: a, steps: [nosie]}",
+            UnknownNameError,
+            r"bad\.yaml: task 0 \(a\): Unknown degradation 'nosie'",
+        ),
     ],
 )
 def test_bad_suite_files_raise_typed_errors(tmp_path, text, error, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(error, match=match):
+        D.suite(path)
+
+
+def test_suite_file_that_is_not_utf8_raises_config_error(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("tasks: [{name: bruit, steps: [noise]}]  # é\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin\.yaml' is not UTF-8"):
         D.suite(path)
 
 
@@ -360,6 +470,14 @@ def test_load_suite_given_a_builtin_name_points_to_suite(tmp_path, monkeypatch):
 def test_unknown_task_of_a_suite_lists_its_tasks(photo):
     with pytest.raises(UnknownNameError, match="noise_25"):
         D.suite("three_task").degrade(photo, "noise_20")
+
+
+def test_docs_seed_example_reports_what_the_code_draws():
+    text = (Path(__file__).parents[1] / "docs" / "degradations.md").read_text(encoding="utf-8")
+    documented = re.search(r'# params == \{"sigma": 25\.0, "seed": (\d+)\}', text)
+    images = torch.rand(4, 3, 256, 256)
+    _, params = D.apply("noise", images, torch.Generator().manual_seed(0), sigma=25)
+    assert documented is not None and params == {"sigma": 25.0, "seed": int(documented[1])}
 
 
 def test_docs_describe_every_degradation_parameter_and_suite():

@@ -115,6 +115,24 @@ def test_bad_inputs_raise_data_error(pred, target, options, match):
         metrics.ssim(pred, target, **options)
 
 
+@pytest.mark.parametrize("metric", [metrics.psnr, metrics.ssim])
+def test_integer_images_are_refused_not_clamped_to_0_1(metric):
+    # uint8 0-255 clamped as [0, 1] values gave 16 dB for a 26 dB pair, without a word.
+    pred, target = (image.mul(255).round().to(torch.uint8) for image in _pair(6, torch.float32))
+    with pytest.raises(DataError, match=r"uint8.*x\.float\(\) / 255"):
+        metric(pred, target)
+    with pytest.raises(DataError, match="target must be a float"):
+        metric(pred.float() / 255, target)
+
+
+@pytest.mark.parametrize("option", ["y_channel", "quantize"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_flags_must_be_booleans(option, value):
+    pred, target = _pair(7)
+    with pytest.raises(DataError, match=f"{option} must be True or False"):
+        metrics.psnr(pred, target, **{option: value})
+
+
 def test_evaluate_module_loads_offline_and_agrees(tmp_path, monkeypatch):
     import evaluate
 

@@ -279,13 +279,15 @@ def test_config_loads_yaml_and_overrides_with_types(tmp_path: Path) -> None:
         ("", ["max_steps"], ConfigError, "key=value"),
         ("", ["max_steps=0"], ConfigError, "max_steps"),
         ("- a list\n", [], ConfigError, "mapping"),
+        ("max_steps: 1\nmax_steps: 2\n", [], ConfigError, "'max_steps' is written twice"),
+        ("names: caf\xe9\n", [], ConfigError, "not UTF-8"),
     ],
 )
 def test_bad_configs_raise_with_the_setting_named(
     tmp_path: Path, text: str, overrides: list[str], error: type, message: str
 ) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1"))  # ASCII but for the one non-UTF-8 case
     with pytest.raises(error, match=message):
         load_config(_Config, path, overrides)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from loraxir.errors import DataError
@@ -30,6 +30,9 @@ from loraxir.errors import DataError
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
 )
+# EXIF orientations that turn the picture by 90° (transpose, rotate 270°, transverse,
+# rotate 90°): what :func:`ImageOps.exif_transpose` does to them swaps height and width.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 def to_rgb8(image: Image.Image | np.ndarray) -> Tensor:
@@ -133,14 +136,28 @@ def scan_folder(folder: str | Path, strict: bool = False) -> list[ImageFile]:
 
 
 def header_size(path: Path) -> tuple[int, int] | None:
-    """``(height, width)`` if the file opens and passes Pillow's integrity check, else None."""
+    """``(height, width)`` as displayed, if the file opens and passes Pillow's integrity
+    check, else None.
+
+    The size is the one :func:`read_image` returns: an EXIF orientation that turns the
+    picture by 90° swaps the stored height and width, so pairs are compared as they will
+    be read. The orientation is read from the header only (PNG places its ``eXIf`` chunk
+    before the pixels), without decoding pixels: Pillow's ``PngImageFile.getexif`` would
+    decode the whole image to look for a late chunk, so the base method is called.
+    Pillow's TIFF reader already reports (and decodes) a TIFF turned upright.
+    """
     try:
         with Image.open(path) as image:
             width, height = image.size
+            turned = (
+                image.format != "TIFF"
+                and Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+                in _SWAPPING_ORIENTATIONS
+            )
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return None
-    return height, width
+    return (width, height) if turned else (height, width)
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

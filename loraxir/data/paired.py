@@ -4,15 +4,17 @@ Two layouts are read, both offline:
 
 1. **metadata.jsonl** (the 🤗 ``imagefolder`` convention): ``root/metadata.jsonl`` holds one
    JSON object per line with ``lq_file_name`` and ``gt_file_name`` (paths relative to
-   ``root``) and optionally ``task``. ``datasets.load_dataset("imagefolder", data_dir=root)``
-   reads the same folder as image columns ``lq`` and ``gt``.
+   ``root``, inside it) and optionally ``task``.
+   ``datasets.load_dataset("imagefolder", data_dir=root)`` reads the same folder as image
+   columns ``lq`` and ``gt``.
 2. **folder names**: every image under ``root`` with a directory named ``lq`` (resp. ``gt``)
    in its path is a degraded (resp. clean) image; pairs match on the rest of the path and
    the file stem, optionally reduced by the ``key`` regular expression (e.g. ``r"(\\d+)"``
    pairs ``rainy/rain-001.png`` with ``norain/norain-001.png``). Several degraded images may
    share one clean image (SOTS indoor has ten hazy versions of each).
 
-Pairs must have equal sizes; the first mismatched size or unmatched name raises
+Pairs must have equal sizes as displayed (after EXIF orientation, as they are read); the
+first mismatched size or unmatched name raises
 :class:`~loraxir.errors.DataError`. Corrupt files are skipped with their partner, with a
 warning (an error when ``strict``).
 """
@@ -20,6 +22,7 @@ warning (an error when ``strict``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +32,17 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from loraxir.data.images import FolderScan, header_size, read_image, scan
-from loraxir.data.patches import random_crop, random_dihedral, seeded_generator
+from loraxir.data.patches import (
+    check_patch_size,
+    check_seed,
+    random_crop,
+    random_dihedral,
+    seeded_generator,
+)
 from loraxir.errors import DataError, unknown_name
 
 METADATA = "metadata.jsonl"
+_COLUMNS = ("lq_file_name", "gt_file_name")
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,20 @@ class PairedFolder(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"Paired dataset folder {str(self.root)!r} does not exist.")
+        check_patch_size(patch_size)
+        check_seed(seed)
+        if isinstance(task_names, str):
+            raise DataError(
+                f"task_names must be a list of task names, got the string {task_names!r}; "
+                f"write [{task_names!r}]."
+            )
+        if task_names and len(set(task_names)) != len(task_names):
+            raise DataError(f"task_names must be unique, got {list(task_names)}.")
         default_task = task or self.root.resolve().name
         if (self.root / METADATA).is_file():
             pairs = _pairs_from_metadata(self.root, default_task, strict)
         else:
-            pairs = _pairs_from_folders(self.root, lq, gt, key, default_task, strict)
+            pairs = _pairs_from_folders(self.root, lq, gt, _key_pattern(key), default_task, strict)
         if not pairs:
             raise DataError(
                 f"No LQ/GT pairs in {str(self.root)!r}: expected {METADATA} or images under "
@@ -122,6 +141,14 @@ class PairedFolder(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} pairs")
         pair = self.pairs[index]
         images = [read_image(pair.lq), read_image(pair.gt)]
+        if images[0].shape != images[1].shape:
+            # The header check missed an orientation (a PNG with its eXIf after the pixels).
+            raise DataError(
+                f"LQ/GT sizes differ once read: {pair.lq.relative_to(self.root).as_posix()!r} "
+                f"is {tuple(images[0].shape[1:])} (H, W) but "
+                f"{pair.gt.relative_to(self.root).as_posix()!r} is {tuple(images[1].shape[1:])}. "
+                "Pairs must be aligned and equally sized."
+            )
         generator = seeded_generator(self.seed, self.epoch, index)
         if self.patch_size is not None:
             images = random_crop(images, self.patch_size, generator)
@@ -140,7 +167,13 @@ class PairedFolder(Dataset):
 
 def _pairs_from_metadata(root: Path, default_task: str, strict: bool) -> list[_Pair]:
     pairs, corrupt = [], []
-    lines = (root / METADATA).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = (root / METADATA).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{str(root / METADATA)!r} is not UTF-8 text ({error.reason} at byte "
+            f"{error.start}); save it with UTF-8 encoding, as JSON Lines requires."
+        ) from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -154,25 +187,63 @@ def _pairs_from_metadata(root: Path, default_task: str, strict: bool) -> list[_P
                 f"{where} needs 'lq_file_name' and 'gt_file_name' (paths relative to "
                 f"{str(root)!r}), got {line.strip()[:120]!r}."
             )
-        paths = [root / row["lq_file_name"], root / row["gt_file_name"]]
+        paths = [_metadata_path(root, row[column], where) for column in _COLUMNS]
         for path in paths:
             if not path.is_file():
                 raise DataError(f"{where} names {str(path)!r}, which does not exist.")
         sizes = [header_size(path) for path in paths]
         corrupt.extend(path for path, size in zip(paths, sizes, strict=True) if size is None)
+        task = row.get("task", default_task)
+        if task is None or not str(task).strip():
+            raise DataError(
+                f"{where}: 'task' is empty; write a task name or leave the column out to "
+                f"use the default task {default_task!r}."
+            )
         if None not in sizes:
-            task = str(row.get("task", default_task))
+            task = str(task)
             pairs.append(_Pair(paths[0], paths[1], task, sizes[0], sizes[1]))
     FolderScan(root, [], corrupt).report(strict)
     return pairs
 
 
+def _metadata_path(root: Path, name: Any, where: str) -> Path:
+    """``root / name`` for a file name of a metadata line, which must be a relative path
+    inside ``root``: items are named by their path relative to ``root``, and 🤗
+    ``imagefolder`` reads only files under its ``data_dir``."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: file names must be non-empty strings, got {name!r}.")
+    normal = os.path.normpath(name)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+        raise DataError(
+            f"{where} names {name!r}, which is not inside {str(root)!r}; file names are "
+            "paths relative to the dataset folder. Move the file into it."
+        )
+    return root / name
+
+
+def _key_pattern(key: str | None) -> re.Pattern | None:
+    """The compiled ``key`` expression, checked when the dataset is built."""
+    if not key:
+        return None
+    try:
+        return re.compile(key)
+    except (re.error, TypeError) as error:
+        raise DataError(
+            f"key={key!r} is not a valid regular expression ({error}); e.g. key=r'(\\d+)' "
+            "pairs files on their first number."
+        ) from None
+
+
 def _pairs_from_folders(
-    root: Path, lq: str, gt: str, key: str | None, default_task: str, strict: bool
+    root: Path, lq: str, gt: str, pattern: re.Pattern | None, default_task: str, strict: bool
 ) -> list[_Pair]:
+    if lq == gt:
+        raise DataError(
+            f"lq and gt name the same folder {lq!r}, which would pair every image with "
+            "itself; pass the folder names of the degraded and the clean images."
+        )
     found = scan(root)
     found.report(strict)
-    pattern = re.compile(key) if key else None
     sides: dict[str, dict[str, list[Path]]] = {lq: {}, gt: {}}
     for path in [image.path for image in found.images] + found.corrupt:
         parts = path.relative_to(root).parts[:-1]

@@ -8,10 +8,34 @@ the number of DataLoader workers or the order they run in, which makes resuming 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from loraxir.errors import DataError
+
+
+def check_seed(seed: Any) -> None:
+    """Raise :class:`DataError` unless ``seed`` is an integer >= 0: checked when a dataset
+    or sampler is built, since :func:`seeded_generator` would only refuse it at the first
+    item."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise DataError(f"seed must be an integer >= 0, got {seed!r}.")
+
+
+def check_patch_size(patch_size: Any) -> None:
+    """Raise :class:`DataError` unless ``patch_size`` is None (whole images) or a whole
+    number of pixels >= 1; a zero or negative side would give empty patches."""
+    if patch_size is None:
+        return
+    if isinstance(patch_size, bool) or not isinstance(patch_size, Integral) or patch_size < 1:
+        raise DataError(
+            f"patch_size must be a whole number of pixels >= 1 (or None for whole images), "
+            f"got {patch_size!r}."
+        )
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

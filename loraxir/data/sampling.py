@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Sampler
 
-from loraxir.data.patches import seeded_generator
+from loraxir.data.patches import check_seed, seeded_generator
 from loraxir.errors import DataError
 
 SPLITS = ("train", "test", "all")
@@ -84,6 +84,7 @@ class TaskBalancedSampler(Sampler[int]):
         largest = max(len(items) for items in self._by_task.values())
         if samples_per_task is not None and samples_per_task < 1:
             raise DataError(f"samples_per_task must be >= 1, got {samples_per_task}.")
+        check_seed(seed)
         self.samples_per_task = samples_per_task or largest
         self.seed = seed
         self.epoch = 0

@@ -10,6 +10,8 @@ from torch.utils.data import Dataset
 
 from loraxir import degradations
 from loraxir.data.patches import (
+    check_patch_size,
+    check_seed,
     cut_marked,
     random_crop_in_context,
     random_dihedral,
@@ -53,7 +55,8 @@ class SyntheticPairs(Dataset):
             borders, haze depth is estimated over the larger window, and no border padding
             of the degradation shows. The default covers the shipped suites' reach
             (motion blur and streaks up to about 31 px); 0 degrades the bare patch.
-        tasks: restrict to these task names (labels stay the suite's indices).
+        tasks: restrict to these task names (labels stay the suite's indices); None
+            keeps every task.
         split: ``"train"``, ``"test"`` or ``"all"``; the split is by image (see
             :func:`~loraxir.data.split_by_image`): ``test_fraction`` of the images, chosen
             by ``split_seed``, are test images.
@@ -81,12 +84,17 @@ class SyntheticPairs(Dataset):
         image_column: str = "image",
         strict: bool = False,
     ) -> None:
-        if patch_size is not None and patch_size < 1:
-            raise DataError(f"patch_size must be a positive number of pixels, got {patch_size}.")
-        if repeats < 1:
-            raise DataError(f"repeats must be >= 1, got {repeats}.")
+        check_patch_size(patch_size)
+        check_seed(seed)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise DataError(f"repeats must be an integer >= 1, got {repeats!r}.")
         if isinstance(context, bool) or not isinstance(context, int) or context < 0:
             raise DataError(f"context must be a whole number of pixels >= 0, got {context!r}.")
+        if tasks is not None and (isinstance(tasks, str) or not tasks):
+            raise DataError(
+                f"tasks must be a non-empty list of task names (or None for every task), got "
+                f"{tasks!r}."
+            )
         self.suite = suite if isinstance(suite, Suite) else degradations.suite(suite)
         self.tasks = [self.suite.index(name) for name in tasks or self.suite.task_names]
         self.source = open_source(source, image_column, strict)
@@ -109,6 +117,11 @@ class SyntheticPairs(Dataset):
         """``(train, test)`` over the same images, split by image; ``kwargs`` go to both
         (e.g. ``test_fraction``, ``split_seed``, ``repeats``). The test set uses
         ``seed + 1`` so its degradations differ from any training draw."""
+        if "split" in kwargs:
+            raise DataError(
+                f"splits() builds both the 'train' and the 'test' side; drop "
+                f"split={kwargs['split']!r}, or build one side with SyntheticPairs(split=...)."
+            )
         train = cls(source, suite, patch_size, split="train", **kwargs)
         seed = kwargs.pop("seed", 0) + 1
         test = cls(train.source, train.suite, patch_size, split="test", seed=seed, **kwargs)

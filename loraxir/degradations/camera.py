@@ -49,8 +49,14 @@ def _jpeg(images: Tensor, generator: torch.Generator, quality: int) -> Tensor:
 def _downsample(images: Tensor, generator: torch.Generator, scale: int) -> Tensor:
     height, width = images.shape[-2:]
     small = (max(1, height // scale), max(1, width // scale))
-    low = F.interpolate(images, size=small, mode="bicubic", align_corners=False, antialias=True)
-    return F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)
+    # PyTorch's CPU kernel for anti-aliased bicubic has no half-precision version: compute
+    # those in float32 there (other dtypes and devices are resampled as they come).
+    work = images
+    if images.device.type == "cpu" and images.dtype in (torch.float16, torch.bfloat16):
+        work = images.float()
+    low = F.interpolate(work, size=small, mode="bicubic", align_corners=False, antialias=True)
+    out = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)
+    return out.to(images.dtype)
 
 
 @register(

@@ -15,6 +15,7 @@ files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,9 @@ class Param:
     ``low``/``high`` bound every value a caller may pass (inclusive). ``default`` is the
     value or ``(low, high)`` range drawn when the caller passes nothing. ``choices``
     restricts an integer parameter to a finite set (e.g. a scale factor of 2 or 4).
+
+    The spec is checked when it is built: a default outside its own bounds would otherwise
+    be drawn and reported, and replaying that report would then fail.
     """
 
     low: float
@@ -46,6 +50,25 @@ class Param:
     help: str
     integer: bool = False
     choices: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"Param({self.help!r})"
+        bounds = (self.low, self.high)
+        if not all(_is_number(b) and math.isfinite(b) for b in bounds) or self.low > self.high:
+            raise ConfigError(
+                f"{where}: low={self.low!r} and high={self.high!r} must be finite numbers "
+                "with low <= high."
+            )
+        if self.choices is not None and (
+            not isinstance(self.choices, tuple)
+            or not self.choices
+            or not all(_is_number(c) and self.low <= c <= self.high for c in self.choices)
+        ):
+            raise ConfigError(
+                f"{where}: choices={self.choices!r} must be a non-empty tuple of numbers "
+                f"inside [{self.low:g}, {self.high:g}]."
+            )
+        self.validate(where, "default", self.default)
 
     def validate(self, degradation: str, name: str, value: Any) -> None:
         """Raise :class:`ConfigError` unless ``value`` is a fixed value, range or choice list."""
@@ -150,6 +173,9 @@ class Degradation:
         """Degrade ``images``; return the degraded batch and the parameters that made it."""
         check_images(images)
         drawn = self.sample(generator, **params)
+        if images.numel() == 0:
+            # Nothing to degrade; convolutions, FFTs and JPEG encoders fail on empty input.
+            return quantize(images), drawn
         local = torch.Generator(device=images.device).manual_seed(drawn["seed"])
         kwargs = {key: value for key, value in drawn.items() if key != "seed"}
         with torch.no_grad():
@@ -169,8 +195,29 @@ def register(
     """Decorator registering ``fn`` under ``name``; registering a name twice is an error.
 
     ``extras`` names optional keyword arguments that are passed through untouched and are
-    not sampled (e.g. a depth map for ``haze``).
+    not sampled (e.g. a depth map for ``haze``). The name and parameter names are checked
+    here, because a bad one would only fail later, in every :func:`available` or ``apply``.
     """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"A degradation name must be a non-empty string, got {name!r}; e.g. "
+            "register('vignette', {...}, 'radial darkening')."
+        )
+    if not isinstance(params, Mapping):
+        raise ConfigError(
+            f"register({name!r}): params must map parameter names to Param, got "
+            f"{type(params).__name__}."
+        )
+    for key, spec in params.items():
+        if not isinstance(key, str) or not key or key == "seed" or key in extras:
+            raise ConfigError(
+                f"register({name!r}): parameter name {key!r} must be a non-empty string other "
+                "than 'seed' (reserved for the reported seed) and the names in extras."
+            )
+        if not isinstance(spec, Param):
+            raise ConfigError(
+                f"register({name!r}): parameter {key!r} must be a Param, got {type(spec).__name__}."
+            )
 
     def decorate(fn: DegradeFn) -> DegradeFn:
         if name in _REGISTRY:
@@ -249,7 +296,7 @@ def compose(steps: Sequence[StepSpec]) -> Compose:
     for step in steps:
         if isinstance(step, str):
             name, params = step, {}
-        elif isinstance(step, tuple) and len(step) == 2:
+        elif isinstance(step, tuple) and len(step) == 2 and isinstance(step[1], Mapping):
             name, params = step[0], dict(step[1])
         elif isinstance(step, Mapping) and "name" in step:
             params = dict(step)
@@ -257,7 +304,7 @@ def compose(steps: Sequence[StepSpec]) -> Compose:
         else:
             raise ConfigError(
                 f"compose(): cannot read step {step!r}; write a name, a (name, params) pair "
-                "or a {'name': ..., **params} dict."
+                "with params a dict (use {} for none) or a {'name': ..., **params} dict."
             )
         get(name).check_params(params)
         parsed.append((name, params))
@@ -265,7 +312,11 @@ def compose(steps: Sequence[StepSpec]) -> Compose:
 
 
 def check_images(images: Any) -> None:
-    """Raise :class:`DataError` unless ``images`` is a float ``(B, 3, H, W)`` batch in [0, 1]."""
+    """Raise :class:`DataError` unless ``images`` is a float ``(B, 3, H, W)`` batch in [0, 1].
+
+    NaN is refused explicitly: it passes every comparison with 0 and 1 and would come out
+    of a degradation as NaN, breaking the promise that outputs lie in [0, 1].
+    """
     if not isinstance(images, Tensor):
         raise DataError(
             f"Expected images as a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}."
@@ -279,6 +330,13 @@ def check_images(images: Any) -> None:
         raise DataError(
             f"Expected floating-point images in [0, 1], got dtype {images.dtype}. "
             "Convert 8-bit images with images.float() / 255."
+        )
+    if not torch.isfinite(images).all():
+        count = int((~torch.isfinite(images)).sum())
+        raise DataError(
+            f"Expected finite images in [0, 1], got {count} NaN or infinite value(s). Find "
+            "where they come from (a division by zero, a failed load), or replace them with "
+            "torch.nan_to_num(images, 0.0, 1.0, 0.0)."
         )
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise DataError(
@@ -298,12 +356,15 @@ def _as_numbers(degradation: str, name: str, value: Any) -> list[Number]:
         raise ConfigError(
             f"{degradation}: {name}={value!r} must be a number or a [low, high] list of numbers."
         )
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if not values or not numbers:
+    if not values or not all(_is_number(v) for v in values):
         raise ConfigError(
             f"{degradation}: {name}={value!r} must be a number or a non-empty list of numbers."
         )
     return list(values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_seed(degradation: str, value: Any) -> None:

@@ -16,7 +16,8 @@ their own file to :func:`suite` or :func:`load_suite`. The format::
       period: 10
       order: [noise_25, rain_haze]
 
-Every name and parameter is checked when the file loads.
+Every name and parameter is checked when the file loads; a key written twice in one
+mapping is an error (YAML would keep only the last).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from loraxir.degradations.registry import Compose, check_images, compose
-from loraxir.errors import ConfigError, unknown_name
+from loraxir.errors import ConfigError, UnknownNameError, unknown_name
 from loraxir.validation import read_yaml_file
 
 _SUITE_KEYS = {"name", "description", "tasks", "schedule"}
@@ -119,9 +120,12 @@ class Suite:
         Without a schedule in the file, every task takes a turn in suite order.
         """
         order = self.schedule.order if self.schedule else tuple(self.task_names)
-        period = period or (self.schedule.period if self.schedule else 1)
-        if period < 1:
-            raise ConfigError(f"A schedule period is a number of frames >= 1, got {period}.")
+        if period is None:
+            period = self.schedule.period if self.schedule else 1
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ConfigError(
+                f"A schedule period is a whole number of frames >= 1, got {period!r}."
+            )
         return [self.index(order[(frame // period) % len(order)]) for frame in range(num_frames)]
 
     def degrade_video(
@@ -207,20 +211,44 @@ def _parse_suite(data: Any, default_name: str, where: str) -> Suite:
     if duplicates:
         raise ConfigError(f"{where}: task names must be unique; repeated: {duplicates}.")
     schedule = _parse_schedule(data.get("schedule"), names, where)
-    name, description = str(data.get("name", default_name)), str(data.get("description", ""))
-    return Suite(name, description, tasks, schedule)
+    name = _text(data, "name", default_name, where)
+    return Suite(name, _text(data, "description", "", where, empty=True), tasks, schedule)
 
 
 def _parse_task(data: Any, where: str) -> Task:
     _check_mapping(data, _TASK_KEYS, where)
     if "name" not in data or "steps" not in data:
         raise ConfigError(f"{where}: a task needs a 'name' and a list of 'steps'.")
-    name = str(data["name"])
+    name = _text(data, "name", "", where)
+    where = f"{where} ({name})"
     steps = data["steps"]
     if not isinstance(steps, list) or not steps:
-        raise ConfigError(f"{where} ({name}): 'steps' must be a non-empty list.")
-    pipeline = compose([_parse_step(step, f"{where} ({name})") for step in steps])
-    return Task(name, str(data.get("label", name)), pipeline, str(data.get("description", "")))
+        raise ConfigError(f"{where}: 'steps' must be a non-empty list.")
+    parsed = [_parse_step(step, where) for step in steps]
+    try:
+        pipeline = compose(parsed)
+    except (ConfigError, UnknownNameError) as error:
+        # The registry's message names the degradation and parameter; add the file and task.
+        raise type(error)(f"{where}: {error}") from None
+    label = _text(data, "label", name, where)
+    return Task(name, label, pipeline, _text(data, "description", "", where, empty=True))
+
+
+def _text(data: Mapping[str, Any], key: str, default: str, where: str, empty: bool = False) -> str:
+    """``data[key]`` as a string (``default`` if absent). A bare ``key:`` reads as null,
+    which ``str`` would turn into the text ``"None"``: it is the empty string here, and an
+    error unless ``empty`` (a task named ``""`` or ``"None"`` is never what was meant)."""
+    if key not in data:
+        return default
+    value = "" if data[key] is None else data[key]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(
+            f"{where}: '{key}' must be text, got {value!r}; quote it if it is meant as text."
+        )
+    text = str(value)
+    if not text.strip() and not empty:
+        raise ConfigError(f"{where}: '{key}' is empty; write a {key}.")
+    return text
 
 
 def _parse_step(step: Any, where: str) -> str | tuple[str, Mapping[str, Any]]:

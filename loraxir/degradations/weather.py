@@ -187,6 +187,11 @@ def _depth_batch(depth: Tensor, images: Tensor) -> Tensor:
             f"haze: depth holds {depth.shape[0]} maps for a batch of {images.shape[0]}; pass "
             "one map for the whole batch or one per image."
         )
+    if not torch.isfinite(depth).all():
+        raise DataError(
+            "haze: depth holds NaN or infinite values, which give NaN pixels; give the sky "
+            "and other far regions a large finite depth instead."
+        )
     if depth.min() < 0:
         raise DataError("haze: depth must be non-negative (a distance; larger = farther).")
     return depth.expand(images.shape[0], 1, height, width)
