@@ -123,7 +123,6 @@ class Restorer:
             degradation is not None
             and router is not None
             and getattr(model.config, "dam", None) is not None
-            and hasattr(router, "route_views")
             and getattr(router, "class_embeddings", None) is None
         )
         if degradation is not None:
@@ -165,13 +164,10 @@ class Restorer:
         )
 
     def _run_router(self, pixels: np.ndarray) -> RouterOutput:
-        """The router on the whole image; views and cepstrum in float32 (see the class)."""
-        image = _routing_view(pixels, self.route_pixels).to(self.device)
-        router = self.model.loraxir_router
-        cepstrum = router.read_cepstrum(image)
-        return router.route_views(
-            router.make_views(image).to(self.dtype),
-            None if cepstrum is None else cepstrum.to(self.dtype),
+        """The router on the whole image (float32: ``route`` computes its views in float32
+        and casts them to the router's dtype)."""
+        return self.model.loraxir_router.route(
+            _routing_view(pixels, self.route_pixels).to(self.device)
         )
 
     def restore(
