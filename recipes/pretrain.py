@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from loraxir.errors import ConfigError
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
 from loraxir.training.entry import run_script
 from loraxir.training.restoration import RestorationConfig, build_data, start_run
@@ -56,6 +57,14 @@ class PretrainConfig(RestorationConfig):
     dam_points: list[str] | str | None = field(
         default=None, metadata={"help": "Modules DAM blocks precede (default: the family's)."}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dam_points is not None and self.router is None:
+            raise ConfigError(
+                "dam_points places DAM blocks, which only a router drives; give router=<folder "
+                "written by recipes/train_router.py>, or drop dam_points for a plain network."
+            )
 
 
 def build_model(config: PretrainConfig) -> nn.Module:

@@ -71,6 +71,8 @@ def test_unknown_names_and_bad_hyperparameters_are_clear_errors():
         loraxir.create_backbone("nafnet-tiny", depth=3)
     with pytest.raises(ConfigError, match=r"given: width='abc'.*defaults: \{'width': 32"):
         loraxir.create_backbone("nafnet", width="abc")
+    with pytest.raises(loraxir.CheckpointError, match="No backbone at /no/such/net"):
+        loraxir.load_backbone("/no/such/net")
     with pytest.raises(UnknownNameError, match=r"Unknown preset 'swinr'.*swinir"):
         get_preset("swinr")
 

@@ -284,6 +284,11 @@ def test_routing_by_a_router_of_fewer_classes_than_the_data_is_refused(
             f"router={tmp_path / 'router'}")  # fmt: skip
 
 
+def test_pretrain_refuses_dam_points_without_a_router(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dam_points places DAM blocks"):
+        run("pretrain", tmp_path, *DATA, "backbone=nafnet-tiny", "dam_points=[intro]")
+
+
 def test_add_degradation_without_an_adapter_folder_says_what_to_point_at(
     base: Path, tmp_path: Path
 ) -> None:

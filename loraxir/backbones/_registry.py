@@ -166,6 +166,11 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
     folder = Path(path)
     if folder.is_dir():
         return _load_backbone_folder(folder)
+    if not folder.exists():
+        raise CheckpointError(
+            f"No backbone at {path}: pass a .pth/.safetensors checkpoint file or a folder "
+            "written by loraxir.backbones.save_backbone."
+        )
     import pickle
 
     from safetensors import SafetensorError
