@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The main job: router, DAM pre-training, expert fine-tuning and evaluation on held-out
-# photos, then the comparison table, figures and restored images (CPU, ~7-10 min).
+# photos, then the comparison table, figures and restored images (CPU, ~5-10 min with the install).
 # Interrupt it and run it again to resume; ARGS=--overwrite starts over.
 quickstart: install
 	$(PYTHON) benchmarks/quickstart.py $(ARGS)

@@ -182,12 +182,14 @@ class AdapterInfo:
         config = self.config
         router = config.get("router") or {}
         encoder = router.get("encoder") if isinstance(router, dict) else None
+        # The gate temperature is a router setting (the top-level key of loraxir 0.1 is gone).
+        temperature = router.get("temperature") if isinstance(router, dict) else None
         fitted = ", with fitted class embeddings" if self.class_embeddings else ""
         lines = [
             f"folder: {self.folder}",
             f"degradations ({len(self.degradations)}): {', '.join(self.degradations)}",
             f"rank r / alpha: {config.get('r')} / {config.get('lora_alpha')}",
-            f"top-k / temperature: {config.get('top_k')} / {config.get('temperature')}",
+            f"top-k / temperature: {config.get('top_k')} / {temperature}",
             f"targets: {config.get('target_modules') or config.get('preset') or 'detected'}",
             f"router: {encoder if encoder else 'none'}{fitted}",
             f"trainable size: {self.expert_parameters:,} expert + {self.dam_parameters:,} DAM + "

@@ -168,6 +168,7 @@ def test_info_describes_and_lists(adapter, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert f"degradations (3): {', '.join(CLASSES)}" in text
     assert "backbone: nafnet" in text and "expert +" in text
+    assert "top-k / temperature: 1 / 1.0" in text, "the router's temperature, not 'None'"
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter.parent))
     assert main(["info", "--list"]) == 0
     assert "tiny-three" in capsys.readouterr().out
