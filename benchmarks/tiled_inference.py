@@ -45,7 +45,8 @@ def _measure_size(task: tuple[str, float, int, int, int]) -> dict[str, float]:
     from loraxir.inference.restorer import Restorer
     from loraxir.pretrained import load_adapter
 
-    adapter, megapixels, tile, overlap, seed = task
+    adapter, megapixels, tile, overlap, seed, system_allocator = task
+    _allocator(system_allocator)
     torch.manual_seed(seed)
     side = round((megapixels * 1e6) ** 0.5)
     restorer = Restorer(load_adapter(adapter), tile=tile, overlap=overlap)
@@ -66,6 +67,14 @@ def _measure_size(task: tuple[str, float, int, int, int]) -> dict[str, float]:
         "working_mib": peak - before,
         "working_mib_per_mp": (peak - before) / (side * side / 1e6),
     }
+
+
+def _allocator(system: bool) -> None:
+    """As ``loraxir restore`` does on a CPU, unless ``--system-allocator``."""
+    if not system:
+        from loraxir.inference.allocator import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
 
 
 def _folder_throughput(adapter: str, images: int, size: int, degradation: str | None) -> dict:
@@ -122,6 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--degradation", help="class merged for the fast path (default: first)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="leave malloc as it is (default: keep freed memory, as `loraxir restore` does)",
+    )
     parser.add_argument("--output", default="tiled_inference.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -133,10 +147,19 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = []
         for megapixels in args.sizes:
             with context.Pool(1) as pool:
-                task = (adapter, megapixels, args.tile, args.overlap, args.seed)
+                task = (
+                    adapter,
+                    megapixels,
+                    args.tile,
+                    args.overlap,
+                    args.seed,
+                    args.system_allocator,
+                )
                 sizes.append(pool.apply(_measure_size, (task,)))
+        _allocator(args.system_allocator)
         folder = _folder_throughput(adapter, args.images, args.image_size, args.degradation)
     result = {"adapter": adapter or "(shipped default)", "tile": args.tile, "sizes": sizes}
+    result["allocator"] = "system" if args.system_allocator else "keep freed memory"
     result["folder"] = folder
     print(f"{'MP':>7} {'tiles':>6} {'s':>8} {'s/MP':>7} {'peak MiB':>9} {'work MiB/MP':>12}")
     for row in sizes:

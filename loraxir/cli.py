@@ -137,11 +137,14 @@ def _add_backbone_option(parser: argparse.ArgumentParser) -> None:
 
 def _run_restore(args: argparse.Namespace) -> int:
     from loraxir.inference import batch
+    from loraxir.inference.allocator import keep_freed_cpu_memory
     from loraxir.inference.images import set_pixel_limit
     from loraxir.inference.restorer import Restorer
     from loraxir.pretrained import load_adapter
 
     device = _check_restore_options(args)
+    if device == "cpu":  # this process only restores: reuse freed memory, fault no pages
+        keep_freed_cpu_memory()
     jobs, outcome = batch.collect(args.inputs, args.output)
     if (args.smooth or args.reference) and jobs and not any(job.is_video for job in jobs):
         print(

@@ -25,6 +25,7 @@ from loraxir import checkpoint, guidance
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, DataError, RoutingError
+from loraxir.inference.allocator import keeps_freed_cpu_memory
 from loraxir.layers import LoraIRLayer, wrap_layer
 from loraxir.padding import backbone_unit, reflect_pad, size_multiple
 from loraxir.routing import (
@@ -40,11 +41,14 @@ from loraxir.targeting import resolve_targets
 
 # Pixels per backbone call in CPU inference (model.inference_chunk_pixels). Measured on a
 # 2-core CPU (NAFNet-w32, float32, the bare backbone): 4 images of 256² took 0.63-0.73×
-# the time of one call when run one at a time, 16 of 128² 0.58-0.69× four at a time: a
-# call whose activations outgrow the caches costs more than the extra calls. At 128² two
-# per call against four was within noise (0.84-1.02×), so 2^16: four 128² images per
-# call, one 192² or larger.
+# the time of one call when run one at a time, 16 of 128² 0.58-0.69× four at a time. The
+# cause is the system allocator, not the caches: a larger call maps more fresh pages for
+# its activations and faults them in. Where freed memory is kept for reuse
+# (loraxir.inference.allocator.keep_freed_cpu_memory) one call is faster (the chunks took
+# 1.14-1.16×), so the default is then no chunks. At 128² two per call against four was
+# within noise (0.84-1.02×), so 2^16: four 128² images per call, one 192² or larger.
 CPU_CHUNK_PIXELS = 1 << 16
+_DEFAULT_CHUNKS = -1  # inference_chunk_pixels left as it is: decided per call
 
 
 def images_per_call(height: int, width: int, pixels: int = CPU_CHUNK_PIXELS) -> int:
@@ -76,7 +80,7 @@ class LoraIRModel(BaseTuner):
     ) -> None:
         self.routing = RoutingState()
         self._pending_targets: set[str] = set()
-        self._chunk_pixels: int | None = CPU_CHUNK_PIXELS
+        self._chunk_pixels: int | None = _DEFAULT_CHUNKS
         config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
         if isinstance(config, LoraIRConfig):
             if router is None and config.router is not None:
@@ -206,10 +210,13 @@ class LoraIRModel(BaseTuner):
     @property
     def inference_chunk_pixels(self) -> int | None:
         """Largest number of pixels (batch × height × width) per backbone call in CPU
-        inference (default :data:`CPU_CHUNK_PIXELS`, 2^16); a larger batch runs a few
-        images at a time, at least one. ``None`` runs every batch in one call. Not applied
-        on GPUs, in training, under autograd or ``torch.compile``, or inside
-        ``loraxir.route``. Outputs are the same as one call's up to float rounding."""
+        inference; a larger batch runs a few images at a time, at least one. ``None`` runs
+        every batch in one call. Default :data:`CPU_CHUNK_PIXELS` (2^16), or ``None`` once
+        :func:`~loraxir.inference.allocator.keep_freed_cpu_memory` has taken effect in this
+        process. Not applied on GPUs, in training, under autograd or ``torch.compile``, or
+        inside ``loraxir.route``. Outputs are the same as one call's up to float rounding."""
+        if self._chunk_pixels == _DEFAULT_CHUNKS:
+            return None if keeps_freed_cpu_memory() else CPU_CHUNK_PIXELS
         return self._chunk_pixels
 
     @inference_chunk_pixels.setter

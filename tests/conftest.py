@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loraxir.inference import allocator
 from loraxir.router.encoders import register_open_clip_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +28,13 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _allocator_defaults(monkeypatch) -> None:
+    """``loraxir restore`` run in-process has glibc keep freed memory (process-wide, for
+    good); each test still sees the library's defaults that follow from it as they were."""
+    monkeypatch.setattr(allocator, "_keeping", allocator.keeps_freed_cpu_memory())
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import loraxir
 from loraxir.cli import main
+from loraxir.inference import allocator
 from loraxir.pretrained import ADAPTER_PATH_ENV
 
 COMMANDS = ["restore", "info", "merge", "push", "degradations"]
@@ -81,7 +82,9 @@ def test_public_names_are_exact():
     assert set(loraxir.__all__) == expected and len(loraxir.__all__) == len(expected)
 
 
-def test_restore_skips_bad_inputs_reports_them_and_restores_the_others(adapter, tmp_path, capsys):
+def test_restore_skips_bad_inputs_reports_them_and_restores_the_others(
+    adapter, tmp_path, capsys, monkeypatch
+):
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(photo(40, 60)).save(inputs / "good.png")
@@ -89,7 +92,9 @@ def test_restore_skips_bad_inputs_reports_them_and_restores_the_others(adapter, 
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (inputs / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
+    monkeypatch.setattr(allocator, "_keeping", False)
     assert main(["restore", str(inputs), "-o", str(out), "--adapter", str(adapter)]) == 1
+    assert allocator.keeps_freed_cpu_memory()  # on a CPU: freed memory kept for reuse
     result = capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["good.png", "gray.jpg"]
     assert "broken.png" in result.err and "notes.txt" in result.err

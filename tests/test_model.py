@@ -624,3 +624,15 @@ def test_inference_chunk_pixels_refuses_what_is_not_a_positive_int(pixels):
     with pytest.raises(ConfigError, match="inference_chunk_pixels must be a positive int"):
         model.inference_chunk_pixels = pixels
     assert model.inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
+
+
+def test_inference_chunks_default_to_none_where_freed_memory_is_kept(monkeypatch):
+    """The chunks only saved page faults: once ``keep_freed_cpu_memory`` has taken effect
+    the default runs a CPU batch in one call; a value the user set is kept either way."""
+    model = _model()
+    monkeypatch.setattr(loraxir.inference.allocator, "_keeping", True)
+    assert model.inference_chunk_pixels is None
+    model.inference_chunk_pixels = 4096
+    assert model.inference_chunk_pixels == 4096
+    monkeypatch.setattr(loraxir.inference.allocator, "_keeping", False)
+    assert _model().inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
