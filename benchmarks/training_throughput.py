@@ -162,6 +162,7 @@ def scaling_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"--nproc_per_node={processes}", __file__, "--worker", str(out),
                 "--backbone", args.backbone, "--batch", str(args.batch),
                 "--patch", str(args.patch), "--steps", str(args.steps),
+                *(["--keep-freed-memory"] if args.keep_freed_memory else []),
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
             result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -199,8 +200,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--output", type=Path, default=ROOT / "benchmarks/results/training_throughput.json"
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="have glibc keep freed memory for reuse, as the recipes do on a CPU",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        from loraxir.inference.allocator import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
     if args.quick:
         args.backbone, args.patch, args.batch, args.steps = "nafnet-tiny", 32, 4, 2
         args.threads = 1
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     rows = single_process_rows(args) + scaling_rows(args)
     report = {"backbone": args.backbone, "patch": args.patch, "batch": args.batch,
-              "steps": args.steps, "rows": rows}  # fmt: skip
+              "steps": args.steps, "keep_freed_memory": args.keep_freed_memory,
+              "rows": rows}  # fmt: skip
     print(format_rows(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

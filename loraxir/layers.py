@@ -215,6 +215,9 @@ class LoraIRLayer(BaseTunerLayer):
         return self.loraxir_alpha[adapter_name] / self.loraxir_r[adapter_name]
 
     def _single_active_adapter(self) -> str:
+        adapter = self._active_adapter
+        if isinstance(adapter, str) and adapter in self.loraxir_experts:
+            return adapter  # the usual case, once per layer call: no list built
         active = [a for a in self.active_adapters if a in self.loraxir_experts]
         if len(active) != 1:
             raise RoutingError(
@@ -353,20 +356,27 @@ class LoraIRLayer(BaseTunerLayer):
         and the per-call forms handle them. When the kept weights are dropped: see
         :meth:`_kept_folds`; they cost up to one copy of the layer's weight per expert in use.
         """
-        bank = self.loraxir_experts[adapter]
-        dtype = bank.A[0].dtype
+        kept = self._kept_folds(adapter)
+        if kept is None:
+            return None
+        scaling = self.loraxir_alpha[adapter] / self.loraxir_r[adapter]
+        dtype = kept.tensors[1].dtype  # the experts' (A's)
         groups = self.routing.derived(
-            ("one_expert_rows", self.scaling(adapter), dtype),
-            lambda g: _one_expert_rows(g, self.scaling(adapter), dtype),
+            ("one_expert_rows", scaling, dtype),
+            lambda g: _one_expert_rows(g, scaling, dtype),
         )
-        kept = self._kept_folds(adapter, bank) if groups is not None else None
-        if kept is None or any(
+        if groups is None or any(
             c and not kept.live[e] for row in groups.rows for e, c in enumerate(row)
         ):
             # An expert with B = 0 adds nothing: the per-call path skips it and runs the
             # base op on the whole batch, bit for bit, which per-row folds would not.
             return None
         folds = kept.weights
+        if len(groups.rows) == 1 and groups.rows[0] in folds:  # the usual call: one lookup
+            return compute.folded_forward(
+                self.base_layer, x, groups, folds.__getitem__, options.get("output_padding")
+            )
+        bank = self.loraxir_experts[adapter]
 
         def fold(row: tuple[float, ...]) -> torch.Tensor:
             weight = folds.get(row)
@@ -381,7 +391,7 @@ class LoraIRLayer(BaseTunerLayer):
             self.base_layer, x, groups, fold, options.get("output_padding")
         )
 
-    def _kept_folds(self, adapter: str, bank: ExpertBank) -> _KeptFolds | None:
+    def _kept_folds(self, adapter: str) -> _KeptFolds | None:
         """The folds kept for ``adapter``, emptied when a tensor they derive from changed in
         place (its version counter moved: ``load_state_dict``, merge, edits under
         ``no_grad``). ``.to()``, ``train()``/``eval()``, a call with gradients and growing the
@@ -392,6 +402,7 @@ class LoraIRLayer(BaseTunerLayer):
         if kept is not None and kept.adapter == adapter:
             if all(t._version == v for t, v in zip(kept.tensors, kept.versions, strict=True)):
                 return kept
+        bank = self.loraxir_experts[adapter]
         tensors = (self.base_layer.weight, *bank.A, *bank.B)
         if any(t.is_inference() for t in tensors):
             return None
