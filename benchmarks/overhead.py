@@ -21,6 +21,7 @@ allocated during a step.
     python benchmarks/overhead.py --quick         # a representative subset, ~2 minutes
     python benchmarks/overhead.py --device cuda --amp bf16
     python benchmarks/overhead.py --backbones nafnet-tiny --sizes 32 --batches 2 --repeats 1
+    python benchmarks/overhead.py --quick --keep-freed-memory   # malloc as `loraxir restore` has it
 
 Prints a table and writes JSON (default ``benchmarks/results/overhead.json``).
 """
@@ -45,6 +46,7 @@ from tqdm import tqdm
 import loraxir
 from loraxir import LoraIRConfig
 from loraxir.compute import FORMS
+from loraxir.inference.allocator import keep_freed_cpu_memory, keeps_freed_cpu_memory
 
 EXPERTS, RANK = 5, 8
 SINGLE_RANK = EXPERTS * RANK  # one expert of the same trainable size as E x r
@@ -268,7 +270,7 @@ def _setup(
 
 def _chunk_size(bench: Bench, x: torch.Tensor) -> int:
     """Images per backbone call that a LoraIRModel's inference uses for ``x`` here."""
-    if bench.device.type != "cpu":
+    if bench.device.type != "cpu" or keeps_freed_cpu_memory():
         return x.shape[0]
     return loraxir.model.images_per_call(x.shape[-2], x.shape[-1])
 
@@ -437,9 +439,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="have glibc keep freed memory for reuse, as `loraxir restore` does on a CPU",
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent / "results" / "overhead.json"
     )
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_cpu_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args.device, args.amp, args.repeats, torch.get_num_threads())
