@@ -22,7 +22,9 @@ if sys.argv[1] == "keep":
     assert keep_freed_cpu_memory()  # a second call changes nothing
 torch.manual_seed(0)
 net = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(4)])
-x = torch.rand(1, 8, 512, 512)  # 8 MiB per activation: 4 layers, 8192 pages per call
+# 37 MiB per activation, above the largest block glibc's malloc ever serves from its heap by
+# default (32 MiB): 4 layers, 9500 pages each per call.
+x = torch.rand(1, 8, 1100, 1100)
 with torch.no_grad():
     for _ in range(3):
         net(x)
@@ -47,8 +49,9 @@ def _faults(mode: str) -> int:
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     # The system allocator maps each activation anew and faults its pages in at every
     # call; kept, a call reuses the pages that the calls before it freed.
-    assert _faults("system") > 6000
-    assert _faults("keep") < 2000
+    system = _faults("system")
+    assert system > 20_000
+    assert _faults("keep") < system / 10
 
 
 def test_other_systems_are_left_alone(monkeypatch):
