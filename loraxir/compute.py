@@ -21,7 +21,7 @@ Every form below computes exactly that (up to float rounding; outputs and the gr
     (one degradation for the batch) is a single base call: the cheapest form there is.
     When folding costs more multiply-adds than the low-rank path over the call's pixels
     (a 1x1 convolution on a pooled 1x1 map, a bottleneck on 8x8), the layer runs the base
-    op and adds ``B (c * (A x))`` instead; decided per call (:func:`_folds_cost_more`).
+    op and adds ``B (c * (A x))`` instead; decided per call (:func:`folds_cost_more`).
 ``"batched"``
     One folded weight per image, all images in one call: a batched matmul for ``Linear``
     and 1x1 convolutions, a grouped convolution with ``groups = B * groups`` otherwise.
@@ -240,7 +240,7 @@ def routed_forward(
         if coeffs.requires_grad:
             return _per_image_weight_form(ops, x, a, b, coeffs)
         groups = groups or group_rows(coeffs)
-        if _folds_cost_more(ops.module, x, len(groups.rows), a.shape[0]):
+        if folds_cost_more(ops.module, x, len(groups.rows), a.shape[0]):
             return ops.base(x).add_(ops.activation_delta(x, a, b, coeffs))
         return _grouped_weight_form(ops, x, groups, lambda row: ops.fold(a, b, row))
     if form == "batched":
@@ -289,7 +289,7 @@ def group_rows(coeffs: torch.Tensor) -> RowGroups:
     return RowGroups(tuple(images), tuple(members), order)
 
 
-def _folds_cost_more(base: nn.Module, x: torch.Tensor, rows: int, experts: int) -> bool:
+def folds_cost_more(base: nn.Module, x: torch.Tensor, rows: int, experts: int) -> bool:
     """Whether folding ``rows`` coefficient rows into the weight costs more multiply-adds
     than the low-rank path over every pixel of ``x``: ``rows * fan_in * out`` against
     ``pixels * experts * (fan_in + out)`` (the rank cancels). Known only per call: a layer
@@ -313,13 +313,13 @@ def _rank_path_is_cheaper(base: nn.Module, x: torch.Tensor, folds: int, exact_ba
     Always with ``exact_base`` (zero experts must give the base output bit for bit). Else
     when one fold per image (``k*r*fan_in*out`` multiply-adds, and a weight-sized tensor
     per image written, read in forward and again for the input gradient) costs more than
-    the rank path over the image's pixels (``k*r*(fan_in + out)`` each): :func:`_folds_cost_more`
+    the rank path over the image's pixels (``k*r*(fan_in + out)`` each): :func:`folds_cost_more`
     with one row per image (``k*r`` cancels). That is the bottleneck of a U-Net, where a
     ``1024 x 512`` weight per image serves a 4x4 map; on NAFNet-small (width 32) at 64²
     crops, batch 8, taking the rank path there made an experts-only training step 13%
     faster.
     """
-    return exact_base or _folds_cost_more(base, x, folds, 1)
+    return exact_base or folds_cost_more(base, x, folds, 1)
 
 
 def folded_forward(

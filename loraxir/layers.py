@@ -129,14 +129,20 @@ def _coefficients(
     return coeffs, compute.group_rows(coeffs)
 
 
-def _one_expert_rows(
+def _foldable_rows(
     gates: torch.Tensor, scaling: float, dtype: torch.dtype
 ) -> compute.RowGroups | None:
-    """Row groups of the coefficients ``gates * scaling`` when every row has at most one
-    non-zero entry (top-1 routing, a forced degradation), else ``None`` (once per call)."""
+    """Row groups of the coefficients ``gates * scaling`` when every row can be built from
+    one-expert folds: at most one non-zero entry (top-1 routing, a forced degradation), or
+    two whose gates sum to one (soft top-2 routing: ``W0 + c_a dW_a + c_b dW_b`` is then
+    ``g_a F_a + g_b F_b`` with ``F_e = W0 + s dW_e``); else ``None`` (once per call)."""
     groups = compute.group_rows(gates.to(dtype) * scaling)
-    if any(sum(c != 0.0 for c in row) > 1 for row in groups.rows):
-        return None
+    for row in groups.rows:
+        nonzero = [c for c in row if c != 0.0]
+        if len(nonzero) > 2:
+            return None
+        if len(nonzero) == 2 and not math.isclose(sum(nonzero), scaling, rel_tol=1e-6):
+            return None
     return groups
 
 
@@ -352,9 +358,12 @@ class LoraIRLayer(BaseTunerLayer):
         single non-zero entry, so a layer only ever folds ``E`` distinct weights: folding
         them once instead of at every call removes the per-call cost of routing beyond the
         base op (tiles of one image, frames of a video and batches of one degradation reuse
-        them). ``None`` when some row mixes experts (soft top-k): such rows rarely repeat,
-        and the per-call forms handle them. When the kept weights are dropped: see
-        :meth:`_kept_folds`; they cost up to one copy of the layer's weight per expert in use.
+        them). A soft top-2 row (two gates summing to one) is the mixture of its two
+        experts' kept folds, one ``lerp`` over the weight instead of folding the factors
+        anew; it is not kept (such rows rarely repeat), and where folding costs more than
+        the low-rank path (few pixels, a large weight) the per-call forms run it instead.
+        ``None`` for other rows. When the kept weights are dropped: see :meth:`_kept_folds`;
+        they cost up to one copy of the layer's weight per expert in use.
         """
         kept = self._kept_folds(adapter)
         if kept is None:
@@ -362,8 +371,8 @@ class LoraIRLayer(BaseTunerLayer):
         scaling = self.loraxir_alpha[adapter] / self.loraxir_r[adapter]
         dtype = kept.tensors[1].dtype  # the experts' (A's)
         groups = self.routing.derived(
-            ("one_expert_rows", scaling, dtype),
-            lambda g: _one_expert_rows(g, scaling, dtype),
+            ("foldable_rows", scaling, dtype),
+            lambda g: _foldable_rows(g, scaling, dtype),
         )
         if groups is None or any(
             c and not kept.live[e] for row in groups.rows for e, c in enumerate(row)
@@ -376,9 +385,13 @@ class LoraIRLayer(BaseTunerLayer):
             return compute.folded_forward(
                 self.base_layer, x, groups, folds.__getitem__, options.get("output_padding")
             )
+        mixed = sum(sum(c != 0.0 for c in row) > 1 for row in groups.rows)
+        if mixed and compute.folds_cost_more(self.base_layer, x, mixed, 2):
+            return None
         bank = self.loraxir_experts[adapter]
+        unit = float(torch.ones((), dtype=dtype) * scaling)  # a gate of 1, as top-1 rows have
 
-        def fold(row: tuple[float, ...]) -> torch.Tensor:
+        def one_expert(row: tuple[float, ...]) -> torch.Tensor:
             weight = folds.get(row)
             if weight is None:
                 weight = compute.fold_weight(self.base_layer, *bank.stacked(), row)
@@ -386,6 +399,14 @@ class LoraIRLayer(BaseTunerLayer):
                     folds.pop(next(iter(folds)))
                 folds[row] = weight
             return weight
+
+        def fold(row: tuple[float, ...]) -> torch.Tensor:
+            support = [(e, c) for e, c in enumerate(row) if c != 0.0]
+            if len(support) < 2:
+                return one_expert(row)
+            alone = [tuple(unit if i == e else 0.0 for i in range(len(row))) for e, _ in support]
+            (_, c_a), (_, c_b) = support
+            return torch.lerp(one_expert(alone[1]), one_expert(alone[0]), c_a / (c_a + c_b))
 
         return compute.folded_forward(
             self.base_layer, x, groups, fold, options.get("output_padding")

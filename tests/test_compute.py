@@ -295,7 +295,7 @@ def test_weight_form_folds_or_adds_the_low_rank_path_by_cost(base, shape, low_ra
     coeffs = _coeffs(gates)
     x = torch.randn(shape)
     rows = len(compute.group_rows(coeffs).rows)
-    assert compute._folds_cost_more(base, x, rows, E) == low_rank
+    assert compute.folds_cost_more(base, x, rows, E) == low_rank
     out = _run("weight", base, x, a, b, coeffs, {})
     assert rel_err(out, _reference(base, x, a, b, coeffs, None)) <= 1e-5
 

@@ -559,12 +559,34 @@ def test_kept_folds_follow_weight_changes():
         assert torch.equal(doubled, fresh(x.double()))
 
 
-def test_soft_rows_are_not_kept(monkeypatch):
+def test_soft_top2_rows_mix_kept_folds_and_other_rows_fold_per_call(monkeypatch):
+    """Two gates summing to one mix the two experts' kept folds (each folded once, then
+    reused), equal to folding the row's factors at every call up to float rounding; rows of
+    three experts, or of two gates that do not sum to one, keep nothing."""
     model = _trained_model()
-    folds = _count_folds(monkeypatch)
+    x = torch.rand(2, 3, 32, 32)
+    soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7]])
     with torch.no_grad():
-        model(torch.rand(2, 3, 32, 32), gates=torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7]]))
-    assert not folds
+        model.cache_folds = False
+        reference = model(x, gates=soft)
+        model.cache_folds = True
+        folds = _count_folds(monkeypatch)
+        mixed = model(x, gates=soft)
+        layers = len(list(model.expert_layers()))
+        assert 0 < len(folds) <= 3 * layers  # at most one per layer and expert
+        kept = len(folds)
+        other = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.6, 0.4]])
+        again = model(x, gates=other)
+        assert len(folds) == kept
+        model.cache_folds = False
+        assert rel_err(mixed, reference) < 1e-6
+        assert rel_err(again, model(x, gates=other)) < 1e-6
+        assert not torch.equal(again, mixed)
+        for gates in ([[0.2, 0.3, 0.5]], [[0.5, 0.4, 0.0]]):
+            model = _trained_model()
+            folds.clear()
+            model(x[:1], gates=torch.tensor(gates))
+            assert not folds, gates
 
 
 def _count_calls(model, monkeypatch) -> list[int]:
