@@ -361,7 +361,8 @@ class LoraIRLayer(BaseTunerLayer):
         them). A soft top-2 row (two gates summing to one) is the mixture of its two
         experts' kept folds, one ``lerp`` over the weight instead of folding the factors
         anew; it is not kept (such rows rarely repeat), and where folding costs more than
-        the low-rank path (few pixels, a large weight) the per-call forms run it instead.
+        the low-rank path (few pixels, a large weight) or the batch has several rows (see
+        :meth:`FormPlan.pick`'s ``mixed_rows``), the per-call forms run it instead.
         ``None`` for other rows. When the kept weights are dropped: see :meth:`_kept_folds`;
         they cost up to one copy of the layer's weight per expert in use.
         """
@@ -385,8 +386,10 @@ class LoraIRLayer(BaseTunerLayer):
             return compute.folded_forward(
                 self.base_layer, x, groups, folds.__getitem__, options.get("output_padding")
             )
-        mixed = sum(sum(c != 0.0 for c in row) > 1 for row in groups.rows)
-        if mixed and compute.folds_cost_more(self.base_layer, x, mixed, 2):
+        if groups.mixed and (
+            len(groups.rows) > 1  # a weight per image: the per-call "gathered" form
+            or compute.folds_cost_more(self.base_layer, x, 1, 2)
+        ):
             return None
         bank = self.loraxir_experts[adapter]
         unit = float(torch.ones((), dtype=dtype) * scaling)  # a gate of 1, as top-1 rows have
@@ -529,6 +532,7 @@ class LoraIRLayer(BaseTunerLayer):
         return self.loraxir_plan[adapter].pick(
             training=training,
             shared_row=groups is not None and len(groups.rows) == 1,
+            mixed_rows=groups is not None and len(groups.rows) > 1 and groups.mixed,
             dropout=self.training and self.loraxir_dropout[adapter] > 0,
             compiling=torch.compiler.is_compiling(),
             grouped=getattr(self.base_layer, "groups", 1) > 1,

@@ -393,7 +393,9 @@ class LoraIRModel(BaseTuner):
         a split and a concatenation in every layer. Not done for training, under
         ``torch.compile``, inside ``loraxir.route`` (pinned gates stay whole), with extra
         backbone arguments, when the config fixes or tunes inference to another form
-        (those compute the whole batch in one call), or when a routed expert is still
+        (those compute the whole batch in one call), when some row mixes experts (soft
+        top-k: every image then has a row of its own, and the layers' ``"gathered"`` form
+        runs the batch in one pass faster than a pass per image), or when a routed expert is still
         fresh (``B = 0``: the layers then run the base op on the whole batch, which gives
         the backbone's own output bit for bit; checked on the first expert layer, as
         experts are attached and trained in every layer together).
@@ -408,7 +410,7 @@ class LoraIRModel(BaseTuner):
         ):
             return None
         groups = group_rows(gates)
-        if len(groups.rows) < 2:
+        if len(groups.rows) < 2 or groups.mixed:
             return None
         _, layer = next(self.expert_layers())
         live = layer.live_experts(self._active_name())

@@ -249,6 +249,12 @@ def test_plan_pick_applies_what_only_a_call_knows():
     assert plan.pick(**call | {"dropout": True}, grouped=False) == "activation"
     assert plan.pick(**call | {"compiling": True}, grouped=True) == "batched"
     assert plan.pick(**call, grouped=False, tuned="weight") == "weight"
+    # soft rows over a batch: a weight per image, applied in one call
+    assert plan.pick(**call, grouped=False, mixed_rows=True) == "gathered"
+    assert plan.pick(**call, grouped=False, mixed_rows=True, tuned="weight") == "weight"
+    batched_training = compute.FormPlan("weight", "batched")
+    training_call = call | {"training": True, "grouped": False, "mixed_rows": True}
+    assert batched_training.pick(**training_call) == "batched"  # training keeps its plan
     # a plan that folds per image in training folds once for a batch that shares one row
     folds = compute.FormPlan("weight", "batched")
     training = call | {"training": True}
@@ -304,6 +310,7 @@ def test_group_rows_groups_images_by_row_with_views_where_it_can():
     row_a, row_b = [0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]
     groups = compute.group_rows(torch.tensor([row_a, row_a, row_b]))
     assert groups.rows == (tuple(row_a), tuple(row_b))
+    assert groups.mixed and not compute.group_rows(torch.tensor([row_a, row_a])).mixed
     assert groups.members == (slice(0, 2), slice(2, 3)) and groups.order is None
     groups = compute.group_rows(torch.tensor([row_a, row_b, row_a]))
     assert groups.members[0].tolist() == [0, 2] and groups.members[1] == slice(1, 2)

@@ -564,29 +564,42 @@ def test_soft_top2_rows_mix_kept_folds_and_other_rows_fold_per_call(monkeypatch)
     reused), equal to folding the row's factors at every call up to float rounding; rows of
     three experts, or of two gates that do not sum to one, keep nothing."""
     model = _trained_model()
-    x = torch.rand(2, 3, 32, 32)
-    soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7]])
+    x = torch.rand(1, 3, 32, 32)
+    soft, other = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.2, 0.8, 0.0]])
     with torch.no_grad():
         model.cache_folds = False
-        reference = model(x, gates=soft)
+        reference, other_reference = model(x, gates=soft), model(x, gates=other)
         model.cache_folds = True
         folds = _count_folds(monkeypatch)
         mixed = model(x, gates=soft)
         layers = len(list(model.expert_layers()))
-        assert 0 < len(folds) <= 3 * layers  # at most one per layer and expert
+        assert 0 < len(folds) <= 2 * layers  # at most one per layer and expert
         kept = len(folds)
-        other = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.6, 0.4]])
         again = model(x, gates=other)
         assert len(folds) == kept
-        model.cache_folds = False
         assert rel_err(mixed, reference) < 1e-6
-        assert rel_err(again, model(x, gates=other)) < 1e-6
+        assert rel_err(again, other_reference) < 1e-6
         assert not torch.equal(again, mixed)
         for gates in ([[0.2, 0.3, 0.5]], [[0.5, 0.4, 0.0]]):
             model = _trained_model()
             folds.clear()
-            model(x[:1], gates=torch.tensor(gates))
+            model(x, gates=torch.tensor(gates))
             assert not folds, gates
+
+
+def test_a_batch_of_soft_rows_runs_the_backbone_once(monkeypatch):
+    """Soft top-2 rows give every image a weight of its own: the batch runs in one backbone
+    pass (the layers' "gathered" form), not one pass per image, and equals the images run
+    one at a time."""
+    model = _trained_model()
+    x = torch.rand(3, 3, 32, 32)
+    gates = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7], [0.9, 0.0, 0.1]])
+    batches = _count_calls(model, monkeypatch)
+    with torch.no_grad():
+        out = model(x, gates=gates)
+        assert batches == [3]
+        one_by_one = torch.cat([model(x[i : i + 1], gates=gates[i : i + 1]) for i in range(3)])
+    assert rel_err(out, one_by_one) < 1e-5
 
 
 def _count_calls(model, monkeypatch) -> list[int]:
