@@ -71,7 +71,8 @@ for the op (measured on NAFNet-w32, 128², 4 images routed to 4 experts: ``"weig
 every layer beat ``"batched"`` and ``"gathered"``, whose grouped convolution over the batch
 runs slower than the depthwise base). :meth:`FormPlan.pick` applies what only a call
 knows: one distinct row -> ``"weight"`` in inference, and in training where the plan folds
-(one weight gradient for the batch instead of one per image), dropout -> ``"activation"``,
+(one weight gradient for the batch instead of one per image), several rows of which some
+mix experts (soft top-k) -> ``"gathered"`` in inference, dropout -> ``"activation"``,
 ``torch.compile`` -> a form without data-dependent shapes. ``LoraIRModel.autotune``
 refines the plan by timing whole model calls. Expert layers may keep the folds of
 one-expert rows between inference calls (:func:`folded_forward` with their own ``fold``;
