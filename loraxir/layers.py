@@ -25,6 +25,7 @@ These layers know nothing of routers: they read gates from a shared
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple
 
@@ -144,6 +145,13 @@ def _foldable_rows(
         if len(nonzero) == 2 and not math.isclose(sum(nonzero), scaling, rel_tol=1e-6):
             return None
     return groups
+
+
+@functools.cache
+def _gate_of_one(scaling: float, dtype: torch.dtype) -> float:
+    """The coefficient a gate of 1 has in ``dtype`` (``gates.to(dtype) * scaling``): the
+    value each top-1 row, and so each kept one-expert fold's key, carries."""
+    return float(torch.ones((), dtype=dtype) * scaling)
 
 
 def _nonzero_rows(t: torch.Tensor) -> list[bool]:
@@ -392,7 +400,7 @@ class LoraIRLayer(BaseTunerLayer):
         ):
             return None
         bank = self.loraxir_experts[adapter]
-        unit = float(torch.ones((), dtype=dtype) * scaling)  # a gate of 1, as top-1 rows have
+        unit = _gate_of_one(scaling, dtype)
 
         def one_expert(row: tuple[float, ...]) -> torch.Tensor:
             weight = folds.get(row)

@@ -45,7 +45,8 @@ from loraxir.targeting import resolve_targets
 # cause is the system allocator, not the caches: a larger call maps more fresh pages for
 # its activations and faults them in. Where freed memory is kept for reuse
 # (loraxir.inference.allocator.keep_freed_cpu_memory) one call is faster (the chunks took
-# 1.14-1.16×), so the default is then no chunks. At 128² two per call against four was
+# 1.14-1.16× in a throwaway script; benchmarks/overhead.py --keep-freed-memory: 4 × 128² one
+# at a time 1.54× one call), so the default is then no chunks. At 128² two per call against four was
 # within noise (0.84-1.02×), so 2^16: four 128² images per call, one 192² or larger.
 CPU_CHUNK_PIXELS = 1 << 16
 _DEFAULT_CHUNKS = -1  # inference_chunk_pixels left as it is: decided per call

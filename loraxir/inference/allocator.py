@@ -6,8 +6,10 @@ and returns them to the system on ``free`` (it also trims the top of its heap), 
 next layer, and the next image, gets fresh pages that the kernel faults in and zero-fills
 one at a time. On the 2-core CI machine (a VM, where a fault is expensive) that was half
 of the time of the bare NAFNet-w32 on one 512² image. Keeping the freed memory in the heap
-for reuse removes those faults: measured there (no gradient, median of 8 calls, one run
-each), 128² 157 → 88 ms, four 128² images 509 → 301 ms, 512² 2.68 → 1.35 s.
+for reuse removes those faults: measured there with a throwaway script (no gradient,
+median of 8 calls, one run each), 128² 157 → 88 ms, four 128² images 509 → 301 ms, 512²
+2.68 → 1.35 s; ``benchmarks/tiled_inference.py`` against its ``--system-allocator`` run
+gives the shipped adapter's numbers (docs/cli.md).
 
 PyTorch's CPU performance guide reaches the same end by preloading a caching allocator
 (jemalloc, tcmalloc); :func:`keep_freed_cpu_memory` asks the allocator the process
