@@ -130,7 +130,8 @@ class FormPlan:
                 ``"gathered"`` applies them in one call (each image's rank ``k*r`` path, or
                 its own fold where that is cheaper) instead of a base call per row: on
                 NAFNet-w32, 4 images of 128² with soft top-2 rows, 1.26-1.44× the bare
-                backbone against 1.82-2.07× for ``"weight"`` (2-core CPU, two runs).
+                backbone against 1.82-2.07× for ``"weight"`` (2-core CPU, two runs of a
+                throwaway script; ``benchmarks/overhead.py``: 1.49× against 1.87-2.16×).
         """
         if dropout:
             return "activation"
