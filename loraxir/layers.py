@@ -138,7 +138,7 @@ def _foldable_rows(
     two whose gates sum to one (soft top-2 routing: ``W0 + c_a dW_a + c_b dW_b`` is then
     ``g_a F_a + g_b F_b`` with ``F_e = W0 + s dW_e``); else ``None`` (once per call)."""
     groups = compute.group_rows(gates.to(dtype) * scaling)
-    for row in groups.rows:
+    for row in groups.rows if groups.mixed else ():
         nonzero = [c for c in row if c != 0.0]
         if len(nonzero) > 2:
             return None
