@@ -349,6 +349,13 @@ def folded_forward(
     return _grouped_weight_form(_ops_for(base, output_padding), x, groups, fold)
 
 
+def weight_op(base: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``base``'s op as a function of the input and a weight (its own bias and
+    hyper-parameters; a ``ConvTranspose2d`` with its own output padding), for a caller that
+    runs it with weights it keeps."""
+    return _ops_for(base, None).op
+
+
 def fold_weight(
     base: nn.Module, a: torch.Tensor, b: torch.Tensor, row: tuple[float, ...]
 ) -> torch.Tensor:

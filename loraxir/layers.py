@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -107,13 +109,20 @@ class _UsedExperts(NamedTuple):
 class _KeptFolds(NamedTuple):
     """One layer's folds kept between inference calls, and what they are valid for: the
     adapter, the tensors they derive from with their version counters, and which experts
-    have a non-zero ``B``."""
+    have a non-zero ``B``; with what every call reads, made once: the key and builder of
+    the call's foldable rows, and the base op as a function of the input and a weight."""
 
     adapter: str
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
     live: tuple[bool, ...]
     weights: dict[tuple[float, ...], torch.Tensor]
+    rows_key: tuple[Any, ...]
+    rows: Callable[[torch.Tensor], compute.RowGroups | None]
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_version = operator.attrgetter("_version")
 
 
 def _gate_support(gates: torch.Tensor) -> tuple[int, ...]:
@@ -230,7 +239,9 @@ class LoraIRLayer(BaseTunerLayer):
 
     def _single_active_adapter(self) -> str:
         adapter = self._active_adapter
-        if isinstance(adapter, str) and adapter in self.loraxir_experts:
+        if type(adapter) is list and len(adapter) == 1:  # what set_adapter leaves
+            adapter = adapter[0]
+        if type(adapter) is str and adapter in self.loraxir_experts:
             return adapter  # the usual case, once per layer call: no list built
         active = [a for a in self.active_adapters if a in self.loraxir_experts]
         if len(active) != 1:
@@ -351,11 +362,11 @@ class LoraIRLayer(BaseTunerLayer):
             # optimizer): folds kept from before it must not serve the next inference call.
             self.drop_kept_folds()
             return False
-        return (
-            self.routing.cache_folds
-            and not torch.compiler.is_compiling()
-            and self._choose_compute(adapter, None) == "weight"
-        )
+        if not self.routing.cache_folds or torch.compiler.is_compiling():
+            return False
+        if self.compute == "auto" and not self.tuned and not self.training:
+            return self.loraxir_plan[adapter].inference == "weight"  # what pick() returns here
+        return self._choose_compute(adapter, None) == "weight"
 
     def _forward_with_kept_folds(
         self, adapter: str, x: torch.Tensor, options: dict[str, Any]
@@ -368,39 +379,36 @@ class LoraIRLayer(BaseTunerLayer):
         base op (tiles of one image, frames of a video and batches of one degradation reuse
         them). A soft top-2 row (two gates summing to one) is the mixture of its two
         experts' kept folds, one ``lerp`` over the weight instead of folding the factors
-        anew; it is not kept (such rows rarely repeat), and where folding costs more than
-        the low-rank path (few pixels, a large weight) or the batch has several rows (see
-        :meth:`FormPlan.pick`'s ``mixed_rows``), the per-call forms run it instead.
+        anew, even where the low-rank path has fewer multiply-adds (a squeeze-excitation
+        1x1 on its pooled map, a bottleneck on 8x8): the lerp is one memory pass, the rank
+        path several small operations (NAFNet-w32, one 128² image, soft top-2: 1.11× the
+        bare backbone against 1.24× with the rank path on such layers; 2-core CPU,
+        freed memory kept, a throwaway script). It is not kept (such rows rarely repeat).
+        When the batch has several rows (see :meth:`FormPlan.pick`'s ``mixed_rows``) the
+        per-call forms run it instead.
         ``None`` for other rows. When the kept weights are dropped: see :meth:`_kept_folds`;
         they cost up to one copy of the layer's weight per expert in use.
         """
         kept = self._kept_folds(adapter)
         if kept is None:
             return None
-        scaling = self.loraxir_alpha[adapter] / self.loraxir_r[adapter]
-        dtype = kept.tensors[1].dtype  # the experts' (A's)
-        groups = self.routing.derived(
-            ("foldable_rows", scaling, dtype),
-            lambda g: _foldable_rows(g, scaling, dtype),
-        )
-        if groups is None or any(
-            c and not kept.live[e] for row in groups.rows for e, c in enumerate(row)
+        groups = self.routing.derived(kept.rows_key, kept.rows)
+        if groups is None or (
+            not all(kept.live)
+            and any(c and not kept.live[e] for row in groups.rows for e, c in enumerate(row))
         ):
             # An expert with B = 0 adds nothing: the per-call path skips it and runs the
             # base op on the whole batch, bit for bit, which per-row folds would not.
             return None
         folds = kept.weights
-        if len(groups.rows) == 1 and groups.rows[0] in folds:  # the usual call: one lookup
-            return compute.folded_forward(
-                self.base_layer, x, groups, folds.__getitem__, options.get("output_padding")
-            )
-        if groups.mixed and (
-            len(groups.rows) > 1  # a weight per image: the per-call "gathered" form
-            or compute.folds_cost_more(self.base_layer, x, 1, 2)
-        ):
+        if len(groups.rows) == 1 and not options:  # the usual call: one lookup
+            weight = folds.get(groups.rows[0])
+            if weight is not None:
+                return kept.op(x, weight)
+        if groups.mixed and len(groups.rows) > 1:  # a weight per image: "gathered"
             return None
         bank = self.loraxir_experts[adapter]
-        unit = _gate_of_one(scaling, dtype)
+        unit = _gate_of_one(*kept.rows_key[1:])
 
         def one_expert(row: tuple[float, ...]) -> torch.Tensor:
             weight = folds.get(row)
@@ -431,15 +439,28 @@ class LoraIRLayer(BaseTunerLayer):
         optimizers, writes through ``.data``). ``None`` for inference tensors, which carry
         no version."""
         kept = self.__dict__.get("_loraxir_kept_folds")
-        if kept is not None and kept.adapter == adapter:
-            if all(t._version == v for t, v in zip(kept.tensors, kept.versions, strict=True)):
-                return kept
+        if (
+            kept is not None
+            and kept.adapter == adapter
+            and tuple(map(_version, kept.tensors)) == kept.versions
+        ):
+            return kept
         bank = self.loraxir_experts[adapter]
         tensors = (self.base_layer.weight, *bank.A, *bank.B)
         if any(t.is_inference() for t in tensors):
             return None
-        live = tuple(self.live_experts(adapter))
-        kept = _KeptFolds(adapter, tensors, tuple(t._version for t in tensors), live, {})
+        scaling = self.scaling(adapter)
+        dtype = bank.A[0].dtype
+        kept = _KeptFolds(
+            adapter,
+            tensors,
+            tuple(map(_version, tensors)),
+            tuple(self.live_experts(adapter)),
+            {},
+            ("foldable_rows", scaling, dtype),
+            functools.partial(_foldable_rows, scaling=scaling, dtype=dtype),
+            compute.weight_op(self.base_layer),
+        )
         self.__dict__["_loraxir_kept_folds"] = kept
         return kept
 
