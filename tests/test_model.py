@@ -559,6 +559,25 @@ def test_kept_folds_follow_weight_changes():
         assert torch.equal(doubled, fresh(x.double()))
 
 
+def test_kept_folds_are_used_exactly_when_the_plan_picks_the_weight_form():
+    """The layers' shortcut for an untuned eval layer agrees with ``FormPlan.pick``, by
+    default, after a fixed choice, in train mode and with dropout."""
+    for dropout in (0.0, 0.1):
+        model = _trained_model(lora_dropout=dropout)
+        layers = [layer for _, layer in model.expert_layers()]
+        with torch.no_grad():
+            for choice in ("auto", "gathered", "weight"):
+                model.set_compute_choice({"inference": choice, "training": choice})
+                for train in (False, True):
+                    model.train(train)
+                    for layer in layers:
+                        picked = layer._choose_compute("default", None) == "weight"
+                        assert layer._folds_reusable("default") == picked, (choice, train)
+            model.set_compute_choice({"inference": "auto", "training": "auto"})
+            model.eval()
+            assert all(layer._folds_reusable("default") for layer in layers)
+
+
 def test_soft_top2_rows_mix_kept_folds_and_other_rows_fold_per_call(monkeypatch):
     """Two gates summing to one mix the two experts' kept folds (each folded once, then
     reused) in every layer, also where the low-rank path has fewer multiply-adds (a
