@@ -1,6 +1,6 @@
 """The adapter that ships with loraxir (``adapters/nafnet-five-task``): it is installed, loads
 by name with no argument, restores held-out photos better than the degraded input (every
-class but the one its card names as a weakness), and `loraxir restore photo.png` works with
+class but the one its card names as not restored), and `loraxir restore photo.png` works with
 nothing else on the command line."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_the_default_adapter_is_installed_small_and_documented():
 # cepstrum, blur ends level with its input: -0.001 dB in the card, -0.02 dB on this file's
 # draws (docs/benchmarks.md). Strict: an adapter that restores blur fails this mark, so
 # that the card and this list are updated with it.
-KNOWN_WORSE = {"blur"}
+KNOWN_UNRESTORED = {"blur"}
 
 
 def _gains(shipped, held_out_photos, given: bool) -> dict[str, list[float]]:
@@ -85,8 +85,8 @@ def gains(shipped, held_out_photos) -> dict[str, list[float]]:
 @pytest.mark.parametrize(
     "task",
     [
-        pytest.param(task, marks=pytest.mark.xfail(strict=True, reason="card: makes it worse"))
-        if task in KNOWN_WORSE
+        pytest.param(task, marks=pytest.mark.xfail(strict=True, reason="card: not restored"))
+        if task in KNOWN_UNRESTORED
         else task
         for task in ("noise", "rain", "haze", "blur", "low_light")
     ],
@@ -109,18 +109,25 @@ def test_with_the_class_given_blur_is_no_longer_a_loss_and_the_rest_still_gain(
     assert all(gain > 1.0 for task, gain in given.items() if task != "blur"), given
 
 
-def test_the_card_names_what_it_makes_worse():
-    """A class restored under its input in the card's own table is named as a weakness,
-    and only such a class; :data:`KNOWN_WORSE` (this file's seed) agrees with the card."""
+def test_the_card_names_what_it_does_not_restore():
+    """The classes the card names as not restored are :data:`KNOWN_UNRESTORED`, each in
+    the words its own table supports: blur moved by -0.001 dB, which the card calls level
+    with the input, not worse (recipes/ship_adapter.py's LEVEL_DB draws the line)."""
     folder = find_adapter()
     card = (folder / "README.md").read_text()
     metrics = json.loads((folder / "metrics.json").read_text())
-    worse = {
-        t for t, row in metrics["held_out"].items() if row["restored_psnr"] < row["input_psnr"]
-    }
-    for task in metrics["held_out"]:
-        assert (f"It makes {task} images worse" in card) == (task in worse), task
-    assert worse == KNOWN_WORSE
+    named = set()
+    for task, row in metrics["held_out"].items():
+        change = row["restored_psnr"] - row["input_psnr"]
+        worse = f"It makes {task} images worse" in card
+        level = f"It does not restore {task} images; they come out level" in card
+        assert not (worse and level), task
+        assert not worse or change < 0, (task, change)
+        assert not level or abs(change) < 0.1, (task, change)
+        if worse or level:
+            named.add(task)
+    assert named == KNOWN_UNRESTORED
+    assert "It does not restore blur images; they come out level" in card
 
 
 def test_restore_needs_nothing_but_the_photo(held_out_photos, tmp_path, monkeypatch):
