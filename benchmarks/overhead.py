@@ -3,7 +3,7 @@
 Inference rows: routed top-1 and top-2 with per-image experts (default settings, then
 after ``autotune``), one degradation for the whole batch, and merged weights, each as a
 ratio of the best way to run the bare backbone (the fastest of one batched call, one
-image at a time and, on a CPU, the chunks of ``loraxir.model.CPU_CHUNK_PIXELS`` pixels
+image at a time and, on a CPU, the chunks of ``loraxir.model.family_chunk_pixels`` pixels
 that a LoraIRModel's inference runs). Training rows: one experts-only step (top-1,
 top-2, and a single expert E=1 r=40 of the same trainable size) as a ratio of one full
 training step of the bare network, and the step's memory as a ratio of the full step's;
@@ -268,11 +268,12 @@ def _setup(
     return base, x, generator
 
 
-def _chunk_size(bench: Bench, x: torch.Tensor) -> int:
+def _chunk_size(bench: Bench, base: nn.Module, x: torch.Tensor) -> int:
     """Images per backbone call that a LoraIRModel's inference uses for ``x`` here."""
     if bench.device.type != "cpu" or keeps_freed_cpu_memory():
         return x.shape[0]
-    return loraxir.model.images_per_call(x.shape[-2], x.shape[-1])
+    pixels = loraxir.model.family_chunk_pixels(base)
+    return loraxir.model.images_per_call(x.shape[-2], x.shape[-1], pixels)
 
 
 def bench_inference(bench: Bench, setting: tuple[str, int, int], seed: int) -> None:
@@ -295,7 +296,7 @@ def bench_inference(bench: Bench, setting: tuple[str, int, int], seed: int) -> N
     # The bare backbone's best way: one call, one image at a time, or the chunks a
     # LoraIRModel runs on this device (model.inference_chunk_pixels).
     candidates = {"one image at a time": in_chunks(1)}
-    chunk = _chunk_size(bench, x)
+    chunk = _chunk_size(bench, base, x)
     if 1 < chunk < batch:
         candidates[f"{chunk} images per call"] = in_chunks(chunk)
     reference, best = batched, 1.0

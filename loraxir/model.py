@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from loraxir import checkpoint, guidance
+from loraxir.backbones import detect_preset
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, DataError, RoutingError
@@ -47,9 +48,20 @@ from loraxir.targeting import resolve_targets
 # (loraxir.inference.allocator.keep_freed_cpu_memory) one call is faster (the chunks took
 # 1.14-1.16× in a throwaway script; benchmarks/overhead.py --keep-freed-memory: 4 × 128² one
 # at a time 1.54× one call), so the default is then no chunks. At 128² two per call against four was
-# within noise (0.84-1.02×), so 2^16: four 128² images per call, one 192² or larger.
+# within noise (0.84-1.02×), so 2^16: four 128² images per call, one 192² or larger. A
+# family preset can name its own (Preset.cpu_chunk_pixels: Restormer, one 128² image).
 CPU_CHUNK_PIXELS = 1 << 16
 _DEFAULT_CHUNKS = -1  # inference_chunk_pixels left as it is: decided per call
+
+
+def family_chunk_pixels(backbone: nn.Module) -> int:
+    """Pixels per backbone call that CPU inference of ``backbone`` runs by default under the
+    system allocator: its family preset's ``cpu_chunk_pixels``, else
+    :data:`CPU_CHUNK_PIXELS`."""
+    preset = detect_preset(backbone)
+    if preset is None or preset.cpu_chunk_pixels is None:
+        return CPU_CHUNK_PIXELS
+    return preset.cpu_chunk_pixels
 
 
 def images_per_call(height: int, width: int, pixels: int = CPU_CHUNK_PIXELS) -> int:
@@ -212,12 +224,13 @@ class LoraIRModel(BaseTuner):
     def inference_chunk_pixels(self) -> int | None:
         """Largest number of pixels (batch × height × width) per backbone call in CPU
         inference; a larger batch runs a few images at a time, at least one. ``None`` runs
-        every batch in one call. Default :data:`CPU_CHUNK_PIXELS` (2^16), or ``None`` once
+        every batch in one call. Default :func:`family_chunk_pixels` (2^16, or what the
+        backbone's family preset names: one 128² image for Restormer), or ``None`` once
         :func:`~loraxir.inference.allocator.keep_freed_cpu_memory` has taken effect in this
         process. Not applied on GPUs, in training, under autograd or ``torch.compile``, or
         inside ``loraxir.route``. Outputs are the same as one call's up to float rounding."""
         if self._chunk_pixels == _DEFAULT_CHUNKS:
-            return None if keeps_freed_cpu_memory() else CPU_CHUNK_PIXELS
+            return None if keeps_freed_cpu_memory() else family_chunk_pixels(self.model)
         return self._chunk_pixels
 
     @inference_chunk_pixels.setter

@@ -49,6 +49,10 @@ class Preset:
             declare it itself (``padder_size``, ``window_size``) or declares less than it
             needs; inputs are reflect-padded to it (see :mod:`loraxir.padding`). ``None``:
             what the network declares.
+        cpu_chunk_pixels: the most pixels (batch × height × width) per backbone call in
+            CPU inference of a :class:`~loraxir.LoraIRModel` under the system allocator
+            (``model.inference_chunk_pixels``), where the family wants other than
+            :data:`loraxir.model.CPU_CHUNK_PIXELS`. ``None``: that default.
     """
 
     name: str
@@ -64,6 +68,7 @@ class Preset:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: str | None = None
     side_multiple: int | None = None
+    cpu_chunk_pixels: int | None = None
 
     def backbone_names(self) -> list[str]:
         """Names :func:`create_backbone` accepts for this family (none without a builder)."""
