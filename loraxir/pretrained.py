@@ -126,24 +126,28 @@ def save_merged(
     """Fold ``degradation``'s experts into ``model``'s backbone and save the plain network's
     state dict (native keys, loadable by spandrel) to ``output`` (``.safetensors``).
 
-    Consumes ``model`` (``merge_and_unload``). DAM blocks cannot be folded: they read the
-    router's embedding of each image, so an adapter with DAM blocks is refused.
+    Consumes ``model`` (``merge_and_unload``). An adapter with DAM blocks is refused before
+    anything is merged: a block adds ``β·(LayerNorm(x)·s)`` to its input, a layer the plain
+    network does not have, whatever drives ``s`` (each image's router embedding, or a
+    class's fitted embedding), so no weight of the backbone can take it in.
     """
     from safetensors.torch import save_file
 
     from loraxir.checkpoint import with_default_modes
+    from loraxir.guidance import DAMBlock
 
     output = Path(output)
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it.")
-    state = model.merge_and_unload(degradation=degradation).state_dict()
-    guided = sorted(key for key in state if "loraxir_" in key)
-    if guided:
+    blocks = [name for name, module in model.named_modules() if isinstance(module, DAMBlock)]
+    if blocks:
         raise ConfigError(
-            f"This adapter has DAM blocks (e.g. {guided[0]!r}) that read the router's "
-            "degradation embedding of each image; they cannot be folded into a plain "
-            "checkpoint. Use `loraxir restore --degradation` instead."
+            f"This adapter has {len(blocks)} DAM blocks (e.g. {blocks[0]!r}): layers that add "
+            "a modulation of their input which the plain network has no layer for, so they "
+            "cannot be folded into a plain checkpoint. Restore with the class given instead "
+            "(`loraxir restore --degradation NAME`: experts merged, DAM blocks kept)."
         )
+    state = model.merge_and_unload(degradation=degradation).state_dict()
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))

@@ -213,6 +213,28 @@ def test_merge_writes_a_plain_spandrel_checkpoint_equal_to_routing(adapter, tmp_
     assert main(["merge", str(adapter), "--degradation", name, "-o", str(target)]) == 2
 
 
+def test_merge_refuses_dam_blocks_before_touching_the_model(tmp_path, capsys):
+    """The shipped adapter has DAM blocks, which no plain checkpoint can hold: `merge`
+    exits 2 naming them and writes nothing, and the library call leaves the model whole."""
+    from loraxir.errors import ConfigError
+    from loraxir.pretrained import save_merged
+
+    target = tmp_path / "haze.safetensors"
+    assert main(["merge", "nafnet-five-task", "--degradation", "haze", "-o", str(target)]) == 2
+    assert "DAM blocks" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    model = loraxir.load_adapter("nafnet-five-task")
+    layers = len(list(model.expert_layers()))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x, degradation="rain")
+        with pytest.raises(ConfigError, match="restore --degradation"):
+            save_merged(model, "haze", target)
+        torch.testing.assert_close(model(x, degradation="rain"), before, rtol=0, atol=0)
+    assert len(list(model.expert_layers())) == layers and not model.merged
+    assert list(tmp_path.iterdir()) == []
+
+
 def _video(path, frames=1):
     from fractions import Fraction
 
