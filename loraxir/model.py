@@ -22,7 +22,6 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from loraxir import checkpoint, guidance
-from loraxir.backbones import detect_preset
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, DataError, RoutingError
@@ -38,7 +37,7 @@ from loraxir.routing import (
     degradation_gates,
     fixed_gate,
 )
-from loraxir.targeting import resolve_targets
+from loraxir.targeting import resolve_preset, resolve_targets
 
 # Pixels per backbone call in CPU inference (model.inference_chunk_pixels). Measured on a
 # 2-core CPU (NAFNet-w32, float32, the bare backbone): 4 images of 256² took 0.63-0.73×
@@ -54,14 +53,17 @@ CPU_CHUNK_PIXELS = 1 << 16
 _DEFAULT_CHUNKS = -1  # inference_chunk_pixels left as it is: decided per call
 
 
-def family_chunk_pixels(backbone: nn.Module) -> int:
+def family_chunk_pixels(
+    backbone: nn.Module, preset: str | None = None, target_modules: Any = None
+) -> int:
     """Pixels per backbone call that CPU inference of ``backbone`` runs by default under the
-    system allocator: its family preset's ``cpu_chunk_pixels``, else
+    system allocator: the ``cpu_chunk_pixels`` of its family preset (the one named by
+    ``preset`` or by ``target_modules``, else the one detected, as for targeting), else
     :data:`CPU_CHUNK_PIXELS`."""
-    preset = detect_preset(backbone)
-    if preset is None or preset.cpu_chunk_pixels is None:
+    chosen = resolve_preset(backbone, preset, target_modules)
+    if chosen is None or chosen.cpu_chunk_pixels is None:
         return CPU_CHUNK_PIXELS
-    return preset.cpu_chunk_pixels
+    return chosen.cpu_chunk_pixels
 
 
 def images_per_call(height: int, width: int, pixels: int = CPU_CHUNK_PIXELS) -> int:
@@ -230,7 +232,10 @@ class LoraIRModel(BaseTuner):
         process. Not applied on GPUs, in training, under autograd or ``torch.compile``, or
         inside ``loraxir.route``. Outputs are the same as one call's up to float rounding."""
         if self._chunk_pixels == _DEFAULT_CHUNKS:
-            return None if keeps_freed_cpu_memory() else family_chunk_pixels(self.model)
+            if keeps_freed_cpu_memory():
+                return None
+            config = self.config
+            return family_chunk_pixels(self.model, config.preset, config.target_modules)
         return self._chunk_pixels
 
     @inference_chunk_pixels.setter
@@ -367,15 +372,10 @@ class LoraIRModel(BaseTuner):
         """Images per backbone call: all of them unless this is a CPU inference call that
         :attr:`inference_chunk_pixels` splits (not in training, under autograd or
         ``torch.compile``, inside ``loraxir.route``, or with extra backbone arguments)."""
-        budget = self.inference_chunk_pixels
-        if (
-            budget is None
-            or x.dim() != 4
-            or x.device.type != "cpu"
-            or not self._splittable_call(args, kwargs)
-        ):
+        if x.dim() != 4 or x.device.type != "cpu" or not self._splittable_call(args, kwargs):
             return x.shape[0]
-        return images_per_call(x.shape[-2], x.shape[-1], budget)
+        budget = self.inference_chunk_pixels
+        return x.shape[0] if budget is None else images_per_call(*x.shape[-2:], budget)
 
     def _splittable_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this call may run its batch in parts through the backbone: an inference

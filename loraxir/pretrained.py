@@ -142,9 +142,9 @@ def save_merged(
     blocks = [name for name, module in model.named_modules() if isinstance(module, DAMBlock)]
     if blocks:
         raise ConfigError(
-            f"This adapter has {len(blocks)} DAM blocks (e.g. {blocks[0]!r}): layers that add "
-            "a modulation of their input which the plain network has no layer for, so they "
-            "cannot be folded into a plain checkpoint. Restore with the class given instead "
+            f"This adapter has DAM blocks ({len(blocks)}, e.g. {blocks[0]!r}): layers that "
+            "add a modulation of their input which the plain network has no layer for, so "
+            "they cannot be folded into a plain checkpoint. Restore with the class given instead "
             "(`loraxir restore --degradation NAME`: experts merged, DAM blocks kept)."
         )
     state = model.merge_and_unload(degradation=degradation).state_dict()

@@ -177,16 +177,7 @@ def card(
         f"{clean['psnr']:.2f} dB PSNR against\n  themselves on average (lowest "
         f"{clean['lowest_psnr']:.2f} dB). Restore only photos that need it.\n"
     )
-    weak = "".join(
-        _weakness(task, s)
-        for task, s in scores.items()
-        if s["restored_psnr"] - s["input_psnr"] < LEVEL_DB
-    ) + "".join(
-        f"- On {task} it raises PSNR but lowers SSIM ({s['input_ssim']:.4f} to "
-        f"{s['restored_ssim']:.4f} on average).\n"
-        for task, s in scores.items()
-        if s["restored_psnr"] - s["input_psnr"] >= LEVEL_DB and s["restored_ssim"] < s["input_ssim"]
-    )
+    weak = _weaknesses(scores)
     return f"""---
 library_name: loraxir
 license: apache-2.0
@@ -314,6 +305,23 @@ def fit_class_embeddings(model: Any, photos: Path, suite: str, seed: int) -> Non
         str(photos), suite, _CLASS_CROP, seed=seed + 1, repeats=_CLASS_REPEATS, augment=False
     )
     model.loraxir_router.fit_class_embeddings(labelled_batches(crops))
+
+
+def _weaknesses(scores: dict[str, dict[str, float]]) -> str:
+    """The card's lines for what the adapter does not do: each class it does not restore
+    (a PSNR change under :data:`LEVEL_DB`), then each restored class whose SSIM falls."""
+    not_restored = (
+        _weakness(task, s)
+        for task, s in scores.items()
+        if s["restored_psnr"] - s["input_psnr"] < LEVEL_DB
+    )
+    lower_ssim = (
+        f"- On {task} it raises PSNR but lowers SSIM ({s['input_ssim']:.4f} to "
+        f"{s['restored_ssim']:.4f} on average).\n"
+        for task, s in scores.items()
+        if s["restored_psnr"] - s["input_psnr"] >= LEVEL_DB and s["restored_ssim"] < s["input_ssim"]
+    )
+    return "".join(not_restored) + "".join(lower_ssim)
 
 
 def _weakness(task: str, s: dict[str, float]) -> str:

@@ -105,6 +105,22 @@ def test_user_presets_register_detect_and_refuse_duplicates(monkeypatch):
         register_preset(Preset(name="mynet", target_modules=["body"]))
     model = loraxir.get_loraxir_model(MyNet(), LoraIRConfig(num_experts=2))
     assert [path for path, _ in model.expert_layers()] == ["body"]
+    assert model.inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
+
+
+def test_a_user_preset_named_in_the_config_sets_the_cpu_chunk(monkeypatch):
+    """``cpu_chunk_pixels`` follows the preset the config names, not only a detected one,
+    and a value that is not a positive int is refused when the preset is made."""
+    monkeypatch.setattr(_registry, "_PRESETS", dict(_registry._PRESETS))
+    nafnet = _registry.get_preset("nafnet")
+    register_preset(Preset(name="chunky", target_modules=nafnet.target_modules,
+                           cpu_chunk_pixels=4096))  # fmt: skip
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(num_experts=2, preset="chunky"))
+    assert model.inference_chunk_pixels == 4096
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="cpu_chunk_pixels must be a positive int"):
+            Preset(name="bad", target_modules=["body"], cpu_chunk_pixels=bad)
 
 
 def test_saved_backbone_folder_rebuilds_the_network_and_spandrel_reads_its_weights(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from recipe_helpers import recipe
 
 import loraxir
 from loraxir.cli import main
@@ -94,7 +95,8 @@ def gains(shipped, held_out_photos) -> dict[str, list[float]]:
 def test_it_restores_held_out_photos_better_than_the_input(gains, task):
     values = gains[task]
     assert len(values) == len(HELD_OUT)
-    assert sum(values) / len(values) > 0, f"{task}: {values} dB"
+    level = recipe("ship_adapter").LEVEL_DB  # a smaller gain the card calls level
+    assert sum(values) / len(values) >= level, f"{task}: {values} dB"
 
 
 def test_with_the_class_given_blur_is_no_longer_a_loss_and_the_rest_still_gain(
@@ -116,14 +118,14 @@ def test_the_card_names_what_it_does_not_restore():
     folder = find_adapter()
     card = (folder / "README.md").read_text()
     metrics = json.loads((folder / "metrics.json").read_text())
+    level_db = recipe("ship_adapter").LEVEL_DB
     named = set()
     for task, row in metrics["held_out"].items():
         change = row["restored_psnr"] - row["input_psnr"]
         worse = f"It makes {task} images worse" in card
         level = f"It does not restore {task} images; they come out level" in card
-        assert not (worse and level), task
-        assert not worse or change < 0, (task, change)
-        assert not level or abs(change) < 0.1, (task, change)
+        assert worse == (change <= -level_db), (task, change)
+        assert level == (abs(change) < level_db), (task, change)
         if worse or level:
             named.add(task)
     assert named == KNOWN_UNRESTORED

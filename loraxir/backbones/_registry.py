@@ -52,7 +52,8 @@ class Preset:
         cpu_chunk_pixels: the most pixels (batch × height × width) per backbone call in
             CPU inference of a :class:`~loraxir.LoraIRModel` under the system allocator
             (``model.inference_chunk_pixels``), where the family wants other than
-            :data:`loraxir.model.CPU_CHUNK_PIXELS`. ``None``: that default.
+            :data:`loraxir.model.CPU_CHUNK_PIXELS`. ``None``: that default. Found from the
+            preset a config names, else the one detected.
     """
 
     name: str
@@ -69,6 +70,16 @@ class Preset:
     extra: str | None = None
     side_multiple: int | None = None
     cpu_chunk_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        chunk = self.cpu_chunk_pixels
+        if chunk is not None and (
+            isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1
+        ):
+            raise ConfigError(
+                f"Preset {self.name!r}: cpu_chunk_pixels must be a positive int (pixels per "
+                f"CPU inference call) or None for the default, got {chunk!r}."
+            )
 
     def backbone_names(self) -> list[str]:
         """Names :func:`create_backbone` accepts for this family (none without a builder)."""
