@@ -7,8 +7,6 @@ they fit in CI (the two-process torchrun run, gloo on CPU, takes ~20 s on 2 core
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from recipe_helpers import ROOT
+from recipe_helpers import recipe as load_recipe
 from safetensors.torch import load_file
 
 from loraxir.degradations import apply
@@ -34,7 +34,6 @@ from loraxir.training import (
 )
 from tests.conftest import TINY_OPEN_CLIP
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_router.py"
 TINY = [
     "suite=five_task",
@@ -58,14 +57,8 @@ TINY = [
 pytestmark = pytest.mark.usefixtures("isolated_recipe_run")
 
 
-@functools.cache
 def _recipe() -> Any:
-    """Import recipes/train_router.py (a script, not a package module) once."""
-    spec = importlib.util.spec_from_file_location("train_router_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("train_router")
 
 
 def run_recipe(output_dir: Path, *overrides: str) -> dict[str, Any]:
