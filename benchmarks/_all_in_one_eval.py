@@ -194,15 +194,17 @@ def inference_costs(
     method fed the same chunks of the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from loraxir.model import images_per_call
+    from loraxir.model import family_chunk_pixels, images_per_call
 
     items = _test_items(config, paths, suite)
     size = min(config.eval_batch_size, len(items))
     batch = next(iter(torch.utils.data.DataLoader(items, batch_size=size)))
     reference = "base" if "base" in loaded else "pretrain"
-    # Every method runs the batch in the chunks a LoraIRModel runs on a CPU, so that the
-    # plain networks are timed at their best too (see LoraIRModel.inference_chunk_pixels).
-    step = images_per_call(*batch["lq"].shape[-2:])
+    # Every method runs the batch in the chunks a LoraIRModel of this backbone family runs
+    # on a CPU, so that the plain networks are timed at their best too (see
+    # LoraIRModel.inference_chunk_pixels).
+    budget = family_chunk_pixels(loaded[reference][0].backbone)
+    step = images_per_call(*batch["lq"].shape[-2:], budget)
     chunks = [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, size, step)]
 
     def run(restore: Restore) -> None:
