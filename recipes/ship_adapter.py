@@ -103,11 +103,11 @@ def evaluate_clean(model: Any, items: Any) -> dict[str, Any]:
     }
 
 
-# Crops the class embeddings are fitted on: side, and draws per photo and class.
 # A class whose average PSNR moves by less than this is reported as level with its input,
 # not as restored or made worse: the shipped adapter's blur class moved by -0.001 dB routed,
 # and given, it moved by +0.03, -0.004 and +0.03 dB over three seeds of the same photos.
 LEVEL_DB = 0.05
+# Crops the class embeddings are fitted on: side, and draws per photo and class.
 _CLASS_CROP = 128
 _CLASS_REPEATS = 8
 _COLUMNS = (
