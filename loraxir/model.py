@@ -48,8 +48,8 @@ from loraxir.targeting import resolve_preset, resolve_targets
 # 1.14-1.16× in a throwaway script; benchmarks/overhead.py --keep-freed-memory: 4 × 128² one
 # at a time 1.54× one call), so the default is then no chunks. At 128² two per call against four was
 # within noise (0.84-1.02×), so 2^16: four 128² images per call, one 192² or larger. A
-# family preset can name its own (Preset.cpu_chunk_pixels: Restormer one 128² image, SwinIR
-# two).
+# family preset can name its own (Preset.cpu_chunk_pixels: Restormer and SwinIR, one 128²
+# image).
 CPU_CHUNK_PIXELS = 1 << 16
 _DEFAULT_CHUNKS = -1  # inference_chunk_pixels left as it is: decided per call
 
@@ -228,7 +228,7 @@ class LoraIRModel(BaseTuner):
         """Largest number of pixels (batch × height × width) per backbone call in CPU
         inference; a larger batch runs a few images at a time, at least one. ``None`` runs
         every batch in one call. Default :func:`family_chunk_pixels` (2^16, or what the
-        backbone's family preset names: one 128² image for Restormer, two for SwinIR), or
+        backbone's family preset names: one 128² image for Restormer and SwinIR), or
         ``None`` once :func:`~loraxir.inference.allocator.keep_freed_cpu_memory` has taken
         effect in this process. Not applied on GPUs, in training, under autograd or
         ``torch.compile``, or inside ``loraxir.route``. Outputs are the same as one call's

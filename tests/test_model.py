@@ -676,11 +676,11 @@ def test_cpu_inference_splits_large_batches_and_keeps_each_images_gates(monkeypa
 
 def test_a_family_preset_sets_its_own_cpu_chunk(monkeypatch):
     """Restormer's preset runs one 128² image per CPU inference call (its bare network ran
-    four of them one at a time in 0.79× the time of one call), SwinIR's two; NAFNet keeps
+    four of them one at a time in 0.79× the time of one call), SwinIR's too; NAFNet keeps
     2^16, and a value the user sets wins."""
     restormer = _model("restormer-tiny").eval()
     assert restormer.inference_chunk_pixels == 128 * 128
-    assert _model("swinir-tiny").inference_chunk_pixels == 2 * 128 * 128
+    assert _model("swinir-tiny").inference_chunk_pixels == 128 * 128
     assert _model().inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
     batches = _count_calls(restormer, monkeypatch)
     x = torch.rand(2, 3, 128, 128)
