@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 
 import loraxir
 from loraxir.cli import main
+from loraxir.errors import DataError
 from loraxir.inference import allocator
+from loraxir.inference.batch import _replace
 from loraxir.pretrained import ADAPTER_PATH_ENV
 
 COMMANDS = ["restore", "info", "merge", "push", "degradations"]
@@ -367,14 +369,27 @@ def test_bad_options_exit_2_once_quoting_the_values(adapter, tmp_path, capsys, o
     assert not (tmp_path / "out").exists()
 
 
-def test_a_write_error_names_the_real_output(adapter, tmp_path, capsys):
+@pytest.mark.parametrize(("name", "kind"), [("i.jpg", "JPEG"), ("i.ppm", "PPM")])
+def test_an_output_that_would_lose_alpha_is_refused_naming_it(
+    adapter, tmp_path, capsys, name, kind
+):
+    """PPM dropped alpha without a word; JPEG failed after restoring, naming a temporary
+    file."""
     rgba = np.dstack([photo(16, 16), np.full((16, 16), 128, np.uint8)])
     Image.fromarray(rgba).save(tmp_path / "i.png")
-    code = main(["restore", str(tmp_path / "i.png"), "-o", str(tmp_path / "so" / "i.jpg"),
+    code = main(["restore", str(tmp_path / "i.png"), "-o", str(tmp_path / "so" / name),
                  "--adapter", str(adapter), "--quiet"])  # fmt: skip
     error = capsys.readouterr().err
-    assert code == 1 and f"{str(tmp_path / 'so' / 'i.jpg')!r}: JPEG has no alpha" in error
-    assert "partial" not in error
+    assert code == 1 and f"{str(tmp_path / 'so' / name)!r}: {kind} keeps no alpha" in error
+    assert "partial" not in error and not (tmp_path / "so" / name).exists()
+
+
+def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path):
+    target = tmp_path / "i.png"
+    with pytest.raises(DataError) as caught:
+        _replace(target, lambda path: (path / "inside").write_bytes(b""))
+    assert str(target / "inside") in str(caught.value) and "partial" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_video_options_with_only_images_are_warned_about(adapter, tmp_path, capsys):

@@ -129,8 +129,14 @@ def test_float_and_32_bit_integer_images_are_refused(tmp_path, values, kind):
 @pytest.mark.parametrize(
     ("name", "alpha", "dtype", "problem"),
     [
-        ("x.jpg", True, np.uint8, "JPEG has no alpha channel"),
-        ("x.jpg", False, np.uint16, "16-bit images are written as PNG or TIFF only"),
+        ("x.jpg", True, np.uint8, "JPEG keeps no alpha channel"),
+        ("x.ppm", True, np.uint8, "PPM keeps no alpha channel"),
+        ("x.bmp", True, np.uint8, "BMP keeps no alpha channel"),
+        ("x.gif", True, np.uint8, "GIF keeps no alpha channel"),
+        ("x.psd", False, np.uint8, "Pillow cannot write images as PSD"),
+        ("x.webp", True, np.uint8, None),
+        ("x.jpg", False, np.uint16, "16-bit images are written as PNG, TIFF or PPM/PGM only"),
+        ("x.pgm", True, np.uint16, "PPM keeps no alpha channel"),
         ("x.tif", True, np.uint16, None),
         ("x.v2", False, np.uint8, ".v2 is not an image format"),
     ],
@@ -196,3 +202,119 @@ def test_20000_pixel_image_is_probed_from_its_header_and_limited(tmp_path):
             probe_image(tmp_path / "huge.png")
     finally:
         set_pixel_limit(1_000_000_000)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"tile": (16, 16)},
+        {"planarconfig": "separate"},
+        {"rowsperstrip": 3, "compression": "zlib"},
+        {"bigtiff": True},
+    ],
+)
+def test_16_bit_tiff_of_any_layout_is_read_exactly(tmp_path, layout):
+    """Tiled TIFFs came back black and planar ones as scrambled 8 bits from decoders that
+    do not read every layout."""
+    import tifffile
+
+    values = np.random.default_rng(3).integers(0, 65536, (20, 37, 3), dtype=np.uint16)
+    data = np.moveaxis(values, -1, 0) if layout.get("planarconfig") else values
+    tifffile.imwrite(tmp_path / "in.tif", data, photometric="rgb", **layout)
+    assert probe_image(tmp_path / "in.tif").bits == 16
+    np.testing.assert_array_equal(read_picture(tmp_path / "in.tif").pixels, values)
+
+
+def test_16_bit_gray_with_alpha_tiff_round_trips(tmp_path):
+    import tifffile
+
+    values = np.random.default_rng(4).integers(0, 65536, (9, 11, 2), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "la.tif", values, photometric="minisblack", extrasamples=[2])
+    picture = read_picture(tmp_path / "la.tif")
+    assert picture.grayscale
+    np.testing.assert_array_equal(picture.pixels[..., 0], values[..., 0])
+    np.testing.assert_array_equal(picture.alpha, values[..., 1])
+    write_picture(tmp_path / "out.tif", picture)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), values)
+
+
+def test_signed_16_bit_tiff_is_refused(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tif", np.full((4, 5), -3, np.int16))
+    with pytest.raises(DataError, match="signed integer samples"):
+        read_picture(tmp_path / "s.tif")
+
+
+def test_16_bit_png_name_with_a_percent_pattern_is_written(tmp_path):
+    """An FFmpeg image muxer reads ``%d`` in a name as a frame number."""
+    values = np.random.default_rng(5).integers(0, 65536, (6, 7, 3), dtype=np.uint16)
+    write_picture(tmp_path / "frame%d.png", Picture(values))
+    assert [p.name for p in tmp_path.iterdir()] == ["frame%d.png"]
+    np.testing.assert_array_equal(read_picture(tmp_path / "frame%d.png").pixels, values)
+
+
+def _pnm(path, magic, values, maxval):
+    height, width = values.shape[:2]
+    path.write_bytes(
+        b"%s %d %d %d\n" % (magic, width, height, maxval) + values.astype(">u2").tobytes()
+    )
+
+
+def test_16_bit_pnm_keeps_its_precision(tmp_path):
+    """A 16-bit PPM was cut to 8 bits; a 10-bit PGM was refused as 32-bit. Both are
+    written back as 16-bit PNM."""
+    colour = np.random.default_rng(6).integers(0, 65536, (5, 6, 3), dtype=np.uint16)
+    _pnm(tmp_path / "c.ppm", b"P6", colour, 65535)
+    np.testing.assert_array_equal(read_picture(tmp_path / "c.ppm").pixels, colour)
+    gray = np.arange(30, dtype=np.uint16).reshape(5, 6) * 30
+    _pnm(tmp_path / "g.pgm", b"P5", gray, 1023)
+    picture = read_picture(tmp_path / "g.pgm")
+    assert picture.grayscale and picture.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(picture.pixels[..., 0], np.rint(gray * (65535 / 1023)))
+    for name, written in [("c2.ppm", read_picture(tmp_path / "c.ppm")), ("g2.pgm", picture)]:
+        write_picture(tmp_path / name, written)
+        again = read_picture(tmp_path / name)
+        assert again.grayscale == written.grayscale
+        np.testing.assert_array_equal(again.pixels, written.pixels)
+
+
+def _icc() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "deep"), [("p.png", False), ("p.jpg", False), ("p.png", True), ("p.tif", True)]
+)
+def test_colour_profile_and_exif_are_written_back(tmp_path, name, deep):
+    """A restored photo keeps what says how to show its colours, and its camera tags."""
+    pixels = photo(12, 10).astype(np.uint16) * 257 if deep else photo(12, 10)
+    exif = Image.Exif()
+    exif[0x010F] = "Camera maker"
+    picture = Picture(pixels, icc_profile=_icc(), exif=exif.tobytes())
+    write_picture(tmp_path / name, picture)
+    with Image.open(tmp_path / name) as out:
+        assert out.info.get("icc_profile") == _icc()
+        tags = out.getexif()
+        if name.endswith((".png", ".jpg")):
+            assert tags[0x010F] == "Camera maker"
+    again = read_picture(tmp_path / name)
+    assert again.icc_profile == _icc()
+    if name.endswith((".png", ".jpg")):
+        kept = Image.Exif()
+        kept.load(again.exif)
+        assert kept[0x010F] == "Camera maker"
+
+
+def test_reading_drops_the_orientation_tag_only(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "Camera maker"
+    exif[0x0112] = 6
+    Image.fromarray(photo(12, 10)).save(tmp_path / "r.jpg", exif=exif, icc_profile=_icc())
+    picture = read_picture(tmp_path / "r.jpg")
+    kept = Image.Exif()
+    kept.load(picture.exif)
+    assert kept[0x010F] == "Camera maker" and 0x0112 not in kept
+    assert picture.icc_profile == _icc() and picture.size == (10, 12)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from loraxir.errors import ConfigError, LoraIRError
+from loraxir.errors import ConfigError, DataError, LoraIRError
 from loraxir.inference.images import Picture, check_output, read_picture, write_picture
 from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.video import VIDEO_EXTENSIONS, probe_video, restore_video
@@ -244,12 +244,15 @@ def _restore_video(
 
 
 def _replace(target: Path, write: Any) -> Any:
-    """Call ``write(temporary_path)`` and rename the result to ``target``."""
+    """Call ``write(temporary_path)`` and rename the result to ``target``; an error names
+    ``target``, the file the user asked for, not the temporary one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.partial{target.suffix}")
     try:
         result = write(partial)
         os.replace(partial, target)
+    except (LoraIRError, OSError) as error:
+        raise DataError(str(error).replace(str(partial), str(target))) from error
     finally:
         partial.unlink(missing_ok=True)
     return result

@@ -2,17 +2,23 @@
 
 Unlike :mod:`loraxir.data.images` (training data, normalised to 8-bit RGB), restoring a
 user's file keeps its form: grayscale stays grayscale, an alpha channel is carried over
-untouched, 16-bit files stay 16-bit, and EXIF orientation is applied (the pixels are
-written upright, so the orientation tag is dropped). Pillow truncates 16-bit colour
-(PNG and TIFF) and 16-bit grayscale-with-alpha (PNG) to 8 bits, so those are read and
-written through PyAV's PNG and TIFF codecs, and their orientation is applied here.
-Floating-point and 32-bit integer files are refused: their white level is not in the file,
-so any scaling to the restorer's [0, 1] would be a guess. Only headers are read by
-:func:`probe_image`, so a huge input can be planned and refused before it is decoded.
+untouched, 16-bit files stay 16-bit, EXIF orientation is applied (the pixels are
+written upright, so the orientation tag is dropped), and the colour profile (ICC) and the
+other EXIF tags are written back. Pillow truncates 16-bit colour and 16-bit
+grayscale-with-alpha to 8 bits, so 16-bit TIFFs are read and written with tifffile (any
+layout: strips, tiles, planar), 16-bit colour PPMs are read from their raw samples, and
+other 16-bit colour files (PNG) go through PyAV's codecs; orientation is applied here.
+Floating-point, signed and 32-bit integer files are refused: their white level is not in
+the file, so any scaling to the restorer's [0, 1] would be a guess. Only headers are read
+by :func:`probe_image`, so a huge input can be planned and refused before it is decoded.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +38,17 @@ _DEEP_RAW_MODES = frozenset(
     f"{form};16{order}" for form in ("RGB", "RGBA", "RGBX", "LA") for order in "BLN"
 )
 _DEEP_GRAY_RAW_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-#: PyAV codec and byte order writing 16-bit colour, by output suffix.
-_DEEP_CODECS = {".png": ("png", "be"), ".tif": ("tiff", "le"), ".tiff": ("tiff", "le")}
+#: Output suffixes that hold 16-bit samples, and those of them without alpha (PNM).
+_PNM_SUFFIXES = frozenset({".ppm", ".pgm", ".pnm"})
+_DEEP_SUFFIXES = frozenset({".png", ".tif", ".tiff"}) | _PNM_SUFFIXES
+#: Output formats that carry EXIF as a block of its own (in TIFF, EXIF tags are the file's).
+_EXIF_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+#: Lossy output formats and the quality they are written at.
+_QUALITY = {"JPEG": 95, "WEBP": 95}
 _EXIF_ORIENTATION = 0x0112
+# TIFF tags read from the header: BitsPerSample, SampleFormat (1 unsigned, 2 signed).
+_TIFF_BITS, _TIFF_SAMPLE_FORMAT = 258, 339
+_TIFF_ICC_PROFILE = 34675
 #: Array operations that make an image upright, by EXIF orientation (as ``exif_transpose``).
 _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: lambda a: a[:, ::-1],
@@ -55,15 +69,16 @@ class Picture:
         pixels: ``(H, W, 3)`` colour, ``uint8`` or ``uint16`` (grayscale is replicated).
         alpha: ``(H, W)`` alpha in the same dtype, or ``None``.
         grayscale: the file had one colour channel; the result is written as such.
+        icc_profile: the file's colour profile, written back so colours mean the same.
+        exif: the file's EXIF block without its orientation (the pixels are upright), or
+            ``None``; written back to JPEG, PNG and WebP outputs.
     """
 
     pixels: np.ndarray
     alpha: np.ndarray | None = None
     grayscale: bool = False
-
-    @property
-    def max_value(self) -> int:
-        return 65535 if self.pixels.dtype == np.uint16 else 255
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -77,7 +92,7 @@ class ImageHeader:
 
     ``mode`` is the form of the samples in the file (``LA`` for 16-bit grayscale with
     alpha, which Pillow opens as ``RGBA``); ``height`` and ``width`` are as stored, before
-    ``orientation`` (EXIF, 1 = upright) is applied.
+    ``orientation`` (EXIF, 1 = upright) is applied; ``format`` is Pillow's name for it.
     """
 
     height: int
@@ -85,6 +100,7 @@ class ImageHeader:
     mode: str
     bits: int
     orientation: int = 1
+    format: str = ""
 
     @property
     def pixels(self) -> int:
@@ -102,46 +118,83 @@ def set_pixel_limit(limit: int) -> None:
 
 def probe_image(path: str | Path) -> ImageHeader:
     """Size, mode, bit depth and orientation from the header; raises :class:`DataError` for
-    a file that is not a readable image, holds floating-point or 32-bit integer samples, or
-    is over the pixel limit."""
+    a file that is not a readable image, holds floating-point, signed or 32-bit integer
+    samples, or is over the pixel limit."""
     try:
-        with _open(path) as image:
-            width, height = image.size
-            raw = _raw_mode(image)
-            deep = raw in _DEEP_RAW_MODES or raw in _DEEP_GRAY_RAW_MODES
-            deep = deep or image.mode.startswith("I;16")
-            mode = "LA" if deep and raw is not None and raw.startswith("LA;") else image.mode
-            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        header = _pillow_header(path)
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DataError(f"Cannot read image {str(path)!r}: {error}.") from None
-    if mode == "F" or (mode == "I" and not deep):
+        tiff_header = _tiff_header(path)
+        if tiff_header is None:
+            raise DataError(f"Cannot read image {str(path)!r}: {error}.") from None
+        header = tiff_header
+    if header.pixels > _pixel_limit:
+        raise DataError(
+            f"{str(path)!r} has {header.height}x{header.width} = {header.pixels:,} pixels, over "
+            f"the limit of {_pixel_limit:,}. Raise it with --max-pixels if you have the memory "
+            f"(about {header.pixels * 6 / 2**30:.1f} GiB for input and output at 8 bits)."
+        )
+    return header
+
+
+def _pillow_header(path: str | Path) -> ImageHeader:
+    with _open(path) as image:
+        width, height = image.size
+        raw = _raw_mode(image)
+        deep = raw in _DEEP_RAW_MODES or raw in _DEEP_GRAY_RAW_MODES
+        deep = deep or image.mode.startswith("I;16") or _deep_by_header(image)
+        mode = "LA" if deep and raw is not None and raw.startswith("LA;") else image.mode
+        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        image_format = image.format or ""
+        signed = image_format == "TIFF" and 2 in _tiff_tag(image, _TIFF_SAMPLE_FORMAT)
+    if mode == "F" or signed or (mode == "I" and not deep):
         kind = "floating-point" if mode == "F" else "32-bit or signed integer"
         raise DataError(
             f"{str(path)!r} holds {kind} samples (raw mode {raw}), whose white level the file "
             "does not say, so they cannot be scaled for restoring without guessing. Convert "
             "it to an 8- or 16-bit PNG or TIFF first."
         )
-    header = ImageHeader(height, width, mode, 16 if deep else 8, orientation)
-    if header.pixels > _pixel_limit:
-        raise DataError(
-            f"{str(path)!r} has {height}x{width} = {header.pixels:,} pixels, over the limit of "
-            f"{_pixel_limit:,}. Raise it with --max-pixels if you have the memory "
-            f"(about {header.pixels * 6 / 2**30:.1f} GiB for input and output at 8 bits)."
-        )
-    return header
+    return ImageHeader(height, width, mode, 16 if deep else 8, orientation, image_format)
+
+
+def _tiff_header(path: str | Path) -> ImageHeader | None:
+    """The header of a 16-bit unsigned TIFF that Pillow cannot open (gray with alpha,
+    BigTIFF), read by tifffile; ``None`` for any other file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages.first
+            if page.bitspersample != 16 or int(page.sampleformat) != 1:
+                return None
+            mode = {1: "I;16", 2: "LA", 3: "RGB"}.get(page.samplesperpixel, "RGBA")
+            orientation = int(page.tags.valueof(_EXIF_ORIENTATION, 1))
+            return ImageHeader(page.imagelength, page.imagewidth, mode, 16, orientation, "TIFF")
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return None
 
 
 def read_picture(path: str | Path) -> Picture:
-    """Decode ``path`` (orientation applied, alpha and bit depth kept)."""
+    """Decode ``path`` (orientation applied; alpha, bit depth and colour profile kept)."""
     header = probe_image(path)
-    if header.bits == 16 and header.mode in ("RGB", "RGBA", "LA"):
-        return _read_deep(path, header)
     try:
+        if header.format == "TIFF" and header.bits == 16:
+            return _read_tiff(path, header)
         with _open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return _from_pil(image)
+            if header.bits == 16 and header.format == "PPM" and image.mode == "RGB":
+                picture = _read_ppm(path, image)
+            elif header.bits == 16 and header.mode in ("RGB", "RGBA", "LA"):
+                picture = _read_deep(path, header)
+            else:
+                picture = _from_pil(ImageOps.exif_transpose(image))
+            picture.icc_profile = image.info.get("icc_profile") or None
+            picture.exif = _exif_block(image)
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"Cannot decode image {str(path)!r}: {error}.") from None
+    return picture
 
 
 def check_output(path: str | Path, picture: Picture) -> None:
@@ -151,26 +204,32 @@ def check_output(path: str | Path, picture: Picture) -> None:
     deep = picture.pixels.dtype == np.uint16
     if suffix not in Image.registered_extensions():
         problem = f"{suffix or 'no suffix'} is not an image format Pillow writes"
-    elif deep and picture.grayscale and picture.alpha is not None and suffix != ".png":
-        problem = "16-bit grayscale with alpha is written as PNG only"
-    elif deep and suffix not in _DEEP_CODECS:
-        problem = "16-bit images are written as PNG or TIFF only"
-    elif picture.alpha is not None and suffix in (".jpg", ".jpeg"):
-        problem = "JPEG has no alpha channel"
+    elif deep and suffix not in _DEEP_SUFFIXES:
+        problem = "16-bit images are written as PNG, TIFF or PPM/PGM only"
+    elif deep and suffix in _PNM_SUFFIXES and picture.alpha is not None:
+        problem = "PPM keeps no alpha channel"
     else:
-        return
-    raise DataError(f"{str(path)!r}: {problem}; use a .png output name.")
+        problem = None if deep else _format_problem(suffix, picture.alpha is not None)
+    if problem is not None:
+        raise DataError(f"{str(path)!r}: {problem}; use a .png output name.")
 
 
 def write_picture(path: str | Path, picture: Picture) -> None:
-    """Write ``picture`` to ``path`` in the format its suffix names, keeping its form."""
+    """Write ``picture`` to ``path`` in the format its suffix names, keeping its form and
+    its colour profile (and EXIF, where the format has a block for it)."""
     path = Path(path)
     check_output(path, picture)
     path.parent.mkdir(parents=True, exist_ok=True)
     deep = picture.pixels.dtype == np.uint16
+    if deep and path.suffix.lower() in _PNM_SUFFIXES:
+        _write_pnm(path, picture)
+        return
+    if deep and path.suffix.lower() != ".png":
+        _write_tiff(path, picture)
+        return
     if deep and (not picture.grayscale or picture.alpha is not None):
         # Pillow writes 16 bits for single-channel images only.
-        _write_deep(path, picture)
+        _write_png(path, picture)
         return
     if picture.grayscale:
         # A restored grayscale image comes back with three (nearly) equal channels.
@@ -181,11 +240,46 @@ def write_picture(path: str | Path, picture: Picture) -> None:
         image = Image.fromarray(picture.pixels)
         if picture.alpha is not None:
             image.putalpha(Image.fromarray(picture.alpha))
-    options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    options: dict[str, Any] = (
+        {"quality": _QUALITY[image_format]} if image_format in _QUALITY else {}
+    )
+    if picture.icc_profile:
+        options["icc_profile"] = picture.icc_profile
+    if picture.exif and image_format in _EXIF_FORMATS:
+        options["exif"] = picture.exif
     try:
         image.save(path, **options)
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"Cannot write {str(path)!r}: {error}.") from None
+
+
+@functools.cache
+def _format_problem(suffix: str, alpha: bool) -> str | None:
+    """What keeps Pillow from writing an 8-bit image (with ``alpha``) as ``suffix``, found
+    by writing and reading back a 2x2 one: some formats cannot be written at all, some drop
+    alpha without a word (PPM, BMP) or keep only a binary one (GIF)."""
+    image_format = Image.registered_extensions()[suffix]
+    probe = np.zeros((2, 2, 4), np.uint8)
+    probe[..., 3] = [[0, 77], [200, 255]]
+    if _written_alpha(probe[..., :3], image_format) is None:
+        return f"Pillow cannot write images as {image_format}"
+    if alpha and not np.array_equal(_written_alpha(probe, image_format), probe[..., 3]):
+        return f"{image_format} keeps no alpha channel"
+    return None
+
+
+def _written_alpha(pixels: np.ndarray, image_format: str) -> np.ndarray | None:
+    """The alpha of ``pixels`` written as ``image_format`` and read back (opaque without
+    one), or ``None`` when Pillow cannot write them so."""
+    buffer = io.BytesIO()
+    try:
+        Image.fromarray(pixels).save(buffer, format=image_format)
+        buffer.seek(0)
+        with Image.open(buffer) as back:
+            return np.asarray(back.convert("RGBA"))[..., 3]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -195,6 +289,32 @@ def _open(path: str | Path) -> Image.Image:
         return Image.open(path)
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def _tiff_tag(image: Image.Image, tag: int) -> tuple[int, ...]:
+    value = image.tag_v2.get(tag, ())  # type: ignore[attr-defined]
+    return tuple(value) if isinstance(value, tuple) else (value,)
+
+
+def _deep_by_header(image: Image.Image) -> bool:
+    """16-bit samples that Pillow's mode hides: a TIFF's BitsPerSample (a planar or tiled
+    16-bit TIFF may open as 8-bit RGB) or a PNM's maximum value above 255."""
+    if image.format == "TIFF":
+        return 16 in _tiff_tag(image, _TIFF_BITS)
+    if image.format == "PPM" and image.tile:
+        args = image.tile[0].args
+        return isinstance(args, tuple) and len(args) > 1 and int(args[1]) > 255
+    return False
+
+
+def _exif_block(image: Image.Image) -> bytes | None:
+    """The EXIF block of a JPEG, PNG or WebP without its orientation, or ``None``."""
+    if "exif" not in image.info:
+        return None
+    exif = Image.Exif()
+    exif.load(image.info["exif"])
+    exif.pop(_EXIF_ORIENTATION, None)
+    return exif.tobytes() if len(exif) else None
 
 
 def _raw_mode(image: Image.Image) -> str | None:
@@ -230,8 +350,61 @@ def _gray(picture: Picture) -> np.ndarray:
     return np.rint(picture.pixels.mean(axis=-1)).astype(picture.pixels.dtype)
 
 
+def _upright(array: np.ndarray, header: ImageHeader) -> np.ndarray:
+    return np.ascontiguousarray(_UPRIGHT.get(header.orientation, lambda a: a)(array))
+
+
+def _from_samples(array: np.ndarray, header: ImageHeader, alpha: bool) -> Picture:
+    """A :class:`Picture` of ``(H, W, S)`` 16-bit samples: gray, gray + alpha, RGB or RGBA."""
+    array = _upright(array, header)
+    colour = array[..., :3] if array.shape[-1] >= 3 else np.repeat(array[..., :1], 3, axis=-1)
+    kept = array[..., -1].copy() if alpha else None
+    return Picture(np.ascontiguousarray(colour), kept, grayscale=array.shape[-1] < 3)
+
+
+def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
+    """A 16-bit TIFF of any layout (strips, tiles, planar), through tifffile."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages.first
+        array = page.asarray()
+        axes, photometric = page.axes, int(page.photometric)
+        icc_profile = page.tags.valueof(_TIFF_ICC_PROFILE)
+    if "S" in axes and axes.index("S") < axes.index("Y"):  # planar: samples first
+        array = np.moveaxis(array, axes.index("S"), -1)
+    array = array.reshape(header.height, header.width, -1)
+    channels = array.shape[-1]
+    # Photometric 1 is gray ("min is black"), 2 is RGB; extra samples beyond are alpha.
+    if array.dtype != np.uint16 or (photometric, channels) not in {(1, 1), (1, 2), (2, 3), (2, 4)}:
+        raise ValueError(
+            f"a 16-bit TIFF of {channels} samples ({array.dtype}) with photometric "
+            f"interpretation {photometric} is not gray or RGB (with alpha); convert it to "
+            "16-bit RGB"
+        )
+    picture = _from_samples(array, header, alpha=channels in (2, 4))
+    picture.icc_profile = bytes(icc_profile) if icc_profile is not None else None
+    return picture
+
+
+def _read_ppm(path: str | Path, image: Image.Image) -> Picture:
+    """A 16-bit colour PPM from its raw big-endian samples, scaled from its maximum value
+    to 65535 as Pillow scales 16-bit gray PGMs."""
+    tile = image.tile[0]
+    if tile.codec_name != "ppm":
+        raise ValueError("a 16-bit plain-text (P3) PPM is not read; save it as binary (P6)")
+    maxval, count = int(tile.args[1]), image.width * image.height * 3
+    with open(path, "rb") as file:
+        file.seek(tile.offset)
+        samples = np.fromfile(file, ">u2", count)
+    if samples.size < count:
+        raise ValueError(f"the file ends after {samples.size} of {count} samples")
+    scaled = np.rint(samples.astype(np.float64) * (65535 / maxval)).clip(0, 65535)
+    return Picture(scaled.astype(np.uint16).reshape(image.height, image.width, 3))
+
+
 def _read_deep(path: str | Path, header: ImageHeader) -> Picture:
-    """16-bit colour or grayscale with alpha, decoded by FFmpeg, made upright here."""
+    """16-bit colour or grayscale with alpha (PNG), decoded by FFmpeg, made upright here."""
     import av
 
     try:
@@ -243,12 +416,7 @@ def _read_deep(path: str | Path, header: ImageHeader) -> Picture:
                 array = frame.to_ndarray(format="rgba64le" if header.mode == "RGBA" else "rgb48le")
     except (av.FFmpegError, StopIteration, ValueError) as error:
         raise DataError(f"Cannot decode 16-bit image {str(path)!r}: {error}.") from None
-    array = np.ascontiguousarray(_UPRIGHT.get(header.orientation, lambda a: a)(array))
-    if header.mode == "LA":
-        return Picture(np.repeat(array[..., :1], 3, axis=-1), array[..., 1].copy(), True)
-    if header.mode == "RGBA":
-        return Picture(np.ascontiguousarray(array[..., :3]), array[..., 3].copy())
-    return Picture(array)
+    return _from_samples(array, header, alpha=header.mode in ("LA", "RGBA"))
 
 
 def _ya16_array(frame: Any) -> np.ndarray:
@@ -263,31 +431,69 @@ def _ya16_array(frame: Any) -> np.ndarray:
     return rows.reshape(frame.height, frame.width, 2).astype(np.uint16)
 
 
-def _write_deep(path: Path, picture: Picture) -> None:
-    """16-bit colour as PNG or TIFF, or 16-bit grayscale with alpha as PNG, with PyAV."""
+def _deep_samples(picture: Picture) -> np.ndarray:
+    """``(H, W, S)`` 16-bit samples to write: gray or RGB, then alpha if any."""
+    channels = [_gray(picture)[..., None] if picture.grayscale else picture.pixels]
+    if picture.alpha is not None:
+        channels.append(picture.alpha[..., None])
+    return np.ascontiguousarray(np.concatenate(channels, axis=-1))
+
+
+def _write_tiff(path: Path, picture: Picture) -> None:
+    """16 bits as a deflate-compressed TIFF with tifffile, colour profile included."""
+    import tifffile
+
+    samples = _deep_samples(picture)
+    tifffile.imwrite(
+        path,
+        samples if samples.shape[-1] > 1 else samples[..., 0],
+        photometric="minisblack" if picture.grayscale else "rgb",
+        extrasamples=["unassalpha"] if picture.alpha is not None else None,
+        compression="zlib",
+        iccprofile=picture.icc_profile,
+    )
+
+
+def _write_pnm(path: Path, picture: Picture) -> None:
+    """16 bits as a binary PGM (gray) or PPM (colour) with maximum value 65535."""
+    samples = _deep_samples(picture)
+    height, width = picture.size
+    magic = b"P5" if picture.grayscale else b"P6"
+    path.write_bytes(
+        b"%s\n%d %d\n65535\n" % (magic, width, height) + samples.astype(">u2").tobytes()
+    )
+
+
+def _write_png(path: Path, picture: Picture) -> None:
+    """16-bit colour, or grayscale with alpha, as PNG: encoded by FFmpeg's PNG codec, with
+    the colour profile and EXIF added as chunks. The file is written by us, not by an FFmpeg
+    muxer, which would read ``%d`` in a file name as a frame number."""
     import av
 
     height, width = picture.size
-    codec, order = _DEEP_CODECS[path.suffix.lower()]
+    samples = _deep_samples(picture)
+    target = {2: "ya16be", 3: "rgb48be", 4: "rgba64be"}[samples.shape[-1]]
     if picture.grayscale:
         frame = av.VideoFrame(width, height, "ya16be")
         plane = frame.planes[0]
         rows = np.zeros((height, plane.line_size // 2), ">u2")
-        rows[:, : 2 * width] = np.stack([_gray(picture), picture.alpha], -1).reshape(height, -1)
+        rows[:, : 2 * width] = samples.reshape(height, -1)
         plane.update(rows.tobytes())
-        target = "ya16be"
     else:
-        channels = [picture.pixels]
-        if picture.alpha is not None:
-            channels.append(picture.alpha[..., None])
-        array = np.ascontiguousarray(np.concatenate(channels, axis=-1))
-        layout = "rgba64" if picture.alpha is not None else "rgb48"
-        frame = av.VideoFrame.from_ndarray(array, format=f"{layout}le")
-        target = f"{layout}{order}"
-    with av.open(str(path), "w", format="image2") as container:
-        stream = container.add_stream(codec)
-        stream.width, stream.height, stream.pix_fmt = width, height, target
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        source = "rgba64le" if picture.alpha is not None else "rgb48le"
+        frame = av.VideoFrame.from_ndarray(samples, format=source)
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = width, height, target
+    png = b"".join(bytes(packet) for packet in [*codec.encode(frame), *codec.encode(None)])
+    extra = b""
+    if picture.icc_profile:
+        extra += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(picture.icc_profile))
+    if picture.exif:
+        extra += _png_chunk(b"eXIf", picture.exif.removeprefix(b"Exif\0\0"))
+    header_end = 8 + 25  # the signature, then IHDR (4 length + 4 type + 13 data + 4 CRC)
+    path.write_bytes(png[:header_end] + extra + png[header_end:])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
