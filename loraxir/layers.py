@@ -115,6 +115,7 @@ class _KeptFolds(NamedTuple):
     adapter: str
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
+    autocast: tuple[bool, torch.dtype]
     live: tuple[bool, ...]
     weights: dict[tuple[float, ...], torch.Tensor]
     rows_key: tuple[Any, ...]
@@ -123,6 +124,12 @@ class _KeptFolds(NamedTuple):
 
 
 _version = operator.attrgetter("_version")
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """Whether autocast is on for ``device_type`` and its dtype: a fold made under autocast
+    has autocast's dtype, so it serves only calls under the same autocast."""
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 def _gate_support(gates: torch.Tensor) -> tuple[int, ...]:
@@ -326,6 +333,8 @@ class LoraIRLayer(BaseTunerLayer):
         adapter = self._single_active_adapter()
         gates = self.routing.require_gates()
         num_images = gates.shape[0]
+        if x.shape[0] == 0 or num_images == 0:  # an empty batch: nothing to route
+            return self.base_layer(x, *args, **kwargs)
         if x.shape[0] % num_images:
             raise RoutingError(
                 f"{type(self.base_layer).__name__} input has leading dimension {x.shape[0]}, "
@@ -438,15 +447,19 @@ class LoraIRLayer(BaseTunerLayer):
         bank drop them outright, because some updates move no version counter (fused
         optimizers, writes through ``.data``). ``None`` for inference tensors, which carry
         no version."""
+        bank = self.loraxir_experts[adapter]
+        tensors = (self.base_layer.weight, *bank.A, *bank.B)
+        autocast = _autocast_state(tensors[0].device.type)
         kept = self.__dict__.get("_loraxir_kept_folds")
         if (
             kept is not None
             and kept.adapter == adapter
+            and kept.autocast == autocast
+            and len(kept.tensors) == len(tensors)
+            and all(map(operator.is_, kept.tensors, tensors))
             and tuple(map(_version, kept.tensors)) == kept.versions
         ):
             return kept
-        bank = self.loraxir_experts[adapter]
-        tensors = (self.base_layer.weight, *bank.A, *bank.B)
         if any(t.is_inference() for t in tensors):
             return None
         scaling = self.scaling(adapter)
@@ -455,6 +468,7 @@ class LoraIRLayer(BaseTunerLayer):
             adapter,
             tensors,
             tuple(map(_version, tensors)),
+            autocast,
             tuple(self.live_experts(adapter)),
             {},
             ("foldable_rows", scaling, dtype),
@@ -471,6 +485,13 @@ class LoraIRLayer(BaseTunerLayer):
     def drop_kept_folds(self) -> None:
         """Free the weights kept by :meth:`_forward_with_kept_folds`."""
         self.__dict__.pop("_loraxir_kept_folds", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies (deepcopy, pickle, torch.save of the module) start without kept folds: a
+        # copy's tensors restart their version counters, which could match the old ones.
+        state = dict(super().__getstate__())
+        state.pop("_loraxir_kept_folds", None)
+        return state
 
     def train(self, mode: bool = True) -> Any:
         # Switching phase brackets training steps: start the next inference with fresh folds.

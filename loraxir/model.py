@@ -324,7 +324,8 @@ class LoraIRModel(BaseTuner):
 
     def _check_input(self, x: Any) -> None:
         """Refuse what the backbone would reject from deep inside torch: a non-tensor, an
-        integer tensor, or a float dtype other than the weights' (outside autocast)."""
+        integer tensor, one image without its batch dimension, or a float dtype other than
+        the weights' (outside autocast)."""
         if not isinstance(x, torch.Tensor):
             raise DataError(
                 f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
@@ -334,6 +335,11 @@ class LoraIRModel(BaseTuner):
             raise DataError(
                 f"Expected float images in [0, 1], got dtype {x.dtype}; convert 8-bit images "
                 "with x.float() / 255."
+            )
+        if x.ndim == 3:
+            raise DataError(
+                f"Expected a batch of images (B, C, H, W), got one image of shape "
+                f"{tuple(x.shape)}; pass x[None] (and take [0] of the output)."
             )
         weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         if (

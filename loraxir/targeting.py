@@ -78,10 +78,13 @@ def resolve_targets(
         exclude = [exclude_modules]
     targets = []
     paths = []
+    wrapped = []  # expert layers already there: their base layers are not targets again
     for path, module in backbone.named_modules():
+        if isinstance(module, LoraIRLayer):
+            wrapped.append(path)
         if not path or isinstance(module, LoraIRLayer) or is_added_by_loraxir(path):
             continue
-        if any(path.startswith(f"{t}.") for t in targets):
+        if any(path.startswith(f"{t}.") for t in [*targets, *wrapped]):
             continue
         paths.append(path)
         if not matches(target_modules, path) or any(matches(e, path) for e in exclude):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 
 import pytest
@@ -63,6 +64,12 @@ def test_bad_routing_raises_documented_error(kwargs, error, message):
         (lambda: torch.rand(1, 3, 16, 16).numpy(), {}, loraxir.DataError, "torch.Tensor.*ndarray"),
         (lambda: torch.zeros(1, 3, 16, 16, dtype=torch.uint8), {}, loraxir.DataError, "/ 255"),
         (lambda: torch.rand(1, 3, 16, 16).double(), {}, loraxir.DataError, "float64.*float32"),
+        (
+            lambda: torch.rand(3, 16, 16),
+            {},
+            loraxir.DataError,
+            r"one image of shape \(3, 16, 16\).*x\[None\]",
+        ),
         (lambda: torch.rand(1, 3, 16, 16), {"degradation": 1}, RoutingError, "neither a class"),
     ],
 )
@@ -112,8 +119,11 @@ def test_a_grouped_transposed_conv_is_refused_by_name_before_anything_changes():
     assert _plain_layers(net) == before
     model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules=r".*"))
     assert [path for path, _ in model.expert_layers()] == ["inc", "down", "outc"]
-    with pytest.raises(TargetModulesError, match=r"already carries loraxir experts"):
-        loraxir.get_loraxir_model(model.model, LoraIRConfig(num_experts=2, target_modules=["inc"]))
+    for targets in (["inc"], r".*"):  # a regex matched the inner base layers (peft's error)
+        with pytest.raises(TargetModulesError, match=r"already carries loraxir experts"):
+            loraxir.get_loraxir_model(
+                model.model, LoraIRConfig(num_experts=2, target_modules=targets)
+            )
 
 
 @pytest.mark.parametrize("dam", [False, True])
@@ -557,6 +567,54 @@ def test_kept_folds_follow_weight_changes():
         doubled = model(x.double(), gates=gates)
         assert doubled.dtype == torch.float64
         assert torch.equal(doubled, fresh(x.double()))
+
+
+def test_kept_folds_follow_swapped_tensors_copies_and_autocast():
+    """Tensors swapped without a version bump (``load_state_dict(assign=True)``,
+    ``functional_call``), copies (whose counters restart) and autocast (whose folds have
+    its dtype) each reach the next call: it equals a model that folds at every call."""
+    model, other = _trained_model(), _trained_model()
+    x = torch.rand(2, 3, 32, 32)
+    gates = torch.eye(3)[[1, 1]]
+
+    def fresh(source, inputs=x):
+        copied = copy.deepcopy(source)
+        copied.cache_folds = False
+        return copied(inputs, gates=gates)
+
+    with torch.no_grad():
+        own = model(x, gates=gates)
+        swapped = torch.func.functional_call(model, dict(other.named_parameters()), (x,),
+                                             {"gates": gates})  # fmt: skip
+        assert torch.equal(swapped, fresh(other))
+        assert torch.equal(model(x, gates=gates), own)
+        copied = copy.deepcopy(model)
+        copied.load_state_dict(other.state_dict())
+        assert torch.equal(copied(x, gates=gates), fresh(other))
+        model.load_state_dict(other.state_dict(), assign=True)
+        assert torch.equal(model(x, gates=gates), fresh(other))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(x, gates=gates), fresh(other))
+        assert torch.equal(model(x, gates=gates), fresh(other))
+
+
+def test_a_saved_or_copied_model_carries_no_kept_folds():
+    """They would add up to a copy of every targeted weight per expert to the file, and a
+    copy's version counters restart, so they could pass for current."""
+    model = _trained_model()
+    empty = len(pickle.dumps(model))
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32), gates=torch.eye(3)[[1, 2]])
+    assert len(pickle.dumps(model)) < empty + 4096  # the folds would add ~180 kB here
+
+
+@pytest.mark.parametrize(
+    "route", [{"gates": torch.zeros(0, 3)}, {"degradation": []}, {"degradation": "rain"}]
+)
+def test_an_empty_batch_gives_an_empty_output(route):
+    model = _trained_model()
+    with torch.no_grad():
+        assert model(torch.rand(0, 3, 32, 32), **route).shape == (0, 3, 32, 32)
 
 
 def test_kept_folds_are_used_exactly_when_the_plan_picks_the_weight_form():
