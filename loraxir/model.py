@@ -311,6 +311,12 @@ class LoraIRModel(BaseTuner):
         (see :mod:`loraxir.padding`); the router sees ``x`` as given.
         """
         self._check_input(x)
+        if self.training and torch.is_grad_enabled() and self._merged_now():
+            raise RoutingError(
+                "The model is merged: its experts are folded into the base weights and would "
+                "get no gradient. Call model.unmerge() before training, or model.eval() to "
+                "run the merged model."
+            )
         gates, embedding = self._routing_for(x, gates, degradation)
         groups = self._inference_groups(x, gates, args, kwargs)
         if groups is None:

@@ -461,6 +461,11 @@ def test_merged_model_accepts_its_own_degradation_and_refuses_others():
         for kwargs in refused:
             with pytest.raises(RoutingError, match=r"merged for .*haze.*unmerge"):
                 model(x, **kwargs)
+    model.train()
+    with pytest.raises(RoutingError, match=r"merged.*no gradient.*unmerge\(\) before training"):
+        model(x, degradation="haze")
+    with torch.no_grad():  # a training-mode call without gradients is not training
+        assert rel_err(model(x, degradation="haze"), routed) <= 1e-5
 
 
 def test_merged_model_inside_route_serves_every_call_and_refuses_other_pins():
