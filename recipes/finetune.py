@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
         restored = model(batch["lq"], **routing_arguments(config.route_by, batch, data))
-        return pixel_loss(restored, batch["gt"], config.loss)
+        return pixel_loss(restored, batch["gt"], config.loss, config.fft_weight)
 
     initial = run.validate(restore, 0, "initial")
     run.resume()

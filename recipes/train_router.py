@@ -49,7 +49,7 @@ from loraxir.data.sources import open_source
 from loraxir.degradations import Suite, compose
 from loraxir.degradations import suite as load_suite
 from loraxir.degradations.widen import widen
-from loraxir.errors import ConfigError
+from loraxir.errors import ConfigError, unknown_name
 from loraxir.router import DegradationRouter, RouterConfig
 from loraxir.router.data import (
     Degrade,
@@ -217,12 +217,13 @@ class TrainRouterConfig(RecipeConfig):
                 f"Need 0 <= train_widen <= test_widen, got {self.train_widen} and "
                 f"{self.test_widen}."
             )
-        unknown = sorted(set(self.router) - {f.name for f in dataclasses.fields(RouterConfig)})
-        if unknown or "degradations" in self.router:
+        allowed = {f.name for f in dataclasses.fields(RouterConfig)} - {"degradations"}
+        if "degradations" in self.router:
             raise ConfigError(
-                f"router settings {unknown or ['degradations']} are not allowed; use RouterConfig "
-                "fields other than degradations (the suite gives the classes)."
+                "router setting 'degradations' is not allowed: the suite gives the classes."
             )
+        for name in sorted(set(self.router) - allowed):
+            raise unknown_name("router setting", name, allowed)
         top_k = self.router.get("top_k", 1)
         placeholders = top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else 1
         # Check the router settings now, on stand-in classes, not after minutes of data work.

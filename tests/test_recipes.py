@@ -171,18 +171,24 @@ def test_resumed_finetune_is_bit_identical(
     assert resumed["final"] == metrics["final"]
 
 
-def test_an_interrupted_checkpoint_is_skipped_on_resume(
-    base: Path, finetuned: tuple[Path, dict], tmp_path: Path
+@pytest.mark.parametrize("damage", ["interrupted", "truncated_weights", "unreadable_state"])
+def test_an_interrupted_or_damaged_checkpoint_is_skipped_on_resume(
+    base: Path, finetuned: tuple[Path, dict], tmp_path: Path, damage: str
 ) -> None:
     """A run killed while writing step 6 left a folder without trainer_state.json and a
-    truncated weights file: --resume latest takes step 3 and ends as the full run did."""
+    truncated weights file; or step 6 was complete and its weights file or state was damaged
+    later: --resume latest takes step 3 and ends as the full run did."""
     out, _ = finetuned
     step3 = out / "checkpoints" / "step-0000003"
     shutil.copytree(step3, tmp_path / "checkpoints" / step3.name)
     partial = tmp_path / "checkpoints" / "step-0000006"
-    shutil.copytree(step3, partial)
-    (partial / "trainer_state.json").unlink()
-    (partial / "model.safetensors").write_bytes(b"trunc")
+    shutil.copytree(out / "checkpoints" / "step-0000006", partial)
+    if damage == "interrupted":
+        (partial / "trainer_state.json").unlink()
+    if damage == "unreadable_state":
+        (partial / "trainer_state.json").write_text('{"step": 6, "bat')
+    else:
+        (partial / "model.safetensors").write_bytes(b"trunc")
     resumed = run(
         "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=3",
         "keep_checkpoints=5", flags=("--resume", "latest"),
@@ -190,6 +196,31 @@ def test_an_interrupted_checkpoint_is_skipped_on_resume(
     assert resumed["resumed_from_step"] == 3
     expected, actual = adapter_tensors(out), adapter_tensors(tmp_path)
     assert all(torch.equal(actual[key], value) for key, value in expected.items())
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_a_checkpoint_error(
+    base: Path, finetuned: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, _ = finetuned
+    step3 = tmp_path / "checkpoints" / "step-0000003"
+    shutil.copytree(out / "checkpoints" / step3.name, step3)
+    (step3 / "model.safetensors").write_bytes(b"trunc")
+    with pytest.raises(CheckpointError, match=r"No checkpoint could be loaded.*step-0000003"):
+        run(
+            "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=3",
+            "keep_checkpoints=5", flags=("--resume", "latest"),
+        )  # fmt: skip
+
+
+def test_finetune_trains_with_the_spectral_weight_it_is_given(base: Path, tmp_path: Path) -> None:
+    """finetune.py left fft_weight out of its loss, so every value trained the same."""
+    tensors = []
+    for weight in (0.0, 50.0):
+        run("finetune", tmp_path / str(weight), *FINETUNE, f"base={base}", "max_steps=2",
+            "loss=l1_fft", f"fft_weight={weight}", "ema_decay=0")  # fmt: skip
+        _reset_accelerate()
+        tensors.append(adapter_tensors(tmp_path / str(weight)))
+    assert any(not torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
 
 
 def test_finetune_refuses_an_unknown_setting_naming_the_closest(tmp_path: Path) -> None:

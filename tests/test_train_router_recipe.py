@@ -291,11 +291,14 @@ def test_bad_configs_raise_with_the_setting_named(
         ("eval_sizes=[128, -1]", "eval_sizes must be image sides"),
         ("router.top_k=abc", "top_k"),
         ("router.views=tiles", "views"),
+        ("router.hiden_dim=3", "Unknown router setting 'hiden_dim'.*Did you mean 'hidden_dim'"),
+        ("router.degradations=[a, b]", "the suite gives the classes"),
+        ("learning_rate=-1", "learning_rate must be > 0, got -1"),
     ],
 )
 def test_router_settings_are_checked_when_the_config_loads(setting: str, message: str) -> None:
     """Before any photo is degraded or any step trained (these once failed after training)."""
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises((ConfigError, UnknownNameError), match=message):
         load_config(_recipe().TrainRouterConfig, None, [setting])
 
 

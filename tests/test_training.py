@@ -25,6 +25,7 @@ from loraxir.training import (
     fingerprint,
     load_config,
     make_optimizer_and_scheduler,
+    parse_recipe_args,
     prepare_output_dir,
 )
 from loraxir.training.checkpoints import clear_earlier_run
@@ -120,6 +121,7 @@ def test_fingerprint_leaves_out_what_may_change_on_resume() -> None:
 
 def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000001" / "trainer_state.json").write_text("{}")
     (tmp_path / "adapter").mkdir()
     with pytest.raises(ConfigError, match=r"--overwrite.*--resume latest"):
         prepare_output_dir(RecipeConfig(output_dir=str(tmp_path)), ("adapter",))
@@ -130,6 +132,26 @@ def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Pat
     clear_earlier_run(overwrite)
     assert not (tmp_path / "checkpoints").exists() and (tmp_path / "adapter").exists()
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new")), ("adapter",))
+
+
+def test_resume_with_nothing_to_resume_keeps_a_finished_run(tmp_path: Path) -> None:
+    """--resume latest over results without a complete checkpoint would start from scratch
+    and replace them."""
+    (tmp_path / "checkpoints" / "step-0000001").mkdir(parents=True)  # interrupted: no state
+    (tmp_path / "metrics.json").write_text("{}")
+    latest = RecipeConfig(output_dir=str(tmp_path), resume="latest")
+    with pytest.raises(ConfigError, match=r"Nothing to resume.*metrics\.json.*--overwrite"):
+        prepare_output_dir(latest, ("adapter",))
+    prepare_output_dir(dataclasses.replace(latest, overwrite=True), ("adapter",))
+    prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new"), resume="latest"))
+
+
+def test_every_set_option_counts() -> None:
+    """A second --set replaced the first (argparse's default store action)."""
+    config = parse_recipe_args(
+        RestorationConfig, "", ["--set", "max_steps=4", "--set", "patch_size=32", "seed=3"]
+    )
+    assert (config.max_steps, config.patch_size, config.seed) == (4, 32, 3)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,29 @@ def checkpoint_dir(config: RecipeConfig, step: int) -> Path:
 
 
 def complete_checkpoints(config: RecipeConfig) -> list[Path]:
-    """Complete checkpoints of ``config.output_dir``, oldest first."""
+    """Complete checkpoints of ``config.output_dir`` (a readable ``trainer_state.json``),
+    oldest first."""
     root = Path(config.output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
+    return sorted(p for p in root.glob("step-*") if _read_state(p) is not None)
+
+
+def _any_checkpoint(output_dir: Path) -> bool:
+    """Whether a complete checkpoint lies anywhere under ``output_dir`` (recipes that run
+    several trainings keep theirs in subfolders)."""
+    return output_dir.is_dir() and any(
+        _read_state(state.parent) is not None for state in output_dir.rglob(STATE_NAME)
+    )
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s ``trainer_state.json``, or ``None`` when it is missing or unreadable."""
+    try:
+        record = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> None:
@@ -68,11 +87,19 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir {str(output_dir)!r} is a file; name a folder.")
-    if config.resume is not None:
-        return
     found = [
         name for name in (CHECKPOINTS_DIR, "metrics.json", *results) if (output_dir / name).exists()
     ]
+    if config.resume == "latest" and not config.overwrite and not _any_checkpoint(output_dir):
+        finished = [name for name in found if name != CHECKPOINTS_DIR]
+        if finished:
+            raise ConfigError(
+                f"Nothing to resume in {str(output_dir)!r}: it has no complete checkpoint, but "
+                f"holds {finished} of an earlier run, which starting from scratch would "
+                "replace. Pass --overwrite to replace it, or choose another output_dir."
+            )
+    if config.resume is not None:
+        return
     if found and not config.overwrite:
         raise ConfigError(
             f"output_dir {str(output_dir)!r} already holds {found} of an earlier run. Pass "
@@ -95,7 +122,7 @@ def check_resumable(config: RecipeConfig) -> None:
     resume leaves the run's ``config.yaml`` and logs as they were."""
     folder = _resume_folder(config)
     if folder is not None:
-        _check_settings(folder, json.loads((folder / STATE_NAME).read_text()), config)
+        _check_settings(folder, _read_state(folder) or {}, config)
 
 
 def model_signature(accelerator: Any) -> str:
@@ -122,7 +149,9 @@ def save_checkpoint(accelerator: Any, config: RecipeConfig, state: TrainState) -
             "config": fingerprint(config),
             "model": model_signature(accelerator),
         }
-        (folder / STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
+        partial = folder / f".{STATE_NAME}.partial"
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(partial, folder / STATE_NAME)
         for old in complete_checkpoints(config)[: -max(1, config.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -146,27 +175,42 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
     """Restore the checkpoint named by ``config.resume`` (after ``accelerator.prepare``).
 
     ``None``: a fresh start. ``"latest"``: the newest complete checkpoint in
-    ``output_dir``, or a fresh start when there is none. A path: that checkpoint. The
-    checkpoint's fingerprint must match this run's (:class:`CheckpointError` otherwise).
+    ``output_dir`` that loads (a damaged one, say a truncated weights file, is reported and
+    the one before it tried), or a fresh start when there is none. A path: that
+    checkpoint. The checkpoint's fingerprint must match this run's
+    (:class:`CheckpointError` otherwise). Each load restores every state the checkpoint
+    holds, so one that loads after a damaged one leaves nothing of it behind.
     """
     folder = _resume_folder(config)
     if folder is None:
         if config.resume is not None:
             accelerator.print(f"No checkpoint in {config.output_dir}; starting from scratch.")
         return TrainState()
-    record = json.loads((folder / STATE_NAME).read_text())
-    _check_settings(folder, record, config)
-    if record.get("model") not in (None, model_signature(accelerator)):
-        raise CheckpointError(
-            f"Cannot resume from {str(folder)!r}: its model has other tensors (names or "
-            "shapes) than the one this run built, although the settings match (was the base "
-            "network or the router replaced on disk?). Start a new run (another output_dir, "
-            "or --overwrite)."
-        )
-    state = TrainState(step=record["step"], batches=record["batches"])
-    accelerator.load_state(str(folder))
-    accelerator.print(f"Resumed from {folder} at step {state.step}.")
-    return state
+    candidates = complete_checkpoints(config)[::-1] if config.resume == "latest" else [folder]
+    problems = []
+    for candidate in candidates:
+        record = _read_state(candidate) or {}
+        _check_settings(candidate, record, config)
+        if record.get("model") not in (None, model_signature(accelerator)):
+            raise CheckpointError(
+                f"Cannot resume from {str(candidate)!r}: its model has other tensors (names "
+                "or shapes) than the one this run built, although the settings match (was the "
+                "base network or the router replaced on disk?). Start a new run (another "
+                "output_dir, or --overwrite)."
+            )
+        try:
+            accelerator.load_state(str(candidate))
+        except Exception as error:  # safetensors, pickle and torch each raise their own
+            problems.append(f"{candidate.name}: {type(error).__name__}: {error}")
+            accelerator.print(f"Cannot load checkpoint {candidate} ({problems[-1]}).")
+            continue
+        state = TrainState(step=record["step"], batches=record["batches"])
+        accelerator.print(f"Resumed from {candidate} at step {state.step}.")
+        return state
+    raise CheckpointError(
+        f"No checkpoint could be loaded ({'; '.join(problems)}). Their files are damaged; "
+        "start a new run (another output_dir, or --overwrite), or resume from a copy."
+    )
 
 
 def _resume_folder(config: RecipeConfig) -> Path | None:
@@ -177,10 +221,10 @@ def _resume_folder(config: RecipeConfig) -> Path | None:
     if config.resume == "latest":
         return last_checkpoint(config)
     folder = Path(config.resume)
-    if not (folder / STATE_NAME).is_file():
+    if _read_state(folder) is None:
         raise CheckpointError(
-            f"{str(folder)!r} is not a complete checkpoint (no {STATE_NAME}); pass a "
-            f"folder under {Path(config.output_dir) / CHECKPOINTS_DIR} or resume=latest."
+            f"{str(folder)!r} is not a complete checkpoint (no readable {STATE_NAME}); pass "
+            f"a folder under {Path(config.output_dir) / CHECKPOINTS_DIR} or resume=latest."
         )
     return folder
 

@@ -91,6 +91,8 @@ class RecipeConfig:
             )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(
                 f"min_learning_rate must be in [0, learning_rate={self.learning_rate}], got "
@@ -178,6 +180,7 @@ def parse_recipe_args(
         "--set",
         dest="overrides",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="Override settings; values are YAML (e.g. --set max_steps=50 grid=0).",

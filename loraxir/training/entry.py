@@ -13,7 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-RESUME_HINT = "Add --resume latest to the same command to continue from the last checkpoint."
+RESUME_HINT = (
+    "Add --resume latest to the same command to continue from the last checkpoint (a run "
+    "with checkpoint_every: 0 saves one only at the end, and starts again)."
+)
 
 
 def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoReturn:
