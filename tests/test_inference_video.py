@@ -128,3 +128,43 @@ def test_time_varying_degradations_are_detected_per_frame(tmp_path, video_router
     flagged = [row["confidence"] < video_router.unsure_below for row in report.rows]
     assert [row["unsure"] == "True" for row in rows] == flagged
     assert (tmp_path / "frames.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("suffix", "count"), [(".mp4", 60), (".mkv", 50), (".webm", 40)])
+def test_videos_longer_than_the_encoders_lookahead_are_written(tmp_path, suffix, count):
+    """Frames were stamped in the stream's time base, which the muxer changes once the
+    encoder's lookahead fills: MP4 and MKV failed from frame 43, WebM from frame 26."""
+    with VideoWriter(tmp_path / f"v{suffix}", 16, 16, Fraction(30000, 1001)) as writer:
+        for frame in _frames(count, 16, 16):
+            writer.write(frame)
+    info = probe_video(tmp_path / f"v{suffix}")
+    assert (info.frames, info.fps) == (count, Fraction(30000, 1001))
+
+
+def test_display_rotation_is_kept(tmp_path):
+    """A phone's portrait clip is stored sideways with a rotation to display it upright."""
+    with VideoWriter(tmp_path / "phone.mp4", 24, 16, Fraction(10), rotation=90) as writer:
+        for frame in _frames(3, 16, 24):
+            writer.write(frame)
+    assert probe_video(tmp_path / "phone.mp4").rotation == 90
+    restore_video(Restorer(tiny_model(), tile=None), tmp_path / "phone.mp4", tmp_path / "o.mp4")
+    info = probe_video(tmp_path / "o.mp4")
+    assert (info.rotation, info.width, info.height, info.frames) == (90, 24, 16, 3)
+
+
+def test_a_video_without_frames_or_with_a_wrong_reference_is_refused_before_restoring(tmp_path):
+    with av.open(str(tmp_path / "empty.mkv"), "w") as container:  # a header, no frame
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "bgr0"
+        container.start_encoding()
+    restorer = Restorer(tiny_model(), tile=None)
+    with pytest.raises(loraxir.DataError, match=r"empty\.mkv"):
+        restore_video(restorer, tmp_path / "empty.mkv", tmp_path / "o.mkv")
+    assert not (tmp_path / "o.mkv").exists()
+    for name, count in (("in.mkv", 4), ("ref.mkv", 3)):
+        _write_lossless(tmp_path / name, _frames(count, 16, 16), fps=10)
+    restored = []
+    with pytest.raises(loraxir.DataError, match=r"3 frames of 16x16.*4 of 16x16"):
+        restore_video(restorer, tmp_path / "in.mkv", tmp_path / "o.mkv",
+                      reference=tmp_path / "ref.mkv", on_frame=restored.append)  # fmt: skip
+    assert restored == []

@@ -233,12 +233,16 @@ def _restore_video(
             ),
         )
     csv_path, plot_path = job.reports
-    report.write_csv(csv_path)
-    report.plot(plot_path, title=job.source.name)
-    labels, counts = np.unique([row["detected"] for row in report.rows], return_counts=True)
-    detected = ", ".join(f"{label} {count}" for label, count in zip(labels, counts, strict=True))
+    _replace(csv_path, report.write_csv)
+    _replace(plot_path, lambda path: report.plot(path, title=job.source.name))
+    if restorer.degradation is not None:
+        detected = f"{restorer.degradation} (forced)"
+    else:
+        labels, counts = np.unique([row["detected"] for row in report.rows], return_counts=True)
+        pairs = zip(labels, counts, strict=True)
+        detected = "detected " + ", ".join(f"{label} {count}" for label, count in pairs)
     return (
-        f"{job.source}: {len(report.rows)} frames, detected {detected} -> {job.target} "
+        f"{job.source}: {len(report.rows)} frames, {detected} -> {job.target} "
         f"(report {csv_path.name}, {plot_path.name})"
     )
 

@@ -1,8 +1,10 @@
 """Video in, video out, routed frame by frame, with a per-frame report.
 
 Frames are decoded and encoded with PyAV (FFmpeg's libraries, shipped in its wheels): the
-output keeps the input's frame count, size and frame rate; MP4 is written with H.264
-(CRF 18, 4:2:0, or 4:4:4 when a side is odd), WebM with VP9. Each frame is routed on its
+output keeps the input's frame count, size, frame rate and display rotation (a phone's
+portrait clip stays portrait); MP4 is written with H.264 (CRF 18, 4:2:0, or 4:4:4 when a
+side is odd), WebM with VP9, 8 bits per sample, at a constant frame rate (the input's
+average: a variable-rate input keeps its frames, not their timing). Each frame is routed on its
 own, so a degradation that changes over time is followed; ``smooth`` (0 to <1) averages
 the gates over time (exponential moving average) to avoid flicker when the router
 hesitates between two classes. The report has one row per frame (detected class, its
@@ -12,6 +14,7 @@ written as CSV with a plot of the gates (and PSNR) over time.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from collections.abc import Callable, Iterator
@@ -39,19 +42,25 @@ class VideoInfo:
     width: int
     height: int
     fps: Fraction
+    rotation: int = 0
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Frame count, size and frame rate of the first video stream (counted by decoding
-    when the container does not store the count)."""
+    """Frame count, size, frame rate and display rotation (degrees counter-clockwise) of
+    the first video stream; the count by decoding when the container does not store it."""
     av = _av()
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{str(path)!r} holds no video stream.")
             stream = container.streams.video[0]
-            frames = stream.frames or sum(1 for _ in container.decode(stream))
+            decoded = container.decode(stream)
+            first = next(decoded, None)
+            rotation = first.rotation if first is not None else 0
+            frames = stream.frames or (first is not None) + sum(1 for _ in decoded)
             rate = stream.average_rate or stream.base_rate
-            return VideoInfo(frames, stream.width, stream.height, Fraction(rate))
-    except (av.FFmpegError, IndexError) as error:
+            return VideoInfo(frames, stream.width, stream.height, Fraction(rate), rotation)
+    except av.FFmpegError as error:
         raise DataError(f"Cannot read video {str(path)!r}: {error}.") from None
 
 
@@ -67,41 +76,64 @@ def read_frames(path: str | Path) -> Iterator[np.ndarray]:
 
 
 class VideoWriter:
-    """Encode ``(H, W, 3)`` ``uint8`` frames at a fixed frame rate (context manager)."""
+    """Encode ``(H, W, 3)`` ``uint8`` frames at a fixed frame rate (context manager);
+    ``rotation`` (degrees counter-clockwise) is written as the display rotation. FFmpeg's
+    errors are raised as :class:`DataError` naming the file."""
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: Fraction) -> None:
+    def __init__(
+        self, path: str | Path, width: int, height: int, fps: Fraction, rotation: int = 0
+    ) -> None:
         av = _av()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        codec, options = _ENCODERS.get(path.suffix.lower(), _DEFAULT_ENCODER)
-        self._container = av.open(str(path), "w")
-        stream = self._container.add_stream(codec, rate=fps, options=dict(options))
-        stream.width, stream.height = width, height
-        odd = width % 2 or height % 2
-        stream.pix_fmt = "yuv444p" if odd and codec == "libx264" else "yuv420p"
-        stream.time_base = 1 / fps
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        codec, options = _ENCODERS.get(self._path.suffix.lower(), _DEFAULT_ENCODER)
+        with self._errors():
+            self._container = av.open(str(self._path), "w")
+            stream = self._container.add_stream(codec, rate=fps, options=dict(options))
+            stream.width, stream.height = width, height
+            odd = width % 2 or height % 2
+            stream.pix_fmt = "yuv444p" if odd and codec == "libx264" else "yuv420p"
+            if rotation:
+                stream.set_display_rotation(rotation)
         self._stream = stream
+        # The frames' own clock: the muxer may change the stream's time base when it writes
+        # its header (MP4: 1/12288 for 24 fps), after the encoder has taken frames.
+        self._time_base = 1 / Fraction(fps)
         self._index = 0
 
     def write(self, frame: np.ndarray) -> None:
         av = _av()
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         video_frame.pts = self._index
-        video_frame.time_base = self._stream.time_base
+        video_frame.time_base = self._time_base
         self._index += 1
-        for packet in self._stream.encode(video_frame):
-            self._container.mux(packet)
+        with self._errors():
+            for packet in self._stream.encode(video_frame):
+                self._container.mux(packet)
 
     def close(self) -> None:
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
+        with self._errors():
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        av = _av()
+        try:
+            yield
+        except av.FFmpegError as error:
+            raise DataError(f"Cannot encode video {str(self._path)!r}: {error}.") from None
 
     def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # an error or Ctrl-C: close the file without flushing the encoder
+            with contextlib.suppress(Exception):
+                self._container.close()
 
 
 @dataclass
@@ -174,15 +206,26 @@ def restore_video(
 ) -> FrameReport:
     """Restore every frame of ``source`` into ``target``; returns the per-frame report.
 
-    ``reference`` is a clean video of the same frames (PSNR per frame in the report).
+    ``reference`` is a clean video of the same frames (PSNR per frame in the report); its
+    frame count and size are checked before any frame is restored.
     """
     if not 0.0 <= smooth < 1.0:
         raise DataError(f"--smooth must be in [0, 1), got {smooth}.")
     info = probe_video(source)
+    if info.frames == 0:
+        raise DataError(f"{str(source)!r} holds no video frame.")
+    if reference is not None:
+        clean = probe_video(reference)
+        if (clean.frames, clean.width, clean.height) != (info.frames, info.width, info.height):
+            raise DataError(
+                f"Reference {str(reference)!r} has {clean.frames} frames of "
+                f"{clean.width}x{clean.height}, {str(source)!r} {info.frames} of "
+                f"{info.width}x{info.height}: a reference must be the same frames, clean."
+            )
     report = FrameReport(restorer.degradations)
     references = read_frames(reference) if reference is not None else None
     previous = None
-    with VideoWriter(target, info.width, info.height, info.fps) as writer:
+    with VideoWriter(target, info.width, info.height, info.fps, info.rotation) as writer:
         for frame in read_frames(source):
             routing = restorer.route(frame).smoothed(previous, smooth)
             restored, _ = restorer.restore(frame, routing)
