@@ -543,8 +543,11 @@ class LoraIRModel(BaseTuner):
             return output.gates, output.embedding
         return router(x), None
 
-    def degradation_gates(self, degradation: Degradation, batch_size: int = 1) -> torch.Tensor:
-        """One-hot gates ``(batch_size, E)`` for a degradation name or one name per image."""
+    def degradation_gates(
+        self, degradation: Degradation, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """One-hot gates ``(B, E)`` for a degradation name (one row, or ``batch_size``) or
+        one name per image (one row each)."""
         return degradation_gates(degradation, self.config.degradations, batch_size)
 
     @contextlib.contextmanager
@@ -567,6 +570,8 @@ class LoraIRModel(BaseTuner):
             pinned = degradation_gates(degradation, self.config.degradations, batch_size)
         else:
             raise RoutingError("loraxir.route needs gates= or degradation=.")
+        if self._merged_now():  # refused here: direct backbone calls in the block see no check
+            check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
         device = next(self.model.parameters()).device
         if embedding is None and getattr(self.config, "dam", None) is not None:
             embedding = self._class_embedding(pinned.to(device), merged=False)

@@ -39,6 +39,7 @@ def test_gates_degradation_names_and_one_hot_agree():
         by_gate = model(x, gates=torch.tensor([[0.0, 1, 0], [0, 0, 1]]))
     assert torch.equal(by_name, by_gate)
     assert torch.equal(model.last_routing, torch.tensor([[0.0, 1, 0], [0, 0, 1]]))
+    assert torch.equal(model.degradation_gates(["rain", "haze"]), model.last_routing)
 
 
 @pytest.mark.parametrize(
@@ -480,9 +481,10 @@ def test_merged_model_inside_route_serves_every_call_and_refuses_other_pins():
         with loraxir.route(model, degradation="haze"):
             for _ in range(3):
                 assert rel_err(model(x), routed) <= 1e-5
-        with loraxir.route(model, degradation="rain"):
-            with pytest.raises(RoutingError, match=r"merged for .*haze.*asks for 'rain'"):
-                model(x)
+        # Refused as the block opens: a direct backbone call inside it returned haze's output.
+        with pytest.raises(RoutingError, match=r"merged for .*haze.*asks for 'rain'"):
+            with loraxir.route(model, degradation="rain"):
+                model.model(x)
 
 
 def test_merge_and_unload_folds_every_named_adapter():
