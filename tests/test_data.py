@@ -391,7 +391,12 @@ def test_corrupt_pair_members_are_skipped_with_their_partner(tmp_path):
     _save(tmp_path / "gt" / "a.png", _rgb(1))
     (tmp_path / "lq" / "b.png").write_bytes(b"broken")
     _save(tmp_path / "gt" / "b.png", _rgb(1))
-    with pytest.warns(UserWarning, match="1 corrupt"):
+    # A truncated JPEG passes Pillow's verify() (it reads no JPEG pixel data).
+    Image.fromarray(np.tile(_rgb(2), (4, 4, 1))).save(tmp_path / "lq" / "c.jpg", quality=95)
+    whole = (tmp_path / "lq" / "c.jpg").read_bytes()
+    (tmp_path / "lq" / "c.jpg").write_bytes(whole[: len(whole) // 2])
+    _save(tmp_path / "gt" / "c.png", np.tile(_rgb(2), (4, 4, 1)))
+    with pytest.warns(UserWarning, match="2 corrupt"):
         pairs = PairedFolder(tmp_path)
     assert len(pairs) == 1
     with pytest.raises(DataError, match="corrupt"):
