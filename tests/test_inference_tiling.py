@@ -49,6 +49,9 @@ def test_tile_must_hold_three_overlaps():
         (8, 0, "--tile 8 is under this network's size unit of 16"),
         (100, 33, r"--tile 100 \(rounded down to 96\) must be at least 3 x --overlap 33 = 99"),
         (64, -8, "--overlap must be >= 0, got -8"),
+        (64.5, 8, "--tile must be a whole number of pixels, got 64.5"),
+        (64, 8.5, "--overlap must be a whole number of pixels, got 8.5"),
+        (True, 0, "--tile must be a whole number of pixels, got True"),
     ],
 )
 def test_tiling_errors_quote_the_values_given(tile, overlap, message):
@@ -152,3 +155,24 @@ def test_every_tile_gets_the_whole_image_gates():
     assert len(seen) == len(restorer.plan(70, 90)) > 4
     for gates in seen:
         torch.testing.assert_close(gates, routing.gates[None].expand_as(gates), rtol=0, atol=0)
+
+
+class _GatesOnlyRouter(torch.nn.Module):
+    """A router as ``attach_router`` documents it: ``router(x) -> gates``, nothing else."""
+
+    degradations, top_k = list(CLASSES), 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.eye(len(CLASSES))[[2] * images.shape[0]]
+
+
+def test_a_router_that_only_gives_gates_restores_through_the_restorer():
+    model = tiny_model()
+    model.attach_router(_GatesOnlyRouter())
+    image = photo(40, 56)
+    restored, routing = Restorer(model, tile=None).restore(image)
+    assert (routing.label, routing.confidence) == (CLASSES[2], 1.0)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        direct = (model(x)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.abs(restored.astype(int) - direct.astype(int)).max() <= 1

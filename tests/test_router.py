@@ -572,6 +572,8 @@ def test_images_of_any_float_dtype_route_as_float32_does(dtype: torch.dtype) -> 
     images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(router(images.to(dtype)), router(images.to(dtype).float()))
+        # embed (and so fit_class_embeddings) once raised on these dtypes
+        assert torch.equal(router.embed(images.to(dtype)), router.embed(images.to(dtype).float()))
 
 
 def test_explain_flags_images_whose_top_probability_is_low() -> None:
@@ -588,6 +590,10 @@ def test_explain_flags_images_whose_top_probability_is_low() -> None:
     assert sure.unsure == [False, False] and "UNSURE" not in str(sure)
     router.unsure_below = 1.0
     assert router.explain(torch.rand(1, 3, 16, 16)).unsure == [True]
+    noisy = cnn_router(noise_std=5.0).train()  # gate noise is a training-time device
+    image = torch.rand(1, 3, 16, 16)
+    assert len({tuple(noisy.explain(image).gates[0].tolist()) for _ in range(8)}) == 1
+    assert noisy.training
     with pytest.raises(ConfigError, match="unsure_below"):
         router.unsure_below = 1.5
 

@@ -21,14 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from loraxir.data.images import IMAGE_EXTENSIONS
 from loraxir.errors import ConfigError, DataError, LoraIRError
 from loraxir.inference.images import Picture, check_output, read_picture, write_picture
 from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.video import VIDEO_EXTENSIONS, probe_video, restore_video
-
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
-)
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
     jobs, writers = [], {}
     for source, relative in found:
         suffix = source.suffix.lower()
-        if suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_EXTENSIONS:
+        if suffix not in IMAGE_EXTENSIONS and suffix not in VIDEO_EXTENSIONS:
             outcome.failed.append((str(source), f"unsupported file type {suffix or '(none)'}"))
             continue
         job = Job(source, output if single else output / relative)
@@ -147,7 +144,7 @@ def _glob_root(pattern: str) -> Path:
 def _check_single_output(source: Path, output: Path) -> None:
     """Refuse an output file of the wrong kind (an unsupported input is reported later)."""
     video = source.suffix.lower() in VIDEO_EXTENSIONS
-    allowed = VIDEO_EXTENSIONS if video else IMAGE_SUFFIXES
+    allowed = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
     if output.suffix.lower() in allowed or source.suffix.lower() not in allowed:
         return
     kind = "a video" if video else "an image"

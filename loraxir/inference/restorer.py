@@ -95,7 +95,12 @@ class Restorer:
             resampling and FFT have no half-precision CPU kernels), then cast to it.
 
     Raises :class:`~loraxir.errors.ConfigError` for a ``tile`` and ``overlap`` that cannot
-    tile every image with this network, once here rather than for each image.
+    tile every image with this network, once here rather than for each image. The model is
+    put in eval mode and converted to ``dtype``; with ``degradation`` it is merged for that
+    class and stays merged (a routed restorer on it is then refused): give each restorer a
+    model of its own, as ``loraxir restore`` does. Any attached router works: a
+    :class:`~loraxir.router.DegradationRouter`, or a module whose ``router(x)`` gives gates
+    (then also read as the class probabilities).
     """
 
     def __init__(
@@ -149,26 +154,33 @@ class Restorer:
         if self.degradation is not None:
             gates = torch.zeros(len(names))
             gates[names.index(self.degradation)] = 1.0
-            embedding = (
-                self._run_router(pixels).embedding[0].float().cpu() if self._embeds_forced else None
-            )
+            embedding = self._run_router(pixels)[2] if self._embeds_forced else None
             return Routing(names, gates, embedding=embedding)
-        router = self.model.loraxir_router
-        output = self._run_router(pixels)
+        gates, probabilities, embedding = self._run_router(pixels)
         return Routing(
             names,
-            output.gates[0].float().cpu(),
-            torch.softmax(output.logits[0].float(), dim=-1).cpu(),
-            output.embedding[0].float().cpu(),
-            float(getattr(router, "unsure_below", 0.0)),
+            gates,
+            probabilities,
+            embedding,
+            float(getattr(self.model.loraxir_router, "unsure_below", 0.0)),
         )
 
-    def _run_router(self, pixels: np.ndarray) -> RouterOutput:
-        """The router on the whole image (float32: ``route`` computes its views in float32
-        and casts them to the router's dtype)."""
-        return self.model.loraxir_router.route(
-            _routing_view(pixels, self.route_pixels).to(self.device)
-        )
+    def _run_router(
+        self, pixels: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Gates, class probabilities and embedding of the whole image, on the CPU in
+        float32. A :class:`~loraxir.router.DegradationRouter` computes its views in float32
+        and casts them to its dtype; any other router (``router(x) -> gates``, see
+        :meth:`~loraxir.LoraIRModel.attach_router`) gives gates only, read as the
+        probabilities too."""
+        router = self.model.loraxir_router
+        view = _routing_view(pixels, self.route_pixels).to(self.device)
+        if not hasattr(router, "route"):
+            gates = router(view)[0].float().cpu()
+            return gates, gates, None
+        output: RouterOutput = router.route(view)
+        probabilities = torch.softmax(output.logits[0].float(), dim=-1).cpu()
+        return output.gates[0].float().cpu(), probabilities, output.embedding[0].float().cpu()
 
     def restore(
         self,

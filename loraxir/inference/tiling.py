@@ -104,6 +104,9 @@ def check_tiling(tile: int | None, overlap: int, multiple: int, whole: bool = Fa
     tile any image; ``whole``: one tile covers this image, so the overlap is not used.
     ``tile=None`` (no tiling) always can. Callers check once before a run, not per image.
     """
+    for name, value in (("--overlap", overlap), ("--tile", tile)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{name} must be a whole number of pixels, got {value!r}.")
     if overlap < 0:
         raise ConfigError(f"--overlap must be >= 0, got {overlap}.")
     if tile is None:

@@ -313,8 +313,18 @@ class DegradationRouter(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Multi-view encoder features of images (see :meth:`encode_views`)."""
-        return self.encode_views(self.make_views(images), self.read_cepstrum(images))
+        """Multi-view encoder features of images of any float dtype (see
+        :meth:`encode_views` and :meth:`route`)."""
+        return self.encode_views(*self._views_and_cepstrum(images))
+
+    def _views_and_cepstrum(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Views and cepstrum computed in float32 (their anti-aliased resampling and FFT
+        have no half-precision CPU kernels), cast to the router's own dtype."""
+        if images.is_floating_point():
+            images = images.float()
+        dtype = next(self.mlp.parameters()).dtype
+        cepstrum = self.read_cepstrum(images)
+        return self.make_views(images).to(dtype), None if cepstrum is None else cepstrum.to(dtype)
 
     def route_views(
         self, views: torch.Tensor, cepstrum: torch.Tensor | None = None
@@ -333,13 +343,7 @@ class DegradationRouter(nn.Module):
         Views and cepstrum are computed in float32 from images of any float dtype (their
         anti-aliased resampling and FFT have no half-precision CPU kernels), then cast to
         the router's own dtype."""
-        if images.is_floating_point():
-            images = images.float()
-        dtype = next(self.mlp.parameters()).dtype
-        cepstrum = self.read_cepstrum(images)
-        return self.route_views(
-            self.make_views(images).to(dtype), None if cepstrum is None else cepstrum.to(dtype)
-        )
+        return self.route_views(*self._views_and_cepstrum(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Gates ``(B, E)`` for images ``(B, C, H, W)`` in [0, 1]."""
@@ -425,8 +429,15 @@ class DegradationRouter(nn.Module):
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor) -> RouterExplanation:
-        """Probabilities, chosen experts and unsure flags per image (:class:`RouterExplanation`)."""
-        output = self.route(images)
+        """Probabilities, chosen experts and unsure flags per image (:class:`RouterExplanation`),
+        without the training-time gate noise (``noise_std``), so the same image always gets
+        the same explanation."""
+        was_training = self.training
+        self.eval()
+        try:
+            output = self.route(images)
+        finally:
+            self.train(was_training)
         return RouterExplanation(
             self.degradations,
             output.probabilities.cpu(),
