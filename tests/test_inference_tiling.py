@@ -166,6 +166,11 @@ class _GatesOnlyRouter(torch.nn.Module):
         return torch.eye(len(CLASSES))[[2] * images.shape[0]]
 
 
+def test_a_routing_budget_under_one_pixel_is_refused():
+    with pytest.raises(ConfigError, match="route_pixels must be a whole number >= 1, got 0"):
+        Restorer(tiny_model(), route_pixels=0)
+
+
 def test_a_router_that_only_gives_gates_restores_through_the_restorer():
     model = tiny_model()
     model.attach_router(_GatesOnlyRouter())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loraxir.errors import RoutingError
+from loraxir.errors import ConfigError, RoutingError
 from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
 
@@ -113,6 +113,8 @@ class Restorer:
         route_pixels: int = 16_000_000,
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        if isinstance(route_pixels, bool) or not isinstance(route_pixels, int) or route_pixels < 1:
+            raise ConfigError(f"route_pixels must be a whole number >= 1, got {route_pixels!r}.")
         self.model = model.eval()
         self.degradation = degradation
         self.tile, self.overlap, self.route_pixels = tile, overlap, route_pixels
