@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for a loraxir error, with its message)."""
+    """Run the command line; returns the exit code (2 for a loraxir error, with its message;
+    130 on Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -341,3 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraIRError as error:
         print(f"loraxir: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\nloraxir: interrupted. Every output written so far is complete (files are "
+            "written under a temporary name and renamed); run the same command again to go "
+            "on: those outputs are kept and listed as existing.",
+            file=sys.stderr,
+        )
+        return 130

@@ -398,3 +398,16 @@ def test_video_options_with_only_images_are_warned_about(adapter, tmp_path, caps
                  "--adapter", str(adapter), "--quiet", "--smooth", "0.5"])  # fmt: skip
     assert code == 0
     assert "--smooth and --reference apply to videos only" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_saying_what_is_kept(adapter, tmp_path, capsys, monkeypatch):
+    from loraxir.inference import batch
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    Image.fromarray(photo(16, 16)).save(tmp_path / "i.png")
+    monkeypatch.setattr(batch, "_restore_image", interrupted)
+    code = main(["restore", str(tmp_path / "i.png"), "-o", str(tmp_path / "out"),
+                 "--adapter", str(adapter), "--quiet"])  # fmt: skip
+    assert code == 130 and "interrupted" in capsys.readouterr().err
