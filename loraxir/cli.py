@@ -269,11 +269,9 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from loraxir.errors import ConfigError
-    from loraxir.pretrained import load_adapter, save_merged
+    from loraxir.pretrained import check_merged_output, load_adapter, save_merged
 
-    if not args.output.endswith(".safetensors"):
-        raise ConfigError(f"--output must end in .safetensors, got {args.output!r}.")
+    check_merged_output(args.output, args.overwrite)  # before the adapter loads
     model = load_adapter(args.adapter, args.backbone)
     path = save_merged(model, args.degradation, args.output, args.overwrite)
     print(f"Wrote {path} (backbone with the {args.degradation!r} experts folded in)")

@@ -22,11 +22,10 @@ from peft import PeftConfig
 
 from loraxir import __version__
 from loraxir.errors import ConfigError
+from loraxir.pretrained import PEFT_TYPE
 from loraxir.router.config import RouterConfig
 from loraxir.validation import check_choice, check_int, check_names, is_number
 
-PEFT_TYPE = "LORAXIR"
-CONFIG_NAME = "adapter_config.json"
 TRAINABLE_POLICIES = ("experts", "new_experts", "experts+router", "all")
 INIT_SCHEMES = ("default", "gaussian")
 COMPUTE_MODES = ("auto", "activation", "weight", "batched", "gathered")  # loraxir.compute

@@ -14,11 +14,19 @@ from typing import Any
 from loraxir import __version__
 from loraxir.config import LoraIRConfig
 from loraxir.errors import CheckpointError, ConfigError
+from loraxir.pretrained import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FOLDER_FILES,
+    METRICS_NAME,
+    describe_adapter,
+    metric_rows,
+)
 from loraxir.router.config import RouterConfig
 
 
 def render_model_card(
-    config: LoraIRConfig, backbone: str, metrics: dict[str, float] | None = None
+    config: LoraIRConfig, backbone: str, metrics: dict[str, Any] | None = None
 ) -> str:
     """A ``README.md`` for an adapter: base backbone, degradations, metrics, how to load."""
     lines = [
@@ -42,7 +50,7 @@ def render_model_card(
     ]
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {name} | {value:.4g} |" for name, value in metrics.items()]
+        lines += [f"| {name} | {value} |" for name, value in metric_rows(metrics)]
         lines.append("")
     lines += [
         "## How to load",
@@ -93,39 +101,47 @@ def push_folder(
     Uploads the adapter files and, when present, ``backbone.json``/``backbone.safetensors``
     and ``metrics.json``. The folder's ``README.md`` is the card (rendered from the config
     when missing); a "use it" section naming ``repo_id`` is added to the uploaded copy when
-    the card does not mention the repo yet. The folder itself is not modified. An invalid
-    ``repo_id`` raises :class:`ConfigError` before any upload; offline mode, an unreachable
-    endpoint and a refused upload raise :class:`CheckpointError` saying which it was.
+    the card does not mention the repo yet. The folder itself is not modified. Its config
+    is checked as loading would check it, card or not. A push over an earlier one removes
+    the earlier push's adapter files that this folder lacks (a stale backbone pair would
+    load under the new experts). An invalid ``repo_id`` raises :class:`ConfigError` before
+    any upload; offline mode, an unreachable endpoint and a refused upload raise
+    :class:`CheckpointError` saying which it was. ``private`` applies to a repo created here;
+    an existing repo keeps its visibility.
     """
     import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    from loraxir.pretrained import CARD_NAME, FOLDER_FILES, describe_adapter
 
     _check_repo_id(repo_id)
     folder = Path(folder)
     info = describe_adapter(folder)
     if not (folder / "adapter_model.safetensors").is_file():
         raise CheckpointError(f"{folder} has no adapter_model.safetensors; nothing to push.")
+    config = LoraIRConfig.from_file(folder / CONFIG_NAME)  # what loading it would check
     card_path = folder / CARD_NAME
     if card_path.is_file():
         card = card_path.read_text(encoding="utf-8")
     else:
-        config = LoraIRConfig.from_file(folder / "adapter_config.json")
         card = render_model_card(config, info.backbone_label, info.metrics or None)
     if repo_id not in card:
-        card += _usage_section(repo_id, info.degradations[0] if info.degradations else "noise")
+        degradation = info.degradations[0] if info.degradations else "noise"
+        card += _usage_section(repo_id, degradation, mergeable=config.dam is None)
     api = HfApi(token=token, endpoint=endpoint)
+    files = (*FOLDER_FILES, METRICS_NAME)
     with tempfile.TemporaryDirectory() as staging:
-        for name in (*FOLDER_FILES, "metrics.json"):
+        for name in files:
             if name != CARD_NAME and (folder / name).is_file():
                 shutil.copy2(folder / name, Path(staging) / name)
         (Path(staging) / CARD_NAME).write_text(card, encoding="utf-8")
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
+            # An earlier push's files that this folder lacks (say its backbone pair) go.
             commit = api.upload_folder(
-                repo_id=repo_id, folder_path=staging, commit_message="Upload loraxir adapter"
+                repo_id=repo_id,
+                folder_path=staging,
+                commit_message="Upload loraxir adapter",
+                delete_patterns=list(files),
             )
         except OfflineModeIsEnabled:
             raise CheckpointError(
@@ -162,7 +178,10 @@ def _check_repo_id(repo_id: str) -> None:
         )
 
 
-def _usage_section(repo_id: str, degradation: str) -> str:
+def _usage_section(repo_id: str, degradation: str, mergeable: bool) -> str:
+    """How to use the pushed adapter; ``merge`` only for adapters without DAM blocks (which
+    no plain checkpoint can hold)."""
+    merge = f"loraxir merge {repo_id} --degradation {degradation} -o plain.safetensors"
     return "\n".join(
         [
             "",
@@ -172,7 +191,7 @@ def _usage_section(repo_id: str, degradation: str) -> str:
             "pip install loraxir",
             f"loraxir restore photo.png -o restored/ --adapter {repo_id}",
             f"loraxir restore clip.mp4 -o restored/ --adapter {repo_id} --smooth 0.5",
-            f"loraxir merge {repo_id} --degradation {degradation} -o plain.safetensors",
+            *([merge] if mergeable else []),
             "```",
             "",
             "```python",

@@ -175,15 +175,20 @@ class LoraIRModel(BaseTuner):
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names
     ):
         """peft's selection of what to save, plus the DAM blocks (they live on the backbone,
-        not on a tuner layer), minus a frozen pretrained router tower (referenced by name in
-        the config, never copied)."""
+        not on a tuner layer; for an adapter whose config has them), minus a frozen
+        pretrained router tower (referenced by name in the config, never copied) and minus
+        the router for an adapter whose config has none."""
         selected = super()._get_adapter_state_dict(
             model, config, adapter_name, state_dict, unwanted_adapter_names
         )
-        selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
+        if config.dam is not None:
+            selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
         tuner = getattr(model, "base_model", model)
         router = getattr(tuner, "loraxir_router", None)
+        # The router is the model's, one for all adapters: saved with the adapters whose
+        # config names it, not with a second adapter that has no router spec.
         saved = set(router.adapter_state_dict()) if router is not None else set()
+        saved = saved if config.router is not None else set()
         marker = "loraxir_router."
         return {
             key: value
@@ -593,12 +598,20 @@ class LoraIRModel(BaseTuner):
         """
         check_router(router, self.config.degradations, self.config.top_k)
         self.loraxir_router = router.to(next(self.model.parameters()).device)
+        if hasattr(router, "to_config"):  # so that peft's save_pretrained writes its spec too
+            self.config.router = router.to_config()
         self._apply_trainable_policy()
 
     # -------------------------------------------------------------- training
     def _apply_trainable_policy(self) -> None:
-        """Set ``requires_grad`` from ``config.trainable`` (see :class:`LoraIRConfig`)."""
+        """Set ``requires_grad`` from ``config.trainable`` (see :class:`LoraIRConfig`); a
+        config in peft's ``inference_mode`` (``PeftModel.from_pretrained`` without
+        ``is_trainable``) freezes everything, as peft does for its own methods."""
         config = self.config
+        if getattr(config, "inference_mode", False):
+            for param in self.parameters():
+                param.requires_grad = False
+            return
         active = self._active_name()
         for name, param in self.model.named_parameters():
             if ".loraxir_experts." not in name:
@@ -908,6 +921,7 @@ class LoraIRModel(BaseTuner):
         expert_tensors, router_tensors = checkpoint.split_router(tensors)
         checkpoint.check_expert_shapes(backbone, config, expert_tensors)
         guidance.check_dam_tensors(backbone, config.dam, dam_tensors)
+        config.inference_mode = not is_trainable  # a peft-saved config says True
         if router is None and config.router is not None:
             router = _router_from_config(config.router)
         if router is not None:

@@ -34,6 +34,9 @@ CARD_NAME = "README.md"
 BACKBONE_CONFIG = "backbone.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, BACKBONE_CONFIG, BACKBONE_WEIGHTS)
+METRICS_NAME = "metrics.json"
+#: ``peft_type`` of a loraxir ``adapter_config.json`` (peft's registry key for the method).
+PEFT_TYPE = "LORAXIR"
 
 
 def adapter_roots() -> list[Path]:
@@ -47,13 +50,22 @@ def adapter_roots() -> list[Path]:
 
 
 def list_adapters() -> list[str]:
-    """Names of the adapters found in :func:`adapter_roots` (sub-folders with a config)."""
+    """Names of the adapters found in :func:`adapter_roots`: sub-folders whose
+    ``adapter_config.json`` is a loraxir one (other peft adapters are left out)."""
     names: dict[str, None] = {}
     for root in adapter_roots():
         for folder in sorted(root.iterdir()):
-            if (folder / CONFIG_NAME).is_file():
+            if _is_loraxir_config(folder / CONFIG_NAME):
                 names.setdefault(folder.name)
     return list(names)
+
+
+def _is_loraxir_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("peft_type", PEFT_TYPE) == PEFT_TYPE
 
 
 def find_adapter(adapter: str | os.PathLike | None = None, **hub_kwargs: Any) -> Path:
@@ -85,6 +97,7 @@ def load_adapter(
     adapter: str | os.PathLike | None = None,
     backbone: Any = None,
     device: str = "cpu",
+    strict: bool = True,
     **hub_kwargs: Any,
 ):
     """Load ``adapter`` (name, folder or Hub repo id; see :func:`find_adapter`) onto its
@@ -93,7 +106,8 @@ def load_adapter(
     ``backbone`` is an ``nn.Module``, a spandrel checkpoint path, or ``None`` for the
     backbone stored in the folder (``backbone.json`` + ``backbone.safetensors``). An
     adapter that does not fit the given backbone raises :class:`CheckpointError` naming
-    both.
+    both. ``strict=False`` loads a config with keys this version does not know (written by
+    a newer loraxir), warning about them; tensors must match either way.
     """
     from loraxir.backbones import load_backbone
     from loraxir.model import LoraIRModel
@@ -111,7 +125,7 @@ def load_adapter(
     elif isinstance(backbone, str | os.PathLike):
         backbone = load_backbone(backbone)
     try:
-        model = LoraIRModel.from_pretrained(backbone, str(folder))
+        model = LoraIRModel.from_pretrained(backbone, str(folder), strict=strict)
     except CheckpointError as error:
         raise CheckpointError(
             f"Adapter {str(folder)!r} (trained on {describe_adapter(folder).backbone_label}) "
@@ -136,9 +150,7 @@ def save_merged(
     from loraxir.checkpoint import with_default_modes
     from loraxir.guidance import DAMBlock
 
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; pass --overwrite to replace it.")
+    output = check_merged_output(output, overwrite)
     blocks = [name for name, module in model.named_modules() if isinstance(module, DAMBlock)]
     if blocks:
         raise ConfigError(
@@ -153,6 +165,23 @@ def save_merged(
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))
     with_default_modes(partial)
     os.replace(partial, output)
+    return output
+
+
+def check_merged_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``output`` as a path :func:`save_merged` can write, or :class:`ConfigError` saying
+    why not (call it before loading anything): a ``.safetensors`` file name, not an existing
+    folder, under no existing file, and not an existing file without ``overwrite``."""
+    output = Path(output)
+    if output.suffix.lower() != ".safetensors":
+        raise ConfigError(f"--output must end in .safetensors, got {str(output)!r}.")
+    if output.is_dir():
+        raise ConfigError(f"--output {str(output)!r} is a folder; name a .safetensors file.")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"Cannot write {str(output)!r}: {str(blocking)!r} is a file.")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; pass --overwrite to replace it.")
     return output
 
 
@@ -202,20 +231,21 @@ class AdapterInfo:
         ]
         if self.backbone_parameters is not None:
             lines.append(f"backbone size: {self.backbone_parameters:,} parameters")
-        lines += [f"metric {name}: {value}" for name, value in _flat(self.metrics)]
+        lines += [f"metric {name}: {value}" for name, value in metric_rows(self.metrics)]
         return lines
 
 
-def _flat(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """``metrics.json`` as ``(name, value)`` lines: nested tables (a shipped adapter's
-    per-class results) become ``held_out/noise``, numbers are rounded for reading."""
+def metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """``metrics.json`` as ``(name, value)`` rows for reading (``loraxir info``, model
+    cards): nested tables (a shipped adapter's per-class results) become
+    ``held_out/noise``, numbers are rounded."""
     rows: list[tuple[str, str]] = []
     for name, value in metrics.items():
         if isinstance(value, dict) and all(not isinstance(v, dict) for v in value.values()):
             cells = ", ".join(f"{k} {_number(v)}" for k, v in value.items())
             rows.append((f"{prefix}{name}", cells))
         elif isinstance(value, dict):
-            rows += _flat(value, f"{prefix}{name}/")
+            rows += metric_rows(value, f"{prefix}{name}/")
         else:
             rows.append((f"{prefix}{name}", _number(value)))
     return rows
@@ -230,6 +260,17 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
     metrics (``metrics.json`` when present)."""
     folder = Path(folder)
     config = _read_json(folder / CONFIG_NAME)
+    if config.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
+        raise CheckpointError(
+            f"{str(folder)!r} holds a peft adapter of type {config.get('peft_type')!r}, not a "
+            "loraxir one; load it with peft (PeftModel.from_pretrained)."
+        )
+    degradations = config.get("degradations")
+    if not isinstance(degradations, list) or not all(isinstance(d, str) for d in degradations):
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME} has degradations={degradations!r}; a loraxir adapter "
+            "lists its classes as names (re-save it with save_pretrained)."
+        )
     experts = dam = router = 0
     class_embeddings = False
     for key, count in _tensor_sizes(folder / WEIGHTS_NAME).items():
@@ -245,7 +286,7 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
     if (folder / BACKBONE_CONFIG).is_file():
         backbone = _read_json(folder / BACKBONE_CONFIG)
         backbone_size = sum(_tensor_sizes(folder / BACKBONE_WEIGHTS).values())
-    metrics = _read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
+    metrics = _read_json(folder / METRICS_NAME) if (folder / METRICS_NAME).is_file() else {}
     return AdapterInfo(
         folder, config, experts, dam, router, backbone, backbone_size, metrics, class_embeddings
     )
@@ -255,9 +296,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{str(path.parent)!r} has no {path.name}; is it an adapter folder?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON: {error}.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object.")
+    return data
 
 
 def _tensor_sizes(path: Path) -> dict[str, int]:
@@ -272,11 +316,15 @@ def _tensor_sizes(path: Path) -> dict[str, int]:
         ) from None
     sizes = {}
     for key, entry in header.items():
-        if key != "__metadata__":
-            count = 1
-            for dim in entry["shape"]:
-                count *= dim
-            sizes[key] = count
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has no valid shape in its header.")
+        count = 1
+        for dim in shape:
+            count *= dim
+        sizes[key] = count
     return sizes
 
 
@@ -291,4 +339,4 @@ def _backbone_label(given: Any, module: Any) -> str:
 def _download(repo_id: str, hub_kwargs: dict[str, Any]) -> Path:
     from loraxir.checkpoint import download
 
-    return download(repo_id, list(FOLDER_FILES), hub_kwargs)
+    return download(repo_id, [*FOLDER_FILES, METRICS_NAME], hub_kwargs)

@@ -1,8 +1,9 @@
 """A tiny Hugging Face Hub on 127.0.0.1 for tests: the few endpoints huggingface_hub uses.
 
 ``HfApi.create_repo`` / ``upload_folder`` (every file uploaded in "regular" mode, content
-inline in the commit) and ``snapshot_download`` (repo info, tree, file resolve) talk to it
-for real over HTTP, so uploads and the Hub cache are exercised by the Hub library itself.
+inline in the commit; deletions applied) and ``snapshot_download`` (repo info, tree, file
+resolve) talk to it for real over HTTP, so uploads and the Hub cache are exercised by the
+Hub library itself.
 Files live in memory: ``server.repos[repo_id][path] = bytes``.
 """
 
@@ -35,8 +36,10 @@ class LocalHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def commit(self, repo: str, files: dict[str, bytes]) -> str:
+    def commit(self, repo: str, files: dict[str, bytes], deleted: tuple[str, ...] = ()) -> str:
         self.repos.setdefault(repo, {}).update(files)
+        for path in deleted:
+            self.repos[repo].pop(path, None)
         digest = hashlib.sha1(json.dumps(sorted(self.repos[repo])).encode())
         for name in sorted(self.repos[repo]):
             digest.update(self.repos[repo][name])
@@ -84,12 +87,14 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 ]
                 return self._json({"files": modes})
             if match := re.fullmatch(rf"/api/models/{repo}/commit/[^/?]+", self.path):
-                files = {}
+                files, deleted = {}, []
                 for line in body.splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
                         files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-                sha = hub.commit(match["repo"], files)
+                    if item["key"] == "deletedFile":
+                        deleted.append(item["value"]["path"])
+                sha = hub.commit(match["repo"], files, tuple(deleted))
                 url = f"{hub.url}/{match['repo']}/commit/{sha}"
                 return self._json({"commitUrl": url, "commitOid": sha})
             return self._json({"error": "not found"}, 404)

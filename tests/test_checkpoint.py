@@ -166,3 +166,30 @@ def test_unknown_config_keys_and_offline_hub_ids_are_clear_errors(tmp_path):
         loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a", strict=False)
     with pytest.raises(CheckpointError, match="offline"):
         loraxir.LoraIRModel.from_pretrained(_backbone(), "someone/not-cached-adapter")
+
+
+def test_peft_loading_without_is_trainable_freezes_the_experts(tmp_path):
+    """peft freezes an adapter loaded for inference; our policy turned the experts back on."""
+    _trained_model().save_pretrained(tmp_path / "ours")
+    frozen = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "ours")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "ours", is_trainable=True)
+    names = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    assert names and all(".loraxir_experts." in n for n in names)
+    trainable.save_pretrained(tmp_path / "peft")  # written with inference_mode: true
+    again = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "peft", is_trainable=True)
+    assert any(p.requires_grad for p in again.parameters())
+
+
+def test_a_second_peft_adapter_is_saved_without_the_first_ones_router(tmp_path):
+    from loraxir.router import DegradationRouter
+
+    router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16, grid=0)
+    peft_model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    peft_model.base_model.attach_router(router)
+    peft_model.add_adapter("second", LoraIRConfig(degradations=["rain", "haze"], r=2))
+    peft_model.save_pretrained(tmp_path / "both")
+    first = json.loads((tmp_path / "both" / "adapter_config.json").read_text())
+    assert first["router"] is not None  # the spec, for the router peft saves with it
+    second = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "both" / "second")
+    assert second.loraxir_router is None and second.degradations == ["rain", "haze"]

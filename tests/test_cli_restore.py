@@ -411,3 +411,58 @@ def test_ctrl_c_exits_130_saying_what_is_kept(adapter, tmp_path, capsys, monkeyp
     code = main(["restore", str(tmp_path / "i.png"), "-o", str(tmp_path / "out"),
                  "--adapter", str(adapter), "--quiet"])  # fmt: skip
     assert code == 130 and "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"peft_type": "LORA"}, "peft adapter of type 'LORA'"),
+        ({"degradations": "noise"}, "lists its classes as names"),
+        ([1, 2], "holds a JSON list, not an object"),
+    ],
+)
+def test_info_refuses_what_is_not_a_loraxir_adapter(
+    adapter, tmp_path, capsys, monkeypatch, edit, message
+):
+    """A plain peft LoRA folder was described (and listed) as a loraxir adapter; a string
+    of classes was printed letter by letter."""
+    import shutil
+
+    folder = tmp_path / "odd"
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**config, **edit} if isinstance(edit, dict) else edit)
+    )
+    assert main(["info", str(folder)]) == 2
+    assert message in capsys.readouterr().err
+    monkeypatch.setenv(ADAPTER_PATH_ENV, str(tmp_path))
+    # Listed only when it is a loraxir config (a broken one, for `info` to explain).
+    assert ("odd" in loraxir.list_adapters()) == (edit == {"degradations": "noise"})
+
+
+@pytest.mark.parametrize("layout", ["under_a_file", "a_folder"])
+def test_merge_refuses_an_unwritable_output_before_loading(adapter, tmp_path, capsys, layout):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "d.safetensors").mkdir()
+    output = {"under_a_file": "afile/m.safetensors", "a_folder": "d.safetensors"}[layout]
+    code = main(["merge", "no-such-adapter", "--degradation", "noise",
+                 "-o", str(tmp_path / output), "--overwrite"])  # fmt: skip
+    assert code == 2 and "Unknown adapter" not in capsys.readouterr().err  # checked first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.safetensors"]
+
+
+def test_load_adapter_passes_strict_on(adapter, tmp_path):
+    import shutil
+
+    folder = tmp_path / "newer"
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "from_the_future": 1}))
+    with pytest.raises(loraxir.ConfigError, match="from_the_future"):
+        loraxir.load_adapter(folder)
+    with pytest.warns(UserWarning, match="from_the_future"):
+        assert loraxir.load_adapter(folder, strict=False).degradations == CLASSES
+    (folder / "backbone.json").write_text('{"name": "nafnet-tiny", "hyperparameters": [1]}')
+    with pytest.raises(loraxir.CheckpointError, match="not a backbone description"):
+        loraxir.load_adapter(folder, strict=False)

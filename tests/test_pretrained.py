@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import huggingface_hub
 import pytest
 import torch
@@ -10,7 +12,7 @@ from inference_helpers import CLASSES, write_adapter
 
 import loraxir
 from loraxir.backbones import load_backbone
-from loraxir.errors import CheckpointError, UnknownNameError
+from loraxir.errors import CheckpointError, ConfigError, UnknownNameError
 from loraxir.hub import push_folder
 from loraxir.pretrained import ADAPTER_PATH_ENV, FOLDER_FILES, find_adapter
 
@@ -63,7 +65,34 @@ def test_push_uploads_the_promised_files_and_card(adapter_root, online):
     assert card.startswith("---\nlibrary_name: loraxir")
     assert ", ".join(CLASSES) in card and "psnr_noise" in card
     assert "loraxir restore photo.png -o restored/ --adapter me/tiny" in card
+    assert "loraxir merge me/tiny --degradation" in card  # no DAM blocks: it merges
     assert (folder / "README.md").read_text() != card  # the local folder is left as it was
+
+
+def test_a_second_push_leaves_no_stale_file_and_checks_the_config(adapter_root, online, tmp_path):
+    """A backbone pair left from an earlier push would load under the new experts; a
+    folder with a card was pushed unchecked."""
+    import shutil
+
+    folder = adapter_root / "tiny-three"
+    lean = tmp_path / "lean"
+    lean.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        shutil.copy(folder / name, lean / name)
+    (lean / "metrics.json").write_text('{"held_out": {"noise": {"psnr": 27.5}}}')
+    broken = tmp_path / "broken"
+    shutil.copytree(lean, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "rank": 4}))
+    with LocalHub() as hub:
+        push_folder(folder, "me/tiny", endpoint=hub.url, token="test-token")
+        push_folder(lean, "me/tiny", endpoint=hub.url, token="test-token")
+        with pytest.raises(ConfigError, match="rank"):
+            push_folder(broken, "me/other", endpoint=hub.url, token="test-token")
+    assert set(hub.repos["me/tiny"]) == {
+        "adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.json"
+    }  # fmt: skip
+    assert "me/other" not in hub.commits
 
 
 def test_from_pretrained_through_the_hub_cache_equals_the_folder(

@@ -282,8 +282,13 @@ def _load_backbone_folder(folder: Path) -> nn.Module:
     try:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
         name, hyper = spec["name"], spec.get("hyperparameters", {})
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{spec_path} is not a backbone description ({error}).") from None
+    if not isinstance(name, str) or not isinstance(hyper, dict):
+        raise CheckpointError(
+            f"{spec_path} is not a backbone description: it needs a name (a string) and "
+            f"hyperparameters (an object), got {name!r} and {hyper!r}."
+        )
     state = read_safetensors(folder, BACKBONE_WEIGHTS)
     model = create_backbone(name, **hyper)
     try:
