@@ -18,6 +18,7 @@ from typing import Any
 
 from loraxir.errors import ConfigError, unknown_name
 from loraxir.training import load_config
+from loraxir.validation import check_int
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SCALES = ("tiny", "quick", "cpu", "paper")
@@ -127,6 +128,13 @@ class BenchConfig:
                 "(eval_patch_size: null): photos of different sizes cannot share a batch. Set "
                 "eval_batch_size=1 (as the paper scale does) or an eval_patch_size."
             )
+        for name in ("eval_repeats", "eval_batch_size", "timing_repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}.")
+        check_int("adapters.r", self.adapters.get("r", 8), 1)  # before the LoRA's E·r
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
         for section in ("pretrain", "adapters"):
             steps = getattr(self, section).get("max_steps")
             if not isinstance(steps, int) or steps < 1:
@@ -154,10 +162,15 @@ def scale_path(scale: str) -> Path:
 def load_bench_config(
     scale: str | None, path: str | Path | None = None, overrides: list[str] | None = None
 ) -> BenchConfig:
-    """The config of ``scale`` (or the YAML at ``path``) with ``key=value`` overrides."""
+    """The config of ``scale`` (or the YAML at ``path``) with ``key=value`` overrides,
+    every stage's recipe settings checked too (before any folder is claimed or deleted)."""
+    from _all_in_one_methods import check_stage_settings
+
     if path is None:
         path = scale_path(scale or "tiny")
-    return load_config(BenchConfig, path, overrides or [])
+    config = load_config(BenchConfig, path, overrides or [])
+    check_stage_settings(config)
+    return config
 
 
 def config_json(config: BenchConfig) -> dict[str, Any]:

@@ -161,6 +161,35 @@ def method_stage(config: BenchConfig, paths: Paths, method: str, classes: int) -
     raise ValueError(f"unknown method {method!r}")
 
 
+def check_stage_settings(config: BenchConfig) -> None:
+    """Load every stage's recipe config from its settings (as the stage will), so that a
+    mistyped or out-of-range recipe setting (``--set pretrain.bogus=3``) is refused before
+    anything runs or an ``--overwrite`` deletes the earlier run."""
+    import json
+
+    import _all_in_one_peft
+    from _all_in_one_stages import recipe
+
+    from loraxir import degradations
+    from loraxir.training import load_config
+
+    classes = {
+        "train_router": recipe("train_router").TrainRouterConfig,
+        "pretrain": recipe("pretrain").PretrainConfig,
+        "finetune": recipe("finetune").FinetuneConfig,
+        "peft": _all_in_one_peft.PeftLoraConfig,
+    }
+    for suite in config.suites:
+        paths = Paths(Path("unused"), suite, config.seeds[0], config.router_per_seed)
+        count = len(degradations.suite(suite).task_names)
+        stages = [Stage("router", "train_router", router_settings(config, paths))]
+        stages += [shared_stage(config, paths)]
+        stages += [method_stage(config, paths, m, count) for m in config.methods]
+        for stage in stages:
+            pairs = [f"{key}={json.dumps(value)}" for key, value in stage.settings.items()]
+            load_config(classes[stage.runner], None, pairs)
+
+
 def _peft_settings(adapters: dict[str, Any]) -> dict[str, Any]:
     """The adapters' settings the peft baseline has too; its targets stay its own (dense
     convolutions: the experts' target list would include depthwise ones)."""

@@ -72,6 +72,17 @@ def read_json(path: str | Path) -> Any:
 
 
 # ------------------------------------------------------------------ run folder
+def _run_settings(record: Path) -> dict[str, Any] | None:
+    """The settings a benchmark's ``run.json`` records, or ``None`` when the file is
+    missing or is not one (a folder holding some other ``run.json`` is not ours)."""
+    try:
+        data = read_json(record)
+    except (OSError, ValueError):
+        return None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
 def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Claim ``output_dir`` for a run with ``settings``; returns ``True`` when resuming.
 
@@ -81,16 +92,19 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
     a foreign folder never is).
     """
     record = output_dir / RUN_FILE
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output-dir {str(output_dir)!r} is a file; name a folder.")
-    occupied = output_dir.is_dir() and any(output_dir.iterdir())
-    if occupied and not record.is_file():
+    blocking = next((p for p in (output_dir, *output_dir.parents) if p.is_file()), None)
+    if blocking is not None:
         raise ConfigError(
-            f"{str(output_dir)!r} is not empty and holds no {RUN_FILE}: it is not a benchmark "
-            "output folder, and nothing in it is deleted. Choose another --output-dir."
+            f"--output-dir {str(output_dir)!r}: {str(blocking)!r} is a file; name a folder."
+        )
+    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    earlier = _run_settings(record) if occupied else None
+    if occupied and earlier is None:
+        raise ConfigError(
+            f"{str(output_dir)!r} is not empty and holds no benchmark {RUN_FILE}: it is not a "
+            "benchmark output folder, and nothing in it is deleted. Choose another --output-dir."
         )
     if occupied:
-        earlier = read_json(record).get("settings", {})
         if overwrite:
             shutil.rmtree(output_dir)
         elif earlier == settings:

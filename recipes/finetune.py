@@ -47,7 +47,7 @@ from loraxir.training.restoration import (
     pixel_loss,
     start_run,
 )
-from loraxir.validation import check_choice
+from loraxir.validation import check_choice, check_int
 
 ROUTE_BY = ("router", "label")
 # At most this many training patches (evenly spaced) fit the router's class embeddings.
@@ -104,6 +104,7 @@ class FinetuneConfig(RestorationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("r", self.r, 1)
         check_choice("route_by", self.route_by, ROUTE_BY)
         check_choice("trainable", self.trainable, ("experts", "experts+router", "all"))
         if self.class_embeddings and self.trainable != "experts":

@@ -204,12 +204,18 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     assert not (tmp_path / "run" / "result.txt").exists()
 
 
-def test_a_foreign_folder_is_never_deleted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("run_json", [None, '{"x": 1}', "[1, 2]", "not json"])
+def test_a_foreign_folder_is_never_deleted(tmp_path: Path, run_json: str | None) -> None:
+    """Nor one that happens to hold a run.json that is not the benchmark's."""
     (tmp_path / "mine.txt").write_text("keep")
+    if run_json is not None:
+        (tmp_path / "run.json").write_text(run_json)
     for overwrite in (False, True):
         with pytest.raises(ConfigError, match="not a benchmark output folder"):
             stages.prepare_run(tmp_path, {}, overwrite=overwrite)
     assert (tmp_path / "mine.txt").read_text() == "keep"
+    with pytest.raises(ConfigError, match=r"mine\.txt' is a file; name a folder"):
+        stages.prepare_run(tmp_path / "mine.txt" / "run", {}, overwrite=False)
 
 
 def test_a_failed_write_leaves_the_earlier_result_intact(
@@ -253,27 +259,11 @@ def test_an_interrupted_stage_runs_again_and_a_done_one_does_not(tmp_path: Path)
 
 
 @pytest.mark.parametrize("scale", ["tiny", "quick", "cpu", "paper"])
-def test_every_scale_gives_settings_its_recipes_accept(scale: str, tmp_path: Path) -> None:
-    """Typos in a scale's YAML fail here, not an hour into a run."""
-    import _all_in_one_peft
-    from _all_in_one_methods import router_settings
-
-    from loraxir.training import load_config
-
+def test_every_scale_gives_settings_its_recipes_accept(scale: str) -> None:
+    """Typos in a scale's YAML fail here, not an hour into a run: loading the config loads
+    every stage's recipe config (``check_stage_settings``)."""
     config = load_bench_config(scale)
-    paths = Paths(tmp_path, config.suites[0], config.seeds[0], config.router_per_seed)
-    configs = {
-        "pretrain": stages.recipe("pretrain").PretrainConfig,
-        "finetune": stages.recipe("finetune").FinetuneConfig,
-        "peft": _all_in_one_peft.PeftLoraConfig,
-    }
-    router = stages.recipe("train_router").TrainRouterConfig
-    load_config(router, None, stages.recipe_argv(router_settings(config, paths))[3:])
-    for stage in [shared_stage(config, paths)] + [
-        method_stage(config, paths, m, 3) for m in config.methods
-    ]:
-        loaded = load_config(configs[stage.runner], None, stages.recipe_argv(stage.settings)[3:])
-        assert loaded.max_steps == stage.settings["max_steps"]
+    assert config.pretrain_steps >= 1 and config.adapter_steps >= 1
 
 
 def test_a_dotted_override_changes_one_entry_of_a_section_and_reaches_its_recipe(
@@ -307,3 +297,11 @@ def test_bad_settings_name_the_value_and_the_fix() -> None:
         load_bench_config("tiny", overrides=["suites=[nope]"])
     with pytest.raises(ConfigError, match="neither 'skimage' nor a folder"):
         load_bench_config("tiny", overrides=["source=/no/such/folder"])
+    # A recipe setting of a section, checked then too (it once failed when its stage ran,
+    # after --overwrite had deleted the earlier run).
+    with pytest.raises(UnknownNameError, match="bogus"):
+        load_bench_config("tiny", overrides=["pretrain.bogus=3"])
+    with pytest.raises(ConfigError, match=r"adapters\.r must be an integer >= 1, got -1"):
+        load_bench_config("tiny", overrides=["adapters.r=-1"])
+    with pytest.raises(ConfigError, match="eval_batch_size must be a whole number >= 1, got 0"):
+        load_bench_config("tiny", overrides=["eval_batch_size=0"])
