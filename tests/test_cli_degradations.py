@@ -91,3 +91,13 @@ def test_an_output_suffix_matplotlib_cannot_write_exits_2(tmp_path, capsys):
     assert cli.main(["degradations", "-o", str(out), "--size", "16"]) == 2
     assert ".jpgx is not a format matplotlib writes" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_output_that_is_a_folder_or_under_a_file_exits_2_before_drawing(tmp_path, capsys):
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    for out, message in ((tmp_path / "taken.png", "is a folder"),
+                         (tmp_path / "afile" / "g.png", "is a file")):  # fmt: skip
+        assert cli.main(["degradations", "--suite", "three_task", "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -25,6 +25,7 @@ from loraxir.data import (
     task_labels,
 )
 from loraxir.errors import DataError, UnknownNameError
+from loraxir.inference.images import Picture, write_picture
 
 PATCH = 32
 
@@ -234,8 +235,13 @@ def test_folder_converts_grayscale_rgba_and_16_bit(tmp_path):
     )
     expected = torch.from_numpy(np.round(deep / 257).astype(np.uint8)).expand(3, -1, -1)
     assert torch.equal(read_image(tmp_path / "deep.png"), expected)
+    # 16-bit colour, which Pillow cuts to its high byte (v >> 8), is rounded too.
+    colour = np.random.default_rng(2).integers(0, 65536, (24, 20, 3), dtype=np.uint16)
+    write_picture(tmp_path / "deep_rgb.png", Picture(colour))
+    rounded = torch.from_numpy(np.round(colour / 257).astype(np.uint8)).permute(2, 0, 1)
+    assert torch.equal(read_image(tmp_path / "deep_rgb.png"), rounded)
     data = SyntheticPairs(tmp_path, "five_task", 16, split="all")
-    assert sorted(data.image_ids) == ["deep.png", "gray.png", "rgba.png"]
+    assert sorted(data.image_ids) == ["deep.png", "deep_rgb.png", "gray.png", "rgba.png"]
     assert data[0]["gt"].shape == (3, 16, 16)
 
 

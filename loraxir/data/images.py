@@ -5,8 +5,9 @@ Conversions (all documented in ``docs/degradations.md``):
 - grayscale (``L``, ``1``, 2-D arrays) is replicated to three channels;
 - an alpha channel (``RGBA``, ``LA``, palette transparency) is dropped, keeping the colour
   values as stored;
-- 16-bit images (``I;16``, ``uint16`` arrays) are rounded to 8 bits (value / 257), because
-  the degradations and metrics follow the 8-bit convention of the benchmark sets;
+- 16-bit images (gray or colour files, ``uint16`` arrays) are rounded to 8 bits
+  (value / 257), because the degradations and metrics follow the 8-bit convention of the
+  benchmark sets;
 - float images are taken to be in [0, 1]; boolean images map to 0 / 255;
 - EXIF orientation is applied, so a photo is read the way viewers show it.
 
@@ -57,14 +58,31 @@ def to_rgb8(image: Image.Image | np.ndarray) -> Tensor:
 
 
 def read_image(path: str | Path) -> Tensor:
-    """Decode the image file ``path`` to ``uint8`` ``(3, H, W)`` (see module docstring)."""
+    """Decode the image file ``path`` to ``uint8`` ``(3, H, W)`` (see module docstring).
+
+    16-bit colour files, which Pillow truncates to their high byte, are decoded at full
+    depth by :func:`loraxir.inference.images.read_picture` and rounded like other 16-bit
+    images."""
+    from loraxir.inference.images import probe_image, read_picture
+
     try:
+        deep = probe_image(path).bits == 16
+    except DataError:  # float or 32-bit files: Pillow's own reading below says what it can
+        deep = False
+    try:
+        if deep:
+            return to_rgb8(read_picture(path).pixels)
         with Image.open(path) as image:
             image.load()
             return to_rgb8(image)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(
             f"Cannot decode image {str(path)!r}: {error}. Remove or replace it."
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise DataError(
+            f"Cannot read image {str(path)!r}: {error} Downscale it first (a restoration "
+            "training photo needs no more than a few megapixels)."
         ) from None
 
 

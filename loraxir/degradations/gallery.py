@@ -38,7 +38,8 @@ def render_gallery(
 
     A cell is ``W + 20`` pixels wide for a ``W``-pixel-wide image, plus room for the
     longest title (wrapped to the cell width) above it. A ``path`` whose suffix is not a
-    format matplotlib writes raises :class:`ConfigError` before anything is drawn.
+    format matplotlib writes, that is a folder or lies under a file raises
+    :class:`ConfigError` before anything is drawn.
     """
     from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.figure import Figure
@@ -51,6 +52,11 @@ def render_gallery(
             f"--output {str(path)!r}: {problem}; end it with one of "
             f"{', '.join(f'.{f}' for f in formats)} (e.g. gallery.png)."
         )
+    if path.is_dir():
+        raise ConfigError(f"--output {str(path)!r} is a folder; name an image file.")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--output {str(path)!r}: {str(blocking)!r} is a file.")
     generator = torch.Generator().manual_seed(seed)
     cells: list[tuple[str, str, Tensor]] = [("clean", "", image)]
     if suite is None:
@@ -74,7 +80,10 @@ def render_gallery(
     for axis in axes:
         axis.axis("off")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    try:
+        figure.savefig(path)
+    except (OSError, RuntimeError) as error:  # e.g. .pgf without a LaTeX install
+        raise ConfigError(f"Cannot write {str(path)!r}: {error}") from None
     return path
 
 
