@@ -14,6 +14,8 @@ from typing import Any
 from loraxir import _peft_hook
 
 __version__ = "0.1.0"
+#: ``peft_type`` of a loraxir ``adapter_config.json`` (peft's registry key for the method).
+PEFT_TYPE = "LORAXIR"
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -22,10 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraxir.config import LoraIRConfig
+from loraxir.config import CONFIG_NAME, LoraIRConfig
 from loraxir.errors import CheckpointError, ConfigError
 from loraxir.layers import LAYER_TYPES
-from loraxir.pretrained import CONFIG_NAME
 from loraxir.targeting import resolve_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -20,14 +20,14 @@ from typing import Any
 
 from peft import PeftConfig
 
-from loraxir import __version__
+from loraxir import PEFT_TYPE, __version__
 from loraxir.errors import ConfigError
-from loraxir.pretrained import PEFT_TYPE
 from loraxir.router.config import RouterConfig
 from loraxir.validation import check_choice, check_int, check_names, is_number
 
 TRAINABLE_POLICIES = ("experts", "new_experts", "experts+router", "all")
 INIT_SCHEMES = ("default", "gaussian")
+CONFIG_NAME = "adapter_config.json"
 COMPUTE_MODES = ("auto", "activation", "weight", "batched", "gathered")  # loraxir.compute
 # Keys of older adapter_config.json files that are read and dropped (see from_dict).
 _RETIRED_KEYS = ("temperature",)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraxir import PEFT_TYPE
 from loraxir.errors import CheckpointError, ConfigError, unknown_name
 
 # The saved key of a router's fitted class embeddings (checkpoint.ROUTER_PREFIX + the
@@ -35,8 +36,6 @@ BACKBONE_CONFIG = "backbone.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, BACKBONE_CONFIG, BACKBONE_WEIGHTS)
 METRICS_NAME = "metrics.json"
-#: ``peft_type`` of a loraxir ``adapter_config.json`` (peft's registry key for the method).
-PEFT_TYPE = "LORAXIR"
 
 
 def adapter_roots() -> list[Path]:
