@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ def read_yaml_file(path: str | Path, kind: str) -> Any:
 
 @functools.cache
 def _unique_key_loader() -> type:
-    """PyYAML's safe loader, refusing a key repeated in one mapping (built on first use:
-    PyYAML is imported only when a YAML file is read)."""
+    """PyYAML's safe loader, refusing a key repeated in one mapping and reading ``1e-3`` as
+    a number (built on first use: PyYAML is imported only when a YAML file is read)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
@@ -60,6 +61,13 @@ def _unique_key_loader() -> type:
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string: it wants a dot (1.0e-3). Read it as YAML
+    # 1.2 and people do, a float.
+    UniqueKeyLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
     return UniqueKeyLoader
 
 

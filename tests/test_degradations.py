@@ -400,6 +400,14 @@ def test_user_suite_loads_from_yaml(tmp_path, photo):
         assert [s["name"] for s in params["steps"]] == ["rain", "haze"]
 
 
+def test_a_suite_yaml_may_write_numbers_with_an_exponent(tmp_path, photo):
+    """PyYAML alone reads 1e-3 as the string '1e-3' (it wants 1.0e-3)."""
+    path = tmp_path / "sparse.yaml"
+    path.write_text("tasks:\n  - {name: drizzle, steps: [{rain: {density: 1e-3}}]}\n")
+    _, params = D.load_suite(path).degrade(photo, 0, _gen(0))
+    assert params["steps"][0]["density"] == 0.001
+
+
 @pytest.mark.parametrize(
     ("text", "error", "match"),
     [
