@@ -72,8 +72,12 @@ def restore_test_photos(root: Path, suite_name: str, seed: int, max_side: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="outputs/quickstart")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
+    )
+    parser.add_argument(
+        "--output-dir", default="outputs/quickstart", help="Where every result goes."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run.")
     parser.add_argument("--scale", default="quick", help=argparse.SUPPRESS)
     parser.add_argument(

@@ -236,6 +236,8 @@ def test_cnn_is_trainable_by_default_and_towers_are_not() -> None:
     assert create_encoder("cnn-tiny", image_size=16).trainable
     assert not create_encoder(tiny_open_clip_name()).trainable
     assert create_encoder(tiny_open_clip_name(), trainable=True).trainable
+    with pytest.raises(ConfigError, match="True, False or None, got 'no'"):
+        create_encoder(tiny_open_clip_name(), trainable="no")  # bool("no") unfroze it
 
 
 def test_random_open_clip_tower_is_the_same_on_every_build() -> None:

@@ -94,6 +94,8 @@ def create_encoder(
         if built is encoder:
             return built
         trainable = isinstance(built, TinyCNNEncoder)
+    if not isinstance(trainable, bool):  # bool("no") would unfreeze the tower
+        raise ConfigError(f"trainable_encoder must be True, False or None, got {trainable!r}.")
     return built.set_trainable(trainable)
 
 
