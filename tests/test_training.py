@@ -267,3 +267,12 @@ def test_clean_images_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> No
     assert (len(data.train), len(data.val)) == (10, 10)  # 2 + 1 photos, 5 tasks, 1 + 2 repeats
     assert data.classes == ["noise", "rain", "haze"]
     assert data.train[0]["lq"].shape == (3, 32, 32)
+
+
+@pytest.mark.usefixtures("isolated_recipe_run")
+def test_fp16_on_the_cpu_warns_that_it_runs_in_float32(tmp_path: Path) -> None:
+    from loraxir.training.engine import setup_accelerator
+
+    config = RecipeConfig(output_dir=str(tmp_path), cpu=True, mixed_precision="fp16")
+    with pytest.warns(UserWarning, match="does nothing on the CPU.*bf16"):
+        setup_accelerator(config)

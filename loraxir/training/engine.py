@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,12 @@ def setup_accelerator(config: RecipeConfig, find_unused_parameters: bool = False
         if find_unused_parameters
         else None,
     )
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        warnings.warn(
+            "mixed_precision='fp16' does nothing on the CPU (its autocast has no float16): "
+            "this run computes in float32. Use mixed_precision='bf16' on the CPU.",
+            stacklevel=2,
+        )
     if config.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"batch_size={config.batch_size} (global) must be divisible by the "
