@@ -493,6 +493,7 @@ class LoraIRModel(BaseTuner):
         elif requested is not None:
             gates = requested
         elif routed_gates is not None:
+            self._check_router_fits_active_adapter()
             gates = check_gates(routed_gates, self.config.num_experts, x.shape[0])
         elif needs_gates:
             raise RoutingError(
@@ -538,6 +539,17 @@ class LoraIRModel(BaseTuner):
                 "row per image."
             )
         return pinned
+
+    def _check_router_fits_active_adapter(self) -> None:
+        """The router is the model's, attached for one adapter: after ``set_adapter`` to an
+        adapter of other classes its gates cannot route it."""
+        classes = getattr(self.loraxir_router, "degradations", None)
+        if classes is not None and list(classes) != list(self.config.degradations):
+            raise RoutingError(
+                f"The attached router gives gates for {list(classes)}, but the active adapter "
+                f"{self._active_name()!r} has the classes {self.config.degradations}. Attach a "
+                "router of these classes (model.attach_router), or pass gates= / degradation=."
+            )
 
     def _run_router(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(gates, embedding)`` from the attached router: ``route(x)`` when it has one

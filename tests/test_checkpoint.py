@@ -193,3 +193,15 @@ def test_a_second_peft_adapter_is_saved_without_the_first_ones_router(tmp_path):
     assert first["router"] is not None  # the spec, for the router peft saves with it
     second = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "both" / "second")
     assert second.loraxir_router is None and second.degradations == ["rain", "haze"]
+
+
+def test_a_router_of_other_classes_than_the_active_adapter_is_named(tmp_path):
+    from loraxir.router import DegradationRouter
+
+    router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16, grid=0)
+    peft_model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    peft_model.base_model.attach_router(router)
+    peft_model.add_adapter("second", LoraIRConfig(degradations=["rain", "haze"], r=2))
+    peft_model.set_adapter("second")
+    with pytest.raises(loraxir.RoutingError, match=r"router gives gates for.*'second'"):
+        peft_model(X)
