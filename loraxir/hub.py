@@ -115,6 +115,8 @@ def push_folder(
 
     _check_repo_id(repo_id)
     folder = Path(folder)
+    if folder.is_file():
+        raise ConfigError(f"{str(folder)!r} is a file; pass the adapter folder that holds it.")
     info = describe_adapter(folder)
     if not (folder / "adapter_model.safetensors").is_file():
         raise CheckpointError(f"{folder} has no adapter_model.safetensors; nothing to push.")

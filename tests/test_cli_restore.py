@@ -324,13 +324,15 @@ def test_an_output_suffix_that_does_not_suit_the_input_exits_2(
         ("notarepo", {}, "'notarepo' has no owner; use owner/name"),
         ("me/tiny", {"offline": True}, "offline mode (HF_HUB_OFFLINE is set)"),
         ("me/tiny", {"endpoint": "http://127.0.0.1:9"}, "Cannot reach the Hub at http://127"),
+        ("me/tiny", {"file": True}, "is a file; pass the adapter folder that holds it"),
     ],
 )
 def test_push_problems_exit_2_saying_which(adapter, capsys, monkeypatch, repo_id, setting, message):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", setting.get("offline", False))
-    argv = ["push", str(adapter), repo_id]
+    source = adapter / "adapter_config.json" if setting.get("file") else adapter
+    argv = ["push", str(source), repo_id]
     if "endpoint" in setting:
         argv += ["--endpoint", setting["endpoint"]]
     assert main(argv) == 2
