@@ -146,6 +146,13 @@ def _run_restore(args: argparse.Namespace) -> int:
     if device == "cpu":  # this process only restores: reuse freed memory, fault no pages
         keep_freed_cpu_memory()
     jobs, outcome = batch.collect(args.inputs, args.output)
+    if not jobs and not outcome.failed:
+        print(
+            f"loraxir: nothing to restore: no image or video file in {args.inputs}.",
+            file=sys.stderr,
+        )
+        return 1
+    jobs = batch.pending(jobs, outcome, args.overwrite)  # before the model loads
     if (args.smooth or args.reference) and jobs and not any(job.is_video for job in jobs):
         print(
             "loraxir: warning: --smooth and --reference apply to videos only; no input is a "

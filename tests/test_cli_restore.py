@@ -468,3 +468,22 @@ def test_load_adapter_passes_strict_on(adapter, tmp_path):
     (folder / "backbone.json").write_text('{"name": "nafnet-tiny", "hyperparameters": [1]}')
     with pytest.raises(loraxir.CheckpointError, match="not a backbone description"):
         loraxir.load_adapter(folder, strict=False)
+
+
+def test_nothing_to_restore_exits_1_and_existing_outputs_skip_the_model(
+    adapter, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "empty").mkdir()
+    assert main(["restore", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1
+    assert "nothing to restore" in capsys.readouterr().err
+    Image.fromarray(photo(16, 16)).save(tmp_path / "i.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "i.png").write_bytes(b"earlier")
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the adapter was loaded with nothing to restore")
+
+    monkeypatch.setattr("loraxir.pretrained.load_adapter", no_model)
+    assert main(["restore", str(tmp_path / "i.png"), "-o", str(tmp_path / "out") + "/"]) == 1
+    assert "exists (pass --overwrite)" in capsys.readouterr().err
+    assert (tmp_path / "out" / "i.png").read_bytes() == b"earlier"

@@ -192,6 +192,22 @@ def _huge_png(path, side):
     )
 
 
+def test_the_pixel_limit_is_checked_from_the_header_without_decoding(tmp_path):
+    """A PNG announcing 100000 x 100000 pixels with no pixel data behind it: refused for
+    its size (decoding it first failed on the missing data, or took gigabytes)."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + data)
+    with pytest.raises(DataError, match="10,000,000,000 pixels, over the limit"):
+        probe_image(tmp_path / "huge.png")
+
+
 def test_20000_pixel_image_is_probed_from_its_header_and_limited(tmp_path):
     _huge_png(tmp_path / "huge.png", 20000)
     header = probe_image(tmp_path / "huge.png")

@@ -155,6 +155,20 @@ def _check_single_output(source: Path, output: Path) -> None:
     )
 
 
+def pending(jobs: Sequence[Job], outcome: Outcome, overwrite: bool) -> list[Job]:
+    """The jobs to run: without ``overwrite``, one whose output (or video report) exists
+    is listed in ``outcome`` as skipped instead. Call it before loading a model, so that a
+    run with nothing left to do costs nothing."""
+    todo = []
+    for job in jobs:
+        existing = next((path for path in job.outputs if path.exists()), None)
+        if existing is not None and not overwrite:
+            outcome.failed.append((str(job.source), f"{existing} exists (pass --overwrite)"))
+        else:
+            todo.append(job)
+    return todo
+
+
 def run(
     restorer: Restorer,
     jobs: Sequence[Job],
@@ -167,12 +181,8 @@ def run(
     """Restore every job, printing what the router detected per input."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(jobs, desc="inputs", unit="input", disable=not progress)
+    bar = tqdm(pending(jobs, outcome, overwrite), desc="inputs", unit="input", disable=not progress)
     for job in bar:
-        existing = next((path for path in job.outputs if path.exists()), None)
-        if existing is not None and not overwrite:
-            outcome.failed.append((str(job.source), f"{existing} exists (pass --overwrite)"))
-            continue
         try:
             if job.is_video:
                 line = _restore_video(restorer, job, smooth, reference, progress)

@@ -145,7 +145,9 @@ def _pillow_header(path: str | Path) -> ImageHeader:
         deep = raw in _DEEP_RAW_MODES or raw in _DEEP_GRAY_RAW_MODES
         deep = deep or image.mode.startswith("I;16") or _deep_by_header(image)
         mode = "LA" if deep and raw is not None and raw.startswith("LA;") else image.mode
-        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        # The base method: PNG's own getexif decodes the whole image to look for a late
+        # eXIf chunk, which would defeat a header-only probe of a huge file.
+        orientation = int(Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1))
         image_format = image.format or ""
         signed = image_format == "TIFF" and 2 in _tiff_tag(image, _TIFF_SAMPLE_FORMAT)
     if mode == "F" or signed or (mode == "I" and not deep):
