@@ -105,6 +105,13 @@ def grown_suite(config: AddDegradationConfig, old_classes: list[str]) -> tuple[S
             f"No task of suite {old.name!r} has one of the adapter's classes {old_classes}; "
             "set suite= to the suite the adapter was trained on (for the replay)."
         )
+    uncovered = [c for c in old_classes if c not in {t.label for t in old.tasks}]
+    if uncovered and not config.tasks:
+        raise ConfigError(
+            f"Suite {old.name!r} has no task for the adapter's classes {uncovered}: they would "
+            "be neither replayed nor reported. Set suite= to a suite (a YAML file) with tasks "
+            "for every class, or list the old tasks to replay in tasks=."
+        )
     new_tasks = [new.task(name) for name in config.new_tasks or [config.new_degradation]]
     clash = sorted({t.name for t in new_tasks} & {t.name for t in old_tasks})
     if clash:
@@ -144,6 +151,11 @@ def build_model(config: AddDegradationConfig, data: RestorationData) -> _GrowthM
     if config.new_degradation in model.degradations:
         raise ConfigError(
             f"The adapter already has the class {config.new_degradation!r}: {model.degradations}."
+        )
+    if config.route_by == "router" and model.loraxir_router is None:
+        raise ConfigError(
+            "route_by='router' validates with the adapter's router, but this adapter has none; "
+            "set route_by='label'."
         )
     model.add_degradation(config.new_degradation, trainable="new_experts")
     missing = sorted(set(data.classes) - set(model.degradations))

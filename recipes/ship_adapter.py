@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -254,6 +256,8 @@ def ship(
     from loraxir.errors import ConfigError
     from loraxir.pretrained import describe_adapter, find_adapter
 
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise ConfigError(f"--name {name!r} must be a plain folder name (no path, not empty).")
     target = into / name
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} exists; pass --overwrite to replace it.")
@@ -266,6 +270,13 @@ def ship(
     items = SyntheticPairs(str(photos), suite, None, seed=seed, repeats=repeats, augment=False)
     torch.manual_seed(seed)
     model = loraxir.load_adapter(folder)
+    unknown = [task for task in items.suite.task_names if task not in model.degradations]
+    if unknown:
+        raise ConfigError(
+            f"Suite {suite!r} has tasks {unknown} that are not the adapter's classes "
+            f"{model.degradations}: the card has one row per class, so each task must be one "
+            "(a suite like five_task, or a YAML suite naming one task per class)."
+        )
     if class_photos is not None:
         fit_class_embeddings(model, class_photos, suite, seed)
     scores = evaluate(model, items)
@@ -379,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="the training photos: fit the router's class embeddings on them (for forced classes)",
     )
     args = parser.parse_args(argv)
+    command = shlex.join(
+        ["python", "recipes/ship_adapter.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    if not any(line.startswith("python recipes/ship_adapter.py") for line in args.trained_by):
+        args.trained_by.append(command)  # the card says the last command measured it
     target = ship(
         args.adapter,
         args.photos,

@@ -319,6 +319,25 @@ def test_add_degradation_without_an_adapter_folder_says_what_to_point_at(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
+        (["suite=three_task"], r"no task for the adapter's classes \['blur', 'low_light'\]"),
+        (["route_by=router"], "route_by='router'.*has none"),
+    ],
+)
+def test_add_degradation_refuses_what_it_would_do_silently_wrong(
+    finetuned: tuple[Path, dict], tmp_path: Path, settings: list[str], message: str
+) -> None:
+    """An old class without a task went unreplayed and unreported; route_by=router on an
+    adapter without a router failed only at validation, after --overwrite had cleared."""
+    source, _ = finetuned
+    with pytest.raises(ConfigError, match=message):
+        run("add_degradation", tmp_path / "out", *DATA, f"adapter={source / 'adapter'}",
+            *settings)  # fmt: skip
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
         (["source=/no/such/folder"], "neither 'skimage', a folder"),
         (["source={empty}"], "No images"),
         (["paired_train={{rain: /no/such}}", "paired_val={{rain: /no/such2}}"], "does not exist"),
@@ -686,3 +705,16 @@ def test_ship_adapter_takes_a_name_and_refuses_an_adapter_without_a_router(
             [str(tmp_path / "no_router"), *common, "--name", "x", "--into", str(tmp_path / "out")]
         )
     assert not (tmp_path / "out" / "x").exists()
+    card = (target / "README.md").read_text()
+    assert "python recipes/ship_adapter.py tiny-named" in card  # the command that measured it
+    for name in ("../escape", "", "a/b"):
+        with pytest.raises(ConfigError, match="plain folder name"):
+            recipe("ship_adapter").main(
+                ["tiny-named", *common, "--name", name, "--into", str(tmp_path / "out")]
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "no_router", "out", "photos"]
+    with pytest.raises(ConfigError, match=r"tasks \['noise_15'.*not the adapter's classes"):
+        recipe("ship_adapter").main(
+            ["tiny-named", "--photos", str(photos), "--suite", "three_task", "--repeats", "1",
+             "--name", "y", "--into", str(tmp_path / "out")]
+        )  # fmt: skip
