@@ -157,11 +157,15 @@ def build_model(config: AddDegradationConfig, data: RestorationData) -> _GrowthM
             "route_by='router' validates with the adapter's router, but this adapter has none; "
             "set route_by='label'."
         )
+    router = model.loraxir_router
+    fitted = getattr(router, "class_embeddings", None)
     model.add_degradation(config.new_degradation, trainable="new_experts")
     missing = sorted(set(data.classes) - set(model.degradations))
     if missing:
         raise ConfigError(f"The data has classes {missing} the adapter lacks.")
-    router = model.loraxir_router
+    if fitted is not None:
+        new_tasks = config.new_tasks or [config.new_degradation]
+        router.class_embeddings = _grown_class_embeddings(router, fitted, data, new_tasks)
     train_router = config.train_router and router is not None
     if train_router:
         if not isinstance(router.head, nn.Linear):
@@ -171,6 +175,28 @@ def build_model(config: AddDegradationConfig, data: RestorationData) -> _GrowthM
             )
         _train_last_row(router.head)
     return _GrowthModule(model, train_router)
+
+
+def _grown_class_embeddings(
+    router: nn.Module,
+    fitted: torch.Tensor,
+    data: RestorationData,
+    new_tasks: list[str],
+    crops: int = 64,
+) -> torch.Tensor:
+    """The adapter's fitted class embeddings with a row for the new class: the old rows as
+    they were (a class given by name drives DAM blocks with its row, so its outputs stay
+    the same; the router's MLP is not trained here), the new one the mean embedding of the
+    new class's first ``crops`` training patches (deterministic, so every process gets it)."""
+    names = set(new_tasks)
+    picked = [i for i, t in enumerate(data.train.task_labels) if data.task_names[t] in names]
+    patches = torch.stack([data.train[i]["lq"] for i in picked[:crops]])
+    was_training = router.training
+    router.eval()
+    with torch.no_grad():
+        row = router.embed(patches.to(fitted.device)).mean(0, keepdim=True)
+    router.train(was_training)
+    return torch.cat([fitted, row.to(fitted)])
 
 
 def _train_last_row(head: nn.Linear) -> None:

@@ -572,6 +572,33 @@ def test_add_degradation_trains_only_the_routers_new_class(
         assert abs(metrics["per_task"][task]["change"]) < 1e-5, task
 
 
+def test_add_degradation_keeps_the_fitted_class_embeddings(
+    guided: dict[str, Any], tmp_path: Path
+) -> None:
+    """They were dropped, so every old class given by name drove its DAM blocks with the
+    image's embedding instead, and its outputs changed."""
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+
+    pre = guided["root"] / "pre" / "backbone"
+    run("finetune", tmp_path / "ft", *FINETUNE, f"base={pre}", "class_embeddings=true",
+        "max_steps=2")  # fmt: skip
+    _reset_accelerate()
+    source = tmp_path / "ft" / "adapter"
+    run("add_degradation", tmp_path / "grown", *DATA, f"adapter={source}", "max_steps=2",
+        "val_patch_size=32")  # fmt: skip
+    before = LoraIRModel.from_pretrained(load_backbone(source), str(source))
+    folder = tmp_path / "grown" / "adapter"
+    grown = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
+    fitted = before.loraxir_router.class_embeddings
+    assert grown.loraxir_router.class_embeddings.shape == (len(CLASSES) + 1, fitted.shape[1])
+    assert torch.equal(grown.loraxir_router.class_embeddings[: len(CLASSES)], fitted)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for name in CLASSES:
+            assert torch.equal(grown(images, degradation=name), before(images, degradation=name))
+
+
 def test_shipped_recipe_configs_load() -> None:
     from accelerate.commands.config.config_args import ClusterConfig
 
