@@ -61,6 +61,7 @@ from loraxir.backbones import detect_preset, is_added_by_loraxir
 from loraxir.config import DAMConfig
 from loraxir.errors import CheckpointError, ConfigError, TargetModulesError
 from loraxir.routing import RoutingState
+from loraxir.validation import full_match
 
 DAM_ATTRIBUTE = "loraxir_dam"
 DAM_WEIGHTS = "dam.safetensors"
@@ -68,6 +69,7 @@ ROUTER_FOLDER = "router"
 _METADATA_KEY = "loraxir_dam"
 _CHANNEL_SOURCES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.LayerNorm, nn.GroupNorm)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_ITERATED = (nn.ModuleList, nn.ModuleDict)
 
 
 class DAMBlock(nn.Module):
@@ -333,7 +335,8 @@ def load_dam(
     """Insert the DAM blocks described in ``path`` (unless ``backbone`` has them already)
     and load their weights; everything is checked before the backbone is touched.
 
-    ``routing`` is the state the blocks read (a fresh one when ``None``). Returns the points.
+    ``routing`` is the state the blocks read (when ``None``: the state blocks already on
+    ``backbone`` read, else a fresh one). Returns the points.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -351,7 +354,10 @@ def load_dam(
         )
     config = DAMConfig.from_dict(json.loads(described))
     check_dam_tensors(backbone, config, tensors)
-    points = apply_dam_config(backbone, config, routing or RoutingState())
+    # Blocks already there keep the state they read (a GuidedBackbone's or a model's):
+    # binding them to a fresh one would leave them without an embedding.
+    present = next((m.routing for m in backbone.modules() if isinstance(m, DAMBlock)), None)
+    points = apply_dam_config(backbone, config, routing or present or RoutingState())
     load_dam_state_dict(backbone, tensors)
     return points
 
@@ -481,12 +487,22 @@ def _resolve_points(
                 f"{paths[:5]}."
             )
         points = preset.dam_points
+    # A ModuleList or ModuleDict is iterated by its owner, never called: a block in front
+    # of one would never run. A regex passes over them; a name is refused.
+    iterated = {p for p in paths if isinstance(backbone.get_submodule(p), _ITERATED)}
     if isinstance(points, str):
-        chosen = [p for p in paths if re.fullmatch(points, p)]
+        chosen = [p for p in paths if full_match(points, p) and p not in iterated]
         wanted = [] if chosen else [points]
     else:
         chosen = [p for p in paths if p in points]
         wanted = [p for p in points if p not in paths]
+    listed = [p for p in chosen if p in iterated]
+    if listed:
+        raise TargetModulesError(
+            f"DAM points {listed} are module lists their backbone iterates and never calls, "
+            "so a block in front of them would never run. Name their members instead "
+            f"(e.g. {listed[0]!r}.0)."
+        )
     if wanted:
         close = sorted(
             {c for w in wanted for c in difflib.get_close_matches(w, paths, n=5, cutoff=0.3)}

@@ -104,7 +104,7 @@ class LoraIRModel(BaseTuner):
                 # rebuild it; its trained weights are loaded with the experts.
                 router = _router_from_config(config.router)
             if router is not None:
-                check_router(router, config.degradations, config.top_k)  # before injecting
+                check_router(router, config)  # before injecting
         layers_before = {id(m) for m in model.modules() if isinstance(m, LoraIRLayer)}
         dam_before = [(m, m.routing) for m in model.modules() if isinstance(m, guidance.DAMBlock)]
         try:
@@ -608,7 +608,7 @@ class LoraIRModel(BaseTuner):
         Its class names and ``top_k`` must match the config (the expert order is the
         router's logit order).
         """
-        check_router(router, self.config.degradations, self.config.top_k)
+        check_router(router, self.config)
         self.loraxir_router = router.to(next(self.model.parameters()).device)
         if hasattr(router, "to_config"):  # so that peft's save_pretrained writes its spec too
             self.config.router = router.to_config()
@@ -937,7 +937,7 @@ class LoraIRModel(BaseTuner):
         if router is None and config.router is not None:
             router = _router_from_config(config.router)
         if router is not None:
-            check_router(router, config.degradations, config.top_k)
+            check_router(router, config)
             router.load_adapter_state_dict(router_tensors)
         elif router_tensors:
             raise checkpoint.CheckpointError(

@@ -262,13 +262,22 @@ def check_degradations(router_classes: Sequence[str], adapter_classes: Sequence[
     )
 
 
-def check_router(router: Any, degradations: Sequence[str], top_k: int) -> None:
-    """Raise :class:`ConfigError` unless ``router`` can route this adapter: the same
-    classes in the same order, and the same ``top_k``. Called before anything is changed."""
-    check_degradations(list(getattr(router, "degradations", [])), degradations)
-    router_top_k = getattr(router, "top_k", top_k)
-    if router_top_k != top_k:
+def check_router(router: Any, config: Any) -> None:
+    """Raise :class:`ConfigError` unless ``router`` can route the adapter of ``config`` (a
+    :class:`~loraxir.LoraIRConfig`): the same classes in the same order, the same
+    ``top_k``, and with DAM blocks an embedding of their ``embed_dim``. Called before
+    anything is changed."""
+    check_degradations(list(getattr(router, "degradations", [])), config.degradations)
+    router_top_k = getattr(router, "top_k", config.top_k)
+    if router_top_k != config.top_k:
         raise ConfigError(
-            f"router.top_k={router_top_k} but config.top_k={top_k}; build the router with the "
-            "config's top_k."
+            f"router.top_k={router_top_k} but config.top_k={config.top_k}; build the router "
+            "with the config's top_k."
+        )
+    dam = getattr(config, "dam", None)
+    width = getattr(router, "embed_dim", None)
+    if dam is not None and width is not None and width != dam.embed_dim:
+        raise ConfigError(
+            f"The router's degradation embedding has {width} values but the DAM blocks read "
+            f"{dam.embed_dim} (DAMConfig.embed_dim); give DAMConfig the router's embed_dim."
         )

@@ -9,7 +9,6 @@ instead of leaving a half-injected model.
 from __future__ import annotations
 
 import difflib
-import re
 
 from torch import nn
 
@@ -22,6 +21,7 @@ from loraxir.backbones import (
 )
 from loraxir.errors import TargetModulesError
 from loraxir.layers import LAYER_TYPES, LoraIRLayer
+from loraxir.validation import full_match
 
 
 def resolve_preset(backbone: nn.Module, preset: str | None, target_modules) -> Preset | None:
@@ -41,7 +41,7 @@ def matches(pattern: str | list[str] | None, path: str) -> bool:
     if pattern is None:
         return False
     if isinstance(pattern, str):
-        return re.fullmatch(pattern, path) is not None
+        return full_match(pattern, path)
     return any(path == name or path.endswith("." + name) for name in pattern)
 
 

@@ -71,6 +71,15 @@ def _unique_key_loader() -> type:
     return UniqueKeyLoader
 
 
+def full_match(pattern: str, text: str) -> bool:
+    """Does the regex ``pattern`` match all of ``text``? A pattern that is not a valid
+    regex raises :class:`ConfigError` quoting it (``re.error`` is no ``ValueError``)."""
+    try:
+        return re.fullmatch(pattern, text) is not None
+    except re.error as error:
+        raise ConfigError(f"{pattern!r} is not a valid regular expression: {error}.") from None
+
+
 def is_number(value: Any) -> bool:
     """A finite ``int`` or ``float`` (``bool`` is not a number here)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -71,6 +71,11 @@ def test_unknown_names_and_bad_hyperparameters_are_clear_errors():
         loraxir.create_backbone("nafnet-tiny", depth=3)
     with pytest.raises(ConfigError, match=r"given: width='abc'.*defaults: \{'width': 32"):
         loraxir.create_backbone("nafnet", width="abc")
+    # Values the constructors fail on inside torch (a float width, a list too short).
+    with pytest.raises(ConfigError, match=r"given: width=8\.5.*ValueError"):
+        loraxir.create_backbone("nafnet-tiny", width=8.5)
+    with pytest.raises(ConfigError, match=r"'swinir-tiny' cannot be built.*IndexError"):
+        loraxir.create_backbone("swinir-tiny", depths=[1, 1, 1])  # two num_heads
     with pytest.raises(loraxir.CheckpointError, match="No backbone at /no/such/net"):
         loraxir.load_backbone("/no/such/net")
     with pytest.raises(UnknownNameError, match=r"Unknown preset 'swinr'.*swinir"):

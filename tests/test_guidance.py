@@ -115,12 +115,15 @@ def test_block_matches_the_formula_for_images_tokens_and_window_major_tokens():
         (["encoders.0", "encoderz.1"], r"\['encoderz.1'\] name no module.*encoders.1"),
         (r"encoder\.\d+", r"name no module"),
         ({"middle_blks": 32, "middle": 4}, r"\['middle'\] name no module"),
+        # NAFNet iterates its ModuleList of levels: a block in front of it never ran.
+        (["encoders"], r"iterates and never calls.*'encoders'\.0"),
+        ("encoders(", "not a valid regular expression"),
     ],
 )
 def test_bad_points_are_refused_before_the_backbone_is_touched(points, message):
     backbone = loraxir.create_backbone("nafnet-tiny")
     before = set(backbone.state_dict())
-    with pytest.raises(TargetModulesError, match=message):
+    with pytest.raises((TargetModulesError, ConfigError), match=message):
         insert_dam(backbone, points, EMBED_DIM, RoutingState())
     assert set(backbone.state_dict()) == before
     assert not hasattr(backbone, "loraxir_dam")
@@ -200,6 +203,11 @@ def test_dam_file_loads_onto_a_plain_backbone_and_refuses_another_width(tmp_path
     with pytest.raises(loraxir.CheckpointError, match="do not fit this backbone"):
         load_dam(wider, tmp_path / "dam.safetensors")
     assert not hasattr(wider, "loraxir_dam")
+    # Onto blocks already there (a GuidedBackbone's): they keep reading its routing state.
+    guided = GuidedBackbone(loraxir.create_backbone("nafnet-tiny"), _router()).eval()
+    load_dam(guided.backbone, tmp_path / "dam.safetensors")
+    with torch.no_grad():
+        guided(torch.rand(1, 3, 32, 32))  # raised: a DAM block ran without an embedding
 
 
 def _backbone() -> torch.nn.Module:
@@ -217,6 +225,15 @@ def _dam_model(**config) -> loraxir.LoraIRModel:
     randomize_experts(model)
     _perturb_dam(model.model)
     return model
+
+
+def test_a_router_whose_embedding_the_dam_blocks_cannot_read_is_refused_up_front():
+    backbone = _backbone()
+    before = set(backbone.state_dict())
+    config = LoraIRConfig(degradations=DEGRADATIONS, dam=DAMConfig(embed_dim=EMBED_DIM + 1))
+    with pytest.raises(ConfigError, match=f"embedding has {EMBED_DIM} values.*{EMBED_DIM + 1}"):
+        loraxir.get_loraxir_model(backbone, config, router=_router())
+    assert set(backbone.state_dict()) == before
 
 
 def test_trainable_policy_freezes_dam_for_experts_and_trains_it_for_all():

@@ -93,6 +93,11 @@ def test_target_patterns_that_match_nothing_list_close_names():
         loraxir.get_loraxir_model(
             torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)), LoraIRConfig(num_experts=2)
         )
+    with pytest.raises(ConfigError, match=r"'conv\[' is not a valid regular expression"):
+        loraxir.get_loraxir_model(
+            backbone, LoraIRConfig(degradations=DEGRADATIONS, target_modules="conv[")
+        )
+    assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
 
 
 def _plain_layers(module: torch.nn.Module) -> list[str]:

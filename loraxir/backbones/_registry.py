@@ -158,12 +158,15 @@ def create_backbone(name: str, **hyperparams: Any) -> nn.Module:
     arguments = {**preset.defaults, **variant, **hyperparams}
     try:
         model = getattr(module, class_name)(**arguments)
-    except TypeError as error:
+    except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as error:
+        # The architectures' own constructors check little: a float width, a negative size
+        # or lists of the wrong length fail anywhere inside them.
         given = ", ".join(f"{k}={v!r}" for k, v in hyperparams.items()) or "none"
-        defaults = preset.defaults or "the network's own"
+        defaults = {**preset.defaults, **variant} or "the network's own"
         raise ConfigError(
             f"Backbone {name!r} cannot be built from its hyper-parameters (given: {given}; "
-            f"defaults: {defaults}): {error}. Check the names and types of the values given."
+            f"defaults: {defaults}): {type(error).__name__}: {error}. Check the names, types "
+            "and sizes of the values given."
         ) from None
     model._loraxir_architecture = class_name
     model._loraxir_backbone = {"name": name, "hyperparameters": arguments}
