@@ -84,7 +84,7 @@ from loraxir.training import (
 )
 from loraxir.training.checkpoints import check_resumable
 from loraxir.training.entry import run_script
-from loraxir.validation import check_choice
+from loraxir.validation import check_choice, check_int
 
 OBJECTIVES = ("classification", "contrastive")
 ROUTE_BY = ("label", "task")
@@ -211,6 +211,15 @@ class TrainRouterConfig(RecipeConfig):
         if self.folds < 2:
             raise ConfigError(
                 f"folds must be >= 2 (one held out, the rest trained), got {self.folds}."
+            )
+        if self.run_folds is not None:
+            check_int("run_folds", self.run_folds, 1)
+        check_int("eval_repeats", self.eval_repeats, 1)
+        check_int("crops", self.crops, 1)
+        if not self.eval_sizes:
+            raise ConfigError(
+                "eval_sizes must name at least one size (0 for full size): the held-out "
+                "accuracy is measured at those sizes."
             )
         if not 0 <= self.train_widen <= self.test_widen:
             raise ConfigError(
@@ -525,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_recipe_args(TrainRouterConfig, __doc__.splitlines()[0], argv)
     prepare_output_dir(config, ("router", "folds"))
     output_dir = Path(config.output_dir)
-    run_folds = min(config.run_folds or config.folds, config.folds)
+    run_folds = min(config.run_folds or config.folds, config.folds)  # None: every fold
     if config.resume not in (None, "latest") and run_folds > 1:
         raise ConfigError(
             "A checkpoint path resumes one fold; with several folds use resume=latest "
@@ -587,13 +596,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             torch.tensor(metrics["confusion_matrix"]),
             data.classes,
             output_dir / "confusion_matrix.png",
-            f"{data.suite.name}: held-out whole-image accuracy "
-            f"{metrics['whole_image']['suite']['accuracy']:.1%}",
+            f"{data.suite.name}: held-out whole images, every regime pooled "
+            f"({_pooled_accuracy(metrics['confusion_matrix']):.1%} right)",
         )
         print(_summary(metrics))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _pooled_accuracy(matrix: list[list[int]]) -> float:
+    """The share of the confusion matrix on its diagonal (the images it counts)."""
+    counts = torch.tensor(matrix, dtype=torch.float64)
+    return float(counts.diagonal().sum() / counts.sum().clamp(min=1))
 
 
 def _unsure_rate(probabilities: torch.Tensor, threshold: float) -> float | None:

@@ -294,6 +294,11 @@ def test_bad_configs_raise_with_the_setting_named(
         ("router.hiden_dim=3", "Unknown router setting 'hiden_dim'.*Did you mean 'hidden_dim'"),
         ("router.degradations=[a, b]", "the suite gives the classes"),
         ("learning_rate=-1", "learning_rate must be > 0, got -1"),
+        # Each trained a fold, then crashed measuring it (or ran every fold, for 0).
+        ("eval_sizes=[]", "eval_sizes must name at least one size"),
+        ("eval_repeats=0", "eval_repeats must be an integer >= 1, got 0"),
+        ("run_folds=0", "run_folds must be an integer >= 1, got 0"),
+        ("crops=0", "crops must be an integer >= 1, got 0"),
     ],
 )
 def test_router_settings_are_checked_when_the_config_loads(setting: str, message: str) -> None:
