@@ -392,6 +392,20 @@ def test_pairs_of_different_sizes_raise_naming_the_first(tmp_path):
         PairedFolder(tmp_path)
 
 
+def test_a_suite_labels_paired_items_as_synthetic_ones(tmp_path):
+    """With three_task's noise levels sharing a class, a paired rain item was labelled by its
+    task index (3) where SyntheticPairs says class 1: a mixed set trained a router wrongly."""
+    _save(tmp_path / "lq" / "a.png", _rgb(1))
+    _save(tmp_path / "gt" / "a.png", _rgb(1))
+    suite = degradations.suite("three_task")
+    paired = PairedFolder(tmp_path, task="rain", suite="three_task")
+    synthetic = SyntheticPairs("skimage", suite, 16, tasks=["rain"], split="all")
+    assert (paired[0]["task"], paired[0]["task_name"]) == (3, "rain")
+    assert paired[0]["label"] == synthetic[0]["label"] == suite.labels.index("rain") == 1
+    with pytest.raises(DataError, match="not both"):
+        PairedFolder(tmp_path, task="rain", suite=suite, task_names=suite.task_names)
+
+
 def test_corrupt_pair_members_are_skipped_with_their_partner(tmp_path):
     _save(tmp_path / "lq" / "a.png", _rgb(1))
     _save(tmp_path / "gt" / "a.png", _rgb(1))

@@ -31,6 +31,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from loraxir import degradations
 from loraxir.data.images import FolderScan, header_size, read_image, scan
 from loraxir.data.patches import (
     check_patch_size,
@@ -39,6 +40,7 @@ from loraxir.data.patches import (
     random_dihedral,
     seeded_generator,
 )
+from loraxir.degradations import Suite
 from loraxir.errors import DataError, unknown_name
 
 METADATA = "metadata.jsonl"
@@ -59,8 +61,9 @@ class PairedFolder(Dataset):
 
     Item ``i`` is a dict: ``"lq"``, ``"gt"`` float32 ``(3, H, W)`` in [0, 1] (``(3, P, P)``
     aligned patches with ``patch_size``), ``"task"`` (int, index into :attr:`task_names`),
-    ``"task_name"``, ``"label"`` (= ``"task"``) and ``"name"`` (the LQ path relative to
-    ``root``). Whole images of different sizes do not batch: use ``batch_size=1`` then.
+    ``"task_name"``, ``"label"`` (= ``"task"``, or the suite's class index) and ``"name"``
+    (the LQ path relative to ``root``). Whole images of different sizes do not batch: use
+    ``batch_size=1`` then.
 
     Args:
         root: the dataset folder.
@@ -69,8 +72,13 @@ class PairedFolder(Dataset):
             is the pairing key.
         task: the task name of every pair without a ``task`` column (default: the folder
             name of ``root``).
-        task_names: the label vocabulary, e.g. a suite's ``task_names``, so that labels agree
-            across datasets (default: the task names found, sorted).
+        task_names: the task vocabulary, e.g. a suite's ``task_names``, so that task
+            indices agree across datasets (default: the task names found, sorted); each
+            task is its own class (``label`` = ``task``).
+        suite: instead of ``task_names``, a suite (or its name): tasks are its task names
+            and ``label`` its class index (:meth:`~loraxir.degradations.Suite.label_index`),
+            as :class:`SyntheticPairs` of that suite labels them, also where several tasks
+            share a class (``three_task``'s noise levels).
         patch_size: crop aligned random patches of this side (reflect-padded if smaller).
         seed: seeds crops and augmentation, per ``(seed, epoch, index)``.
         augment: random flips and 90° rotations of both images.
@@ -86,6 +94,7 @@ class PairedFolder(Dataset):
         key: str | None = None,
         task: str | None = None,
         task_names: Sequence[str] | None = None,
+        suite: Suite | str | None = None,
         patch_size: int | None = None,
         seed: int = 0,
         augment: bool = False,
@@ -103,6 +112,11 @@ class PairedFolder(Dataset):
             )
         if task_names and len(set(task_names)) != len(task_names):
             raise DataError(f"task_names must be unique, got {list(task_names)}.")
+        if suite is not None and task_names is not None:
+            raise DataError("Pass task_names= or suite=, not both (a suite names its tasks).")
+        self.suite = degradations.suite(suite) if isinstance(suite, str) else suite
+        if self.suite is not None:
+            task_names = self.suite.task_names
         default_task = task or self.root.resolve().name
         if (self.root / METADATA).is_file():
             pairs = _pairs_from_metadata(self.root, default_task, strict)
@@ -154,11 +168,12 @@ class PairedFolder(Dataset):
             images = random_crop(images, self.patch_size, generator)
         if self.augment:
             images = random_dihedral(images, generator)
-        label = self.task_names.index(pair.task)
+        task = self.task_names.index(pair.task)
+        label = task if self.suite is None else self.suite.label_index(pair.task)
         return {
             "lq": images[0].float() / 255,
             "gt": images[1].float() / 255,
-            "task": label,
+            "task": task,
             "task_name": pair.task,
             "label": label,
             "name": pair.lq.relative_to(self.root).as_posix(),
