@@ -151,3 +151,8 @@ def test_evaluate_module_loads_offline_and_agrees(tmp_path, monkeypatch):
         metrics.ssim(pred, target, **options).mean().item(), abs=1e-6
     )
     assert (tmp_path / "modules").is_dir()
+    # 8-bit images arrive as 0-255 floats (the module's features are float32): refused,
+    # where they were clamped to [0, 1] and scored without a word.
+    eight_bit = [(image * 255).round().astype("uint8") for image in target.numpy()]
+    with pytest.raises(DataError, match="values up to 2"):
+        metric.compute(predictions=eight_bit, references=eight_bit)

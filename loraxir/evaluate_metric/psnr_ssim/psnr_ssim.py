@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from loraxir import metrics
+from loraxir.errors import DataError
 
 _DESCRIPTION = """
 PSNR (dB, peak 255) and SSIM (11x11 Gaussian window, sigma 1.5, valid borders) per image, as
@@ -64,6 +65,19 @@ class PsnrSsim(evaluate.Metric):
         for prediction, reference in zip(predictions, references, strict=True):
             pred = torch.from_numpy(np.asarray(prediction, dtype=np.float32))[None]
             target = torch.from_numpy(np.asarray(reference, dtype=np.float32))[None]
+            _check_unit_range(pred, target)
             psnrs.append(metrics.psnr(pred, target, **options).item())
             ssims.append(metrics.ssim(pred, target, **options).item())
         return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+
+
+def _check_unit_range(*images):
+    """The inputs arrive as float32 whatever they were (the features above), so 8-bit
+    images would pass as 0-255 floats and be clamped to [0, 1]: refuse values no restorer
+    output in [0, 1] comes near."""
+    largest = max(float(image.abs().max()) for image in images)
+    if largest > 2.0:
+        raise DataError(
+            f"Images must be floats in [0, 1]; got values up to {largest:g}. Divide 8-bit "
+            "images by 255 (and 16-bit ones by 65535) first."
+        )
