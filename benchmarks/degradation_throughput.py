@@ -23,13 +23,14 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from _timing import positive_int
+from _timing import output_file, positive_int
 from torch.utils.data import DataLoader
 
 from loraxir import degradations
 from loraxir.backbones import create_backbone
 from loraxir.data import SKIMAGE_IMAGES, SyntheticPairs, skimage_image
 from loraxir.degradations.gallery import square
+from loraxir.training.entry import run_script
 
 TINY_BACKBONES = ("nafnet-tiny", "swinir-tiny")
 
@@ -88,7 +89,7 @@ def loading_versus_training(batch: int, patch: int, batches: int) -> dict[str, d
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=positive_int, default=16)
     parser.add_argument(
@@ -97,9 +98,11 @@ def main() -> None:
     parser.add_argument("--patch", type=positive_int, default=128, help="training patch side")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
-        "--output", type=Path, default=Path("benchmarks/results/degradation_throughput.json")
+        "--output",
+        type=output_file,
+        default=Path("benchmarks/results/degradation_throughput.json"),
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     throughput = suite_throughput(clean_batch(args.batch, args.size), args.repeats)
@@ -142,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "Nothing was written.")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import peft
 import torch
-from _timing import Ratio, machine_busy, median_time, paired_ratios, positive_int
+from _timing import Ratio, machine_busy, median_time, output_file, paired_ratios, positive_int
 from torch import nn
 from tqdm import tqdm
 
@@ -47,6 +47,7 @@ import loraxir
 from loraxir import LoraIRConfig
 from loraxir.compute import FORMS
 from loraxir.inference.allocator import keep_freed_cpu_memory, keeps_freed_cpu_memory
+from loraxir.training.entry import run_script
 
 EXPERTS, RANK = 5, 8
 SINGLE_RANK = EXPERTS * RANK  # one expert of the same trainable size as E x r
@@ -433,8 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", nargs="+", help="a grid instead of the issue's table")
     parser.add_argument("--sizes", "--size", nargs="+", type=positive_int, dest="sizes")
     parser.add_argument("--batches", nargs="+", type=positive_int)
-    parser.add_argument("--sections", nargs="+", default=["inference", "training"])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["inference", "training"],
+        choices=("inference", "training"),
+    )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads on CPU")
@@ -445,9 +451,13 @@ def main(argv: list[str] | None = None) -> None:
         help="have glibc keep freed memory for reuse, as `loraxir restore` does on a CPU",
     )
     parser.add_argument(
-        "--output", type=Path, default=Path(__file__).parent / "results" / "overhead.json"
+        "--output", type=output_file, default=Path(__file__).parent / "results" / "overhead.json"
     )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: this machine has no CUDA GPU (run benchmarks/gpu_overhead.sh on one)"
+        )
     if args.keep_freed_memory:
         keep_freed_cpu_memory()
     if args.threads:
@@ -474,4 +484,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "Nothing was written.")

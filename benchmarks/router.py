@@ -24,12 +24,13 @@ import json
 from pathlib import Path
 
 import torch
-from _timing import median_time, positive_int
+from _timing import median_time, output_file, positive_int
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from loraxir import create_backbone
 from loraxir.router import DegradationRouter
+from loraxir.training.entry import run_script
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
 
@@ -138,18 +139,20 @@ def _format_row(row: dict[str, object]) -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="nafnet", help="loraxir.create_backbone name")
     parser.add_argument("--encoders", nargs="+", default=["cnn-tiny", "ViT-B-32", "ViT-L-14-336"])
-    parser.add_argument("--views", default="native", help="'native' or 'resize' (the paper's)")
+    parser.add_argument(
+        "--views", default="native", choices=("native", "resize"), help="'resize': the paper's"
+    )
     parser.add_argument("--image-size", type=positive_int, default=32, help="input of the tiny CNN")
     parser.add_argument("--flops-only", action="store_true", help="skip the timing")
     parser.add_argument("--sizes", nargs="+", type=positive_int, default=[256, 512])
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="benchmarks/results/router.json")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=output_file, default="benchmarks/results/router.json")
+    args = parser.parse_args(argv)
 
     print(f"backbone {args.backbone}, {torch.get_num_threads()} threads, batch 1")
     repeats = 0 if args.flops_only else args.repeats
@@ -168,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "Nothing was written.")

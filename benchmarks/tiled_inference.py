@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _timing import positive_int
+from _timing import output_file, positive_float, positive_int
+
+from loraxir.inference.tiling import check_tiling
+from loraxir.training.entry import run_script
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -119,10 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", help="adapter name, folder or repo id (default: shipped)")
     parser.add_argument("--random", action="store_true", help="use a random nafnet-tiny adapter")
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64], help="MP")
+    parser.add_argument(
+        "--sizes", type=positive_float, nargs="+", default=[1, 4, 16, 64], help="MP"
+    )
     parser.add_argument("--quick", action="store_true", help="sizes 0.05 and 0.2 MP, 4 images")
     parser.add_argument("--tile", type=positive_int, default=512)
-    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--overlap", type=int, default=32, help="at most a third of --tile")
     parser.add_argument(
         "--images", type=positive_int, default=16, help="folder size for throughput"
     )
@@ -136,8 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="leave malloc as it is (default: keep freed memory, as `loraxir restore` does)",
     )
-    parser.add_argument("--output", default="tiled_inference.json")
+    parser.add_argument(
+        "--output", type=output_file, default="benchmarks/results/tiled_inference.json"
+    )
     args = parser.parse_args(argv)
+    check_tiling(args.tile, args.overlap, 1)  # before any worker starts
     if args.quick:
         args.sizes, args.images, args.image_size = [0.05, 0.2], 4, 128
     with tempfile.TemporaryDirectory() as scratch:
@@ -178,4 +186,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]), "Nothing was written.")

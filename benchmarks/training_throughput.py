@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _timing import positive_int
+from _timing import output_file, positive_int
 from torch import nn
 from tqdm import tqdm
+
+from loraxir.training.entry import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--quick", action="store_true", help="nafnet-tiny, 32², 2 steps, 1 thread per process"
     )
     parser.add_argument(
-        "--output", type=Path, default=ROOT / "benchmarks/results/training_throughput.json"
+        "--output", type=output_file, default=ROOT / "benchmarks/results/training_throughput.json"
     )
     parser.add_argument(
         "--keep-freed-memory",
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch % 2:
+        parser.error(f"--batch must be even (it is split over 2 processes), got {args.batch}")
     if args.keep_freed_memory:
         from loraxir.inference.allocator import keep_freed_cpu_memory
 
@@ -229,4 +233,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "Nothing was written.")

@@ -110,3 +110,36 @@ def test_counts_and_sizes_below_one_are_refused_before_anything_runs(monkeypatch
             overhead.main(argv)
         assert exit_info.value.code == 2
     assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_outputs_and_choices_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """An --output under a file failed when the results were written, at the end; a bad
+    --sections, a --device the machine lacks and an overlap too wide for the tile failed
+    inside the run, with a traceback."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("overhead", "tiled_inference", "degradation_throughput"):
+        sys.modules.pop(name, None)
+    import degradation_throughput
+    import overhead
+    import tiled_inference
+
+    from loraxir.errors import ConfigError
+
+    (tmp_path / "afile").write_text("mine")
+    under_a_file = ["--output", str(tmp_path / "afile" / "x.json")]
+    for main, argv in (
+        (degradation_throughput.main, under_a_file),
+        (overhead.main, under_a_file),
+        (overhead.main, ["--sections", "bogus"]),
+        (tiled_inference.main, ["--random", "--sizes", "-1"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "is a file, not a folder" in error and "invalid choice: 'bogus'" in error
+    with pytest.raises(ConfigError, match="at least 3 x --overlap 64"):
+        tiled_inference.main(["--random", "--tile", "16", "--overlap", "64"])
+    assert (tmp_path / "afile").read_text() == "mine"
