@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{folder['routed_images_per_s']:.2f} img/s, merged ({folder['merged_degradation']}) "
         f"{folder['merged_images_per_s']:.2f} img/s ({folder['merged_speedup']:.2f}x)"
     )
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
