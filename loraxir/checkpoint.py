@@ -134,13 +134,14 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(directory: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(directory: str | os.PathLike, carry_over: bool = True) -> Iterator[Path]:
     """Write a folder atomically: yield an empty staging folder, then swap it in.
 
     The staging folder is a sibling of ``directory``; when the block ends without error it
     replaces ``directory`` by renames, carrying over files of the old folder that the
-    block did not write (logs, images, a router next to an adapter). A crash inside the
-    block leaves the previous folder exactly as it was and no staging folder behind.
+    block did not write (logs, images, a router next to an adapter) unless ``carry_over``
+    is false (a folder replaced whole, where an old file would be stale). A crash inside
+    the block leaves the previous folder exactly as it was and no staging folder behind.
     """
     target = Path(directory)
     if target.exists() and not target.is_dir():
@@ -156,7 +157,7 @@ def staged_folder(directory: str | os.PathLike) -> Iterator[Path]:
         yield staging
         with_default_modes(staging)
         if target.exists():
-            for item in target.iterdir():
+            for item in target.iterdir() if carry_over else ():
                 if not (staging / item.name).exists():
                     copy = shutil.copytree if item.is_dir() else shutil.copy2
                     copy(item, staging / item.name)

@@ -290,7 +290,7 @@ def ship(
         "trained_by": list(trained_by),
         "class_photos": None if class_photos is None else _photo_names(class_photos),
     }
-    with staged_folder(target) as staging:
+    with staged_folder(target, carry_over=False) as staging:  # an old file would be stale
         for file in sorted(folder.iterdir()):
             if file.is_file() and file.name != "README.md":
                 shutil.copy2(file, staging / file.name)

@@ -687,6 +687,9 @@ def test_ship_adapter_measures_held_out_photos_and_keeps_an_existing_folder(tmp_
     with pytest.raises(ConfigError, match="--overwrite"):
         recipe("ship_adapter").main(args)
     assert (target / "README.md").read_text() == card
+    (target / "stale.json").write_text("{}")  # say an old backbone file the new one lacks
+    recipe("ship_adapter").main([*args, "--overwrite"])
+    assert not (target / "stale.json").exists()
     assert loraxir.load_adapter(target).loraxir_router.class_embeddings is None
     fitted = recipe("ship_adapter").main(
         [*args, "--into", str(tmp_path / "fitted"), "--class-photos", str(photos)]
