@@ -129,9 +129,7 @@ class BenchConfig:
                 "eval_batch_size=1 (as the paper scale does) or an eval_patch_size."
             )
         for name in ("eval_repeats", "eval_batch_size", "timing_repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}.")
+            check_int(name, getattr(self, name), 1)
         check_int("adapters.r", self.adapters.get("r", 8), 1)  # before the LoRA's E·r
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")

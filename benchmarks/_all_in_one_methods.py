@@ -161,14 +161,13 @@ def method_stage(config: BenchConfig, paths: Paths, method: str, classes: int) -
     raise ValueError(f"unknown method {method!r}")
 
 
-def check_stage_settings(config: BenchConfig) -> None:
+def check_stage_settings(config: BenchConfig) -> list[tuple[Stage, Any]]:
     """Load every stage's recipe config from its settings (as the stage will), so that a
     mistyped or out-of-range recipe setting (``--set pretrain.bogus=3``) is refused before
-    anything runs or an ``--overwrite`` deletes the earlier run."""
-    import json
-
+    anything runs or an ``--overwrite`` deletes the earlier run. Returns each stage with
+    its loaded config."""
     import _all_in_one_peft
-    from _all_in_one_stages import recipe
+    from _all_in_one_stages import recipe, recipe_argv
 
     from loraxir import degradations
     from loraxir.training import load_config
@@ -179,6 +178,7 @@ def check_stage_settings(config: BenchConfig) -> None:
         "finetune": recipe("finetune").FinetuneConfig,
         "peft": _all_in_one_peft.PeftLoraConfig,
     }
+    loaded = []
     for suite in config.suites:
         paths = Paths(Path("unused"), suite, config.seeds[0], config.router_per_seed)
         count = len(degradations.suite(suite).task_names)
@@ -186,8 +186,9 @@ def check_stage_settings(config: BenchConfig) -> None:
         stages += [shared_stage(config, paths)]
         stages += [method_stage(config, paths, m, count) for m in config.methods]
         for stage in stages:
-            pairs = [f"{key}={json.dumps(value)}" for key, value in stage.settings.items()]
-            load_config(classes[stage.runner], None, pairs)
+            overrides = recipe_argv(stage.settings)[3:]  # the --set pairs the stage passes
+            loaded.append((stage, load_config(classes[stage.runner], None, overrides)))
+    return loaded
 
 
 def _peft_settings(adapters: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraxir.errors import ConfigError
+from loraxir.validation import file_in_the_way
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILE = "run.json"
@@ -92,7 +93,7 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
     a foreign folder never is).
     """
     record = output_dir / RUN_FILE
-    blocking = next((p for p in (output_dir, *output_dir.parents) if p.is_file()), None)
+    blocking = output_dir if output_dir.is_file() else file_in_the_way(output_dir)
     if blocking is not None:
         raise ConfigError(
             f"--output-dir {str(output_dir)!r}: {str(blocking)!r} is a file; name a folder."

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraxir.validation import file_in_the_way
+
 
 def positive_int(text: str) -> int:
     """An ``argparse`` type for counts and sizes: a bad value is refused with the usage line
@@ -48,7 +50,7 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a .json file")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path)
     if blocking is not None:
         raise argparse.ArgumentTypeError(f"{str(blocking)!r} is a file, not a folder")
     return path

@@ -164,9 +164,7 @@ def _run_restore(args: argparse.Namespace) -> int:
         set_pixel_limit(args.max_pixels)
         model = load_adapter(args.adapter, args.backbone, device=device)
         restorer = Restorer(model, args.degradation, args.tile, args.overlap, dtype=dtype)
-        batch.run(
-            restorer, jobs, outcome, args.overwrite, args.smooth, args.reference, not args.quiet
-        )
+        batch.run(restorer, jobs, outcome, args.smooth, args.reference, not args.quiet)
     print(f"Restored {len(outcome.done)} input(s) into {args.output}.")
     if outcome.failed:
         print(f"Skipped {len(outcome.failed)} input(s):", file=sys.stderr)
@@ -348,10 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loraxir: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\nloraxir: interrupted. Every output written so far is complete (files are "
-            "written under a temporary name and renamed); run the same command again to go "
-            "on: those outputs are kept and listed as existing.",
-            file=sys.stderr,
+        kept = (
+            " Every output written so far is complete (files are written under a temporary "
+            "name and renamed); run the same command again to go on: those outputs are kept "
+            "and listed as existing."
+            if args.run is _run_restore
+            else ""
         )
+        print(f"\nloraxir: interrupted.{kept}", file=sys.stderr)
         return 130

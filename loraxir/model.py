@@ -175,20 +175,15 @@ class LoraIRModel(BaseTuner):
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names
     ):
         """peft's selection of what to save, plus the DAM blocks (they live on the backbone,
-        not on a tuner layer; for an adapter whose config has them), minus a frozen
-        pretrained router tower (referenced by name in the config, never copied) and minus
-        the router for an adapter whose config has none."""
+        not on a tuner layer), minus a frozen pretrained router tower (referenced by name in
+        the config, never copied) and minus the router for an adapter of other classes."""
         selected = super()._get_adapter_state_dict(
             model, config, adapter_name, state_dict, unwanted_adapter_names
         )
-        if config.dam is not None:
-            selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
+        selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
         tuner = getattr(model, "base_model", model)
-        router = getattr(tuner, "loraxir_router", None)
-        # The router is the model's, one for all adapters: saved with the adapters whose
-        # config names it, not with a second adapter that has no router spec.
+        router = _router_of(getattr(tuner, "loraxir_router", None), config)
         saved = set(router.adapter_state_dict()) if router is not None else set()
-        saved = saved if config.router is not None else set()
         marker = "loraxir_router."
         return {
             key: value
@@ -610,8 +605,6 @@ class LoraIRModel(BaseTuner):
         """
         check_router(router, self.config)
         self.loraxir_router = router.to(next(self.model.parameters()).device)
-        if hasattr(router, "to_config"):  # so that peft's save_pretrained writes its spec too
-            self.config.router = router.to_config()
         self._apply_trainable_policy()
 
     # -------------------------------------------------------------- training
@@ -878,8 +871,9 @@ class LoraIRModel(BaseTuner):
                 tensors[checkpoint.expert_key(path, "B", index)] = b.detach()
         for key, value in guidance.dam_state_dict(self.model).items():
             tensors[f"base_model.model.{key}"] = value
-        if self.loraxir_router is not None:
-            for key, value in self.loraxir_router.adapter_state_dict().items():
+        router = _router_of(self.loraxir_router, self.peft_config[adapter])
+        if router is not None:
+            for key, value in router.adapter_state_dict().items():
                 tensors[checkpoint.ROUTER_PREFIX + key] = value.detach()
         return tensors
 
@@ -897,7 +891,8 @@ class LoraIRModel(BaseTuner):
         after attaching): the adapter reloads routing as it ran when saved."""
         adapter = adapter_name or self._active_name()
         config = copy.deepcopy(self.peft_config[adapter])
-        config.router = self.loraxir_router.to_config() if self.loraxir_router is not None else None
+        router = _router_of(self.loraxir_router, config)
+        config.router = router.to_config() if router is not None else None
         if config.router is not None:
             config.top_k = config.router.top_k
         config.inference_mode = False
@@ -933,7 +928,7 @@ class LoraIRModel(BaseTuner):
         expert_tensors, router_tensors = checkpoint.split_router(tensors)
         checkpoint.check_expert_shapes(backbone, config, expert_tensors)
         guidance.check_dam_tensors(backbone, config.dam, dam_tensors)
-        config.inference_mode = not is_trainable  # a peft-saved config says True
+        config.inference_mode = False  # a peft-saved config says True; frozen below instead
         if router is None and config.router is not None:
             router = _router_from_config(config.router)
         if router is not None:
@@ -1038,6 +1033,15 @@ def route(
         )
     with tuner.pinned_routing(gates, degradation, batch_size, embedding) as pinned:
         yield pinned
+
+
+def _router_of(router: nn.Module | None, config: LoraIRConfig) -> nn.Module | None:
+    """The model's router when it routes the adapter of ``config`` (the same classes):
+    the router is one per model, attached for one adapter, and saved only with that one
+    (a second adapter of other classes saved with it could not be loaded)."""
+    if router is None or list(getattr(router, "degradations", [])) != list(config.degradations):
+        return None
+    return router
 
 
 def _image_rows(rows: torch.Tensor | None, part: slice, batch_size: int) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from loraxir import PEFT_TYPE
 from loraxir.errors import CheckpointError, ConfigError, unknown_name
+from loraxir.validation import file_in_the_way
 
 # The saved key of a router's fitted class embeddings (checkpoint.ROUTER_PREFIX + the
 # router's CLASS_EMBEDDINGS_KEY), spelt out: this module reads folders without torch.
@@ -176,7 +177,7 @@ def check_merged_output(output: str | os.PathLike, overwrite: bool = False) -> P
         raise ConfigError(f"--output must end in .safetensors, got {str(output)!r}.")
     if output.is_dir():
         raise ConfigError(f"--output {str(output)!r} is a folder; name a .safetensors file.")
-    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(output)
     if blocking is not None:
         raise ConfigError(f"Cannot write {str(output)!r}: {str(blocking)!r} is a file.")
     if output.exists() and not overwrite:

@@ -71,6 +71,12 @@ def _unique_key_loader() -> type:
     return UniqueKeyLoader
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first folder of ``path`` that exists as a file (so ``path`` cannot be written),
+    or ``None``: checked before long work, not when its results are saved."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
 def full_match(pattern: str, text: str) -> bool:
     """Does the regex ``pattern`` match all of ``text``? A pattern that is not a valid
     regex raises :class:`ConfigError` quoting it (``re.error`` is no ``ValueError``)."""

@@ -231,8 +231,9 @@ class TrainRouterConfig(RecipeConfig):
             raise ConfigError(
                 "router setting 'degradations' is not allowed: the suite gives the classes."
             )
-        for name in sorted(set(self.router) - allowed):
-            raise unknown_name("router setting", name, allowed)
+        unknown = sorted(set(self.router) - allowed)
+        if unknown:
+            raise unknown_name("router setting", unknown[0], allowed)
         top_k = self.router.get("top_k", 1)
         placeholders = top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else 1
         # Check the router settings now, on stand-in classes, not after minutes of data work.

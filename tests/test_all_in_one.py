@@ -262,8 +262,12 @@ def test_an_interrupted_stage_runs_again_and_a_done_one_does_not(tmp_path: Path)
 def test_every_scale_gives_settings_its_recipes_accept(scale: str) -> None:
     """Typos in a scale's YAML fail here, not an hour into a run: loading the config loads
     every stage's recipe config (``check_stage_settings``)."""
-    config = load_bench_config(scale)
-    assert config.pretrain_steps >= 1 and config.adapter_steps >= 1
+    from _all_in_one_methods import check_stage_settings
+
+    loaded = check_stage_settings(load_bench_config(scale))
+    assert {stage.runner for stage, _ in loaded} >= {"train_router", "pretrain", "finetune"}
+    for stage, config in loaded:
+        assert config.max_steps == stage.settings["max_steps"], stage.name
 
 
 def test_a_dotted_override_changes_one_entry_of_a_section_and_reaches_its_recipe(
@@ -303,5 +307,5 @@ def test_bad_settings_name_the_value_and_the_fix() -> None:
         load_bench_config("tiny", overrides=["pretrain.bogus=3"])
     with pytest.raises(ConfigError, match=r"adapters\.r must be an integer >= 1, got -1"):
         load_bench_config("tiny", overrides=["adapters.r=-1"])
-    with pytest.raises(ConfigError, match="eval_batch_size must be a whole number >= 1, got 0"):
+    with pytest.raises(ConfigError, match="eval_batch_size must be an integer >= 1, got 0"):
         load_bench_config("tiny", overrides=["eval_batch_size=0"])

@@ -169,8 +169,12 @@ def test_unknown_config_keys_and_offline_hub_ids_are_clear_errors(tmp_path):
 
 
 def test_peft_loading_without_is_trainable_freezes_the_experts(tmp_path):
-    """peft freezes an adapter loaded for inference; our policy turned the experts back on."""
+    """peft freezes an adapter loaded for inference; our policy turned the experts back on.
+    loraxir's own loading freezes too, and a new class added after it still trains."""
     _trained_model().save_pretrained(tmp_path / "ours")
+    grown = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "ours")
+    grown.add_degradation("snow")
+    assert any(p.requires_grad for p in grown.parameters())
     frozen = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "ours")
     assert not any(p.requires_grad for p in frozen.parameters())
     trainable = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "ours", is_trainable=True)
@@ -185,14 +189,18 @@ def test_a_second_peft_adapter_is_saved_without_the_first_ones_router(tmp_path):
     from loraxir.router import DegradationRouter
 
     router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16, grid=0)
-    peft_model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
-    peft_model.base_model.attach_router(router)
+    model = loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS), router)
+    model.save_pretrained(tmp_path / "first")
+    peft_model = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "first")
     peft_model.add_adapter("second", LoraIRConfig(degradations=["rain", "haze"], r=2))
     peft_model.save_pretrained(tmp_path / "both")
-    first = json.loads((tmp_path / "both" / "adapter_config.json").read_text())
-    assert first["router"] is not None  # the spec, for the router peft saves with it
+    first = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "both")
+    assert first.loraxir_router is not None
     second = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "both" / "second")
     assert second.loraxir_router is None and second.degradations == ["rain", "haze"]
+    peft_model.base_model.save_pretrained(tmp_path / "ours", adapter_name="second")  # ours
+    ours = loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "ours")
+    assert ours.loraxir_router is None
 
 
 def test_a_router_of_other_classes_than_the_active_adapter_is_named(tmp_path):

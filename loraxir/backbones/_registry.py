@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from loraxir.errors import CheckpointError, ConfigError, unknown_name
@@ -158,6 +159,8 @@ def create_backbone(name: str, **hyperparams: Any) -> nn.Module:
     arguments = {**preset.defaults, **variant, **hyperparams}
     try:
         model = getattr(module, class_name)(**arguments)
+    except torch.OutOfMemoryError:
+        raise  # the values were fine; the machine was not
     except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as error:
         # The architectures' own constructors check little: a float width, a negative size
         # or lists of the wrong length fail anywhere inside them.

@@ -27,10 +27,8 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from loraxir.errors import DataError
+from loraxir.inference.images import IMAGE_EXTENSIONS, probe_image, read_picture
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
-)
 # EXIF orientations that turn the picture by 90° (transpose, rotate 270°, transverse,
 # rotate 90°): what :func:`ImageOps.exif_transpose` does to them swaps height and width.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -63,8 +61,6 @@ def read_image(path: str | Path) -> Tensor:
     16-bit colour files, which Pillow truncates to their high byte, are decoded at full
     depth by :func:`loraxir.inference.images.read_picture` and rounded like other 16-bit
     images."""
-    from loraxir.inference.images import probe_image, read_picture
-
     try:
         deep = probe_image(path).bits == 16
     except DataError:  # float or 32-bit files: Pillow's own reading below says what it can
@@ -75,6 +71,8 @@ def read_image(path: str | Path) -> Tensor:
         with Image.open(path) as image:
             image.load()
             return to_rgb8(image)
+    except DataError:
+        raise  # read_picture's own, naming the file already
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(
             f"Cannot decode image {str(path)!r}: {error}. Remove or replace it."

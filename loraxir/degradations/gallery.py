@@ -13,6 +13,7 @@ from torch import Tensor
 from loraxir.degradations.registry import available, get
 from loraxir.degradations.suites import Suite
 from loraxir.errors import ConfigError
+from loraxir.validation import file_in_the_way
 
 # Cells show the images at about one screen pixel per image pixel.
 _DPI = 100
@@ -54,7 +55,7 @@ def render_gallery(
         )
     if path.is_dir():
         raise ConfigError(f"--output {str(path)!r} is a folder; name an image file.")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path)
     if blocking is not None:
         raise ConfigError(f"--output {str(path)!r}: {str(blocking)!r} is a file.")
     generator = torch.Generator().manual_seed(seed)

@@ -21,9 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from loraxir.data.images import IMAGE_EXTENSIONS
 from loraxir.errors import ConfigError, DataError, LoraIRError
-from loraxir.inference.images import Picture, check_output, read_picture, write_picture
+from loraxir.inference.images import (
+    IMAGE_EXTENSIONS,
+    Picture,
+    check_output,
+    read_picture,
+    write_picture,
+)
 from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.video import VIDEO_EXTENSIONS, probe_video, restore_video
 
@@ -173,15 +178,15 @@ def run(
     restorer: Restorer,
     jobs: Sequence[Job],
     outcome: Outcome,
-    overwrite: bool = False,
     smooth: float = 0.0,
     reference: str | Path | None = None,
     progress: bool = True,
 ) -> Outcome:
-    """Restore every job, printing what the router detected per input."""
+    """Restore every job, printing what the router detected per input. ``jobs`` are those
+    :func:`pending` left: an output that exists is replaced."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(pending(jobs, outcome, overwrite), desc="inputs", unit="input", disable=not progress)
+    bar = tqdm(jobs, desc="inputs", unit="input", disable=not progress)
     for job in bar:
         try:
             if job.is_video:

@@ -29,6 +29,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loraxir.errors import DataError
 
+#: Suffixes of the image files read (training data and ``loraxir restore`` inputs).
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+)
 #: Inputs above this many pixels are refused before decoding (Pillow's own bomb guard is
 #: ~89 MP, too low for panoramas); :func:`set_pixel_limit` changes it.
 DEFAULT_PIXEL_LIMIT = 1_000_000_000

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loraxir.errors import CheckpointError, ConfigError
 from loraxir.training.config import RecipeConfig, fingerprint
 
@@ -200,6 +202,8 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
             )
         try:
             accelerator.load_state(str(candidate))
+        except torch.OutOfMemoryError:
+            raise  # not a damaged file
         except Exception as error:  # safetensors, pickle and torch each raise their own
             problems.append(f"{candidate.name}: {type(error).__name__}: {error}")
             accelerator.print(f"Cannot load checkpoint {candidate} ({problems[-1]}).")
