@@ -47,6 +47,11 @@ class TrainingError(LoraIRError, RuntimeError):
 def unknown_name(kind: str, name: object, known: Iterable[str], hint: str = "") -> UnknownNameError:
     """Build an :class:`UnknownNameError` that lists the known names, closest first."""
     known = sorted(set(known))
+    if not isinstance(name, str):
+        return UnknownNameError(
+            f"A {kind} name must be a string, got {type(name).__name__}. Known {kind}s: "
+            f"{', '.join(known) if known else '(none)'}.{' ' + hint if hint else ''}"
+        )
     close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
     message = f"Unknown {kind} {name!r}."
     if close:

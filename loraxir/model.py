@@ -283,8 +283,16 @@ class LoraIRModel(BaseTuner):
         return self.routing.merged_layers > 0
 
     def _active_name(self) -> str:
+        if not self.active_adapters:
+            raise RoutingError(
+                "No adapter is active: the last one was deleted. Take the plain backbone with "
+                "unload(), or attach new experts with get_loraxir_model."
+            )
         if len(self.active_adapters) != 1:
-            raise RoutingError(f"Exactly one adapter must be active, got {self.active_adapters}.")
+            raise RoutingError(
+                f"Exactly one adapter must be active, got {self.active_adapters}: "
+                "choose one with set_adapter(name)."
+            )
         return self.active_adapters[0]
 
     def _adapters_enabled(self) -> bool:

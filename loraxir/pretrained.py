@@ -224,7 +224,7 @@ class AdapterInfo:
             f"rank r / alpha: {config.get('r')} / {config.get('lora_alpha')}",
             f"top-k / temperature: {config.get('top_k')} / {temperature}",
             f"targets: {config.get('target_modules') or config.get('preset') or 'detected'}",
-            f"router: {encoder if encoder else 'none'}{fitted}",
+            f"router: {_encoder_label(encoder) if encoder else 'none'}{fitted}",
             f"trainable size: {self.expert_parameters:,} expert + {self.dam_parameters:,} DAM + "
             f"{self.router_parameters:,} router parameters",
             f"backbone: {self.backbone_label}",
@@ -233,6 +233,18 @@ class AdapterInfo:
             lines.append(f"backbone size: {self.backbone_parameters:,} parameters")
         lines += [f"metric {name}: {value}" for name, value in metric_rows(self.metrics)]
         return lines
+
+
+def _encoder_label(encoder: Any) -> str:
+    """``cnn-tiny (cnn encoder, trained with the head; width=16)`` from a saved spec."""
+    if not isinstance(encoder, dict):
+        return str(encoder)
+    spec = dict(encoder)
+    name, kind = spec.pop("name", None), spec.pop("type", None)
+    state = "trained with the head" if spec.pop("trained", False) else "frozen"
+    spec.pop("trainable", None)
+    settings = ", ".join(f"{key}={value}" for key, value in sorted(spec.items()))
+    return f"{name or kind} ({kind} encoder, {state}{'; ' + settings if settings else ''})"
 
 
 def metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:

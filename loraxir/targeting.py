@@ -97,6 +97,15 @@ def resolve_targets(
                 "attach to ConvTranspose2d with groups=1 only. Leave it out (exclude_modules="
                 f"[{path!r}])."
             )
+        elif isinstance(target_modules, list) and isinstance(module, tuple(LAYER_TYPES)):
+            parent = next(t for t in LAYER_TYPES if isinstance(module, t)).__name__
+            raise TargetModulesError(
+                f"Target {path!r} is a {type(module).__name__}, a subclass of {parent}; experts "
+                f"attach to plain {', '.join(t.__name__ for t in LAYER_TYPES)} only, because a "
+                "subclass's forward may compute something else (weight standardisation, 'same' "
+                f"padding). Leave it out (exclude_modules=[{path!r}]) or build that layer as a "
+                f"plain nn.{parent}."
+            )
         elif isinstance(target_modules, list):
             raise TargetModulesError(
                 f"Target {path!r} is a {type(module).__name__}; experts attach to "

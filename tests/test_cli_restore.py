@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -176,6 +177,7 @@ def test_info_describes_and_lists(adapter, capsys, monkeypatch):
     assert f"degradations (3): {', '.join(CLASSES)}" in text
     assert "backbone: nafnet" in text and "expert +" in text
     assert "top-k / temperature: 1 / 1.0" in text, "the router's temperature, not 'None'"
+    assert re.search(r"router: cnn-tiny \(cnn encoder, trained with the head; .*width=\d+\)", text)
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter.parent))
     assert main(["info", "--list"]) == 0
     assert "tiny-three" in capsys.readouterr().out

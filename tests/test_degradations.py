@@ -213,6 +213,22 @@ def test_unknown_degradation_lists_the_known_ones(photo):
         D.apply("noize", photo)
 
 
+def test_images_passed_for_the_name_are_named_as_such_not_printed(photo):
+    with pytest.raises(UnknownNameError, match=r"must be a string, got Tensor") as caught:
+        D.apply(photo, "noise")
+    assert len(str(caught.value)) < 300
+
+
+def test_numpy_scalars_are_read_as_numbers_and_reported_as_python_numbers(photo):
+    fixed = D.apply("noise", photo, sigma=np.float32(5), seed=np.int64(7))
+    assert fixed[1] == {"sigma": 5.0, "seed": 7}
+    assert torch.equal(fixed[0], D.apply("noise", photo, sigma=5.0, seed=7)[0])
+    steps = D.compose([("motion_blur", {"length": [np.int64(9), np.int64(11)]})])(photo)[1]
+    assert type(steps["steps"][0]["length"]) is int
+    with pytest.raises(ConfigError, match="sigma"):
+        D.apply("noise", photo, sigma=np.float32(-1))
+
+
 @pytest.mark.parametrize(
     ("name", "params"),
     [

@@ -59,6 +59,17 @@ def test_bad_routing_raises_documented_error(kwargs, error, message):
         model(torch.rand(2, 3, 32, 32), **kwargs)
 
 
+def test_deleting_the_last_adapter_leaves_a_model_that_says_what_to_do():
+    model = _model().eval()
+    x = torch.rand(1, 3, 32, 32)
+    model.delete_adapter("default")
+    with pytest.raises(RoutingError, match=r"No adapter is active.*unload\(\)"):
+        model(x, degradation="rain")
+    backbone = model.unload()
+    assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+    assert backbone(x).shape == x.shape
+
+
 @pytest.mark.parametrize(
     ("images", "kwargs", "error", "message"),
     [
@@ -98,6 +109,23 @@ def test_target_patterns_that_match_nothing_list_close_names():
             backbone, LoraIRConfig(degradations=DEGRADATIONS, target_modules="conv[")
         )
     assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+
+
+class _StandardisedConv(torch.nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
+
+
+def test_a_conv_subclass_named_as_a_target_is_refused_with_what_to_do():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _StandardisedConv(8, 3, 3, padding=1))
+    named = LoraIRConfig(num_experts=2, target_modules=["0", "1"])
+    with pytest.raises(
+        TargetModulesError, match=r"'1' is a _StandardisedConv, a subclass of Conv2d.*\['1'\]"
+    ):
+        loraxir.get_loraxir_model(net, named)
+    model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules=r".*"))
+    assert [path for path, _ in model.expert_layers()] == ["0"]
 
 
 def _plain_layers(module: torch.nn.Module) -> list[str]:

@@ -123,6 +123,8 @@ def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Pat
     (tmp_path / "checkpoints" / "step-0000001").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-0000001" / "trainer_state.json").write_text("{}")
     (tmp_path / "adapter").mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "val_step-0000900.png").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"--overwrite.*--resume latest"):
         prepare_output_dir(RecipeConfig(output_dir=str(tmp_path)), ("adapter",))
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path), resume="latest"), ("adapter",))
@@ -130,7 +132,8 @@ def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Pat
     prepare_output_dir(overwrite, ("adapter",))
     assert (tmp_path / "checkpoints").exists(), "nothing goes before the new run is built"
     clear_earlier_run(overwrite)
-    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "adapter").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "figures").exists()
+    assert (tmp_path / "adapter").exists()
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new")), ("adapter",))
 
 

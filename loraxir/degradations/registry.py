@@ -16,6 +16,7 @@ files.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,8 +142,12 @@ class Degradation:
         lines.extend(f"    {key:<11} optional input, see the docs" for key in self.extras)
         return "\n".join(lines)
 
-    def check_params(self, params: Mapping[str, Any]) -> None:
-        """Raise a typed error for unknown parameter names or values out of range."""
+    def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Raise a typed error for unknown parameter names or values out of range; return
+        the parameters with numpy scalars made Python numbers (reports stay JSON)."""
+        params = {
+            key: value if key in self.extras else _plain(value) for key, value in params.items()
+        }
         for key, value in params.items():
             if key == "seed":
                 _check_seed(self.name, value)
@@ -155,10 +160,11 @@ class Degradation:
                     [*self.params, *self.extras, "seed"],
                     hint=f"See `loraxir degradations --list` for {self.name!r}'s parameters.",
                 )
+        return params
 
     def sample(self, generator: torch.Generator | None = None, **params: Any) -> dict[str, Any]:
         """Return a full, concrete parameter set (including ``seed``) for one call."""
-        self.check_params(params)
+        params = self.check_params(params)
         drawn: dict[str, Any] = {}
         for key, spec in self.params.items():
             drawn[key] = spec.draw(params.get(key, spec.default), generator)
@@ -306,8 +312,7 @@ def compose(steps: Sequence[StepSpec]) -> Compose:
                 f"compose(): cannot read step {step!r}; write a name, a (name, params) pair "
                 "with params a dict (use {} for none) or a {'name': ..., **params} dict."
             )
-        get(name).check_params(params)
-        parsed.append((name, params))
+        parsed.append((name, get(name).check_params(params)))
     return Compose(tuple(parsed))
 
 
@@ -361,6 +366,18 @@ def _as_numbers(degradation: str, name: str, value: Any) -> list[Number]:
             f"{degradation}: {name}={value!r} must be a number or a non-empty list of numbers."
         )
     return list(values)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars (``np.float32(5)``, ``np.int64(9)``) made ``int`` or
+    ``float``, in lists and tuples too; anything else is returned for validation to judge."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _is_number(value: Any) -> bool:

@@ -34,6 +34,7 @@ from loraxir.training.config import RecipeConfig, fingerprint
 STATE_NAME = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
+FIGURES_DIR = "figures"
 
 
 @dataclass
@@ -111,10 +112,11 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
 
 
 def clear_earlier_run(config: RecipeConfig) -> None:
-    """With ``overwrite`` (and no ``resume``), delete the earlier run's checkpoints and
-    logs; its results are replaced when the new run saves. Main process only."""
+    """With ``overwrite`` (and no ``resume``), delete the earlier run's checkpoints, logs
+    and step figures (grids of steps the new run may never reach would pass for its own);
+    its results are replaced when the new run saves. Main process only."""
     if config.overwrite and config.resume is None:
-        for name in (CHECKPOINTS_DIR, LOGS_DIR):
+        for name in (CHECKPOINTS_DIR, LOGS_DIR, FIGURES_DIR):
             shutil.rmtree(Path(config.output_dir) / name, ignore_errors=True)
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from loraxir.degradations import Suite
 from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError, DataError
-from loraxir.training.checkpoints import TrainState, resume
+from loraxir.training.checkpoints import FIGURES_DIR, TrainState, resume
 from loraxir.training.config import RecipeConfig, run_setting
 from loraxir.training.engine import (
     ExponentialMovingAverage,
@@ -376,7 +376,7 @@ def validate(
             crop_border=config.val_crop_border,
         )
         if accelerator.is_main_process:
-            path = Path(config.output_dir) / "figures" / f"{prefix}_step-{step:07d}.png"
+            path = Path(config.output_dir) / FIGURES_DIR / f"{prefix}_step-{step:07d}.png"
             save_image_grid(
                 accelerator, restore, validation_items(data), path, step, f"{prefix}/restored"
             )
