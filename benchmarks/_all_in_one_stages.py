@@ -32,6 +32,8 @@ from loraxir.validation import file_in_the_way
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILE = "run.json"
 DONE = "STAGE_DONE.json"
+# Seconds a stage spent before it was interrupted; a resumed stage adds them to its time.
+SPENT = "STAGE_SPENT.json"
 CHECKPOINTS = "checkpoints"
 RESUME_HINT = "Run the same command again to resume; finished stages are kept."
 
@@ -134,16 +136,26 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run ``work`` once: skip it when ``folder`` holds its marker, else run it (timed),
     write the marker and delete the recipe checkpoints it no longer needs. Returns
-    ``{"seconds": wall time, "result": what work returned}``."""
+    ``{"seconds": wall time, "result": what work returned}``. The time of a stage that was
+    interrupted (Ctrl-C, an error) and resumed counts every attempt, work redone after the
+    last checkpoint included: the table reports what the stage cost."""
     done = stage_done(folder)
     if done is not None:
         log(f"  ✓ {title} (done earlier, {done['seconds']:.0f} s)")
         return done
-    log(f"  → {title}")
+    spent_path = folder / SPENT
+    spent = read_json(spent_path)["seconds"] if spent_path.is_file() else 0.0
+    log(f"  → {title}" + (f" (resumed after {spent:.0f} s)" if spent else ""))
     start = time.perf_counter()
-    result = work()
-    record = {"seconds": time.perf_counter() - start, "result": result}
+    try:
+        result = work()
+    except BaseException:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(spent_path, {"seconds": spent + time.perf_counter() - start})
+        raise
+    record = {"seconds": spent + time.perf_counter() - start, "result": result}
     write_json(folder / DONE, record)
+    spent_path.unlink(missing_ok=True)
     for checkpoints in list(folder.rglob(CHECKPOINTS)):
         shutil.rmtree(checkpoints, ignore_errors=True)
     log(f"  ✓ {title} ({record['seconds']:.0f} s)")

@@ -12,6 +12,7 @@ import errno
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,7 @@ def test_an_interrupted_stage_runs_again_and_a_done_one_does_not(tmp_path: Path)
 
     def interrupted() -> dict[str, Any]:
         calls.append("interrupted")
+        time.sleep(0.2)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -255,6 +257,8 @@ def test_an_interrupted_stage_runs_again_and_a_done_one_does_not(tmp_path: Path)
     first = stages.run_stage(tmp_path, "stage", lambda: calls.append("run") or {"x": 1}, print)
     again = stages.run_stage(tmp_path, "stage", lambda: calls.append("again") or {}, print)
     assert calls == ["interrupted", "run"] and again == first and first["result"] == {"x": 1}
+    assert first["seconds"] >= 0.2, "the interrupted attempt's time counts"
+    assert not (tmp_path / stages.SPENT).exists()
     assert stages.recipe_argv({"max_steps": 5})[:2] == ["--resume", "latest"]
 
 
