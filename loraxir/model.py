@@ -84,6 +84,9 @@ class LoraIRModel(BaseTuner):
     prefix = "loraxir_"
     tuner_layer_cls = LoraIRLayer
     target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 (peft's class attribute)
+    # Set once unload()/merge_and_unload() has handed the plain backbone back: the backbone
+    # this model wraps has no experts left, so every routed use must be refused.
+    _unloaded = False
 
     def __init__(
         self,
@@ -283,6 +286,13 @@ class LoraIRModel(BaseTuner):
         return self.routing.merged_layers > 0
 
     def _active_name(self) -> str:
+        if self._unloaded:
+            raise RoutingError(
+                "This model was unloaded: merge_and_unload()/unload() returned its plain "
+                "backbone, which no longer has experts. Use the returned network, or load the "
+                "adapter again (loraxir.load_adapter or LoraIRModel.from_pretrained); to keep "
+                "this model, merge a copy: copy.deepcopy(model).merge_and_unload(...)."
+            )
         if not self.active_adapters:
             raise RoutingError(
                 "No adapter is active: the last one was deleted. Take the plain backbone with "
@@ -863,9 +873,11 @@ class LoraIRModel(BaseTuner):
         """peft's unload, then a recount of merged layers: unloaded layers, merged or not,
         are no longer part of this model."""
         try:
-            return super()._unload_and_optionally_merge(*args, **kwargs)
+            plain = super()._unload_and_optionally_merge(*args, **kwargs)
         finally:
             self.routing.merged_layers = sum(layer.merged for _, layer in self.expert_layers())
+        self._unloaded = True
+        return plain
 
     # ------------------------------------------------------------ save / load
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:

@@ -117,7 +117,8 @@ def resolve_targets(
                 f"The {type(backbone).__name__} already carries loraxir experts, so "
                 f"target_modules={target_modules!r} found nothing left to wrap. Grow the existing "
                 "model instead (model.add_degradation(name)), or take the plain network back "
-                "first (model.merge_and_unload())."
+                "first (model.unload(), or model.merge_and_unload(degradation=...) to keep one "
+                "expert folded in)."
             )
         wanted = target_modules if isinstance(target_modules, list) else [target_modules]
         close = sorted(

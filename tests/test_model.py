@@ -255,6 +255,26 @@ def test_merge_and_unload_returns_plain_backbone_with_experts_folded():
         _model().merge_and_unload()
 
 
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda model, _: model(torch.rand(1, 3, 32, 32), degradation="rain"),
+        lambda model, _: model.add_degradation("snow"),
+        lambda model, folder: model.save_pretrained(str(folder)),
+        lambda model, _: model.merge(degradation="rain"),
+    ],
+)
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_a_model_whose_backbone_was_handed_back_refuses_every_routed_use(use, unload, tmp_path):
+    """The wrapper's backbone has no experts left: a call for another class would run the
+    merged weights, a save would write an empty adapter (both silently, before)."""
+    model = _trained_model()
+    getattr(model, unload)(**({"degradation": "haze"} if unload == "merge_and_unload" else {}))
+    with pytest.raises(RoutingError, match=r"was unloaded.*copy\.deepcopy\(model\)"):
+        use(model, tmp_path / "never-written")
+    assert not (tmp_path / "never-written").exists()
+
+
 def _user_unet_model(checkpointed: bool = False, **config) -> loraxir.LoraIRModel:
     torch.manual_seed(0)
     model = loraxir.get_loraxir_model(
