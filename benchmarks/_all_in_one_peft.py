@@ -2,10 +2,11 @@
 like ``recipes/finetune.py`` trains experts (same machinery, data, loss and schedule).
 
 peft's conv LoRA cannot take depthwise convolutions at ranks that are not multiples of
-their groups (``FIELD_NOTES.md``), so it targets the dense convolutions only
-(``target_modules``); the table reports its own, slightly smaller, trainable count. With a
-DAM base the network runs as a :class:`~loraxir.guidance.GuidedBackbone`, its frozen
-router feeding the (frozen) DAM blocks, exactly as in the base.
+their groups (its ``lora_A`` is a grouped convolution of ``r`` outputs), so it targets the
+dense convolutions only (``target_modules``); the table reports its own, slightly smaller,
+trainable count. With a DAM base the network runs as a
+:class:`~loraxir.guidance.GuidedBackbone`, its frozen router feeding the (frozen) DAM
+blocks, exactly as in the base.
 
 Writes ``output_dir/adapter/``: ``lora.safetensors`` (peft's adapter tensors),
 ``lora_config.json`` (the ``LoraConfig`` and the base folder); :func:`load` rebuilds the

@@ -57,7 +57,7 @@ from _all_in_one_stages import (
 )
 
 from loraxir.errors import ConfigError
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 Log = Callable[[str], None]
 SHIFT_NOTE = "shift"
@@ -72,7 +72,7 @@ def _print(message: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--scale", default="tiny", help="tiny | quick | cpu | paper")
     parser.add_argument("--config", help="A YAML of benchmark settings instead of --scale.")
     parser.add_argument(

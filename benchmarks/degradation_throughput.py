@@ -30,7 +30,7 @@ from loraxir import degradations
 from loraxir.backbones import create_backbone
 from loraxir.data import SKIMAGE_IMAGES, SyntheticPairs, skimage_image
 from loraxir.degradations.gallery import square
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 TINY_BACKBONES = ("nafnet-tiny", "swinir-tiny")
 
@@ -90,7 +90,7 @@ def loading_versus_training(batch: int, patch: int, batches: int) -> dict[str, d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--batch", type=positive_int, default=16)
     parser.add_argument(
         "--size", type=positive_int, default=256, help="side of the throughput images"

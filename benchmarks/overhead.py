@@ -33,9 +33,11 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -47,7 +49,7 @@ import loraxir
 from loraxir import LoraIRConfig
 from loraxir.compute import FORMS
 from loraxir.inference.allocator import keep_freed_cpu_memory, keeps_freed_cpu_memory
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 EXPERTS, RANK = 5, 8
 SINGLE_RANK = EXPERTS * RANK  # one expert of the same trainable size as E x r
@@ -429,7 +431,7 @@ def _settings(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="a representative subset")
     parser.add_argument("--backbones", nargs="+", help="a grid instead of the issue's table")
     parser.add_argument("--sizes", "--size", nargs="+", type=positive_int, dest="sizes")
@@ -467,21 +469,35 @@ def main(argv: list[str] | None = None) -> None:
     sections = {"inference": (inference, bench_inference), "training": (training, bench_training)}
     planned = [(section, setting) for section in args.sections for setting in sections[section][0]]
     # A setting takes minutes on a CPU: a bar over them, each table printed as it completes.
-    for section, setting in tqdm(planned, desc="overhead settings", unit="setting"):
-        start = len(bench.rows)
-        sections[section][1](bench, setting, args.seed)
-        tqdm.write(_table(bench.rows[start:]))
+    # Stopped early (Ctrl-C, or `timeout`'s SIGTERM in gpu_overhead.sh), it writes the rows
+    # of the settings it finished, marked incomplete, and exits 130.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    stopped, start = False, 0
+    try:
+        for section, setting in tqdm(planned, desc="overhead settings", unit="setting"):
+            start = len(bench.rows)
+            sections[section][1](bench, setting, args.seed)
+            tqdm.write(_table(bench.rows[start:]))
+    except KeyboardInterrupt:
+        stopped = True
+        del bench.rows[start:]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for warning in bench.warnings:
         print(f"WARNING: {warning}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     settings_json = vars(args) | {"output": str(args.output), "threads": bench.threads}
-    args.output.write_text(
-        json.dumps(
-            {"settings": settings_json, "warnings": bench.warnings, "rows": bench.rows}, indent=2
-        )
-    )
-    print(f"wrote {args.output}")
+    record = {"settings": settings_json, "complete": not stopped, "warnings": bench.warnings}
+    args.output.write_text(json.dumps(record | {"rows": bench.rows}, indent=2))
+    print(f"wrote {args.output}" + (f" (stopped early: {len(bench.rows)} rows)" if stopped else ""))
+    if stopped:
+        raise KeyboardInterrupt
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: stop timing and write what was measured."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    run_script(main, "Nothing was written.")
+    run_script(main, 'The finished settings\' rows were written ("complete": false).')

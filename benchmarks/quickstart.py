@@ -28,7 +28,7 @@ from _all_in_one_methods import Paths
 from _all_in_one_stages import RESUME_HINT, atomic_path, prepare_run, run_stage
 from _timing import positive_int
 
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 ADAPTER_METHOD = "lora_ir_top1"
 
@@ -73,7 +73,7 @@ def restore_test_photos(root: Path, suite_name: str, seed: int, max_side: int) -
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
+        description=" ".join(script_description(__doc__).split()).replace("``", "")
     )
     parser.add_argument(
         "--output-dir", default="outputs/quickstart", help="Where every result goes."

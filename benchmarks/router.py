@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from loraxir import create_backbone
 from loraxir.router import DegradationRouter
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
 
@@ -140,7 +140,7 @@ def _format_row(row: dict[str, object]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--backbone", default="nafnet", help="loraxir.create_backbone name")
     parser.add_argument("--encoders", nargs="+", default=["cnn-tiny", "ViT-B-32", "ViT-L-14-336"])
     parser.add_argument(

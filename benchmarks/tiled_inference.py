@@ -26,7 +26,7 @@ import numpy as np
 from _timing import output_file, positive_float, positive_int
 
 from loraxir.inference.tiling import check_tiling
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -119,7 +119,7 @@ def _random_adapter(folder: Path, seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--adapter", help="adapter name, folder or repo id (default: shipped)")
     parser.add_argument("--random", action="store_true", help="use a random nafnet-tiny adapter")
     parser.add_argument(

@@ -37,7 +37,7 @@ from _timing import output_file, positive_int
 from torch import nn
 from tqdm import tqdm
 
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
@@ -190,7 +190,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--backbone", default="nafnet-small")
     parser.add_argument("--patch", type=positive_int, default=64, help="training patch side")
     parser.add_argument("--batch", type=positive_int, default=8, help="global batch (even)")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
-        help="have glibc keep freed memory for reuse, as the recipes do on a CPU",
+        help="have glibc keep freed memory for reuse, as `loraxir restore` does on a CPU",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

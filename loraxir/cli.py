@@ -9,6 +9,7 @@ other heavy modules inside the run functions, so ``loraxir --help`` answers at o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -355,3 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"\nloraxir: interrupted.{kept}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`loraxir degradations --list | head`): stop quietly, as
+        # shell tools do, and keep Python's exit-time flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

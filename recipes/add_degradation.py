@@ -38,7 +38,7 @@ from loraxir.degradations import Suite, Task
 from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 from loraxir.training.models import routing_arguments, save_adapter
 from loraxir.training.restoration import (
     RestorationConfig,
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
     from loraxir import LoraIRConfig
 
-    config = parse_recipe_args(AddDegradationConfig, __doc__.splitlines()[0], argv)
+    config = parse_recipe_args(AddDegradationConfig, script_description(__doc__), argv)
     adapter_config = Path(config.adapter) / "adapter_config.json"
     if not adapter_config.is_file():
         raise ConfigError(

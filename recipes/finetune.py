@@ -32,7 +32,7 @@ from torch.utils.data import Subset
 from loraxir.errors import ConfigError
 from loraxir.router import labelled_batches
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 from loraxir.training.models import (
     attach_experts,
     has_dam,
@@ -173,7 +173,7 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
-    config = parse_recipe_args(FinetuneConfig, __doc__.splitlines()[0], argv)
+    config = parse_recipe_args(FinetuneConfig, script_description(__doc__), argv)
     prepare_output_dir(config, ("adapter",))
     data = build_data(config)
     run = start_run(config, data, "finetune", lambda: build_model(config, data))

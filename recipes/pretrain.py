@@ -20,6 +20,7 @@ tensorboard ``logs/`` and ``checkpoints/``.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 
 from loraxir.errors import ConfigError
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 from loraxir.training.restoration import RestorationConfig, build_data, start_run
 
 RESULT_DIR = "backbone"
@@ -99,13 +100,30 @@ def save_result(model: nn.Module, folder: Path) -> None:
         save_backbone(model, folder)
 
 
+def _warn_of_router_classes(model: nn.Module, classes: Sequence[str]) -> None:
+    """A router of other classes still drives DAM, but its embeddings describe other
+    degradations, and ``finetune.py`` with ``route_by: router`` refuses it: say so before
+    the hours of pre-training, not after."""
+    router = getattr(model, "router", None)
+    unknown = sorted(set(classes) - set(router.degradations)) if router is not None else []
+    if unknown:
+        warnings.warn(
+            f"The router knows {router.degradations}, not the data's classes {unknown}: DAM "
+            "will be steered by embeddings of other degradations, and recipes/finetune.py "
+            "with route_by=router will refuse this router. Train one on this data's suite "
+            "(recipes/train_router.py --set suite=...).",
+            stacklevel=2,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
-    config = parse_recipe_args(PretrainConfig, __doc__.splitlines()[0], argv)
+    config = parse_recipe_args(PretrainConfig, script_description(__doc__), argv)
     prepare_output_dir(config, (RESULT_DIR,))
     data = build_data(config)
     run = start_run(config, data, "pretrain", lambda: build_model(config))
     run.resume()
+    _warn_of_router_classes(run.unwrapped, data.classes)
     guidance = f"DAM driven by {config.router}" if config.router else "no DAM"
     run.accelerator.print(
         f"Pre-training {run.trainable_parameters:,} parameters ({guidance}) on "

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from loraxir.pretrained import DEFAULT_ADAPTER
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -369,7 +369,7 @@ def _photo_names(photos: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("adapter", help="the trained adapter: a folder, a name or a Hub repo id")
     parser.add_argument("--photos", type=Path, required=True, help="held-out clean photos")
     parser.add_argument("--suite", default="five_task")

@@ -83,7 +83,7 @@ from loraxir.training import (
     write_json,
 )
 from loraxir.training.checkpoints import check_resumable
-from loraxir.training.entry import run_script
+from loraxir.training.entry import run_script, script_description
 from loraxir.validation import check_choice, check_int
 
 OBJECTIVES = ("classification", "contrastive")
@@ -532,7 +532,7 @@ def save_router_choices(router: DegradationRouter, items: Sequence[Any], path: P
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config = parse_recipe_args(TrainRouterConfig, __doc__.splitlines()[0], argv)
+    config = parse_recipe_args(TrainRouterConfig, script_description(__doc__), argv)
     prepare_output_dir(config, ("router", "folds"))
     output_dir = Path(config.output_dir)
     run_folds = min(config.run_folds or config.folds, config.folds)  # None: every fold

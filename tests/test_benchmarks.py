@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -53,6 +55,29 @@ def test_overhead_benchmark_runs_and_writes_every_measure(tmp_path, monkeypatch,
     assert abs(ratio - 1) <= 0.5 / rank
     printed = capsys.readouterr().out
     assert all(measure in printed for measure in measures)
+    assert json.loads(output.read_text())["complete"] is True
+
+
+def test_overhead_benchmark_stopped_early_writes_the_finished_settings(tmp_path, monkeypatch):
+    """gpu_overhead.sh stops each run with `timeout` (SIGTERM): what was measured stays."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("overhead", None)
+    import overhead
+
+    def stop_in_training(bench, setting, seed):
+        bench.rows.append({"measure": "half-measured"})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(overhead, "bench_training", stop_in_training)
+    output = tmp_path / "overhead.json"
+    argv = ["--backbones", "nafnet-tiny", "--size", "32", "--batches", "2", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        overhead.main([*argv, "--output", str(output)])
+    record = json.loads(output.read_text())
+    measures = [row["measure"] for row in record["rows"]]
+    assert record["complete"] is False
+    assert any(m.startswith("routed top-1 inference") for m in measures), "inference is kept"
+    assert "half-measured" not in measures, "the unfinished setting's rows are dropped"
 
 
 def test_training_floor_trains_one_parameter_and_leaves_the_backbone_alone(monkeypatch):

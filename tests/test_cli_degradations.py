@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +51,20 @@ def test_list_prints_degradations_parameters_and_suites(capsys):
     for name in degradations.available() + degradations.available_suites():
         assert f"{name}:" in text
     assert "sigma" in text and "allowed [1, 100]" in text
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`loraxir degradations --list | head -1`: the pipe closes before the listing ends."""
+    code = "import sys; from loraxir import cli; sys.exit(cli.main(sys.argv[1:]))"
+    listing = subprocess.Popen(
+        [sys.executable, "-c", code, "degradations", "--list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    listing.stdout.close()  # before the child has written anything
+    error = listing.stderr.read().decode()
+    assert listing.wait(timeout=60) == 141
+    assert "Traceback" not in error and "Exception ignored" not in error, error
 
 
 def test_unknown_suite_exits_2_listing_the_known_ones(tmp_path, capsys):

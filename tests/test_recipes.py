@@ -303,6 +303,20 @@ def test_routing_by_a_router_of_fewer_classes_than_the_data_is_refused(
             f"router={tmp_path / 'router'}")  # fmt: skip
 
 
+def test_pretrain_warns_before_training_when_the_router_lacks_the_datas_classes(
+    tmp_path: Path,
+) -> None:
+    from loraxir.router import DegradationRouter
+
+    router = DegradationRouter.from_encoder(
+        "cnn-tiny", ["noise", "haze"], image_size=16, hidden_dim=16, embed_dim=8
+    )
+    router.save_pretrained(tmp_path / "router")
+    with pytest.warns(UserWarning, match=r"not the data's classes \['rain'\].*refuse"):
+        run("pretrain", tmp_path / "out", *DATA, "backbone=nafnet-tiny", "max_steps=1",
+            "tasks=[noise,rain]", f"router={tmp_path / 'router'}")  # fmt: skip
+
+
 def test_pretrain_refuses_dam_points_without_a_router(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="dam_points places DAM blocks"):
         run("pretrain", tmp_path, *DATA, "backbone=nafnet-tiny", "dam_points=[intro]")

@@ -183,7 +183,7 @@ def parse_recipe_args(
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="Override settings; values are YAML (e.g. --set max_steps=50 grid=0).",
+        help="Override settings; values are YAML (e.g. --set max_steps=50 learning_rate=5e-4).",
     )
     parser.add_argument("--output-dir", help="Shortcut for --set output_dir=...")
     parser.add_argument("--resume", help="Shortcut for --set resume=... ('latest' or a path).")

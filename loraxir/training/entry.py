@@ -19,6 +19,12 @@ RESUME_HINT = (
 )
 
 
+def script_description(doc: str) -> str:
+    """A script's ``--help`` description: the first paragraph of its module docstring, on
+    one line and without reST markup (its first line alone stops mid-sentence)."""
+    return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+
+
 def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoReturn:
     """Call ``main()`` and exit: 0 on success, 2 with ``<script>: error: <message>`` on a
     loraxir error, 130 on Ctrl-C with ``resume_hint``. Other exceptions are bugs and keep
