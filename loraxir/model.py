@@ -348,8 +348,9 @@ class LoraIRModel(BaseTuner):
 
     def _check_input(self, x: Any) -> None:
         """Refuse what the backbone would reject from deep inside torch: a non-tensor, an
-        integer tensor, one image without its batch dimension, or a float dtype other than
-        the weights' (outside autocast)."""
+        integer tensor, one image without its batch dimension, a registered family's network
+        given other than its channel count, or a float dtype other than the weights'
+        (outside autocast)."""
         if not isinstance(x, torch.Tensor):
             raise DataError(
                 f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
@@ -364,6 +365,13 @@ class LoraIRModel(BaseTuner):
             raise DataError(
                 f"Expected a batch of images (B, C, H, W), got one image of shape "
                 f"{tuple(x.shape)}; pass x[None] (and take [0] of the output)."
+            )
+        channels = _input_channels(self.model)
+        if channels is not None and x.ndim == 4 and x.shape[1] != channels:
+            raise DataError(
+                f"The backbone takes {channels}-channel images, got {x.shape[1]} channels; "
+                "repeat a grayscale image (x.expand(-1, 3, -1, -1)) or drop alpha (x[:, :3]), "
+                "as loraxir restore does."
             )
         weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         if (
@@ -991,6 +999,16 @@ def _undo_injection(
         guidance.remove_dam(model)
     for block, routing in dam_before:
         block.routing = routing
+
+
+def _input_channels(backbone: nn.Module) -> int | None:
+    """The channels a registered family's network takes (its first convolution, which
+    every family in the registry applies first); ``None`` for other networks, whose first
+    registered layer need not be the first one run."""
+    if backbone_unit(backbone) is None:
+        return None
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def _router_from_config(spec: Any) -> nn.Module:

@@ -262,6 +262,20 @@ def test_adapter_with_dam_restores_outputs_through_loraxir_and_peft(tmp_path):
         assert torch.equal(reloaded(x), expected)
 
 
+def test_old_classes_given_by_name_keep_their_outputs_when_a_class_is_added():
+    """Their DAM embeddings are the router's fitted rows; dropping them changed the outputs
+    (by 0.56 on the shipped adapter)."""
+    model = _dam_model()
+    labels = torch.arange(len(DEGRADATIONS)).repeat(2)
+    model.loraxir_router.fit_class_embeddings([(torch.rand(len(labels), 3, 32, 32), labels)])
+    x = torch.rand(len(DEGRADATIONS), 3, 32, 32)
+    with torch.no_grad():
+        before = model(x, degradation=DEGRADATIONS)
+        model.add_degradation("snow")
+        assert torch.equal(model(x, degradation=DEGRADATIONS), before)
+        assert model(x[:1], degradation="snow").shape == (1, 3, 32, 32)
+
+
 def test_dam_config_must_match_blocks_already_on_the_backbone():
     backbone = loraxir.create_backbone("nafnet-tiny")
     GuidedBackbone(backbone, _router())

@@ -83,6 +83,8 @@ def test_deleting_the_last_adapter_leaves_a_model_that_says_what_to_do():
             r"one image of shape \(3, 16, 16\).*x\[None\]",
         ),
         (lambda: torch.rand(1, 3, 16, 16), {"degradation": 1}, RoutingError, "neither a class"),
+        (lambda: torch.rand(1, 1, 16, 16), {}, loraxir.DataError, r"3-channel.*got 1.*expand"),
+        (lambda: torch.rand(1, 4, 16, 16), {}, loraxir.DataError, r"got 4 channels.*x\[:, :3\]"),
     ],
 )
 def test_inputs_the_backbone_cannot_take_are_refused_up_front(images, kwargs, error, message):

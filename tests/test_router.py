@@ -175,6 +175,20 @@ def test_extreme_temperature_keeps_k_experts() -> None:
     assert (gates > 0).sum() == 2 and abs(gates.sum().item() - 1) < 1e-6
 
 
+@pytest.mark.parametrize(
+    ("dtype", "k", "temperature"),
+    [(torch.float16, 1, 1e-5), (torch.float16, 2, 1e-4), (torch.float32, 2, 1e-40)],
+)
+def test_a_temperature_that_overflows_the_logits_still_gives_finite_gates(dtype, k, temperature):
+    """logits / temperature is inf here; the gates were NaN."""
+    logits = torch.tensor([[3.0, 1.0, -2.0]], dtype=dtype, requires_grad=True)
+    gates = top_k_gates(logits, k, temperature)
+    assert torch.isfinite(gates).all() and gates[0, 0] == gates.max()
+    assert (gates > 0).sum() == k and abs(gates.float().sum().item() - 1) < 1e-3
+    gates.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_top1_is_one_hot_and_still_passes_gradient() -> None:
     logits = torch.randn(8, 5, requires_grad=True)
     gates = top_k_gates(logits, 1)
@@ -563,6 +577,8 @@ def test_gating_errors_are_routing_errors() -> None:
         cnn_router()(torch.full((1, 3, 16, 16), float("nan")))
     with pytest.raises(RoutingError, match="empty batch"):
         cnn_router()(torch.rand(0, 3, 16, 16))
+    with pytest.raises(RoutingError, match=r"size 64×0: an image needs at least one pixel"):
+        cnn_router()(torch.rand(1, 3, 64, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
@@ -665,7 +681,11 @@ def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router
     with pytest.raises(RuntimeError, match="size mismatch for class_embeddings"):
         cnn_router().load_state_dict({**router.state_dict(), "class_embeddings": fitted[:2]})
     loaded.add_degradation("snow")
-    assert loaded.class_embeddings is None
+    assert torch.equal(loaded.class_embeddings[:-1], fitted), "old classes keep their rows"
+    torch.testing.assert_close(loaded.class_embeddings[-1], fitted.mean(0))
+    indices = list(range(len(CLASSES))) * 2  # a plain list of indices, as documented
+    by_index = router.fit_class_embeddings([(torch.rand(len(indices), 3, 24, 24), indices)])
+    assert by_index.shape == fitted.shape
     with pytest.raises(CheckpointError, match="class_embeddings"):
         cnn_router().load_adapter_state_dict(
             {**router.adapter_state_dict(), "class_embeddings": torch.zeros(2, 24)}

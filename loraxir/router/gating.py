@@ -39,11 +39,14 @@ def top_k_gates(
         )
         logits = logits + noise_std * noise
     top_values, top_index = logits.topk(k, dim=-1)
-    weights = torch.softmax(top_values / temperature, dim=-1)
+    # Shifted by the row's largest logit before dividing: logits / 1e-4 overflow to inf in
+    # float16 (and inf - inf gave NaN gates); the softmax is the same either way.
+    top = top_values[:, :1]
+    weights = torch.softmax((top_values - top) / temperature, dim=-1)
     # A very low temperature can underflow a kept weight to 0; keep k entries non-zero.
     weights = weights.clamp_min(torch.finfo(weights.dtype).tiny)
     if k == 1:
-        chosen = torch.softmax(logits / temperature, dim=-1).gather(-1, top_index)
+        chosen = torch.softmax((logits - top) / temperature, dim=-1).gather(-1, top_index)
         weights = weights + (chosen - chosen.detach())
     return torch.zeros_like(logits).scatter(-1, top_index, weights)
 

@@ -455,7 +455,10 @@ class DegradationRouter(nn.Module):
         With ``head="text"`` its prototype is the text embedding of ``prompt`` (default
         :func:`degradation_prompt`), so the router recognises it zero-shot. With a linear
         head the new row is freshly initialised and must be trained. Old classes' logits are
-        unchanged either way. Fitted class embeddings are dropped (fit them again).
+        unchanged either way. Fitted class embeddings keep their rows, so an old class given
+        by name drives DAM blocks exactly as before; the new class gets the mean of them
+        until :meth:`fit_class_embeddings` fits its own (``recipes/add_degradation.py`` fits
+        it on the new class's patches).
         """
         degradations = check_names("degradations", [*self.degradations, name])
         prompts = self._config.prompts
@@ -466,7 +469,9 @@ class DegradationRouter(nn.Module):
         else:
             self.head = grow_linear(self.head)
         self._config = dataclasses.replace(self._config, degradations=degradations, prompts=prompts)
-        self.class_embeddings = None
+        if self.class_embeddings is not None:
+            fitted = self.class_embeddings
+            self.class_embeddings = torch.cat([fitted, fitted.mean(0, keepdim=True)])
 
     # ------------------------------------------------------------------ saving
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -579,6 +584,10 @@ class DegradationRouter(nn.Module):
 
 def _class_indices(labels: torch.Tensor | Sequence[str], classes: list[str]) -> torch.Tensor:
     """Class indices ``(B,)`` from indices or names; unknown names raise RoutingError."""
+    if not isinstance(labels, torch.Tensor) and all(
+        isinstance(label, int) and not isinstance(label, bool) for label in labels
+    ):
+        labels = torch.tensor(list(labels), dtype=torch.long)
     if isinstance(labels, torch.Tensor):
         index = labels.long().flatten()
         if index.numel() and not (0 <= int(index.min()) and int(index.max()) < len(classes)):

@@ -53,6 +53,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
         )
     if images.shape[0] == 0:
         raise RoutingError("Got an empty batch (0 images); route at least one image.")
+    if images.shape[-2] == 0 or images.shape[-1] == 0:
+        raise RoutingError(
+            f"Got images of size {images.shape[-2]}×{images.shape[-1]}: an image needs at "
+            "least one pixel."
+        )
     if not bool(torch.isfinite(images).all()):
         raise RoutingError(
             "The images hold NaN or infinite values; the router cannot read them. Check the "
