@@ -343,8 +343,8 @@ class LoraIRModel(BaseTuner):
         for members in groups.members:
             part = None if embedding is None else embedding[members]
             outputs.append(self._run_in_chunks(x[members], gates[members], part, (), {}))
-        out = torch.cat(outputs)
-        return out if groups.order is None else out[groups.order]
+        out = _concat(outputs)
+        return out if groups.order is None else _rows(out, groups.order)
 
     def _check_input(self, x: Any) -> None:
         """Refuse what the backbone would reject from deep inside torch: a non-tensor, an
@@ -406,7 +406,7 @@ class LoraIRModel(BaseTuner):
             part_gates = _image_rows(gates, rows, x.shape[0])
             with self.routing.activate(part_gates, _image_rows(embedding, rows, x.shape[0])):
                 outputs.append(self._run_backbone(x[rows]))
-        return torch.cat(outputs)
+        return _concat(outputs)
 
     def _chunk_size(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         """Images per backbone call: all of them unless this is a CPU inference call that
@@ -472,7 +472,7 @@ class LoraIRModel(BaseTuner):
         return groups if all(live[e] for e in used) else None
 
     def _run_backbone(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if backbone_unit(self.model) is None or x.dim() != 4:
+        if backbone_unit(self.model) in (None, 1) or x.dim() != 4:  # 1: a preset's "no padding"
             return self.model(x, *args, **kwargs)
         unit = size_multiple(self.model)
         if x.shape[-2] % unit == 0 and x.shape[-1] % unit == 0:
@@ -688,6 +688,11 @@ class LoraIRModel(BaseTuner):
         config = self.config
         if name in config.degradations:
             raise ConfigError(f"Degradation {name!r} already exists: {config.degradations}.")
+        if self._merged_now():
+            raise RoutingError(
+                "The model is merged; call model.unmerge() before adding a degradation (the "
+                "merged weights hold one gate over the old classes)."
+            )
         router = self.loraxir_router
         if router is not None and not hasattr(router, "add_degradation"):
             raise ConfigError(
@@ -1001,11 +1006,41 @@ def _undo_injection(
         block.routing = routing
 
 
+def _concat(parts: list[Any]) -> Any:
+    """Join the outputs of calls on parts of a batch along the batch: tensors, or lists,
+    tuples and dicts of them (multi-stage networks return one image per stage)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, tuple | list):
+        joined = [_concat(list(items)) for items in zip(*parts, strict=True)]
+        return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+    if isinstance(first, dict):
+        return {key: _concat([part[key] for part in parts]) for key in first}
+    raise DataError(
+        f"The backbone returned a {type(first).__name__}, which loraxir cannot join along "
+        "the batch after running it in parts; set model.inference_chunk_pixels = None and "
+        "route one degradation per call."
+    )
+
+
+def _rows(out: Any, order: torch.Tensor) -> Any:
+    """``out``'s images in ``order`` (tensors, or lists, tuples and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return out[order]
+    if isinstance(out, tuple | list):
+        taken = [_rows(item, order) for item in out]
+        return type(out)(*taken) if hasattr(out, "_fields") else type(out)(taken)
+    return {key: _rows(value, order) for key, value in out.items()}
+
+
 def _input_channels(backbone: nn.Module) -> int | None:
     """The channels a registered family's network takes (its first convolution, which
     every family in the registry applies first); ``None`` for other networks, whose first
     registered layer need not be the first one run."""
-    if backbone_unit(backbone) is None:
+    from loraxir.backbones import detect_preset
+
+    if detect_preset(backbone) is None:
         return None
     first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first is None else first.in_channels

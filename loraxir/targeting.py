@@ -131,4 +131,42 @@ def resolve_targets(
             "Names match a module path or its last components; a string is a regex that must "
             "match the whole dotted path."
         )
+    _check_wrappable(backbone, targets)
     return targets
+
+
+def _check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
+    """Refuse targets whose expert layer would compute something other than the network:
+    experts run the layer's operation on its weight themselves, so hooks on it (old-style
+    ``weight_norm``/``spectral_norm``, which recompute the weight before each call) would
+    be skipped; a module used at two paths would get experts at one of them only; and
+    layers sharing one weight would fold each other's experts into it when merged."""
+    uses: dict[int, list[str]] = {}
+    for path, module in backbone.named_modules(remove_duplicate=False):
+        uses.setdefault(id(module), []).append(path)
+    weights: dict[int, str] = {}
+    for path in targets:
+        module = backbone.get_submodule(path)
+        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if hooks:
+            names = sorted({type(hook).__name__ for hook in hooks})
+            raise TargetModulesError(
+                f"Target {path!r} has forward hooks ({', '.join(names)}): weight_norm or "
+                "spectral_norm (torch.nn.utils), or hooks of your own. Its experts compute the "
+                "layer from its weight and would skip them. Remove them first (e.g. "
+                f"torch.nn.utils.remove_weight_norm), or leave it out (exclude_modules=[{path!r}])."
+            )
+        if len(uses[id(module)]) > 1:
+            raise TargetModulesError(
+                f"Target {path!r} is one module used at {uses[id(module)]}: experts would attach "
+                "at one of them only. Give each use its own layer (copy.deepcopy), or leave "
+                f"it out (exclude_modules=[{path!r}])."
+            )
+        weight = id(module.weight)
+        if weight in weights:
+            raise TargetModulesError(
+                f"Targets {weights[weight]!r} and {path!r} share one weight tensor: merging "
+                "would fold each one's experts into the other. Give them their own weights, "
+                f"or leave one out (exclude_modules=[{path!r}])."
+            )
+        weights[weight] = path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -111,6 +112,32 @@ def test_user_presets_register_detect_and_refuse_duplicates(monkeypatch):
     model = loraxir.get_loraxir_model(MyNet(), LoraIRConfig(num_experts=2))
     assert [path for path, _ in model.expert_layers()] == ["body"]
     assert model.inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
+
+
+def test_a_user_preset_with_side_multiple_1_passes_inputs_as_they_are(monkeypatch):
+    """A network of one's own declaring a ``window_size`` is otherwise reflect-padded."""
+    monkeypatch.setattr(_registry, "_PRESETS", dict(_registry._PRESETS))
+
+    class Windowed(torch.nn.Module):
+        window_size = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="zeros")
+
+        def forward(self, x):
+            return self.body(x)
+
+    net, x = Windowed(), torch.rand(1, 3, 13, 17)
+    with torch.no_grad():
+        expected = net(x)
+        plain = LoraIRConfig(num_experts=2, target_modules=["body"])
+        padded = loraxir.get_loraxir_model(copy.deepcopy(net), plain)
+        assert not torch.equal(padded(x, gates=torch.tensor([[1.0, 0]])), expected)
+        register_preset(Preset(name="windowed", target_modules=["body"],
+                               module_classes=("Windowed",), side_multiple=1))  # fmt: skip
+        model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2))
+        assert torch.equal(model(x, gates=torch.tensor([[1.0, 0]])), expected)
 
 
 def test_a_user_preset_named_in_the_config_sets_the_cpu_chunk(monkeypatch):

@@ -130,6 +130,74 @@ def test_a_conv_subclass_named_as_a_target_is_refused_with_what_to_do():
     assert [path for path, _ in model.expert_layers()] == ["0"]
 
 
+class _TwoStages(torch.nn.Module):
+    """An MPRNet-style network: one restored image per stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        first = x + self.c1(x)
+        return {"stages": [first + self.c2(first), first]}
+
+
+def test_a_network_with_several_outputs_runs_split_batches_as_one():
+    model = loraxir.get_loraxir_model(
+        _TwoStages(), LoraIRConfig(degradations=DEGRADATIONS, target_modules=["c1", "c2"])
+    ).eval()
+    randomize_experts(model)
+    model.inference_chunk_pixels = 2 * 24 * 24  # two images per call
+    x, names = torch.rand(5, 3, 24, 24), ["rain", "haze", "rain", "noise", "haze"]
+    with torch.no_grad():
+        out = model(x, degradation=names)["stages"]
+        alone = [model(x[i : i + 1], degradation=names[i])["stages"] for i in range(5)]
+    for stage in (0, 1):
+        expected = torch.cat([image[stage] for image in alone])
+        torch.testing.assert_close(out[stage], expected, rtol=0, atol=1e-6)
+
+
+def _weight_normed() -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 1))
+    torch.nn.utils.weight_norm(net[0])
+    return net
+
+
+def _one_conv_twice() -> torch.nn.Module:
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    return torch.nn.Sequential(conv, torch.nn.ReLU(), conv)
+
+
+def _tied() -> torch.nn.Module:
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Conv2d(3, 3, 3, padding=1)
+    )
+    net[1].weight = net[0].weight
+    return net
+
+
+@pytest.mark.parametrize(
+    ("network", "message"),
+    [
+        (_weight_normed, r"'0' has forward hooks \(WeightNorm\).*remove_weight_norm"),
+        (_one_conv_twice, r"'0' is one module used at \['0', '2'\].*copy\.deepcopy"),
+        (_tied, r"'0' and '1' share one weight tensor"),
+    ],
+)
+@pytest.mark.parametrize("by_name", [True, False])
+def test_layers_whose_experts_would_compute_something_else_are_refused(network, message, by_name):
+    """Experts skipped weight_norm's hook (outputs off by 1.1 when fresh), reached one of a
+    module's two uses, or corrupted a tied weight on unmerge, silently."""
+    net = network()
+    before = _plain_layers(net)
+    convs = [path for path, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    config = LoraIRConfig(num_experts=2, target_modules=convs if by_name else r".*")
+    with pytest.raises(TargetModulesError, match=message):
+        loraxir.get_loraxir_model(net, config)
+    assert _plain_layers(net) == before
+
+
 def _plain_layers(module: torch.nn.Module) -> list[str]:
     return [type(m).__name__ for m in module.modules()]
 
@@ -287,9 +355,14 @@ def _user_unet_model(checkpointed: bool = False, **config) -> loraxir.LoraIRMode
     return model
 
 
-def test_add_degradation_refuses_an_existing_name():
+def test_add_degradation_refuses_an_existing_name_and_a_merged_model():
     with pytest.raises(ConfigError, match="already exists"):
         _model().add_degradation("rain")
+    merged = _model().eval()
+    merged.merge(degradation="rain")
+    with pytest.raises(RoutingError, match=r"merged; call model.unmerge\(\) before adding"):
+        merged.add_degradation("snow")
+    assert merged.degradations == DEGRADATIONS
 
 
 @pytest.mark.parametrize("compute", ["activation", "weight", "auto"])
