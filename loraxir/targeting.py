@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from loraxir.backbones import (
     Preset,
@@ -96,6 +97,14 @@ def resolve_targets(
                 f"Target {path!r} is a ConvTranspose2d with groups={module.groups}; experts "
                 "attach to ConvTranspose2d with groups=1 only. Leave it out (exclude_modules="
                 f"[{path!r}])."
+            )
+        elif isinstance(target_modules, list) and parametrize.is_parametrized(module):
+            raise TargetModulesError(
+                f"Target {path!r} has parametrizations (torch.nn.utils.parametrizations' "
+                "weight_norm or spectral_norm, or your own): its experts would compute from "
+                "the stored weight, not the parametrized one. Remove them first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')), or "
+                f"leave it out (exclude_modules=[{path!r}])."
             )
         elif isinstance(target_modules, list) and isinstance(module, tuple(LAYER_TYPES)):
             parent = next(t for t in LAYER_TYPES if isinstance(module, t)).__name__

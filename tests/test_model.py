@@ -164,6 +164,12 @@ def _weight_normed() -> torch.nn.Module:
     return net
 
 
+def _parametrized() -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 1))
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    return net
+
+
 def _one_conv_twice() -> torch.nn.Module:
     conv = torch.nn.Conv2d(3, 3, 3, padding=1)
     return torch.nn.Sequential(conv, torch.nn.ReLU(), conv)
@@ -196,6 +202,17 @@ def test_layers_whose_experts_would_compute_something_else_are_refused(network, 
     with pytest.raises(TargetModulesError, match=message):
         loraxir.get_loraxir_model(net, config)
     assert _plain_layers(net) == before
+
+
+def test_a_parametrized_layer_named_as_a_target_is_refused_and_a_regex_passes_it_by():
+    with pytest.raises(TargetModulesError, match=r"'0' has parametrizations.*remove_param"):
+        loraxir.get_loraxir_model(
+            _parametrized(), LoraIRConfig(num_experts=2, target_modules=["0"])
+        )
+    model = loraxir.get_loraxir_model(
+        _parametrized(), LoraIRConfig(num_experts=2, target_modules=r".*")
+    )
+    assert [path for path, _ in model.expert_layers()] == ["1"]
 
 
 def _plain_layers(module: torch.nn.Module) -> list[str]:
