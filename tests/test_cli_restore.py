@@ -111,6 +111,24 @@ def test_restore_skips_bad_inputs_reports_them_and_restores_the_others(
     assert main([*again, "--quiet", "--overwrite", "--degradation", "blur"]) == 0
 
 
+def test_restore_writes_back_the_colour_profile_and_exif(adapter, tmp_path):
+    """read_picture read them, but the restored picture was built without them."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"
+    for name in ("p.jpg", "p.png"):
+        Image.fromarray(photo(32, 48)).save(tmp_path / name, icc_profile=icc, exif=exif.tobytes())
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / "p.jpg"), str(tmp_path / "p.png")]
+    assert main(["restore", *inputs, "-o", str(out), "--adapter", str(adapter), "--quiet"]) == 0
+    for name in ("p.jpg", "p.png"):
+        with Image.open(out / name) as restored:
+            assert restored.info.get("icc_profile") == icc
+            assert restored.getexif().get(0x010F) == "TestCam"
+
+
 def test_restore_flags_an_unsure_image_with_its_runner_up(adapter, tmp_path, capsys):
     """An image whose top probability is under the router's ``unsure_below`` is reported
     as unsure, with the second class and the command that forces it."""

@@ -111,6 +111,22 @@ def test_exif_rotated_16_bit_colour_png_is_read_upright(tmp_path):
     np.testing.assert_array_equal(picture.pixels, np.rot90(values, -1))
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_exif_rotated_16_bit_tiff_is_read_upright(tmp_path, orientation, channels):
+    """Pillow reports such a TIFF's sides already swapped; the samples were reshaped to
+    them and came out scrambled."""
+    import tifffile
+
+    values = np.random.default_rng(3).integers(0, 65536, (6, 10, channels), dtype=np.uint16)
+    photometric = "rgb" if channels == 3 else "minisblack"
+    tag = (274, 3, 1, orientation, True)
+    tifffile.imwrite(tmp_path / "r.tif", values.squeeze(), photometric=photometric, extratags=[tag])
+    turn = {3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1), 8: np.rot90}[orientation]
+    picture = read_picture(tmp_path / "r.tif")
+    np.testing.assert_array_equal(picture.pixels[..., :channels], turn(values))
+
+
 @pytest.mark.parametrize(
     ("values", "kind"),
     [

@@ -11,6 +11,7 @@ replaced without ``overwrite``.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import sys
@@ -24,7 +25,6 @@ import numpy as np
 from loraxir.errors import ConfigError, DataError, LoraIRError
 from loraxir.inference.images import (
     IMAGE_EXTENSIONS,
-    Picture,
     check_output,
     read_picture,
     write_picture,
@@ -211,7 +211,7 @@ def _restore_image(restorer: Restorer, job: Job, progress: bool) -> str:
         restored, routing = restorer.restore(picture.pixels, on_tile=bar.update)
     _replace(
         job.target,
-        lambda path: write_picture(path, Picture(restored, picture.alpha, picture.grayscale)),
+        lambda path: write_picture(path, dataclasses.replace(picture, pixels=restored)),
     )
     return f"{job.source}: {_detected(restorer, routing)} -> {job.target}"
 

@@ -377,9 +377,12 @@ def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
         array = page.asarray()
         axes, photometric = page.axes, int(page.photometric)
         icc_profile = page.tags.valueof(_TIFF_ICC_PROFILE)
+        stored = (page.imagelength, page.imagewidth)
     if "S" in axes and axes.index("S") < axes.index("Y"):  # planar: samples first
         array = np.moveaxis(array, axes.index("S"), -1)
-    array = array.reshape(header.height, header.width, -1)
+    # The stored size: Pillow reports a TIFF oriented 5-8 with its sides already swapped,
+    # and _from_samples turns the stored pixels upright.
+    array = array.reshape(*stored, -1)
     channels = array.shape[-1]
     # Photometric 1 is gray ("min is black"), 2 is RGB; extra samples beyond are alpha.
     if array.dtype != np.uint16 or (photometric, channels) not in {(1, 1), (1, 2), (2, 3), (2, 4)}:
