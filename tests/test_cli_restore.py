@@ -299,6 +299,30 @@ def test_an_output_folder_inside_the_input_folder_is_not_an_input(adapter, tmp_p
     assert found == ["a/x.png", "restored/a/x.png", "restored/x.png"]
 
 
+def test_no_job_writes_over_its_own_input_and_a_file_named_twice_is_one_job(tmp_path):
+    from loraxir.inference.batch import collect
+
+    folder = tmp_path / "photos"
+    (folder / "restored").mkdir(parents=True)
+    for name in ("a.png", "restored/b.png"):
+        Image.fromarray(photo(8, 8)).save(folder / name)
+    jobs, outcome = collect([str(folder)], folder)  # -o the input folder
+    assert jobs == [] and all("the input itself" in why for _, why in outcome.failed)
+    # `restore photos/* -o photos/restored` run twice: the shell passes the results back.
+    inputs = [str(folder / "a.png"), str(folder / "restored")]
+    jobs, outcome = collect(inputs, folder / "restored")
+    assert [job.source.name for job in jobs] == ["a.png"]
+    assert outcome.failed == [
+        (
+            str(folder / "restored" / "b.png"),
+            "its output would be the input itself; choose another -o",
+        )
+    ]
+    twice = [str(folder / "a.png"), f"{folder}/./a.png", f"{folder}/*.png"]
+    jobs, outcome = collect(twice, tmp_path / "out")
+    assert [job.target for job in jobs] == [tmp_path / "out" / "a.png"] and not outcome.failed
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "foo"])
 def test_a_device_this_machine_lacks_exits_2_naming_what_it_has(
     adapter, tmp_path, capsys, monkeypatch, device

@@ -73,7 +73,9 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
     suffix, does not end in a slash and is not an existing folder; otherwise a folder:
     files keep their name, files found in a folder keep their path relative to it. Files
     under an output folder inside a searched folder are not inputs, so running the same
-    command twice does not restore the first run's results. A single output file whose
+    command twice does not restore the first run's results. A file named twice is one job;
+    a job whose output would be its input is refused, ``--overwrite`` or not. A single
+    output file whose
     suffix does not suit its input (an image suffix for a video) raises
     :class:`ConfigError`, before anything runs.
     """
@@ -104,13 +106,21 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
             outcome.failed.append((spec, "no such file or folder"))
     if single and found:
         _check_single_output(found[0][0], output)
-    jobs, writers = [], {}
+    jobs, writers, seen = [], {}, set()
     for source, relative in found:
+        if source.resolve() in seen:  # one file named twice (a folder and a glob, ./a, a)
+            continue
+        seen.add(source.resolve())
         suffix = source.suffix.lower()
         if suffix not in IMAGE_EXTENSIONS and suffix not in VIDEO_EXTENSIONS:
             outcome.failed.append((str(source), f"unsupported file type {suffix or '(none)'}"))
             continue
         job = Job(source, output if single else output / relative)
+        if any(path.resolve() == source.resolve() for path in job.outputs):
+            outcome.failed.append(
+                (str(source), "its output would be the input itself; choose another -o")
+            )
+            continue
         clash = next((path for path in job.outputs if path in writers), None)
         if clash is not None:
             outcome.failed.append(
