@@ -127,6 +127,21 @@ def test_exif_rotated_16_bit_tiff_is_read_upright(tmp_path, orientation, channel
     np.testing.assert_array_equal(picture.pixels[..., :channels], turn(values))
 
 
+@pytest.mark.parametrize("name", ["anim.webp", "anim.png", "pages.tif", "deep.tif"])
+def test_animations_and_multi_page_files_are_refused_not_cut_to_their_first_frame(tmp_path, name):
+    import tifffile
+
+    if name == "deep.tif":
+        with tifffile.TiffWriter(tmp_path / name) as tiff:
+            for _ in range(3):
+                tiff.write(np.zeros((8, 8, 3), dtype=np.uint16), photometric="rgb")
+    else:
+        frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"holds 3 frames.*video"):
+        read_picture(tmp_path / name)
+
+
 @pytest.mark.parametrize(
     ("values", "kind"),
     [

@@ -154,6 +154,7 @@ def _pillow_header(path: str | Path) -> ImageHeader:
         orientation = int(Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1))
         image_format = image.format or ""
         signed = image_format == "TIFF" and 2 in _tiff_tag(image, _TIFF_SAMPLE_FORMAT)
+        _refuse_frames(path, getattr(image, "n_frames", 1))
     if mode == "F" or signed or (mode == "I" and not deep):
         kind = "floating-point" if mode == "F" else "32-bit or signed integer"
         raise DataError(
@@ -174,11 +175,22 @@ def _tiff_header(path: str | Path) -> ImageHeader | None:
             page = tiff.pages.first
             if page.bitspersample != 16 or int(page.sampleformat) != 1:
                 return None
+            _refuse_frames(path, len(tiff.pages))
             mode = {1: "I;16", 2: "LA", 3: "RGB"}.get(page.samplesperpixel, "RGBA")
             orientation = int(page.tags.valueof(_EXIF_ORIENTATION, 1))
             return ImageHeader(page.imagelength, page.imagewidth, mode, 16, orientation, "TIFF")
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return None
+
+
+def _refuse_frames(path: str | Path, frames: int) -> None:
+    """An animation or a multi-page file would lose every frame but the first."""
+    if frames > 1:
+        raise DataError(
+            f"{str(path)!r} holds {frames} frames (an animation or a multi-page file); only "
+            "single images are restored. Save its frames as images (or the animation as a "
+            "video: loraxir restores MP4, MKV, MOV, WebM and AVI) and restore those."
+        )
 
 
 def read_picture(path: str | Path) -> Picture:
