@@ -323,6 +323,30 @@ def test_no_job_writes_over_its_own_input_and_a_file_named_twice_is_one_job(tmp_
     assert [job.target for job in jobs] == [tmp_path / "out" / "a.png"] and not outcome.failed
 
 
+def test_an_output_folder_that_cannot_be_written_is_found_before_restoring(tmp_path, monkeypatch):
+    from loraxir.inference import batch
+
+    for name in ("a.png", "b.png", "taken.png"):
+        Image.fromarray(photo(8, 8)).save(tmp_path / name)
+    jobs, outcome = batch.collect(
+        [str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "taken.png"
+    )
+    assert batch.pending(jobs, outcome, overwrite=False) == []
+    assert [why for _, why in outcome.failed] == [
+        f"cannot write into {tmp_path / 'taken.png'}: it is a file, not a folder"
+    ] * 2
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(batch.tempfile, "mkstemp", refused)  # a read-only folder, even for root
+    jobs, outcome = batch.collect([str(tmp_path / "a.png")], tmp_path / "new" / "out")
+    assert batch.pending(jobs, outcome, overwrite=False) == []
+    assert outcome.failed == [
+        (str(tmp_path / "a.png"), f"cannot write into {tmp_path}: Permission denied")
+    ]
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "foo"])
 def test_a_device_this_machine_lacks_exits_2_naming_what_it_has(
     adapter, tmp_path, capsys, monkeypatch, device

@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,16 +173,44 @@ def _check_single_output(source: Path, output: Path) -> None:
 
 def pending(jobs: Sequence[Job], outcome: Outcome, overwrite: bool) -> list[Job]:
     """The jobs to run: without ``overwrite``, one whose output (or video report) exists
-    is listed in ``outcome`` as skipped instead. Call it before loading a model, so that a
-    run with nothing left to do costs nothing."""
-    todo = []
+    is listed in ``outcome`` as skipped instead, and so is one whose output folder cannot
+    be written (tried with a temporary file). Call it before loading a model, so that a
+    run with nothing left to do, or nowhere to write, costs nothing."""
+    todo, problems = [], {}
     for job in jobs:
         existing = next((path for path in job.outputs if path.exists()), None)
+        folder = _existing_ancestor(job.target.parent)
+        if folder not in problems:
+            problems[folder] = _write_problem(folder)
         if existing is not None and not overwrite:
             outcome.failed.append((str(job.source), f"{existing} exists (pass --overwrite)"))
+        elif problems[folder] is not None:
+            outcome.failed.append(
+                (str(job.source), f"cannot write into {folder}: {problems[folder]}")
+            )
         else:
             todo.append(job)
     return todo
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """``folder``, or its nearest ancestor that exists (the one a run would create it in)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why nothing can be written into ``folder``, or ``None`` when a file can be."""
+    if not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".loraxir-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def run(
