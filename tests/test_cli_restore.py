@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,6 +322,22 @@ def test_no_job_writes_over_its_own_input_and_a_file_named_twice_is_one_job(tmp_
     twice = [str(folder / "a.png"), f"{folder}/./a.png", f"{folder}/*.png"]
     jobs, outcome = collect(twice, tmp_path / "out")
     assert [job.target for job in jobs] == [tmp_path / "out" / "a.png"] and not outcome.failed
+
+
+def test_a_linked_folder_inside_an_input_folder_is_reported_not_skipped_silently(tmp_path):
+    from loraxir.inference.batch import collect
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.fromarray(photo(8, 8)).save(tmp_path / "elsewhere" / "e.png")
+    (tmp_path / "photos" / "trip").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos" / "loop").symlink_to(tmp_path / "photos")
+    jobs, outcome = collect([str(tmp_path / "photos")], tmp_path / "out")
+    assert jobs == []
+    assert [(Path(source).name, "not followed" in why) for source, why in outcome.failed] == [
+        ("loop", True),
+        ("trip", True),
+    ]
 
 
 def test_an_output_folder_that_cannot_be_written_is_found_before_restoring(tmp_path, monkeypatch):

@@ -92,8 +92,18 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
             for child in sorted(path.rglob("*")):
                 relative = child.relative_to(path)
                 hidden = any(p.startswith(".") for p in relative.parts)
-                if child.is_file() and not hidden and not _under(child, results):
+                if hidden or _under(child, results):
+                    continue
+                if child.is_file():
                     found.append((child, relative))
+                elif child.is_symlink() and child.is_dir():
+                    outcome.failed.append(
+                        (
+                            str(child),
+                            "a link to a folder is not followed (it may loop back); "
+                            "give it as an input of its own",
+                        )
+                    )
         elif path.is_file():
             found.append((path, Path(path.name)))
         elif glob.has_magic(spec):
