@@ -152,6 +152,34 @@ def test_display_rotation_is_kept(tmp_path):
     assert (info.rotation, info.width, info.height, info.frames) == (90, 24, 16, 3)
 
 
+def test_a_video_job_that_fails_places_nothing_and_its_rerun_restores_it(tmp_path, monkeypatch):
+    """The video was renamed into place before its reports were written: a failure then
+    left it, and the rerun skipped the job as done."""
+    from loraxir.inference import batch, video
+
+    _write_lossless(tmp_path / "clip.mkv", _frames(3, 16, 16), fps=10)
+    restorer = Restorer(tiny_model(), tile=None)
+
+    def full_disk(self, path, title=""):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(video.FrameReport, "plot", full_disk)
+    jobs, outcome = batch.collect([str(tmp_path / "clip.mkv")], tmp_path / "out")
+    batch.run(restorer, batch.pending(jobs, outcome, overwrite=False), outcome, progress=False)
+    assert outcome.failed == [
+        (str(tmp_path / "clip.mkv"), f"Cannot write {tmp_path / 'out' / 'clip.mkv'}: [Errno 28] "
+         "No space left on device")
+    ]  # fmt: skip
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    monkeypatch.undo()
+    jobs, outcome = batch.collect([str(tmp_path / "clip.mkv")], tmp_path / "out")
+    batch.run(restorer, batch.pending(jobs, outcome, overwrite=False), outcome, progress=False)
+    assert not outcome.failed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "clip.frames.csv", "clip.frames.png", "clip.mkv"
+    ]  # fmt: skip
+
+
 def test_a_video_without_frames_or_with_a_wrong_reference_is_refused_before_restoring(tmp_path):
     with av.open(str(tmp_path / "empty.mkv"), "w") as container:  # a header, no frame
         stream = container.add_stream("ffv1", rate=10)

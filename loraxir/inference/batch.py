@@ -182,13 +182,14 @@ def _check_single_output(source: Path, output: Path) -> None:
 
 
 def pending(jobs: Sequence[Job], outcome: Outcome, overwrite: bool) -> list[Job]:
-    """The jobs to run: without ``overwrite``, one whose output (or video report) exists
-    is listed in ``outcome`` as skipped instead, and so is one whose output folder cannot
+    """The jobs to run: without ``overwrite``, one whose output exists is listed in
+    ``outcome`` as skipped instead (a video's reports alone are redone), and so is one whose output folder cannot
     be written (tried with a temporary file). Call it before loading a model, so that a
     run with nothing left to do, or nowhere to write, costs nothing."""
     todo, problems = [], {}
     for job in jobs:
-        existing = next((path for path in job.outputs if path.exists()), None)
+        # A video's reports without the video are what an interrupted job left: redo it.
+        existing = job.target if job.target.exists() else None
         folder = _existing_ancestor(job.target.parent)
         if folder not in problems:
             problems[folder] = _write_problem(folder)
@@ -286,16 +287,19 @@ def _restore_video(
     from tqdm.auto import tqdm
 
     frames = probe_video(job.source).frames
-    with tqdm(total=frames, desc="frames", leave=False, disable=not progress) as bar:
-        report = _replace(
-            job.target,
-            lambda path: restore_video(
-                restorer, job.source, path, smooth, reference, lambda _: bar.update()
-            ),
-        )
     csv_path, plot_path = job.reports
-    _replace(csv_path, report.write_csv)
-    _replace(plot_path, lambda path: report.plot(path, title=job.source.name))
+    with tqdm(total=frames, desc="frames", leave=False, disable=not progress) as bar:
+
+        def write_all(csv: Path, plot: Path, video: Path) -> Any:
+            report = restore_video(
+                restorer, job.source, video, smooth, reference, lambda _: bar.update()
+            )
+            report.write_csv(csv)
+            report.plot(plot, title=job.source.name)
+            return report
+
+        # The reports are placed before the video: a video in place means a finished job.
+        report = _replace((csv_path, plot_path, job.target), write_all)
     if restorer.degradation is not None:
         detected = f"{restorer.degradation} (forced)"
     else:
@@ -308,16 +312,25 @@ def _restore_video(
     )
 
 
-def _replace(target: Path, write: Any) -> Any:
-    """Call ``write(temporary_path)`` and rename the result to ``target``; an error names
-    ``target``, the file the user asked for, not the temporary one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+def _replace(targets: Path | tuple[Path, ...], write: Any) -> Any:
+    """Call ``write(*temporary_paths)`` and, once it has written every one, rename them to
+    ``targets`` in order, so that a failure leaves none of them half-made or placed; an
+    error names the files the user asked for, not the temporary ones."""
+    targets = (targets,) if isinstance(targets, Path) else targets
+    partials = [t.with_name(f".{t.stem}.partial{t.suffix}") for t in targets]
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = write(partial)
-        os.replace(partial, target)
+        result = write(*partials)
+        for partial, target in zip(partials, targets, strict=True):
+            os.replace(partial, target)
     except (LoraIRError, OSError) as error:
-        raise DataError(str(error).replace(str(partial), str(target))) from error
+        message = str(error)
+        for partial, target in zip(partials, targets, strict=True):
+            message = message.replace(str(partial), str(target))
+        if not any(str(target) in message for target in targets):
+            message = f"Cannot write {targets[-1]}: {message}"
+        raise DataError(message) from error
     finally:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
     return result
