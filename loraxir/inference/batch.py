@@ -182,14 +182,14 @@ def _check_single_output(source: Path, output: Path) -> None:
 
 
 def pending(jobs: Sequence[Job], outcome: Outcome, overwrite: bool) -> list[Job]:
-    """The jobs to run: without ``overwrite``, one whose output exists is listed in
-    ``outcome`` as skipped instead (a video's reports alone are redone), and so is one whose output folder cannot
+    """The jobs to run: without ``overwrite``, one whose output (or video report) exists
+    is listed in ``outcome`` as skipped instead (a report may be another video's of the
+    same name), and so is one whose output folder cannot
     be written (tried with a temporary file). Call it before loading a model, so that a
     run with nothing left to do, or nowhere to write, costs nothing."""
     todo, problems = [], {}
     for job in jobs:
-        # A video's reports without the video are what an interrupted job left: redo it.
-        existing = job.target if job.target.exists() else None
+        existing = next((path for path in job.outputs if path.exists()), None)
         folder = _existing_ancestor(job.target.parent)
         if folder not in problems:
             problems[folder] = _write_problem(folder)
@@ -298,7 +298,7 @@ def _restore_video(
             report.plot(plot, title=job.source.name)
             return report
 
-        # The reports are placed before the video: a video in place means a finished job.
+        # All three are written before any is placed: a failure places none.
         report = _replace((csv_path, plot_path, job.target), write_all)
     if restorer.degradation is not None:
         detected = f"{restorer.degradation} (forced)"
