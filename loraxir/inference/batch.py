@@ -184,9 +184,9 @@ def _check_single_output(source: Path, output: Path) -> None:
 def pending(jobs: Sequence[Job], outcome: Outcome, overwrite: bool) -> list[Job]:
     """The jobs to run: without ``overwrite``, one whose output (or video report) exists
     is listed in ``outcome`` as skipped instead (a report may be another video's of the
-    same name), and so is one whose output folder cannot
-    be written (tried with a temporary file). Call it before loading a model, so that a
-    run with nothing left to do, or nowhere to write, costs nothing."""
+    same name), and so is one whose output folder cannot be written (tried with a
+    temporary file). Call it before loading a model, so that a run with nothing left to
+    do, or nowhere to write, costs nothing."""
     todo, problems = [], {}
     for job in jobs:
         existing = next((path for path in job.outputs if path.exists()), None)
