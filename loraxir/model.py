@@ -14,6 +14,7 @@ import contextlib
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -921,8 +922,19 @@ class LoraIRModel(BaseTuner):
         model card, atomically (a crash leaves the previous checkpoint as it was).
 
         The saved ``top_k`` is the attached router's (a router's ``top_k`` may be changed
-        after attaching): the adapter reloads routing as it ran when saved."""
+        after attaching): the adapter reloads routing as it ran when saved. The base
+        network's weights are not in the folder: with ``trainable="all"`` a warning says to
+        save them too (``loraxir.backbones.save_backbone`` of the unloaded network, as the recipes
+        do)."""
         adapter = adapter_name or self._active_name()
+        if self.peft_config[adapter].trainable == "all":
+            warnings.warn(
+                "trainable='all' trains the base network too, but an adapter folder holds "
+                "only the experts, DAM blocks and router: also save the trained network into "
+                "the folder (loraxir.backbones.save_backbone(copy.deepcopy(model).unload(), "
+                "folder)) and load it with loraxir.load_adapter, which reads it.",
+                stacklevel=2,
+            )
         config = copy.deepcopy(self.peft_config[adapter])
         router = _router_of(self.loraxir_router, config)
         config.router = router.to_config() if router is not None else None

@@ -9,6 +9,7 @@ folder written by :func:`save_adapter` is self-contained: the adapter files of
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,9 @@ def save_adapter(model: Any, folder: str | Path, base: str | Path, metrics: dict
     plain = load_backbone(base)
     plain.load_state_dict(plain_state_dict(model.model))
     spec = getattr(plain, "_loraxir_backbone", {}).get("name", type(plain).__name__)
-    model.save_pretrained(str(folder), metrics=card_metrics(metrics), base_model=spec)
+    with warnings.catch_warnings():  # the base network is saved below
+        warnings.filterwarnings("ignore", message="trainable='all'")
+        model.save_pretrained(str(folder), metrics=card_metrics(metrics), base_model=spec)
     save_backbone(plain, folder)
 
 
