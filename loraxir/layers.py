@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from loraxir import compute
 from loraxir.errors import RoutingError, TargetModulesError, unknown_name
@@ -106,6 +107,19 @@ class _UsedExperts(NamedTuple):
     form: str
 
 
+# Optimizer steps taken in this process. Kept folds are valid for one count: a fused
+# optimizer (and any step through ``.data``) moves no version counter, and a step may
+# follow a no-grad call that filled them.
+_optimizer_steps = [0]
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
 class _KeptFolds(NamedTuple):
     """One layer's folds kept between inference calls, and what they are valid for: the
     adapter, the tensors they derive from with their version counters, and which experts
@@ -115,6 +129,8 @@ class _KeptFolds(NamedTuple):
     adapter: str
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
+    first_factors: dict[str, Any]  # the bank's A parameters: functional_call swaps them
+    steps: int
     autocast: tuple[bool, torch.dtype]
     live: tuple[bool, ...]
     weights: dict[tuple[float, ...], torch.Tensor]
@@ -455,8 +471,10 @@ class LoraIRLayer(BaseTunerLayer):
         if (
             kept is not None
             and kept.adapter == adapter
+            and kept.steps == _optimizer_steps[0]
             and kept.autocast == autocast
             and kept.tensors[0] is weight  # replaced: assign=True loads, functional_call
+            and kept.first_factors.get("0") is kept.tensors[1]
             and tuple(map(_version, kept.tensors)) == kept.versions
         ):
             return kept
@@ -470,6 +488,8 @@ class LoraIRLayer(BaseTunerLayer):
             adapter,
             tensors,
             tuple(map(_version, tensors)),
+            bank.A._parameters,
+            _optimizer_steps[0],
             autocast,
             tuple(self.live_experts(adapter)),
             {},

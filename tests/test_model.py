@@ -732,6 +732,8 @@ def test_kept_folds_follow_weight_changes():
         [p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True
     )
     model(x, gates=gates).square().mean().backward()
+    with torch.no_grad():
+        model(x, gates=gates)  # a preview between backward and step fills the folds again
     optimizer.step()
     with torch.no_grad():
         stepped = model(x, gates=gates)
@@ -761,6 +763,12 @@ def test_kept_folds_follow_swapped_tensors_copies_and_autocast():
         swapped = torch.func.functional_call(model, dict(other.named_parameters()), (x,),
                                              {"gates": gates})  # fmt: skip
         assert torch.equal(swapped, fresh(other))
+        assert torch.equal(model(x, gates=gates), own)
+        experts = {n: p for n, p in other.named_parameters() if "loraxir_experts" in n}
+        ema = torch.func.functional_call(model, experts, (x,), {"gates": gates})  # experts only
+        own_base = copy.deepcopy(model)
+        own_base.load_state_dict(experts, strict=False)
+        assert torch.equal(ema, fresh(own_base)) and not torch.equal(ema, own)
         assert torch.equal(model(x, gates=gates), own)
         copied = copy.deepcopy(model)
         copied.load_state_dict(other.state_dict())
