@@ -336,6 +336,14 @@ class LoraIRModel(BaseTuner):
                 "get no gradient. Call model.unmerge() before training, or model.eval() to "
                 "run the merged model."
             )
+        if torch.is_grad_enabled() and self._merged_now() and self.config.trainable == "all":
+            # Even in eval mode: a step would update the merged weights, and unmerge() then
+            # restores the pre-merge copy, dropping the update without a word.
+            raise RoutingError(
+                "The model is merged and trains its base weights (trainable='all'): an update "
+                "now would be lost at unmerge(). Call model.unmerge() before training, or run "
+                "the merged model under torch.no_grad()."
+            )
         gates, embedding = self._routing_for(x, gates, degradation)
         groups = self._inference_groups(x, gates, args, kwargs)
         if groups is None:

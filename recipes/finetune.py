@@ -117,6 +117,11 @@ class FinetuneConfig(RestorationConfig):
                 "trainable='experts+router' trains the router through its gates, but "
                 "route_by='label' bypasses them; use route_by='router' or trainable='experts'."
             )
+        if self.lora_dropout > 0 and self.compute not in ("auto", "activation"):
+            raise ConfigError(  # the tiny config pins compute: batched
+                f"compute={self.compute!r} cannot apply lora_dropout={self.lora_dropout}; set "
+                "compute=activation (or auto) with it."
+            )
 
 
 def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:

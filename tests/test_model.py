@@ -401,6 +401,12 @@ def test_add_degradation_refuses_an_existing_name_and_a_merged_model():
     merged.merge(degradation="rain")
     with pytest.raises(RoutingError, match=r"merged; call model.unmerge\(\) before adding"):
         merged.add_degradation("snow")
+    everything = _model(trainable="all").eval()  # eval mode: a step would be lost at unmerge
+    everything.merge(degradation="rain")
+    with pytest.raises(RoutingError, match=r"trains its base weights.*torch\.no_grad"):
+        everything(torch.rand(1, 3, 32, 32))
+    with torch.no_grad():
+        assert everything(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     assert merged.degradations == DEGRADATIONS
 
 

@@ -317,6 +317,30 @@ def test_pretrain_warns_before_training_when_the_router_lacks_the_datas_classes(
             "tasks=[noise,rain]", f"router={tmp_path / 'router'}")  # fmt: skip
 
 
+def test_finetune_refuses_dropout_with_a_form_that_cannot_apply_it_before_loading(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match="compute='batched' cannot apply lora_dropout"):
+        run("finetune", tmp_path / "out", *FINETUNE, "base=nowhere", "lora_dropout=0.1")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("weight_decay=-1", "weight_decay must be finite and >= 0, got -1"),
+        ("weight_decay=.nan", "weight_decay must be finite and >= 0, got nan"),
+        ("train_repeats=0", "train_repeats must be >= 1, got 0"),
+    ],
+)
+def test_settings_torch_or_the_data_would_refuse_are_named_when_the_config_loads(
+    setting: str, message: str
+) -> None:
+    from loraxir.training import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe("finetune").FinetuneConfig, None, [setting])
+
+
 def test_pretrain_refuses_dam_points_without_a_router(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="dam_points places DAM blocks"):
         run("pretrain", tmp_path, *DATA, "backbone=nafnet-tiny", "dam_points=[intro]")

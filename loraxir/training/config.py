@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -93,6 +94,8 @@ class RecipeConfig:
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if not 0 <= self.weight_decay < math.inf:  # NaN fails both comparisons
+            raise ConfigError(f"weight_decay must be finite and >= 0, got {self.weight_decay}.")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(
                 f"min_learning_rate must be in [0, learning_rate={self.learning_rate}], got "

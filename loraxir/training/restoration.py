@@ -141,6 +141,9 @@ class RestorationConfig(RecipeConfig):
                 f"paired_train and paired_val use the same folder for {shared}: validation "
                 "would score pairs the network trained on. Hold some pairs out in another folder."
             )
+        for name in ("train_repeats", "val_repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.validate_every < 0:
             raise ConfigError(f"validate_every must be >= 0, got {self.validate_every}.")
         if self.val_batch_size is not None and self.val_batch_size < 1:
