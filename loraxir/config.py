@@ -226,11 +226,6 @@ class LoraIRConfig(PeftConfig):
         check_choice("trainable", self.trainable, TRAINABLE_POLICIES)
         check_choice("init", self.init, INIT_SCHEMES)
         check_choice("compute", self.compute, COMPUTE_MODES)
-        if self.lora_dropout > 0 and self.compute not in ("auto", "activation"):
-            raise ConfigError(
-                f"compute={self.compute!r} cannot apply lora_dropout={self.lora_dropout}; use "
-                "compute='activation' (or 'auto') or lora_dropout=0."
-            )
         if self.tuned is not None:
             if not isinstance(self.tuned, dict) or set(self.tuned) - {"inference", "training"}:
                 raise ConfigError(

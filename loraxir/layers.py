@@ -129,7 +129,8 @@ class _KeptFolds(NamedTuple):
     adapter: str
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
-    first_factors: dict[str, Any]  # the bank's A parameters: functional_call swaps them
+    factors: tuple[dict[str, Any], dict[str, Any]]  # the bank's A and B parameter slots
+    factor_ids: list[int]  # the ids of the factor tensors folded (kept.tensors[1:])
     steps: int
     autocast: tuple[bool, torch.dtype]
     live: tuple[bool, ...]
@@ -474,7 +475,10 @@ class LoraIRLayer(BaseTunerLayer):
             and kept.steps == _optimizer_steps[0]
             and kept.autocast == autocast
             and kept.tensors[0] is weight  # replaced: assign=True loads, functional_call
-            and kept.first_factors.get("0") is kept.tensors[1]
+            # factors swapped by functional_call (an EMA evaluation); slots in ``.values()``
+            # order are the tensors' order (A chunks, then B chunks)
+            and list(map(id, kept.factors[0].values())) + list(map(id, kept.factors[1].values()))
+            == kept.factor_ids
             and tuple(map(_version, kept.tensors)) == kept.versions
         ):
             return kept
@@ -488,7 +492,8 @@ class LoraIRLayer(BaseTunerLayer):
             adapter,
             tensors,
             tuple(map(_version, tensors)),
-            bank.A._parameters,
+            (bank.A._parameters, bank.B._parameters),
+            list(map(id, tensors[1:])),
             _optimizer_steps[0],
             autocast,
             tuple(self.live_experts(adapter)),

@@ -38,7 +38,7 @@ from loraxir.routing import (
     degradation_gates,
     fixed_gate,
 )
-from loraxir.targeting import resolve_preset, resolve_targets
+from loraxir.targeting import check_wrappable, resolve_preset, resolve_targets
 
 # Pixels per backbone call in CPU inference (model.inference_chunk_pixels). Measured on a
 # 2-core CPU (NAFNet-w32, float32, the bare backbone): 4 images of 256² took 0.63-0.73×
@@ -134,6 +134,7 @@ class LoraIRModel(BaseTuner):
             model, config.target_modules, config.exclude_modules, config.preset
         )
         guidance.apply_dam_config(model, config.dam, self.routing)
+        check_wrappable(model, targets)  # again: a DAM point may be one of the targets
         self._pending_targets = set(targets)
 
     def _prepare_adapter_config(
@@ -286,7 +287,12 @@ class LoraIRModel(BaseTuner):
         state, and unloading recounts (:meth:`_unload_and_optionally_merge`)."""
         return self.routing.merged_layers > 0
 
-    def _active_name(self) -> str:
+    def _base_trains(self) -> bool:
+        """Whether the targeted base weights take gradients (``trainable="all"``, unless the
+        caller froze them)."""
+        return next(layer for _, layer in self.expert_layers()).base_layer.weight.requires_grad
+
+    def _check_not_unloaded(self) -> None:
         if self._unloaded:
             raise RoutingError(
                 "This model was unloaded: merge_and_unload()/unload() returned its plain "
@@ -294,6 +300,9 @@ class LoraIRModel(BaseTuner):
                 "adapter again (loraxir.load_adapter or LoraIRModel.from_pretrained); to keep "
                 "this model, merge a copy: copy.deepcopy(model).merge_and_unload(...)."
             )
+
+    def _active_name(self) -> str:
+        self._check_not_unloaded()
         if not self.active_adapters:
             raise RoutingError(
                 "No adapter is active: the last one was deleted. Take the plain backbone with "
@@ -336,7 +345,7 @@ class LoraIRModel(BaseTuner):
                 "get no gradient. Call model.unmerge() before training, or model.eval() to "
                 "run the merged model."
             )
-        if torch.is_grad_enabled() and self._merged_now() and self.config.trainable == "all":
+        if torch.is_grad_enabled() and self._merged_now() and self._base_trains():
             # Even in eval mode: a step would update the merged weights, and unmerge() then
             # restores the pre-merge copy, dropping the update without a word.
             raise RoutingError(
@@ -377,10 +386,14 @@ class LoraIRModel(BaseTuner):
             )
         channels = _input_channels(self.model)
         if channels is not None and x.ndim == 4 and x.shape[1] != channels:
-            raise DataError(
-                f"The backbone takes {channels}-channel images, got {x.shape[1]} channels; "
+            how = (
                 "repeat a grayscale image (x.expand(-1, 3, -1, -1)) or drop alpha (x[:, :3]), "
-                "as loraxir restore does."
+                "as loraxir restore does"
+                if channels == 3
+                else f"convert the images to {channels} channels"
+            )
+            raise DataError(
+                f"The backbone takes {channels}-channel images, got {x.shape[1]} channels; {how}."
             )
         weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         if (
@@ -904,6 +917,7 @@ class LoraIRModel(BaseTuner):
     # ------------------------------------------------------------ save / load
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one adapter under peft's key names (experts, DAM, then router)."""
+        self._check_not_unloaded()
         adapter = adapter_name or self._active_name()
         tensors: dict[str, torch.Tensor] = {}
         for path, layer in self.expert_layers():
@@ -934,6 +948,7 @@ class LoraIRModel(BaseTuner):
         network's weights are not in the folder: with ``trainable="all"`` a warning says to
         save them too (``loraxir.backbones.save_backbone`` of the unloaded network, as the recipes
         do)."""
+        self._check_not_unloaded()
         adapter = adapter_name or self._active_name()
         if self.peft_config[adapter].trainable == "all":
             warnings.warn(
@@ -1055,12 +1070,13 @@ def _rows(out: Any, order: torch.Tensor) -> Any:
 
 
 def _input_channels(backbone: nn.Module) -> int | None:
-    """The channels a registered family's network takes (its first convolution, which
-    every family in the registry applies first); ``None`` for other networks, whose first
-    registered layer need not be the first one run."""
+    """The channels a built-in family's network takes (its first convolution, which each
+    of them applies first); ``None`` for other networks (a user's preset included), whose
+    first registered layer need not be the first one run."""
     from loraxir.backbones import detect_preset
 
-    if detect_preset(backbone) is None:
+    preset = detect_preset(backbone)
+    if preset is None or preset.builder is None:  # a user's preset: detection only
         return None
     first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first is None else first.in_channels

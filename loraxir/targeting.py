@@ -21,6 +21,7 @@ from loraxir.backbones import (
     list_presets,
 )
 from loraxir.errors import TargetModulesError
+from loraxir.guidance import _DAMHook
 from loraxir.layers import LAYER_TYPES, LoraIRLayer
 from loraxir.validation import full_match
 
@@ -140,23 +141,34 @@ def resolve_targets(
             "Names match a module path or its last components; a string is a regex that must "
             "match the whole dotted path."
         )
-    _check_wrappable(backbone, targets)
+    check_wrappable(backbone, targets)
     return targets
 
 
-def _check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
+def check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
     """Refuse targets whose expert layer would compute something other than the network:
     experts run the layer's operation on its weight themselves, so hooks on it (old-style
     ``weight_norm``/``spectral_norm``, which recompute the weight before each call) would
     be skipped; a module used at two paths would get experts at one of them only; and
     layers sharing one weight would fold each other's experts into it when merged."""
-    uses: dict[int, list[str]] = {}
+    # Where each module sits: (parent, attribute) slots. A block reused in a loop
+    # (ModuleList([b, b])) holds its layer in one slot, which the expert layer replaces
+    # for every use; a layer placed in two slots would be replaced in one of them only.
+    uses: dict[int, dict[tuple[int, str], str]] = {}
     for path, module in backbone.named_modules(remove_duplicate=False):
-        uses.setdefault(id(module), []).append(path)
+        parent, _, name = path.rpartition(".")
+        slot = (id(backbone.get_submodule(parent)), name)
+        uses.setdefault(id(module), {}).setdefault(slot, path)
     weights: dict[int, str] = {}
     for path in targets:
         module = backbone.get_submodule(path)
         hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if any(isinstance(hook, _DAMHook) for hook in hooks):
+            raise TargetModulesError(
+                f"Target {path!r} is also a DAM point: its block runs as a hook of the layer, "
+                "which the experts would skip. Place the DAM block at the module around it, "
+                f"or leave the layer out (exclude_modules=[{path!r}])."
+            )
         if hooks:
             names = sorted({type(hook).__name__ for hook in hooks})
             raise TargetModulesError(
@@ -167,9 +179,9 @@ def _check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
             )
         if len(uses[id(module)]) > 1:
             raise TargetModulesError(
-                f"Target {path!r} is one module used at {uses[id(module)]}: experts would attach "
-                "at one of them only. Give each use its own layer (copy.deepcopy), or leave "
-                f"it out (exclude_modules=[{path!r}])."
+                f"Target {path!r} is one module placed at {list(uses[id(module)].values())}: "
+                "experts would attach at one of them only. Give each use its own layer "
+                f"(copy.deepcopy), or leave it out (exclude_modules=[{path!r}])."
             )
         weight = id(module.weight)
         if weight in weights:

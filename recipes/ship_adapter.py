@@ -24,6 +24,7 @@ import json
 import shlex
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,9 @@ def ship(
             if file.is_file() and file.name != "README.md":
                 shutil.copy2(file, staging / file.name)
         if class_photos is not None:
-            model.save_pretrained(str(staging))
+            with warnings.catch_warnings():  # the backbone files were copied above
+                warnings.filterwarnings("ignore", message="trainable='all'")
+                model.save_pretrained(str(staging))
         metrics = {"held_out": scores, "clean_photos": clean, **notes}
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         info = describe_adapter(staging)

@@ -34,7 +34,6 @@ def test_num_experts_defaults_to_degradation_count_and_names_default():
         ({"trainable": "everything"}, "trainable must be one of 'experts', 'new_experts'"),
         ({"init": "xavier"}, "init must be one of 'default', 'gaussian'"),
         ({"compute": "fast"}, "compute must be one of 'auto'"),
-        ({"compute": "batched", "lora_dropout": 0.1}, "compute='batched' cannot apply lora_drop"),
         ({"num_experts": 4}, "num_experts=4 does not match the 3 degradations"),
         ({"target_modules": []}, "target_modules must be None, a regex string or a non-empty list"),
         ({"task_type": "CAUSAL_LM"}, "task_type must be None"),

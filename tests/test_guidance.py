@@ -276,6 +276,17 @@ def test_old_classes_given_by_name_keep_their_outputs_when_a_class_is_added():
         assert model(x[:1], degradation="snow").shape == (1, 3, 32, 32)
 
 
+def test_a_dam_point_on_a_layer_that_gets_experts_is_refused_before_anything_changes():
+    """The experts would compute the layer themselves and skip the DAM block's hook."""
+    backbone = _backbone()
+    before = set(backbone.state_dict())
+    dam = DAMConfig(embed_dim=EMBED_DIM, points=["intro"])
+    config = LoraIRConfig(degradations=DEGRADATIONS, dam=dam)
+    with pytest.raises(TargetModulesError, match="'intro' is also a DAM point"):
+        loraxir.get_loraxir_model(backbone, config, router=_router())
+    assert set(backbone.state_dict()) == before
+
+
 def test_dam_config_must_match_blocks_already_on_the_backbone():
     backbone = loraxir.create_backbone("nafnet-tiny")
     GuidedBackbone(backbone, _router())

@@ -142,6 +142,20 @@ def test_animations_and_multi_page_files_are_refused_not_cut_to_their_first_fram
         read_picture(tmp_path / name)
 
 
+def test_a_jpeg_with_a_preview_and_a_tiff_with_a_thumbnail_are_one_image(tmp_path):
+    """Pillow opens such a JPEG (phones' gain maps, cameras' previews) as a 2-frame MPO."""
+    import tifffile
+
+    photo = Image.new("RGB", (16, 12), (200, 30, 30))
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True,
+               append_images=[Image.new("RGB", (8, 6))])  # fmt: skip
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as tiff:
+        tiff.write(np.full((12, 16, 3), 200, dtype=np.uint8), photometric="rgb")
+        tiff.write(np.zeros((6, 8, 3), dtype=np.uint8), photometric="rgb", subfiletype=1)
+    for name in ("phone.jpg", "thumb.tif"):
+        assert read_picture(tmp_path / name).pixels.shape == (12, 16, 3)
+
+
 @pytest.mark.parametrize(
     ("values", "kind"),
     [

@@ -187,7 +187,7 @@ def _tied() -> torch.nn.Module:
     ("network", "message"),
     [
         (_weight_normed, r"'0' has forward hooks \(WeightNorm\).*remove_weight_norm"),
-        (_one_conv_twice, r"'0' is one module used at \['0', '2'\].*copy\.deepcopy"),
+        (_one_conv_twice, r"'0' is one module placed at \['0', '2'\].*copy\.deepcopy"),
         (_tied, r"'0' and '1' share one weight tensor"),
     ],
 )
@@ -202,6 +202,32 @@ def test_layers_whose_experts_would_compute_something_else_are_refused(network, 
     with pytest.raises(TargetModulesError, match=message):
         loraxir.get_loraxir_model(net, config)
     assert _plain_layers(net) == before
+
+
+class _SharedBlockLoop(torch.nn.Module):
+    """One block applied three times (a recurrent restorer): its layer has one slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1))
+        self.blocks = torch.nn.ModuleList([block, block, block])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_block_reused_in_a_loop_gets_experts_at_every_use():
+    model = loraxir.get_loraxir_model(
+        _SharedBlockLoop(), LoraIRConfig(num_experts=2, target_modules=r".*")
+    ).eval()
+    randomize_experts(model)
+    x, gates = torch.rand(1, 3, 16, 16), torch.tensor([[0.0, 1.0]])
+    with torch.no_grad():
+        routed = model(x, gates=gates)
+        plain = copy.deepcopy(model).merge_and_unload(gates=gates[0])
+        torch.testing.assert_close(routed, plain(x), rtol=0, atol=1e-5)
 
 
 def test_a_parametrized_layer_named_as_a_target_is_refused_and_a_regex_passes_it_by():
@@ -359,6 +385,8 @@ def test_a_model_whose_backbone_was_handed_back_refuses_every_routed_use(use, un
     getattr(model, unload)(**({"degradation": "haze"} if unload == "merge_and_unload" else {}))
     with pytest.raises(RoutingError, match=r"was unloaded.*copy\.deepcopy\(model\)"):
         use(model, tmp_path / "never-written")
+    with pytest.raises(RoutingError, match="was unloaded"):  # naming the adapter skips nothing
+        model.save_pretrained(str(tmp_path / "never-written"), adapter_name="default")
     assert not (tmp_path / "never-written").exists()
 
 
@@ -407,6 +435,8 @@ def test_add_degradation_refuses_an_existing_name_and_a_merged_model():
         everything(torch.rand(1, 3, 32, 32))
     with torch.no_grad():
         assert everything(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    everything.requires_grad_(False)  # loaded for inference only
+    assert everything(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     assert merged.degradations == DEGRADATIONS
 
 
@@ -770,11 +800,12 @@ def test_kept_folds_follow_swapped_tensors_copies_and_autocast():
                                              {"gates": gates})  # fmt: skip
         assert torch.equal(swapped, fresh(other))
         assert torch.equal(model(x, gates=gates), own)
-        experts = {n: p for n, p in other.named_parameters() if "loraxir_experts" in n}
-        ema = torch.func.functional_call(model, experts, (x,), {"gates": gates})  # experts only
-        own_base = copy.deepcopy(model)
-        own_base.load_state_dict(experts, strict=False)
-        assert torch.equal(ema, fresh(own_base)) and not torch.equal(ema, own)
+        for part in ("loraxir_experts", ".B."):  # every factor, or the B factors only
+            experts = {n: p for n, p in other.named_parameters() if part in n}
+            ema = torch.func.functional_call(model, experts, (x,), {"gates": gates})
+            own_base = copy.deepcopy(model)
+            own_base.load_state_dict(experts, strict=False)
+            assert torch.equal(ema, fresh(own_base)) and not torch.equal(ema, own)
         assert torch.equal(model(x, gates=gates), own)
         copied = copy.deepcopy(model)
         copied.load_state_dict(other.state_dict())

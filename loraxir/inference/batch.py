@@ -327,7 +327,7 @@ def _replace(targets: Path | tuple[Path, ...], write: Any) -> Any:
         message = str(error)
         for partial, target in zip(partials, targets, strict=True):
             message = message.replace(str(partial), str(target))
-        if not any(str(target) in message for target in targets):
+        if isinstance(error, OSError) and not any(str(t) in message for t in targets):
             message = f"Cannot write {targets[-1]}: {message}"
         raise DataError(message) from error
     finally:

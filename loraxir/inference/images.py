@@ -154,7 +154,7 @@ def _pillow_header(path: str | Path) -> ImageHeader:
         orientation = int(Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1))
         image_format = image.format or ""
         signed = image_format == "TIFF" and 2 in _tiff_tag(image, _TIFF_SAMPLE_FORMAT)
-        _refuse_frames(path, getattr(image, "n_frames", 1))
+        _refuse_frames(path, _frames(path, image))
     if mode == "F" or signed or (mode == "I" and not deep):
         kind = "floating-point" if mode == "F" else "32-bit or signed integer"
         raise DataError(
@@ -175,12 +175,31 @@ def _tiff_header(path: str | Path) -> ImageHeader | None:
             page = tiff.pages.first
             if page.bitspersample != 16 or int(page.sampleformat) != 1:
                 return None
-            _refuse_frames(path, len(tiff.pages))
+            _refuse_frames(path, _tiff_frames(tiff))
             mode = {1: "I;16", 2: "LA", 3: "RGB"}.get(page.samplesperpixel, "RGBA")
             orientation = int(page.tags.valueof(_EXIF_ORIENTATION, 1))
             return ImageHeader(page.imagelength, page.imagewidth, mode, 16, orientation, "TIFF")
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return None
+
+
+def _frames(path: str | Path, image: Image.Image) -> int:
+    """Frames of an animation (PNG, WebP) or pages of a TIFF; 1 for anything else. A JPEG
+    with a gain map or preview opens as a 2-frame MPO: one photo, not an animation."""
+    if image.format == "TIFF":
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            return _tiff_frames(tiff)
+    if image.format in ("PNG", "WEBP") and getattr(image, "is_animated", False):
+        return image.n_frames
+    return 1
+
+
+def _tiff_frames(tiff: Any) -> int:
+    """A TIFF's full-resolution pages (reduced-resolution thumbnails and previews, bit 0 of
+    NewSubfileType, are not frames)."""
+    return sum(1 for page in tiff.pages if not page.subfiletype & 1)
 
 
 def _refuse_frames(path: str | Path, frames: int) -> None:
