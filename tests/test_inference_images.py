@@ -156,6 +156,18 @@ def test_a_jpeg_with_a_preview_and_a_tiff_with_a_thumbnail_are_one_image(tmp_pat
         assert read_picture(tmp_path / name).pixels.shape == (12, 16, 3)
 
 
+def test_a_tiff_only_pillow_can_parse_is_still_read(tmp_path, monkeypatch):
+    import tifffile
+
+    Image.new("RGB", (16, 12), (1, 2, 3)).save(tmp_path / "old.tif")
+
+    def unreadable(*args, **kwargs):
+        raise tifffile.TiffFileError("not a TIFF tifffile knows")
+
+    monkeypatch.setattr(tifffile, "TiffFile", unreadable)
+    assert read_picture(tmp_path / "old.tif").pixels.shape == (12, 16, 3)
+
+
 @pytest.mark.parametrize(
     ("values", "kind"),
     [

@@ -189,8 +189,11 @@ def _frames(path: str | Path, image: Image.Image) -> int:
     if image.format == "TIFF":
         import tifffile
 
-        with tifffile.TiffFile(path) as tiff:
-            return _tiff_frames(tiff)
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                return _tiff_frames(tiff)
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+            return image.n_frames  # a file only Pillow reads: it counts every page
     if image.format in ("PNG", "WEBP") and getattr(image, "is_animated", False):
         return image.n_frames
     return 1
