@@ -1042,31 +1042,32 @@ def _undo_injection(
 
 
 def _concat(parts: list[Any]) -> Any:
-    """Join the outputs of calls on parts of a batch along the batch: tensors, or lists,
-    tuples and dicts of them (multi-stage networks return one image per stage)."""
-    first = parts[0]
+    """Join the outputs of calls on parts of a batch along the batch."""
+    return _map_outputs(torch.cat, parts)
+
+
+def _rows(out: Any, order: torch.Tensor) -> Any:
+    """``out``'s images in ``order``."""
+    return _map_outputs(lambda tensors: tensors[0][order], [out])
+
+
+def _map_outputs(fn: Any, outputs: list[Any]) -> Any:
+    """``fn`` on the list of corresponding tensors of backbone outputs of one structure:
+    tensors, or lists, tuples and dicts of them (multi-stage networks return one image per
+    stage)."""
+    first = outputs[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
+        return fn(outputs)
     if isinstance(first, tuple | list):
-        joined = [_concat(list(items)) for items in zip(*parts, strict=True)]
-        return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+        mapped = [_map_outputs(fn, list(items)) for items in zip(*outputs, strict=True)]
+        return type(first)(*mapped) if hasattr(first, "_fields") else type(first)(mapped)
     if isinstance(first, dict):
-        return {key: _concat([part[key] for part in parts]) for key in first}
+        return {key: _map_outputs(fn, [output[key] for output in outputs]) for key in first}
     raise DataError(
         f"The backbone returned a {type(first).__name__}, which loraxir cannot join along "
         "the batch after running it in parts; set model.inference_chunk_pixels = None and "
         "route one degradation per call."
     )
-
-
-def _rows(out: Any, order: torch.Tensor) -> Any:
-    """``out``'s images in ``order`` (tensors, or lists, tuples and dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return out[order]
-    if isinstance(out, tuple | list):
-        taken = [_rows(item, order) for item in out]
-        return type(out)(*taken) if hasattr(out, "_fields") else type(out)(taken)
-    return {key: _rows(value, order) for key, value in out.items()}
 
 
 def _input_channels(backbone: nn.Module) -> int | None:

@@ -155,10 +155,12 @@ def check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
     # (ModuleList([b, b])) holds its layer in one slot, which the expert layer replaces
     # for every use; a layer placed in two slots would be replaced in one of them only.
     uses: dict[int, dict[tuple[int, str], str]] = {}
-    for path, module in backbone.named_modules(remove_duplicate=False):
-        parent, _, name = path.rpartition(".")
-        slot = (id(backbone.get_submodule(parent)), name)
-        uses.setdefault(id(module), {}).setdefault(slot, path)
+    for parent_path, parent in backbone.named_modules(remove_duplicate=False):
+        for name, child in parent._modules.items():  # named_children() drops repeats
+            if child is None:
+                continue
+            path = f"{parent_path}.{name}" if parent_path else name
+            uses.setdefault(id(child), {}).setdefault((id(parent), name), path)
     weights: dict[int, str] = {}
     for path in targets:
         module = backbone.get_submodule(path)
