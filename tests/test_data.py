@@ -541,16 +541,30 @@ def test_task_balanced_sampler_refuses_a_negative_seed():
 
 def test_task_labels_of_concatenated_datasets(tmp_path):
     _metadata_folder(tmp_path, 3)
-    pairs = PairedFolder(tmp_path, task_names=["haze", "rain"], patch_size=8)
+    pairs = PairedFolder(tmp_path, suite="five_task", patch_size=8)
     synthetic = SyntheticPairs("skimage", "five_task", 8, tasks=["rain"])
     combined = ConcatDataset([pairs, synthetic])
     labels = task_labels(combined)
-    assert labels == [0, 1, 0] + [1] * len(synthetic)
+    assert labels == [2, 1, 2] + [1] * len(synthetic)
     sampler = TaskBalancedSampler(labels, samples_per_task=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         batch = next(iter(DataLoader(combined, batch_size=8, sampler=sampler)))
     assert batch["lq"].shape[0] == 8
+
+
+def test_task_labels_refuses_parts_that_number_their_tasks_differently(tmp_path):
+    """Folders of one task each, built without a suite, all call their task 0."""
+    for task in ("rain", "haze"):
+        _save(tmp_path / task / "lq" / "0.png", _rgb(1))
+        _save(tmp_path / task / "gt" / "0.png", _rgb(2))
+    rain = PairedFolder(tmp_path / "rain", task="rain")
+    haze = PairedFolder(tmp_path / "haze", task="haze")
+    assert rain.task_labels == haze.task_labels == [0]
+    with pytest.raises(DataError, match=r"\['rain'\] vs \['haze'\].*suite="):
+        task_labels(ConcatDataset([rain, ConcatDataset([haze])]))
+    suited = [PairedFolder(tmp_path / t, task=t, suite="five_task") for t in ("rain", "haze")]
+    assert task_labels(ConcatDataset(suited)) == [1, 2]
 
 
 def test_task_labels_needs_labelled_datasets():

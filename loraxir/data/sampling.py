@@ -50,9 +50,13 @@ def task_labels(dataset: Any) -> list[int]:
     """The task index of every item of ``dataset`` without loading any image.
 
     Works for :class:`~loraxir.data.SyntheticPairs`, :class:`~loraxir.data.PairedFolder`
-    (their ``task_labels``) and ``ConcatDataset`` of them.
+    (their ``task_labels``) and ``ConcatDataset`` of them. The parts of a ``ConcatDataset``
+    must index the same task vocabulary: a ``PairedFolder`` built with ``task="rain"`` alone
+    calls its only task 0, as one built with ``task="haze"`` does, and mixing them would
+    balance nothing.
     """
     if isinstance(dataset, ConcatDataset):
+        _check_same_tasks(dataset)
         return [label for part in dataset.datasets for label in task_labels(part)]
     labels = getattr(dataset, "task_labels", None)
     if labels is None:
@@ -61,6 +65,26 @@ def task_labels(dataset: Any) -> list[int]:
             "TaskBalancedSampler directly."
         )
     return list(labels)
+
+
+def _task_vocabularies(dataset: Any) -> list[tuple[str, ...]]:
+    """The task names each leaf part of ``dataset`` indexes its labels into (where known)."""
+    if isinstance(dataset, ConcatDataset):
+        return [names for part in dataset.datasets for names in _task_vocabularies(part)]
+    suite = getattr(dataset, "suite", None)
+    names = getattr(dataset, "task_names", None) or getattr(suite, "task_names", None)
+    return [tuple(names)] if names else []
+
+
+def _check_same_tasks(dataset: ConcatDataset) -> None:
+    vocabularies = list(dict.fromkeys(_task_vocabularies(dataset)))
+    if len(vocabularies) > 1:
+        raise DataError(
+            "The parts of this ConcatDataset number their tasks differently "
+            f"({' vs '.join(str(list(names)) for names in vocabularies)}), so their labels "
+            "cannot be mixed; build every part with the same suite= (e.g. "
+            "suite=\"five_task\") or the same task_names=."
+        )
 
 
 class TaskBalancedSampler(Sampler[int]):
