@@ -188,6 +188,32 @@ def test_rain_and_snow_only_brighten(name, photo):
     assert (out > photo + 0.1).float().mean() > 0.001
 
 
+@pytest.mark.parametrize("name", ["rain", "snow"])
+def test_rain_and_snow_place_the_same_particles_in_every_dtype(name):
+    """Half-precision uniform draws are too coarse for densities of a few per thousand."""
+    black = torch.zeros(1, 3, 256, 256)
+    params = {"density": 0.001, "length": 1, "angle": 0.0, "brightness": 1.0}
+    params |= {"width": 0.2} if name == "rain" else {"size": 0.2}
+    lit = {
+        dtype: D.apply(name, black.to(dtype), _gen(3), **params)[0][:, 0].float() > 0.2
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    }
+    assert 30 < lit[torch.float32].sum() < 110
+    assert torch.equal(lit[torch.bfloat16], lit[torch.float32])
+    assert torch.equal(lit[torch.float16], lit[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["rain", "snow"])
+def test_particles_of_length_one_are_dots(name):
+    black = torch.zeros(1, 3, 256, 256)
+    lit = {}
+    for length in (1, 3):
+        params = {"density": 0.001, "length": length, "angle": 0.0, "brightness": 1.0}
+        params |= {"width": 0.2} if name == "rain" else {"size": 0.2}
+        lit[length] = (D.apply(name, black, _gen(3), **params)[0][:, 0] > 0.2).sum().item()
+    assert 30 < lit[1] < 110 and lit[3] > 2.5 * lit[1]
+
+
 def test_compose_reports_every_step_and_reproduces(photo):
     pipeline = D.compose(["rain", ("haze", {"beta": 1.0})])
     out, params = pipeline(photo, _gen(0))

@@ -30,7 +30,10 @@ def _particle_kernel(
     """The shape one particle leaves: a line of ``length`` px at ``angle`` (0 = falling
     straight down) blurred by a Gaussian of σ ``size`` px, scaled to a peak of 1 so that a
     particle's brightness does not depend on its shape."""
-    line = motion_kernel(length, 90.0 + angle, device, dtype)
+    if length > 1:
+        line = motion_kernel(length, 90.0 + angle, device, dtype)
+    else:
+        line = torch.ones((1, 1, 1), device=device, dtype=dtype)
     radius = math.ceil(3 * size)
     blob = get_gaussian_kernel2d((2 * radius + 1, 2 * radius + 1), (size, size))
     blob = blob.to(device=device, dtype=dtype)
@@ -47,14 +50,18 @@ def _particles(
     size: float,
 ) -> Tensor:
     """A ``(B, 1, H, W)`` layer in [0, 1]: impulses with probability ``density`` per pixel,
-    random strength in [0.5, 1], spread by :func:`_particle_kernel`."""
+    random strength in [0.5, 1], spread by :func:`_particle_kernel`.
+
+    The draws are float32 whatever the images' dtype: uniform draws in half precision are
+    too coarse for densities of a few per thousand (bfloat16 started 2.5× as many streaks),
+    and the same seed then places the same particles in every dtype."""
     batch, _, height, width = images.shape
     shape = (batch, 1, height, width)
-    options = {"generator": generator, "device": images.device, "dtype": images.dtype}
+    options = {"generator": generator, "device": images.device, "dtype": torch.float32}
     seeds = torch.rand(shape, **options) < density
     strength = 0.5 + 0.5 * torch.rand(shape, **options)
     kernel = _particle_kernel(length, angle, size, images.device, images.dtype)
-    layer = convolve(seeds * strength, kernel, border="constant")
+    layer = convolve((seeds * strength).to(images.dtype), kernel, border="constant")
     return layer.clamp(0, 1)
 
 
@@ -67,7 +74,7 @@ def _screen(images: Tensor, layer: Tensor) -> Tensor:
     "rain",
     {
         "density": Param(0, 0.2, (0.002, 0.01), "probability that a pixel starts a streak"),
-        "length": Param(1, 99, (10, 40), "streak length in pixels", True),
+        "length": Param(1, 99, (10, 40), "streak length in pixels (even lengths round up)", True),
         "angle": Param(-80, 80, (-30.0, 30.0), "streak angle in degrees from vertical"),
         "width": Param(0.2, 5, (0.4, 0.9), "streak thickness (Gaussian σ in pixels)"),
         "brightness": Param(0, 1, (0.4, 0.8), "streak opacity"),
@@ -92,7 +99,13 @@ def _rain(
     {
         "density": Param(0, 0.05, (0.001, 0.004), "probability that a pixel holds a flake"),
         "size": Param(0.2, 8, (0.6, 1.8), "flake radius (Gaussian σ in pixels)"),
-        "length": Param(1, 31, (1, 6), "motion trail of a flake in pixels", True),
+        "length": Param(
+            1,
+            31,
+            (1, 6),
+            "motion trail of a flake in pixels (1: none; even lengths round up)",
+            True,
+        ),
         "angle": Param(-80, 80, (-30.0, 30.0), "falling angle in degrees from vertical"),
         "brightness": Param(0, 1, (0.7, 1.0), "flake opacity"),
     },
