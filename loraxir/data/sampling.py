@@ -83,7 +83,7 @@ def _check_same_tasks(dataset: ConcatDataset) -> None:
             "The parts of this ConcatDataset number their tasks differently "
             f"({' vs '.join(str(list(names)) for names in vocabularies)}), so their labels "
             "cannot be mixed; build every part with the same suite= (e.g. "
-            "suite=\"five_task\") or the same task_names=."
+            'suite="five_task") or the same task_names=.'
         )
 
 
