@@ -377,6 +377,9 @@ def test_fitted_class_embeddings_are_each_class_mean_embedding_and_round_trip(tm
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x, degradation="rain"), model(x, degradation="rain"))
+    unfitted = {k: v for k, v in router.adapter_state_dict().items() if k != "class_embeddings"}
+    loaded.loraxir_router.load_adapter_state_dict(unfitted)
+    assert loaded.loraxir_router.class_embeddings is None
 
 
 def test_class_embeddings_survive_peft_load_and_save(tmp_path):

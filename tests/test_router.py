@@ -506,6 +506,12 @@ def test_a_router_with_cepstrum_reads_it_beside_its_views() -> None:
         router.route_views(views, torch.zeros(1, 2))
     with pytest.raises(ConfigError, match="at least 16"):
         cnn_router(cepstrum=8)
+    for bad, quoted in [
+        (torch.rand(3, 200, 200), r"got shape \(3, 200, 200\)\. Add a batch"),
+        (torch.rand(1, 2, 200, 200), r"got 2 \(shape \(1, 2, 200, 200\)\)"),
+    ]:
+        with pytest.raises(RoutingError, match=quoted):
+            router.route(bad)
 
 
 def test_unknown_router_settings_name_the_valid_ones() -> None:

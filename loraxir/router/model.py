@@ -533,8 +533,11 @@ class DegradationRouter(nn.Module):
             for key, value in state_dict.items():
                 if key != CLASS_EMBEDDINGS_KEY:
                     targets[key].copy_(value)
-        if fitted is not None:
-            self.class_embeddings = fitted.to(next(self.mlp.parameters())).clone()
+        # Tensors without embeddings clear this router's: its own were computed by the MLP
+        # just replaced, and would drive DAM blocks with another network's vectors.
+        self.class_embeddings = (
+            None if fitted is None else fitted.to(next(self.mlp.parameters())).clone()
+        )
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``router_config.json`` and ``router.safetensors`` into ``directory``.

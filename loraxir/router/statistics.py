@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxir.router.config import CEPSTRUM_MIN_SIZE
-from loraxir.router.views import as_rgb, lattice_offsets
+from loraxir.router.views import as_rgb, check_image_batch, lattice_offsets
 
 # Brightness histogram bins over [0, 1]; eight bins separate under-exposure from dark scenes.
 HISTOGRAM_BINS = 8
@@ -121,6 +121,7 @@ def cepstrum_statistics(images: torch.Tensor, size: int) -> torch.Tensor:
     fades the longer ones); images shorter than
     :data:`CEPSTRUM_MIN_SIZE` give zeros.
     """
+    check_image_batch(images)
     height, width = images.shape[-2:]
     crop = min(size, height, width)
     if crop < CEPSTRUM_MIN_SIZE:

@@ -41,6 +41,24 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
     channels carry the degradation, and the restoration backbone sees them as they are).
     Integer images are refused rather than guessed: the contract is float in [0, 1].
     """
+    check_image_batch(images)
+    if not bool(torch.isfinite(images).all()):
+        raise RoutingError(
+            "The images hold NaN or infinite values; the router cannot read them. Check the "
+            "decoding or the arithmetic that produced them (torch.nan_to_num clears them)."
+        )
+    channels = images.shape[1]
+    if channels == 3:
+        return images
+    if channels == 1:
+        return images.expand(-1, 3, -1, -1)
+    return images[:, :3]
+
+
+def check_image_batch(images: torch.Tensor) -> None:
+    """Raise :class:`RoutingError` unless ``images`` is a non-empty float ``(N, C, H, W)``
+    batch of 1, 3 or 4 channels: the checks of :func:`as_rgb` that read no pixel, for
+    statistics that crop before converting (the error must quote the caller's shape)."""
     if images.dim() != 4:
         raise RoutingError(
             f"Expected a batch of images (N, C, H, W), got shape {tuple(images.shape)}. "
@@ -58,22 +76,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
             f"Got images of size {images.shape[-2]}×{images.shape[-1]}: an image needs at "
             "least one pixel."
         )
-    if not bool(torch.isfinite(images).all()):
+    if images.shape[1] not in (1, 3, 4):
         raise RoutingError(
-            "The images hold NaN or infinite values; the router cannot read them. Check the "
-            "decoding or the arithmetic that produced them (torch.nan_to_num clears them)."
+            f"Expected 3 (RGB), 1 (grayscale) or 4 (RGBA) channels, got {images.shape[1]} "
+            f"(shape {tuple(images.shape)})."
         )
-    channels = images.shape[1]
-    if channels == 3:
-        return images
-    if channels == 1:
-        return images.expand(-1, 3, -1, -1)
-    if channels == 4:
-        return images[:, :3]
-    raise RoutingError(
-        f"Expected 3 (RGB), 1 (grayscale) or 4 (RGBA) channels, got {channels} "
-        f"(shape {tuple(images.shape)})."
-    )
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
