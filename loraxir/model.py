@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.constants import DUMMY_MODEL_CONFIG
 from torch import nn
 
 from loraxir import checkpoint, guidance
@@ -136,6 +137,14 @@ class LoraIRModel(BaseTuner):
         guidance.apply_dam_config(model, config.dam, self.routing)
         check_wrappable(model, targets)  # again: a DAM point may be one of the targets
         self._pending_targets = set(targets)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """peft's reading of ``model.config``, or none when it is not a config: restoration
+        networks use that name for their own settings (SCUNet's is a list of block counts),
+        and peft would call ``.get`` on it when merging."""
+        config = BaseTuner.get_model_config(model)
+        return config if isinstance(config, dict) else dict(DUMMY_MODEL_CONFIG)
 
     def _prepare_adapter_config(
         self, peft_config: LoraIRConfig, model_config: dict

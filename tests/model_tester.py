@@ -235,6 +235,10 @@ class ModelTester:
         model.unmerge()
         for name, param in model.model.named_parameters():
             assert torch.equal(param, original[name]), name
+        plain = model.merge_and_unload(gates=FIXED)  # SCUNet's `config` is not peft's
+        assert type(plain) is type(self.backbone())
+        with torch.no_grad():
+            assert rel_err(plain(self.x), expected) <= TOLERANCE
 
     def check_gradients_equal_the_reference(self) -> None:
         # float64 and eval mode: deep transformers accumulate float32 rounding in their
