@@ -19,6 +19,7 @@ PEFT_TYPE = "LORAXIR"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "BackboneMismatchError": "loraxir.errors",
     "CheckpointError": "loraxir.errors",
     "ConfigError": "loraxir.errors",
     "DAMConfig": "loraxir.config",

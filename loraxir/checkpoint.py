@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loraxir.config import CONFIG_NAME, LoraIRConfig
-from loraxir.errors import CheckpointError, ConfigError
+from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError
 from loraxir.layers import LAYER_TYPES
 from loraxir.targeting import resolve_targets
 
@@ -66,25 +66,25 @@ def expected_expert_shapes(backbone: nn.Module, config: LoraIRConfig) -> dict[st
 def check_expert_shapes(
     backbone: nn.Module, config: LoraIRConfig, tensors: dict[str, torch.Tensor]
 ) -> None:
-    """Raise :class:`CheckpointError` naming the first layer whose saved shape differs from
+    """Raise :class:`BackboneMismatchError` naming the first layer whose saved shape differs from
     what the backbone needs, or the first missing or unexpected tensor."""
     expected = expected_expert_shapes(backbone, config)
     for key, shape in expected.items():
         if key not in tensors:
-            raise CheckpointError(
+            raise BackboneMismatchError(
                 f"The checkpoint has no tensor {key!r} that this backbone needs; it was saved "
                 "for another backbone or another config."
             )
         if tuple(tensors[key].shape) != shape:
             layer = key.removeprefix("base_model.model.").split(".loraxir_experts.")[0]
-            raise CheckpointError(
+            raise BackboneMismatchError(
                 f"Layer {layer!r} does not fit: the checkpoint has {key.rsplit('.', 3)[-3:]} of "
                 f"shape {tuple(tensors[key].shape)}, this backbone needs {shape}. The adapter was "
                 "saved for a backbone of other shapes (another width or variant)."
             )
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise CheckpointError(
+        raise BackboneMismatchError(
             f"The checkpoint has {len(unexpected)} tensors this backbone has no layer for, e.g. "
             f"{unexpected[0]!r}; it was saved for another backbone."
         )

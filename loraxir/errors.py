@@ -31,6 +31,11 @@ class CheckpointError(LoraIRError, ValueError):
     """A checkpoint that cannot be loaded: wrong format, corrupted, or other shapes."""
 
 
+class BackboneMismatchError(CheckpointError):
+    """A readable adapter whose tensors do not fit the backbone it is loaded on (another
+    family, width or variant)."""
+
+
 class UnknownNameError(LoraIRError, ValueError):
     """A name (degradation, suite, preset, backbone, encoder) that is not registered."""
 

@@ -59,7 +59,7 @@ from torch import nn
 
 from loraxir.backbones import detect_preset, is_added_by_loraxir
 from loraxir.config import DAMConfig
-from loraxir.errors import CheckpointError, ConfigError, TargetModulesError
+from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError, TargetModulesError
 from loraxir.routing import RoutingState
 from loraxir.validation import full_match
 
@@ -302,7 +302,7 @@ def check_dam_tensors(
         missing = sorted(set(expected) - set(got))
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
         unexpected = sorted(set(got) - set(expected))
-        raise CheckpointError(
+        raise BackboneMismatchError(
             f"The DAM tensors do not fit this backbone: missing {missing[:3]}, of another "
             f"shape {[(k, got[k], expected[k]) for k in wrong[:3]]}, unexpected "
             f"{unexpected[:3]}. They were saved for another backbone, width or DAM points."

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraxir import PEFT_TYPE
-from loraxir.errors import CheckpointError, ConfigError, unknown_name
+from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError, unknown_name
 from loraxir.validation import file_in_the_way
 
 # The saved key of a router's fitted class embeddings (checkpoint.ROUTER_PREFIX + the
@@ -126,8 +126,8 @@ def load_adapter(
         backbone = load_backbone(backbone)
     try:
         model = LoraIRModel.from_pretrained(backbone, str(folder), strict=strict)
-    except CheckpointError as error:
-        raise CheckpointError(
+    except BackboneMismatchError as error:
+        raise BackboneMismatchError(
             f"Adapter {str(folder)!r} (trained on {describe_adapter(folder).backbone_label}) "
             f"does not fit the backbone {_backbone_label(given, backbone)}: {error}"
         ) from None
@@ -321,8 +321,10 @@ def _tensor_sizes(path: Path) -> dict[str, int]:
     try:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if length > path.stat().st_size - 8:  # e.g. a pickle's zip magic read as a length
+                raise ValueError(f"a header of {length} bytes in a file of {path.stat().st_size}")
             header = json.loads(handle.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (OSError, struct.error, ValueError) as error:
         raise CheckpointError(
             f"{path} is missing, truncated or not safetensors ({error})."
         ) from None

@@ -137,7 +137,8 @@ def test_other_backbone_shapes_name_first_mismatched_layer_and_leave_it_unchange
     wider = _backbone(width=16)
     state = _base_state(wider)
     with pytest.raises(
-        CheckpointError, match=r"Layer 'intro' does not fit.*\(3, 8, 8\).*needs \(3, 16, 8\)"
+        loraxir.BackboneMismatchError,
+        match=r"Layer 'intro' does not fit.*\(3, 8, 8\).*needs \(3, 16, 8\)",
     ):
         loraxir.LoraIRModel.from_pretrained(wider, tmp_path / "a")
     assert not any(isinstance(m, LoraIRLayer) for m in wider.modules())

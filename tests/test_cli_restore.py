@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 import loraxir
 from loraxir.cli import main
-from loraxir.errors import DataError
+from loraxir.errors import CheckpointError, DataError
 from loraxir.inference import allocator
 from loraxir.inference.batch import _replace
 from loraxir.pretrained import ADAPTER_PATH_ENV
@@ -180,6 +181,38 @@ def test_mismatched_backbone_names_both(adapter, tmp_path, capsys):
                  "--adapter", str(adapter), "--backbone", wide])  # fmt: skip
     error = capsys.readouterr().err
     assert code == 2 and str(adapter) in error and "wide.safetensors" in error
+
+
+def test_a_damaged_adapter_is_reported_as_damaged_not_as_a_mismatch(adapter, tmp_path, capsys):
+    """A pickle renamed to .safetensors (its zip magic reads as an exabyte header) and a
+    truncated file: the file is at fault, not the backbone, in every command."""
+    damaged = {}
+    for kind in ("pickle", "truncated"):
+        damaged[kind] = shutil.copytree(adapter, tmp_path / kind)
+        weights = damaged[kind] / "adapter_model.safetensors"
+        if kind == "pickle":
+            torch.save({"w": torch.zeros(2)}, weights)
+        else:
+            weights.write_bytes(weights.read_bytes()[:-100])
+    for kind, folder in damaged.items():
+        with pytest.raises(CheckpointError) as raised:
+            loraxir.load_adapter(folder)
+        assert not isinstance(raised.value, loraxir.BackboneMismatchError)
+        assert "does not fit" not in str(raised.value)
+        merge = [
+            "merge",
+            str(folder),
+            "--degradation",
+            "noise",
+            "-o",
+            str(tmp_path / "m.safetensors"),
+        ]
+        # info reads headers only: a file cut short after its header passes it
+        for command in [merge] + [["info", str(folder)]] * (kind == "pickle"):
+            assert main(command) == 2
+            error = capsys.readouterr().err
+            assert "Traceback" not in error and "does not fit" not in error, error
+            assert re.search(r"truncated|not safetensors|corrupted", error), error
 
 
 def test_hub_repo_offline_with_nothing_cached_says_so(tmp_path, capsys, monkeypatch):
