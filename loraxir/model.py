@@ -112,10 +112,16 @@ class LoraIRModel(BaseTuner):
                 check_router(router, config)  # before injecting
         layers_before = {id(m) for m in model.modules() if isinstance(m, LoraIRLayer)}
         dam_before = [(m, m.routing) for m in model.modules() if isinstance(m, guidance.DAMBlock)]
+        # A network already wrapped shares its peft_config dict with that model; peft writes
+        # the new config into it before any check runs.
+        configs_before = dict(getattr(model, "peft_config", {}))
         try:
             super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
         except BaseException:
             _undo_injection(model, layers_before, dam_before)
+            if isinstance(getattr(model, "peft_config", None), dict):
+                model.peft_config.clear()
+                model.peft_config.update(configs_before)
             raise
         self.last_routing: torch.Tensor | None = None
         self.loraxir_router: nn.Module | None = None

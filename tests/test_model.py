@@ -330,6 +330,24 @@ def test_a_failure_while_wrapping_a_guided_network_keeps_its_dam_blocks_bound(mo
         assert torch.equal(guided(x), expected)
 
 
+def test_a_refused_second_adapter_leaves_the_model_that_wraps_the_network_as_it_was(tmp_path):
+    """The network shares its peft_config with the model that wraps it; a refused call on
+    that network must not leave its config in there."""
+    model = _trained_model()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x, degradation="rain")
+    other = LoraIRConfig(degradations=["snow", "blur"], r=4, target_modules=["no_such_layer"])
+    with pytest.warns(UserWarning, match="peft_config"), pytest.raises(TargetModulesError):
+        loraxir.get_loraxir_model(model.model, other)
+    assert model.degradations == DEGRADATIONS and list(model.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(model(x, degradation="rain"), expected)
+    model.save_pretrained(tmp_path)
+    loaded = loraxir.LoraIRModel.from_pretrained(loraxir.create_backbone("nafnet-tiny"), tmp_path)
+    assert loaded.degradations == DEGRADATIONS
+
+
 def test_user_module_with_names_regex_and_exclude():
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1)
