@@ -80,6 +80,7 @@ def resolve_targets(
         exclude = [exclude_modules]
     targets = []
     paths = []
+    passed_by = []  # layers a regex matched that experts cannot attach to, and why
     wrapped = []  # expert layers already there: their base layers are not targets again
     for path, module in backbone.named_modules():
         if isinstance(module, LoraIRLayer):
@@ -93,34 +94,16 @@ def resolve_targets(
             continue
         if _supported(module):
             targets.append(path)
-        elif isinstance(target_modules, list) and type(module) in LAYER_TYPES:
+            continue
+        reason = _refusal(path, module)
+        if isinstance(target_modules, list):
             raise TargetModulesError(
-                f"Target {path!r} is a ConvTranspose2d with groups={module.groups}; experts "
-                "attach to ConvTranspose2d with groups=1 only. Leave it out (exclude_modules="
-                f"[{path!r}])."
-            )
-        elif isinstance(target_modules, list) and parametrize.is_parametrized(module):
-            raise TargetModulesError(
-                f"Target {path!r} has parametrizations (torch.nn.utils.parametrizations' "
-                "weight_norm or spectral_norm, or your own): its experts would compute from "
-                "the stored weight, not the parametrized one. Remove them first "
-                f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')), or "
-                f"leave it out (exclude_modules=[{path!r}])."
-            )
-        elif isinstance(target_modules, list) and isinstance(module, tuple(LAYER_TYPES)):
-            parent = next(t for t in LAYER_TYPES if isinstance(module, t)).__name__
-            raise TargetModulesError(
-                f"Target {path!r} is a {type(module).__name__}, a subclass of {parent}; experts "
-                f"attach to plain {', '.join(t.__name__ for t in LAYER_TYPES)} only, because a "
-                "subclass's forward may compute something else (weight standardisation, 'same' "
-                f"padding). Leave it out (exclude_modules=[{path!r}]) or build that layer as a "
-                f"plain nn.{parent}."
-            )
-        elif isinstance(target_modules, list):
-            raise TargetModulesError(
-                f"Target {path!r} is a {type(module).__name__}; experts attach to "
+                reason
+                or f"Target {path!r} is a {type(module).__name__}; experts attach to "
                 f"{', '.join(t.__name__ for t in LAYER_TYPES)}. Name its inner layers instead."
             )
+        if reason:
+            passed_by.append(reason)
     if not targets:
         if any(isinstance(m, LoraIRLayer) for m in backbone.modules()):
             raise TargetModulesError(
@@ -129,6 +112,12 @@ def resolve_targets(
                 "model instead (model.add_degradation(name)), or take the plain network back "
                 "first (model.unload(), or model.merge_and_unload(degradation=...) to keep one "
                 "expert folded in)."
+            )
+        if passed_by:
+            more = f" ({len(passed_by) - 1} more layers like it.)" if len(passed_by) > 1 else ""
+            raise TargetModulesError(
+                f"target_modules={target_modules!r} matched only layers that experts cannot "
+                f"attach to. {passed_by[0]}{more}"
             )
         wanted = target_modules if isinstance(target_modules, list) else [target_modules]
         close = sorted(
@@ -143,6 +132,35 @@ def resolve_targets(
         )
     check_wrappable(backbone, targets)
     return targets
+
+
+def _refusal(path: str, module: nn.Module) -> str | None:
+    """Why experts cannot attach to ``module``, a layer of a supported kind that
+    :func:`_supported` refused (``None`` for modules of other kinds: blocks, norms)."""
+    if type(module) in LAYER_TYPES:
+        return (
+            f"Target {path!r} is a ConvTranspose2d with groups={module.groups}; experts "
+            "attach to ConvTranspose2d with groups=1 only. Leave it out (exclude_modules="
+            f"[{path!r}])."
+        )
+    if parametrize.is_parametrized(module):
+        return (
+            f"Target {path!r} has parametrizations (torch.nn.utils.parametrizations' "
+            "weight_norm or spectral_norm, or your own): its experts would compute from "
+            "the stored weight, not the parametrized one. Remove them first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')), or "
+            f"leave it out (exclude_modules=[{path!r}])."
+        )
+    if isinstance(module, tuple(LAYER_TYPES)):
+        parent = next(t for t in LAYER_TYPES if isinstance(module, t)).__name__
+        return (
+            f"Target {path!r} is a {type(module).__name__}, a subclass of {parent}; experts "
+            f"attach to plain {', '.join(t.__name__ for t in LAYER_TYPES)} only, because a "
+            "subclass's forward may compute something else (weight standardisation, 'same' "
+            f"padding). Leave it out (exclude_modules=[{path!r}]) or build that layer as a "
+            f"plain nn.{parent}."
+        )
+    return None
 
 
 def check_wrappable(backbone: nn.Module, targets: list[str]) -> None:

@@ -264,6 +264,8 @@ def test_a_grouped_transposed_conv_is_refused_by_name_before_anything_changes():
     with pytest.raises(TargetModulesError, match=r"groups=2.*exclude_modules=\['up'\]"):
         loraxir.get_loraxir_model(net, named)
     assert _plain_layers(net) == before
+    with pytest.raises(TargetModulesError, match=r"matched only layers.*'up' is a ConvT.*=2"):
+        loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules=r"u."))
     model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules=r".*"))
     assert [path for path, _ in model.expert_layers()] == ["inc", "down", "outc"]
     for targets in (["inc"], r".*"):  # a regex matched the inner base layers (peft's error)
