@@ -263,7 +263,8 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Merge the experts of one class into the base weights and save the plain network "
             "(its native keys, loadable by spandrel) as safetensors. It restores that class "
-            "exactly as the adapter routed to it does, with no loraxir at run time."
+            "exactly as the adapter routed to it does, with no loraxir at run time, on "
+            "images whose sides are multiples of the backbone's unit (reflect-pad others)."
         ),
     )
     parser.add_argument("adapter", metavar="NAME|DIR|REPO_ID")

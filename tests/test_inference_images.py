@@ -311,6 +311,22 @@ def test_16_bit_gray_with_alpha_tiff_round_trips(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), values)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "kind"),
+    [
+        (np.float32, "floating-point"),
+        (np.float64, "floating-point"),
+        (np.int32, "32-bit or signed"),
+    ],
+)
+def test_colour_tiffs_pillow_cannot_open_say_why_they_are_refused(tmp_path, dtype, kind):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((4, 5, 3), dtype), photometric="rgb")
+    with pytest.raises(DataError, match=f"holds {kind}"):
+        read_picture(tmp_path / "c.tif")
+
+
 def test_signed_16_bit_tiff_is_refused(tmp_path):
     import tifffile
 

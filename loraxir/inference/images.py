@@ -167,18 +167,32 @@ def _pillow_header(path: str | Path) -> ImageHeader:
 
 def _tiff_header(path: str | Path) -> ImageHeader | None:
     """The header of a 16-bit unsigned TIFF that Pillow cannot open (gray with alpha,
-    BigTIFF), read by tifffile; ``None`` for any other file."""
+    BigTIFF), read by tifffile; ``None`` for a file that is not a TIFF or one of other
+    8/16-bit kinds. Floating-point, signed and 32-bit TIFFs (Pillow opens colour ones of
+    these not at all) raise :class:`DataError` saying why they are refused."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tiff:
             page = tiff.pages.first
+            if int(page.sampleformat) in (2, 3) or page.bitspersample > 16:
+                kind = (
+                    "floating-point" if int(page.sampleformat) == 3 else "32-bit or signed integer"
+                )
+                raise DataError(
+                    f"{str(path)!r} holds {kind} samples ({page.bitspersample}-bit, "
+                    f"{page.dtype}), whose white level the file does not say, so they cannot "
+                    "be scaled for restoring without guessing. Convert it to an 8- or 16-bit "
+                    "PNG or TIFF first."
+                )
             if page.bitspersample != 16 or int(page.sampleformat) != 1:
                 return None
             _refuse_frames(path, _tiff_frames(tiff))
             mode = {1: "I;16", 2: "LA", 3: "RGB"}.get(page.samplesperpixel, "RGBA")
             orientation = int(page.tags.valueof(_EXIF_ORIENTATION, 1))
             return ImageHeader(page.imagelength, page.imagewidth, mode, 16, orientation, "TIFF")
+    except DataError:
+        raise
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return None
 
