@@ -77,7 +77,8 @@ def test_import_is_lazy_and_peft_still_finds_loraxir(adapter):
 
 def test_public_names_are_exact():
     expected = {
-        "__version__", "BackboneMismatchError", "CheckpointError", "ConfigError", "DAMConfig", "DataError",
+        "__version__", "BackboneMismatchError", "CheckpointError", "ConfigError", "DAMConfig",
+        "DataError",
         "GuidedBackbone", "LoraIRConfig", "LoraIRError", "LoraIRModel", "Preset",
         "RoutingError", "TargetModulesError", "TrainingError", "UnknownNameError",
         "create_backbone", "get_loraxir_model", "get_preset",
