@@ -61,6 +61,8 @@ def _run_degradations(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--size must be >= 16 and --columns >= 1, got {args.size}, {args.columns}."
         )
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {args.seed}.")
     if args.image.startswith("skimage:"):
         pixels = skimage_image(args.image.removeprefix("skimage:"))
     else:

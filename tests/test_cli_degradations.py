@@ -99,6 +99,9 @@ def test_cli_module_imports_only_the_standard_library_at_top_level():
 def test_bad_size_is_refused(tmp_path, capsys):
     assert cli.main(["degradations", "--size", "4", "-o", str(tmp_path / "x.png")]) == 2
     assert "--size must be >= 16" in capsys.readouterr().err
+    for seed in ("-1", str(2**64)):
+        assert cli.main(["degradations", "--seed", seed, "-o", str(tmp_path / "x.png")]) == 2
+        assert "--seed must be in [0, 2**63 - 1]" in capsys.readouterr().err
 
 
 def test_an_output_suffix_matplotlib_cannot_write_exits_2(tmp_path, capsys):

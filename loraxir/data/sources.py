@@ -123,6 +123,12 @@ def open_source(source: Any, image_column: str = "image", strict: bool = False) 
                 f"Got a DatasetDict with splits {list(source.column_names)}; pass one split, "
                 "e.g. dataset['train']."
             )
+        if not hasattr(source, "__len__"):
+            raise DataError(
+                f"Got a {type(source).__name__}, which streams its rows; splits by image and "
+                "repeated epochs need a map-style datasets.Dataset (load it without "
+                "streaming=True, or build one with Dataset.from_generator)."
+            )
         return DatasetSource(source, image_column)
     raise DataError(
         f"Cannot take clean images from {type(source).__name__}; pass 'skimage', a folder "
