@@ -293,7 +293,7 @@ def test_hf_dataset_source():
         SyntheticPairs(table, "five_task", 16)
     with pytest.raises(DataError, match="one split"):
         SyntheticPairs(datasets.DatasetDict({"train": table}), "five_task", 16)
-    with pytest.raises(DataError, match="streams its rows.*map-style"):
+    with pytest.raises(DataError, match=r"streams its rows.*map-style"):
         SyntheticPairs(table.to_iterable_dataset(), "five_task", 16, image_column="picture")
 
 
