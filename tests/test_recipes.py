@@ -427,21 +427,23 @@ def test_a_nan_loss_stops_naming_the_step_and_the_last_checkpoint(
 @pytest.fixture(scope="module")
 def two_processes(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("two") / "run"
-    settings = [*FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2",
-                "keep_checkpoints=5"]  # fmt: skip
-    return out, torchrun("finetune", 2, out, *settings)
+    return out, torchrun("finetune", 2, out, *_two_epochs(base))
+
+
+def _two_epochs(base: Path) -> list[str]:
+    """4 steps over 2 batches an epoch: the runs cross an epoch, whose patches are new."""
+    return [*FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2", "keep_checkpoints=5",
+            "train_repeats=1", "tasks=[noise,rain]"]  # fmt: skip
 
 
 def test_two_processes_train_the_same_experts_as_one(
     base: Path, two_processes: tuple[Path, dict], tmp_path: Path
 ) -> None:
     """torchrun --cpu forms one gloo job: the global batch of 8 is split 4 + 4, not
-    duplicated, and validation is gathered over both processes."""
+    duplicated, each epoch draws new patches on both (Accelerate passes the epoch to the
+    dataset on one process only), and validation is gathered over both processes."""
     out2, two = two_processes
-    one = run(
-        "finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2",
-        "keep_checkpoints=5",
-    )  # fmt: skip
+    one = run("finetune", tmp_path, *_two_epochs(base))
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     assert one["final"]["num_images"] == two["final"]["num_images"]
     # Same batches and init: only the float summation order differs (all-reduce of two
@@ -460,9 +462,7 @@ def test_two_processes_resume_bit_identically(
     out2, _ = two_processes
     resumed = tmp_path / "run"
     shutil.copytree(out2 / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
-    settings = [*FINETUNE, f"base={base}", "max_steps=4", "checkpoint_every=2",
-                "keep_checkpoints=5", "resume=latest"]  # fmt: skip
-    metrics = torchrun("finetune", 2, resumed, *settings)
+    metrics = torchrun("finetune", 2, resumed, *_two_epochs(base), "resume=latest")
     assert (metrics["resumed_from_step"], metrics["num_processes"]) == (2, 2)
     expected, actual = adapter_tensors(out2), adapter_tensors(resumed)
     assert all(torch.equal(actual[key], value) for key, value in expected.items())

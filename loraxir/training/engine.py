@@ -156,9 +156,11 @@ def make_optimizer_and_scheduler(
 def train_batches(loader: Any, state: TrainState) -> Iterator[Any]:
     """Yield training batches forever, epoch after epoch, resuming after ``state.batches``.
 
-    Each epoch calls ``loader.set_epoch`` (new shuffle order and, for datasets with
-    ``set_epoch``, new crops and degradations); on resume the consumed batches of the
-    current epoch are skipped, not replayed. ``state.batches`` is advanced as batches go.
+    Each epoch calls ``loader.set_epoch`` (new shuffle order) and the dataset's
+    ``set_epoch`` where it has one (new crops and degradations): Accelerate's prepared
+    loader passes the epoch on to the dataset on one process only, so on several every
+    epoch would draw epoch 0's patches again. On resume the consumed batches of the current
+    epoch are skipped, not replayed. ``state.batches`` is advanced as batches go.
     """
     from accelerate import skip_first_batches
 
@@ -170,6 +172,8 @@ def train_batches(loader: Any, state: TrainState) -> Iterator[Any]:
     epoch, skip = divmod(state.batches, per_epoch)
     while True:
         loader.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
         epoch_loader = skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
             state.batches += 1
