@@ -455,6 +455,31 @@ def test_two_processes_train_the_same_experts_as_one(
     assert two["final"]["psnr"] == pytest.approx(one["final"]["psnr"], abs=1e-3)
 
 
+def test_two_processes_validate_whole_images_and_refuse_an_indivisible_batch_up_front(
+    base: Path, tmp_path: Path
+) -> None:
+    """Validation batches are split between the processes: whole images go one per
+    process, and a patch batch that does not divide is refused before an --overwrite
+    clears the earlier run."""
+    out = tmp_path / "run"
+    settings = [*FINETUNE, f"base={base}", "max_steps=1", "val_patch_size=null",
+                "tasks=[noise]"]  # fmt: skip
+    whole = torchrun("finetune", 2, out, *settings)
+    one = run("finetune", tmp_path / "one", *settings)
+    assert whole["final"]["num_images"] == one["final"]["num_images"] > 2
+    assert whole["final"]["psnr"] == pytest.approx(one["final"]["psnr"], abs=1e-3)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(ROOT / "recipes" / "finetune.py"), "--cpu", "--overwrite", "--set",
+        f"output_dir={out}", *settings, "val_patch_size=32", "val_batch_size=3",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "divisible by the 2 processes" in result.stderr
+    assert json.loads((out / "metrics.json").read_text()) == whole
+    assert (out / "checkpoints").is_dir()
+
+
 @pytest.mark.slow
 def test_two_processes_resume_bit_identically(
     base: Path, two_processes: tuple[Path, dict], tmp_path: Path

@@ -108,7 +108,9 @@ class RestorationConfig(RecipeConfig):
     )
     validate_every: int = run_setting(0, "Steps between validations; 0: only at the end.")
     val_batch_size: int | None = run_setting(
-        None, "Validation batch (default batch_size; 1 for whole images, which differ in size)."
+        None,
+        "Global validation batch (default batch_size; whole images, which differ in size, "
+        "go one per process).",
     )
     val_y_channel: bool = field(
         default=False, metadata={"help": "Validate on the Y channel (BT.601), as BasicSR."}
@@ -210,6 +212,21 @@ class FixedDraws(Dataset):
     @property
     def task_labels(self) -> list[int]:
         return list(self.dataset.task_labels)
+
+
+def _validation_batch(config: RestorationConfig, processes: int) -> int:
+    """The validation loader's global batch. Accelerate hands each process its share of a
+    batch (``split_batches``), so it must divide by the processes; whole images, which
+    differ in size, go one per process. Checked before anything is written."""
+    if config.val_patch_size is None:
+        return processes
+    batch = config.val_batch_size or config.batch_size
+    if batch % processes:
+        raise ConfigError(
+            f"val_batch_size={batch} (global, like batch_size) must be divisible by the "
+            f"{processes} processes; set a multiple of {processes}."
+        )
+    return batch
 
 
 def build_data(
@@ -511,6 +528,7 @@ def start_run(
     trainable parameter); ``find_unused_parameters`` goes to DDP.
     """
     accelerator = setup_accelerator(config, find_unused_parameters)
+    val_batch = _validation_batch(config, accelerator.num_processes)
     model = build_model()
     start_recording(accelerator, config, project)
     if config.gradient_checkpointing:
@@ -518,7 +536,6 @@ def start_run(
     groups = param_groups(model) if param_groups else [{"params": list(model.parameters())}]
     optimizer, scheduler = make_optimizer_and_scheduler(groups, config)
     train_loader = make_loader(data.train, config, shuffle=True)
-    val_batch = config.val_batch_size or (1 if config.val_patch_size is None else None)
     val_loader = make_loader(data.val, config, shuffle=False, batch_size=val_batch)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
