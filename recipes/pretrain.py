@@ -91,13 +91,19 @@ def build_model(config: PretrainConfig) -> nn.Module:
 
 
 def save_result(model: nn.Module, folder: Path) -> None:
-    """Write the pre-trained network folder (with DAM blocks and router when guided)."""
-    from loraxir.backbones import save_backbone
+    """Write the pre-trained network folder (with DAM blocks and router when guided).
 
-    if hasattr(model, "router"):
-        model.save_pretrained(folder)
-    else:
-        save_backbone(model, folder)
+    The folder is replaced whole: after ``--overwrite``, a run without DAM must not leave
+    the earlier run's ``dam.safetensors`` and ``router/`` beside its weights, where
+    ``finetune.py`` would load them as this network's."""
+    from loraxir.backbones import save_backbone
+    from loraxir.checkpoint import staged_folder
+
+    with staged_folder(folder, carry_over=False) as staging:
+        if hasattr(model, "router"):
+            model.save_pretrained(staging)
+        else:
+            save_backbone(model, staging)
 
 
 def _warn_of_router_classes(model: nn.Module, classes: Sequence[str]) -> None:

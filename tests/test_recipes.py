@@ -565,6 +565,21 @@ def test_pretrain_with_a_router_writes_the_guided_network(guided: dict[str, Any]
     assert_same_psnr(result, guided["pretrain"]["final"])
 
 
+def test_pretrain_overwritten_without_a_router_leaves_no_dam_behind(
+    guided: dict[str, Any], tmp_path: Path
+) -> None:
+    """finetune.py would load an earlier run's DAM blocks and router as this network's."""
+    out = shutil.copytree(guided["root"] / "pre", tmp_path / "pre")
+    metrics = run("pretrain", out, *DATA, "backbone=nafnet-tiny", "max_steps=1",
+                  flags=("--overwrite",))  # fmt: skip
+    _reset_accelerate()
+    assert metrics["dam"] is False
+    assert sorted(p.name for p in (out / "backbone").iterdir()) == [
+        "backbone.json",
+        "backbone.safetensors",
+    ]
+
+
 def test_finetuned_dam_adapter_reproduces_its_psnr_routed_by_its_router(
     guided: dict[str, Any],
 ) -> None:
