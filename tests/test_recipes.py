@@ -92,6 +92,29 @@ def _reset_accelerate() -> None:
 
 
 # ----------------------------------------------------------------- fine-tuning
+def test_logged_learning_rate_is_the_one_each_step_used(finetuned: tuple[Path, dict]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loraxir.training.config import load_config
+    from loraxir.training.engine import make_optimizer_and_scheduler
+
+    out, _ = finetuned
+    config = load_config(recipe("finetune").FinetuneConfig, out / "config.yaml")
+    optimizer, scheduler = make_optimizer_and_scheduler(
+        [{"params": [torch.zeros(1, requires_grad=True)]}], config
+    )
+    used = {}
+    for step in range(1, config.max_steps + 1):
+        used[step] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    logged = {event.step: event.value for event in events.Reload().Scalars("train/lr")}
+    assert sorted(logged) == [2, 4, 6]
+    for step, value in logged.items():
+        assert value == pytest.approx(used[step], rel=1e-6), step
+
+
 def test_finetune_writes_a_self_contained_adapter(finetuned: tuple[Path, dict]) -> None:
     out, metrics = finetuned
     assert (metrics["steps"], metrics["num_processes"]) == (6, 1)

@@ -365,6 +365,7 @@ def fit(
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            used_lr = optimizer.param_groups[0]["lr"]  # the scheduler steps to the next one
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -377,8 +378,7 @@ def fit(
         if state.step % config.log_every == 0 or state.step == config.max_steps:
             logged = accelerator.reduce(loss.detach().float(), "mean").item()
             bar.set_postfix(loss=f"{logged:.4f}")
-            lr = scheduler.get_last_lr()[0]
-            accelerator.log({"train/loss": logged, "train/lr": lr}, step=state.step)
+            accelerator.log({"train/loss": logged, "train/lr": used_lr}, step=state.step)
         if validate and validate_every and state.step % validate_every == 0:
             if state.step < config.max_steps:
                 validate(state.step)
