@@ -130,6 +130,9 @@ class BenchConfig:
             )
         for name in ("eval_repeats", "eval_batch_size", "timing_repeats"):
             check_int(name, getattr(self, name), 1)
+        for name in ("eval_patch_size", "max_photo_side"):  # None: whole / full-size photos
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
         check_int("adapters.r", self.adapters.get("r", 8), 1)  # before the LoRA's E·r
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,11 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
         )
     if occupied:
         if overwrite:
-            shutil.rmtree(output_dir)
+            # Out of the way in one rename, then deleted: a Ctrl-C halfway through a plain
+            # rmtree left a folder without run.json, which every later run refused.
+            retired = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, retired)
+            shutil.rmtree(retired, ignore_errors=True)
         elif earlier == settings:
             return True
         else:
@@ -150,8 +154,11 @@ def run_stage(
     try:
         result = work()
     except BaseException:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(spent_path, {"seconds": spent + time.perf_counter() - start})
+        # Best effort: on a full disk this write fails too, and must not hide the error
+        # that stopped the stage.
+        with suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(spent_path, {"seconds": spent + time.perf_counter() - start})
         raise
     record = {"seconds": spent + time.perf_counter() - start, "result": result}
     write_json(folder / DONE, record)

@@ -203,6 +203,23 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     assert (tmp_path / "run" / "result.txt").read_text() == "earlier"
     stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=True)
     assert not (tmp_path / "run" / "result.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"], "the replaced run is deleted"
+
+
+def test_a_stage_stopped_by_a_full_disk_reports_that_error_not_its_time_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(name: Any, *args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(name))
+
+    def work() -> dict[str, Any]:
+        monkeypatch.setattr(stages, "write_json", full)  # the stage's time record fails too
+        full("adapter_model.safetensors")
+        return {}
+
+    with pytest.raises(OSError) as raised:
+        stages.run_stage(tmp_path, "stage", work, print)
+    assert raised.value.filename == "adapter_model.safetensors"
 
 
 @pytest.mark.parametrize("run_json", [None, '{"x": 1}', "[1, 2]", "not json"])
@@ -313,3 +330,6 @@ def test_bad_settings_name_the_value_and_the_fix() -> None:
         load_bench_config("tiny", overrides=["adapters.r=-1"])
     with pytest.raises(ConfigError, match="eval_batch_size must be an integer >= 1, got 0"):
         load_bench_config("tiny", overrides=["eval_batch_size=0"])
+    for name in ("eval_patch_size", "max_photo_side"):
+        with pytest.raises(ConfigError, match=f"{name} must be an integer >= 1, got 0"):
+            load_bench_config("tiny", overrides=[f"{name}=0"])

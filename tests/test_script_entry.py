@@ -3,6 +3,7 @@ status 2, other outcomes keep their exit status."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,25 @@ def test_ctrl_c_exits_130_with_the_hint_and_a_bug_keeps_its_traceback(capsys) ->
 
     with pytest.raises(ZeroDivisionError):
         run_script(buggy)
+
+
+def test_a_full_disk_is_one_line_with_the_resume_hint_and_other_os_errors_keep_theirs(
+    capsys,
+) -> None:
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "out/results.json")
+
+    with pytest.raises(SystemExit) as exited:
+        run_script(full, "Rerun the same command.")
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "Traceback" not in err
+    assert "No space left on device: 'out/results.json'" in err and "Rerun the same" in err
+
+    def missing() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file", "x")
+
+    with pytest.raises(FileNotFoundError):
+        run_script(missing)
 
 
 @pytest.mark.parametrize("script", ["pretrain", "finetune", "add_degradation", "train_router"])

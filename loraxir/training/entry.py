@@ -8,6 +8,7 @@ the exceptions themselves.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,11 @@ RESUME_HINT = (
 )
 
 
+# Errors of the machine, not of the code: the disk or quota is full, or a folder is
+# read-only. One line and the way to continue, like a Ctrl-C.
+_MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def script_description(doc: str) -> str:
     """A script's ``--help`` description: the first paragraph of its module docstring, on
     one line and without reST markup (its first line alone stops mid-sentence)."""
@@ -27,7 +33,8 @@ def script_description(doc: str) -> str:
 
 def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoReturn:
     """Call ``main()`` and exit: 0 on success, 2 with ``<script>: error: <message>`` on a
-    loraxir error, 130 on Ctrl-C with ``resume_hint``. Other exceptions are bugs and keep
+    loraxir error, 130 on Ctrl-C with ``resume_hint``, 1 with one line and ``resume_hint``
+    when the disk is full or a file cannot be written. Other exceptions are bugs and keep
     their traceback."""
     from loraxir.errors import LoraIRError
 
@@ -40,4 +47,10 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
     except KeyboardInterrupt:
         print(f"\nInterrupted. {resume_hint}", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:
+        if error.errno not in _MACHINE_ERRORS:
+            raise
+        print(f"{script}: error: {error}. Free space or fix the permissions, then: "
+              f"{resume_hint}", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     sys.exit(0)
