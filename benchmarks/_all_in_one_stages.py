@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraxir.errors import ConfigError
+from loraxir.training.entry import raise_if_interrupted
 from loraxir.validation import file_in_the_way
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +154,7 @@ def run_stage(
     start = time.perf_counter()
     try:
         result = work()
+        raise_if_interrupted()  # a Ctrl-C that Python dropped must not mark the stage done
     except BaseException:
         # Best effort: on a full disk this write fails too, and must not hide the error
         # that stopped the stage.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -204,6 +205,29 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=True)
     assert not (tmp_path / "run" / "result.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"], "the replaced run is deleted"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_python_dropped_still_stops_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython ignores an exception raised in ``__del__`` or a weakref callback (torch runs
+    some): the Ctrl-C handler's flag stops the stage before it is marked done."""
+    from loraxir.training import entry
+
+    monkeypatch.setattr(entry, "_interrupted", False)
+
+    class Collected:
+        def __del__(self) -> None:
+            entry._on_interrupt(signal.SIGINT, None)
+
+    def work() -> dict[str, Any]:
+        Collected()  # its KeyboardInterrupt is printed as "Exception ignored" and dropped
+        return {"x": 1}
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(tmp_path, "stage", work, print)
+    assert stages.stage_done(tmp_path) is None
 
 
 def test_a_stage_stopped_by_a_full_disk_reports_that_error_not_its_time_record(

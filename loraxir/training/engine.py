@@ -37,6 +37,7 @@ from loraxir.training.checkpoints import (
     last_checkpoint,
 )
 from loraxir.training.config import RecipeConfig, config_dict, flatten_config
+from loraxir.training.entry import raise_if_interrupted
 
 
 def setup_accelerator(config: RecipeConfig, find_unused_parameters: bool = False) -> Any:
@@ -358,6 +359,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     while state.step < config.max_steps:
+        raise_if_interrupted()
         batch = next(batches)
         with accelerator.accumulate(model):
             loss = compute_loss(batch)

@@ -9,7 +9,9 @@ the exceptions themselves.
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +27,25 @@ RESUME_HINT = (
 _MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed since :func:`run_script` started.
+
+    CPython drops an exception raised inside a weakref callback or ``__del__``, and torch
+    runs some in the middle of its work, so a Ctrl-C that lands there is lost and the run
+    went on to the end; long loops call this to stop at their next step instead."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 def script_description(doc: str) -> str:
     """A script's ``--help`` description: the first paragraph of its module docstring, on
     one line and without reST markup (its first line alone stops mid-sentence)."""
@@ -38,7 +59,11 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
     their traceback."""
     from loraxir.errors import LoraIRError
 
+    global _interrupted
     script = Path(sys.argv[0]).name
+    _interrupted = False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
         main()
     except LoraIRError as error:
