@@ -25,7 +25,7 @@ from typing import Any
 import all_in_one
 from _all_in_one_config import config_json, load_bench_config
 from _all_in_one_methods import Paths
-from _all_in_one_stages import RESUME_HINT, atomic_path, prepare_run, run_stage
+from _all_in_one_stages import DONE, RESUME_HINT, atomic_path, prepare_run, run_stage, stage_done
 from _timing import positive_int
 
 from loraxir.training.entry import run_script, script_description
@@ -68,7 +68,7 @@ def restore_test_photos(root: Path, suite_name: str, seed: int, max_side: int) -
                 with atomic_path(path) as temporary:
                     Image.fromarray(pixels).save(temporary, "PNG")
                 written += 1
-    return {"images": written}
+    return {"images": written, "max_side": max_side}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -97,8 +97,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     command = "python benchmarks/quickstart.py" + (f" --output-dir {root}" if argv else "")
     results = all_in_one.run(config, root, command)
+    photos = root / "restored_photos"
+    done = stage_done(photos)
+    if done is not None and done["result"].get("max_side") != args.max_side:
+        (photos / DONE).unlink()  # restored at another --max-side: restore them again
     run_stage(
-        root / "restored_photos",
+        photos,
         "restore the whole test photos with the saved adapter",
         lambda: restore_test_photos(root, suite, seed, args.max_side),
         lambda message: print(message, flush=True),

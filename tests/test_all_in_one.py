@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from loraxir.errors import ConfigError, UnknownNameError
 from loraxir.pretrained import describe_adapter
@@ -165,6 +166,9 @@ def test_quickstart_resumes_then_restores_photos_with_the_saved_adapter(
     assert "resuming" in out and "Where everything is" in out and "loraxir.load_adapter" in out
     restored = sorted((root / "restored_photos" / "rain").glob("*_restored.png"))
     assert len(restored) == 4, "one per test photo"
+    assert max(Image.open(restored[0]).size) == 48
+    quickstart.main(["--scale", "tiny", "--output-dir", str(root), "--max-side", "40"])
+    assert max(Image.open(restored[0]).size) == 40, "another --max-side restores again"
 
 
 def test_an_interrupted_recipe_resumes_from_its_last_checkpoint(
