@@ -135,7 +135,9 @@ class _DAMHook:
     def __init__(self, block: DAMBlock) -> None:
         self.block = block
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not self.block.routing.adapters_enabled:
+            return None  # peft's disable_adapter(): the bare backbone
         if not args:
             raise ConfigError(
                 f"The module at DAM point {self.block.point!r} was called without a positional "

@@ -100,6 +100,7 @@ class LoraIRModel(BaseTuner):
         router: nn.Module | None = None,
     ) -> None:
         self.routing = RoutingState()
+        self._built = False
         self._pending_targets: set[str] = set()
         self._chunk_pixels: int | None = _DEFAULT_CHUNKS
         config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
@@ -130,6 +131,7 @@ class LoraIRModel(BaseTuner):
         if self.config.tuned:
             self.set_compute_choice(self.config.tuned)
         self._apply_trainable_policy()
+        self._built = True
 
     # ------------------------------------------------------------ peft hooks
     def _pre_injection_hook(
@@ -143,6 +145,50 @@ class LoraIRModel(BaseTuner):
         guidance.apply_dam_config(model, config.dam, self.routing)
         check_wrappable(model, targets)  # again: a DAM point may be one of the targets
         self._pending_targets = set(targets)
+
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """peft's injection; a second adapter (peft's ``add_adapter``/``load_adapter``) is
+        checked first: it wraps the layers the first one wrapped, and a backbone holds one
+        set of DAM blocks and one router, which a second adapter's would overwrite."""
+        others = [name for name in self.peft_config if name != adapter_name]
+        if others:
+            _check_second_adapter(self.peft_config[others[0]], self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """peft's, then the newly active adapter's ``trainable`` policy (peft makes every
+        expert of it trainable, ``new_experts`` or not, and leaves the base as it was)."""
+        super().set_adapter(adapter_name, inference_mode)
+        if not inference_mode and self._built:  # peft's __init__ calls it before the router
+            self._apply_trainable_policy()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's, then the ``trainable`` policy of the adapter it makes active."""
+        super().delete_adapter(adapter_name)
+        if self.active_adapters:
+            self._apply_trainable_policy()
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """peft's ``disable_adapter()`` runs the bare backbone: merged experts are taken out
+        (as peft's LoRA does) and DAM blocks pass their input through."""
+        if not enabled and self.merged:
+            self.unmerge()
+        super()._enable_adapter_layers(enabled)
+        self.routing.adapters_enabled = enabled
+
+    def unmerge_adapter(self) -> None:
+        """peft's name for :meth:`unmerge` (which also forgets the merged gate)."""
+        self.unmerge()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: routed experts have no weighted sum with another adapter's."""
+        raise ConfigError(
+            "add_weighted_adapter is not supported for loraxir adapters: each holds one "
+            "expert per degradation, mixed per image by its router. Merge several into the "
+            "base for one gate instead (merge(degradation=..., adapter_names=[...]))."
+        )
 
     @staticmethod
     def get_model_config(model: nn.Module) -> dict:
@@ -1038,6 +1084,26 @@ class LoraIRModel(BaseTuner):
                 for index, (a, b) in enumerate(zip(bank.A, bank.B, strict=True)):
                     a.copy_(tensors[checkpoint.expert_key(path, "A", index)])
                     b.copy_(tensors[checkpoint.expert_key(path, "B", index)])
+
+
+def _check_second_adapter(first: LoraIRConfig, second: LoraIRConfig) -> None:
+    """Raise :class:`ConfigError` unless ``second`` can share a backbone with ``first``."""
+    guided = [c for c in (first, second) if c.dam is not None or c.router is not None]
+    if guided:
+        raise ConfigError(
+            "A second adapter cannot join one with DAM blocks or a router (or bring its "
+            "own): the backbone holds one set of DAM blocks and one router, and loading the "
+            "second would overwrite the first's. Load each such adapter on its own copy of "
+            "the backbone."
+        )
+    targeting = ("target_modules", "exclude_modules", "preset")
+    wanted, wrapped = ([getattr(c, key) for key in targeting] for c in (second, first))
+    if wanted != wrapped:
+        raise ConfigError(
+            "A second adapter wraps the layers the first one wrapped, so it must name the "
+            f"same targets (target_modules, exclude_modules, preset): got {wanted} after "
+            f"{wrapped}."
+        )
 
 
 def _undo_injection(

@@ -50,6 +50,9 @@ class RoutingState:
         cache_folds: whether expert layers keep the weights they fold for one-expert gate
             rows between inference calls (see :meth:`LoraIRModel.cache_folds
             <loraxir.LoraIRModel.cache_folds>`).
+        adapters_enabled: ``False`` while peft's ``disable_adapter()`` (or
+            ``disable_adapter_layers()``) runs the bare backbone: DAM blocks then pass their
+            input through, as the expert layers do.
     """
 
     def __init__(self) -> None:
@@ -59,6 +62,7 @@ class RoutingState:
         self.pinned = False
         self.merged_layers = 0
         self.cache_folds = True
+        self.adapters_enabled = True
         self._calls = 0  # routed calls running now (nested calls count once each)
         # (gates, version, values): what derived() computed from those gates.
         self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None

@@ -1,0 +1,103 @@
+"""peft's model API on loraxir adapters: disabling adapters, several adapters on one
+backbone, switching the active one, and the operations loraxir refuses."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import loraxir
+from loraxir import ConfigError, DAMConfig, LoraIRConfig, RoutingError
+from loraxir.router import DegradationRouter
+from tests.conftest import randomize_experts
+
+DEGRADATIONS = ["noise", "rain", "haze"]
+X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return loraxir.create_backbone("nafnet-tiny").eval()
+
+
+def _guided_peft_model() -> peft.PeftModel:
+    """Experts, DAM blocks that change the output, and a router."""
+    torch.manual_seed(1)
+    router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16)
+    config = LoraIRConfig(degradations=DEGRADATIONS, dam=DAMConfig(embed_dim=router.embed_dim))
+    model = peft.get_peft_model(_backbone(), config)
+    model.base_model.attach_router(router)
+    randomize_experts(model.base_model)
+    for block in model.base_model.model.loraxir_dam.values():
+        torch.nn.init.normal_(block.beta, std=0.3)
+    return model.eval()
+
+
+def test_disabled_adapters_run_the_bare_backbone_dam_blocks_and_merges_included() -> None:
+    with torch.no_grad():
+        bare = _backbone()(X)
+        model = _guided_peft_model()
+        adapted = model(X)
+        assert not torch.allclose(adapted, bare, atol=1e-3)
+        with model.disable_adapter():
+            assert torch.equal(model(X), bare)
+        assert torch.equal(model(X), adapted), "enabled again"
+        model.base_model.merge(degradation="rain")
+        forced = model.base_model(X, degradation="rain")
+        with model.disable_adapter():  # takes the merged experts out, as peft's LoRA does
+            assert torch.equal(model(X), bare)
+        assert not model.base_model.merged
+        torch.testing.assert_close(model.base_model(X, degradation="rain"), forced)
+
+
+def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refused(
+    tmp_path,
+) -> None:
+    plain = LoraIRConfig(degradations=DEGRADATIONS)
+    outputs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        single = loraxir.get_loraxir_model(_backbone(), plain).eval()
+        torch.manual_seed(seed)
+        randomize_experts(single)
+        single.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            outputs[name] = single(X, degradation="haze")
+    model = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "a").eval()
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    with torch.no_grad(), loraxir.route(model, degradation="haze"):
+        assert torch.equal(model(X), outputs["a"])
+        model.set_adapter("b")
+        assert torch.equal(model(X), outputs["b"])
+    guided = _guided_peft_model()
+    with torch.no_grad():
+        before = guided(X)
+    for config in (plain, LoraIRConfig(degradations=DEGRADATIONS, target_modules=["intro"])):
+        with pytest.raises(ConfigError, match="second adapter"):
+            (model if config.target_modules else guided).add_adapter("c", config)
+    assert list(guided.peft_config) == ["default"] and list(model.peft_config) == ["default", "b"]
+    with torch.no_grad():
+        assert torch.equal(guided(X), before), "the refused adapter changed nothing"
+
+
+def test_switching_adapters_keeps_each_ones_trainable_policy() -> None:
+    model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    model.base_model.add_degradation("snow")  # trainable: new_experts
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith((".A.1", ".B.1")) for n in trained), "the new expert"
+    model.add_adapter("full", LoraIRConfig(degradations=DEGRADATIONS, trainable="all"))
+    model.set_adapter("full")
+    assert any(p.requires_grad for n, p in model.named_parameters() if "loraxir" not in n)
+    model.set_adapter("default")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+
+
+def test_unsupported_peft_operations_are_refused_by_name() -> None:
+    model = loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    with pytest.raises(ConfigError, match="add_weighted_adapter is not supported"):
+        model.add_weighted_adapter(["default"], [1.0], "mix")
+    model.merge(degradation="noise")
+    model.unmerge_adapter()  # peft's name: the merged gate goes with the merge
+    assert not model.merged
+    with pytest.raises(RoutingError, match="fixed gate"):
+        model.merge_adapter()
