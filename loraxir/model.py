@@ -1088,13 +1088,12 @@ class LoraIRModel(BaseTuner):
 
 def _check_second_adapter(first: LoraIRConfig, second: LoraIRConfig) -> None:
     """Raise :class:`ConfigError` unless ``second`` can share a backbone with ``first``."""
-    guided = [c for c in (first, second) if c.dam is not None or c.router is not None]
-    if guided:
+    if first.dam is not None or second.dam is not None or second.router is not None:
         raise ConfigError(
-            "A second adapter cannot join one with DAM blocks or a router (or bring its "
-            "own): the backbone holds one set of DAM blocks and one router, and loading the "
-            "second would overwrite the first's. Load each such adapter on its own copy of "
-            "the backbone."
+            "A second adapter cannot bring DAM blocks or a router, nor join one with DAM "
+            "blocks: the backbone holds one set of DAM blocks and one router, which the "
+            "second's would overwrite (and the first's blocks would modulate the second's "
+            "outputs). Load each such adapter on its own copy of the backbone."
         )
     targeting = ("target_modules", "exclude_modules", "preset")
     wanted, wrapped = ([getattr(c, key) for key in targeting] for c in (second, first))
