@@ -356,6 +356,14 @@ def test_no_job_writes_over_its_own_input_and_a_file_named_twice_is_one_job(tmp_
     twice = [str(folder / "a.png"), f"{folder}/./a.png", f"{folder}/*.png"]
     jobs, outcome = collect(twice, tmp_path / "out")
     assert [job.target for job in jobs] == [tmp_path / "out" / "a.png"] and not outcome.failed
+    # Another input's file is not written over either: `restore a/x.png b/x.png -o b`.
+    Image.fromarray(photo(8, 8)).save(folder / "restored" / "a.png")
+    jobs, outcome = collect([str(folder / "a.png"), str(folder / "restored")], folder / "restored")
+    assert jobs == [] and sorted(why for _, why in outcome.failed) == [
+        f"its output would be the input {folder / 'restored' / 'a.png'}; choose another -o",
+        "its output would be the input itself; choose another -o",
+        "its output would be the input itself; choose another -o",
+    ]
 
 
 def test_a_linked_folder_inside_an_input_folder_is_reported_not_skipped_silently(tmp_path):

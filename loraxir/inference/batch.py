@@ -118,6 +118,7 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
     if single and found:
         _check_single_output(found[0][0], output)
     jobs, writers, seen = [], {}, set()
+    sources = {source.resolve() for source, _ in found}  # none may be written over
     for source, relative in found:
         if source.resolve() in seen:  # one file named twice (a folder and a glob, ./a, a)
             continue
@@ -127,10 +128,14 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
             outcome.failed.append((str(source), f"unsupported file type {suffix or '(none)'}"))
             continue
         job = Job(source, output if single else output / relative)
-        if any(path.resolve() == source.resolve() for path in job.outputs):
-            outcome.failed.append(
-                (str(source), "its output would be the input itself; choose another -o")
+        replaced = next((path for path in job.outputs if path.resolve() in sources), None)
+        if replaced is not None:
+            whose = (
+                "the input itself"
+                if replaced.resolve() == source.resolve()
+                else (f"the input {replaced}")
             )
+            outcome.failed.append((str(source), f"its output would be {whose}; choose another -o"))
             continue
         clash = next((path for path in job.outputs if path in writers), None)
         if clash is not None:
