@@ -16,8 +16,15 @@ from torch import nn
 
 import loraxir
 from loraxir import degradations
-from loraxir.inference.restorer import Restorer
-from loraxir.inference.video import VideoWriter, probe_video, read_frames, restore_video
+from loraxir.errors import DataError
+from loraxir.inference.restorer import Restorer, Routing
+from loraxir.inference.video import (
+    FrameReport,
+    VideoWriter,
+    probe_video,
+    read_frames,
+    restore_video,
+)
 from loraxir.router import DegradationRouter
 
 
@@ -196,3 +203,17 @@ def test_a_video_without_frames_or_with_a_wrong_reference_is_refused_before_rest
         restore_video(restorer, tmp_path / "in.mkv", tmp_path / "o.mkv",
                       reference=tmp_path / "ref.mkv", on_frame=restored.append)  # fmt: skip
     assert restored == []
+
+
+def test_a_frame_of_another_size_is_refused_not_rescaled(tmp_path):
+    with pytest.raises(DataError, match=r"Frame 1 .* is 64x48, the video's first frames 48x32"):
+        with VideoWriter(tmp_path / "v.mkv", 48, 32, Fraction(12)) as writer:
+            writer.write(np.zeros((32, 48, 3), np.uint8))
+            writer.write(np.zeros((48, 64, 3), np.uint8))
+
+
+def test_the_report_plot_shows_a_file_name_with_dollar_signs_as_it_is(tmp_path):
+    """Matplotlib would read ``$10_$`` as TeX and fail on it."""
+    report = FrameReport(["noise", "rain"])
+    report.add(Routing(["noise", "rain"], torch.tensor([1.0, 0.0])), None, None)
+    assert report.plot(tmp_path / "gates.png", title="US$10_$20.avi").is_file()

@@ -100,8 +100,18 @@ class VideoWriter:
         # its header (MP4: 1/12288 for 24 fps), after the encoder has taken frames.
         self._time_base = 1 / Fraction(fps)
         self._index = 0
+        self._size = (height, width)
 
     def write(self, frame: np.ndarray) -> None:
+        """Encode one frame; a frame of another size than the stream's raises
+        :class:`DataError` (the encoder would rescale it without a word)."""
+        if frame.shape[:2] != self._size:
+            raise DataError(
+                f"Frame {self._index} of {str(self._path)!r} is {frame.shape[1]}x"
+                f"{frame.shape[0]}, the video's first frames {self._size[1]}x{self._size[0]}: "
+                "videos whose frames change size are not restored. Split it where the size "
+                "changes (e.g. with ffmpeg) and restore the parts."
+            )
         av = _av()
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         video_frame.pts = self._index
@@ -183,7 +193,7 @@ class FrameReport:
         axes[0, 0].set_ylabel("gate")
         axes[0, 0].set_ylim(-0.05, 1.05)
         axes[0, 0].legend(loc="upper right", fontsize="small")
-        axes[0, 0].set_title(title or "experts chosen per frame")
+        axes[0, 0].set_title(title or "experts chosen per frame", parse_math=False)  # names hold $
         if has_psnr:
             axes[1, 0].plot(frames, [row["psnr_input"] for row in self.rows], label="input")
             axes[1, 0].plot(frames, [row["psnr"] for row in self.rows], label="restored")
