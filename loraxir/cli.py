@@ -337,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a loraxir error, with its message;
     130 on Ctrl-C)."""
+    for stream in (sys.stdout, sys.stderr):
+        # File names need not be valid UTF-8 (they come back with surrogates): print them
+        # escaped rather than stop the run in the middle of a report.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

@@ -513,6 +513,24 @@ def test_an_output_that_would_lose_alpha_is_refused_naming_it(
     assert "partial" not in error and not (tmp_path / "so" / name).exists()
 
 
+def test_temporary_names_clash_with_no_input_and_names_need_not_be_utf8(adapter, tmp_path):
+    """`.x.partial.png` was the fixed temporary name of x.png's output, so restoring both
+    lost one output; a name with bytes that are not UTF-8 stopped the run at its report
+    line on a strict UTF-8 stdout."""
+    inputs = tmp_path / b"in-\xe9".decode("utf-8", "surrogateescape")
+    inputs.mkdir()
+    for name in (".x.partial.png", "x.png"):
+        Image.fromarray(photo(16, 16)).save(inputs / name)
+    command = [sys.executable, "-m", "loraxir", "restore", str(inputs / ".x.partial.png"),
+               str(inputs / "x.png"), "-o", str(tmp_path / "out"), "--adapter", str(adapter),
+               "--degradation", "noise"]  # fmt: skip
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".x.partial.png", "x.png"]
+    assert "in-\\udce9" in result.stdout
+
+
 def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path):
     target = tmp_path / "i.png"
     with pytest.raises(DataError) as caught:

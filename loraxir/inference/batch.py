@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -322,7 +323,10 @@ def _replace(targets: Path | tuple[Path, ...], write: Any) -> Any:
     ``targets`` in order, so that a failure leaves none of them half-made or placed; an
     error names the files the user asked for, not the temporary ones."""
     targets = (targets,) if isinstance(targets, Path) else targets
-    partials = [t.with_name(f".{t.stem}.partial{t.suffix}") for t in targets]
+    # A name no input or output can have (a fixed one was another job's output, or a
+    # user's file), ending in the target's suffix, from which the format is chosen.
+    tag = secrets.token_hex(4)
+    partials = [t.with_name(f".{t.stem}.{tag}.partial{t.suffix}") for t in targets]
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     try:
         result = write(*partials)
