@@ -536,18 +536,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prepare_output_dir(config, ("router", "folds"))
     output_dir = Path(config.output_dir)
     run_folds = min(config.run_folds or config.folds, config.folds)  # None: every fold
-    if config.resume not in (None, "latest") and run_folds > 1:
+    if config.resume not in (None, "latest") and (run_folds > 1 or config.final_fit):
         raise ConfigError(
-            "A checkpoint path resumes one fold; with several folds use resume=latest "
-            "(each fold continues from its own latest checkpoint)."
+            "A checkpoint path resumes one training; with several folds or a final fit use "
+            "resume=latest (each training continues from its own latest checkpoint)."
         )
     data = build_data(config)
     accelerator = setup_accelerator(config)
+    _check_router_settings(config, data.trained)
     for fold in range(run_folds):  # a refused resume must not rewrite config.yaml
         check_resumable(dataclasses.replace(config, output_dir=str(_fold_dir(config, fold))))
     start_recording(accelerator, config, "train_router")
     if config.overwrite and config.resume is None and accelerator.is_main_process:
         shutil.rmtree(output_dir / "folds", ignore_errors=True)
+        # Written only when a full-size image was tested: an earlier run's must not stay.
+        (output_dir / "router_choices.png").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
     predictions, per_fold, routers = Predictions(), [], []
@@ -625,6 +628,15 @@ def _fold_dir(config: TrainRouterConfig, fold: int) -> Path:
 
 def _fold_label(config: TrainRouterConfig, fold: int) -> str:
     return "final fit" if fold == config.folds else f"fold {fold + 1}/{config.folds}"
+
+
+def _check_router_settings(config: TrainRouterConfig, classes: Sequence[str]) -> None:
+    """Build the router once (random weights, the global RNG left as it was) and check the
+    batch, so that a setting they refuse (encoder, image size, head) is refused before
+    ``--overwrite`` clears the earlier run, not when the first fold starts."""
+    _images_per_batch(config)
+    with torch.random.fork_rng(devices=[]):
+        build_router(dataclasses.replace(config, pretrained=None), classes)
 
 
 def _images_per_batch(config: TrainRouterConfig) -> int:

@@ -165,6 +165,28 @@ def test_final_fit_saves_a_router_trained_on_every_photo(tmp_path: Path) -> None
     assert not all(torch.equal(saved[key], fold[key]) for key in saved)
 
 
+def test_an_overwrite_refused_late_or_a_path_resume_with_a_final_fit_keeps_the_earlier_run(
+    tmp_path: Path,
+) -> None:
+    """Settings that only the router refuses were found after --overwrite had cleared the
+    folds; a checkpoint path was applied to both fold 0 and the final fit."""
+    run_recipe(tmp_path, "max_steps=2", "eval_sizes=[64, 0]", "mixtures={}", "final_fit=true",
+               "checkpoint_every=2", "keep_checkpoints=2")  # fmt: skip
+    assert (tmp_path / "router_choices.png").is_file()
+    kept = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    recipe = _recipe()
+    for bad, message in (("image_size=4", "image_size"), ("batch_size=6", "multiple of crops")):
+        with pytest.raises(ConfigError, match=message):
+            recipe.main(["--cpu", "--overwrite", "--set", *TINY, f"output_dir={tmp_path}", bad])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == kept
+    step = tmp_path / "folds" / "fold-0" / "checkpoints" / "step-0000002"
+    with pytest.raises(ConfigError, match="several folds or a final fit use resume=latest"):
+        run_recipe(tmp_path, "max_steps=2", "final_fit=true", f"resume={step}")
+    recipe.main(["--cpu", "--overwrite", "--set", *TINY, f"output_dir={tmp_path}",
+                 "max_steps=2", "eval_sizes=[64]", "mixtures={}"])  # fmt: skip
+    assert not (tmp_path / "router_choices.png").exists(), "an earlier run's figure"
+
+
 def test_resumed_run_continues_bit_exactly(tmp_path: Path) -> None:
     fast = ["eval_sizes=[64]", "mixtures={}"]
     full = tmp_path / "full"
