@@ -118,6 +118,31 @@ def test_calibration_and_accuracy_match_a_hand_count() -> None:
     assert mean_gates(probs, ["a", "b"]) == pytest.approx({"a": 0.4875, "b": 0.5125})
 
 
+def test_the_calibration_panel_draws_every_bin_that_holds_items(tmp_path, monkeypatch) -> None:
+    """The bin below 0.5 (most items of an unsure router) was drawn off the axis."""
+    from matplotlib.figure import Figure
+
+    from loraxir.router.evaluation import plot_evaluation
+
+    probs = torch.tensor([[0.4, 0.35, 0.25], [0.45, 0.3, 0.25], [0.95, 0.03, 0.02]])
+    table = {"accuracy": 1.0, "per_size": {"64": {"per_class": {"a": 1.0, "b": None, "c": None}}}}
+    metrics = {
+        "classes": ["a", "b", "c"],
+        "whole_image": {"suite": table},
+        "calibration": calibration(probs, torch.tensor([0, 0, 0])),
+    }
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: saved.append(figure))
+    plot_evaluation(metrics, tmp_path / "evaluation.png")
+    axis = saved[0].axes[1]
+    low, high = axis.get_xlim()
+    bars = [(bar.get_x(), bar.get_x() + bar.get_width()) for bar in axis.patches]
+    filled = [tuple(b["range"]) for b in metrics["calibration"]["bins"] if b["items"]]
+    assert filled[0] == (0.0, 0.5) and len(bars) == len(filled)
+    assert all(bar == pytest.approx(edges) for bar, edges in zip(bars, filled, strict=True))
+    assert low <= 0.0 and high >= 1.0
+
+
 def test_labelled_batches_stack_degraded_images_with_their_class_names() -> None:
     from loraxir.data import SyntheticPairs
     from loraxir.router import labelled_batches

@@ -138,10 +138,18 @@ def plot_evaluation(metrics: dict[str, Any], path: str | Path) -> None:
         ax.set_title(f"{regime}: held-out accuracy {table['accuracy']:.1%}")
     bins = [b for b in metrics["calibration"]["bins"] if b["items"]]
     ax = axes[len(panels)]
-    centres = [(b["range"][0] + b["range"][1]) / 2 for b in bins]
-    ax.bar(centres, [b["accuracy"] for b in bins], width=0.04, label="accuracy")
+    # Each bar spans its own bin (the first, below 0.5, is wide); the axis starts at the
+    # lowest bin that holds items, so none is drawn off the axis.
+    ax.bar(
+        [b["range"][0] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["range"][1] - b["range"][0] for b in bins],
+        align="edge",
+        edgecolor="white",
+        label="accuracy",
+    )
     ax.plot([0, 1], [0, 1], color="gray", lw=0.8, label="calibrated")
-    ax.set_xlim(0.4, 1.02)
+    ax.set_xlim(min([0.4, *(b["range"][0] for b in bins)]), 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("top probability")
     ax.set_title(f"calibration (ECE {metrics['calibration']['ece']:.3f})")
