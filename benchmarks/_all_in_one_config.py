@@ -75,7 +75,8 @@ class BenchConfig:
         default=True, metadata={"help": "Also test on mixed and unseen degradations."}
     )
     router_per_seed: bool = field(
-        default=False, metadata={"help": "Train a router per seed (else one per suite)."}
+        default=False,
+        metadata={"help": "Train a router per seed (else one per suite, with seed 0)."},
     )
     timing_repeats: int = field(
         default=3, metadata={"help": "Paired timing calls for the inference-cost ratio."}

@@ -319,6 +319,27 @@ def test_every_scale_gives_settings_its_recipes_accept(scale: str) -> None:
         assert config.max_steps == stage.settings["max_steps"], stage.name
 
 
+@pytest.mark.parametrize("seeds", [[1], [0, 1], [2, 1]])
+def test_the_shared_router_has_seed_0_whichever_seeds_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seeds: list[int]
+) -> None:
+    """Seed 1's numbers came out different when run alone or after seed 2."""
+
+    class Stop(Exception):
+        pass
+
+    class Recipe:
+        @staticmethod
+        def main(argv: list[str]) -> None:
+            assert "seed=0" in argv
+            raise Stop
+
+    monkeypatch.setattr(all_in_one, "recipe", lambda name: Recipe)
+    config = load_bench_config("tiny", overrides=[f"seeds={seeds}"])
+    with pytest.raises(Stop):
+        all_in_one.run_seed(config, tmp_path, config.suites[0], 1, print)
+
+
 def test_a_dotted_override_changes_one_entry_of_a_section_and_reaches_its_recipe(
     tmp_path: Path,
 ) -> None:
