@@ -18,6 +18,7 @@ from typing import Any
 
 from loraxir.errors import ConfigError, unknown_name
 from loraxir.training import load_config
+from loraxir.training.config import check_seed_range
 from loraxir.validation import check_int
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -111,6 +112,8 @@ class BenchConfig:
             raise ConfigError("seeds, suites and methods must each name at least one entry.")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}.")
+        for seed in self.seeds:
+            check_seed_range("every entry of seeds", seed)
         # Checked here, before an --overwrite run deletes the earlier one's folder.
         from loraxir.degradations import suite as load_suite
 

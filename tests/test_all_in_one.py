@@ -379,6 +379,8 @@ def test_bad_settings_name_the_value_and_the_fix() -> None:
         load_bench_config("tiny", overrides=["adapters.r=-1"])
     with pytest.raises(ConfigError, match="eval_batch_size must be an integer >= 1, got 0"):
         load_bench_config("tiny", overrides=["eval_batch_size=0"])
+    with pytest.raises(ConfigError, match=r"every entry of seeds must be in \[0, 2\*\*32 - 1\]"):
+        load_bench_config("tiny", overrides=["seeds=[0, 4294967296]"])
     for name in ("eval_patch_size", "max_photo_side"):
         with pytest.raises(ConfigError, match=f"{name} must be an integer >= 1, got 0"):
             load_bench_config("tiny", overrides=[f"{name}=0"])

@@ -296,6 +296,8 @@ def test_config_loads_yaml_and_overrides_with_types(tmp_path: Path) -> None:
         ("- a list\n", [], ConfigError, "mapping"),
         ("max_steps: 1\nmax_steps: 2\n", [], ConfigError, "'max_steps' is written twice"),
         ("names: caf\xe9\n", [], ConfigError, "not UTF-8"),
+        ("", ["seed=-1"], ConfigError, r"seed must be in \[0, 2\*\*32 - 1\], got -1"),
+        ("", ["seed=4294967296"], ConfigError, r"seed must be in \[0, 2\*\*32 - 1\]"),
     ],
 )
 def test_bad_configs_raise_with_the_setting_named(

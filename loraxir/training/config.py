@@ -34,6 +34,13 @@ def run_setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help, "run": True})
 
 
+def check_seed_range(name: str, seed: int) -> None:
+    """Raise :class:`ConfigError` unless ``seed`` is in ``[0, 2**32 - 1]``, the range every
+    generator a run seeds takes (NumPy's is the narrowest)."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{name} must be in [0, 2**32 - 1], got {seed}.")
+
+
 @dataclass
 class RecipeConfig:
     """Settings every recipe shares. A recipe subclasses it with its own fields."""
@@ -82,6 +89,7 @@ class RecipeConfig:
         for name in ("warmup_steps", "max_grad_norm", "num_workers", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        check_seed_range("seed", self.seed)
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(
                 f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}."
