@@ -83,8 +83,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--max-side", type=positive_int, default=512, help="Side of restored photos."
     )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="Seed of the whole run (default: 0, the scale's)."
+    )
     args = parser.parse_args(argv)
-    config = load_bench_config(args.scale)
+    config = load_bench_config(
+        args.scale, overrides=[] if args.seed is None else [f"seeds=[{args.seed}]"]
+    )
     root = Path(args.output_dir)
     resuming = prepare_run(root, config_json(config), args.overwrite)
     suite, seed = config.suites[0], config.seeds[0]

@@ -51,29 +51,31 @@ def _router(embed_dim: int = 64) -> nn.Module:
     )
 
 
-def _backbone(name: str) -> nn.Module:
+def _backbone(name: str, seed: int) -> nn.Module:
     from loraxir.backbones import create_backbone
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return create_backbone(name)
 
 
-def _experts(name: str, compute: str = "batched") -> nn.Module:
+def _experts(name: str, seed: int, compute: str = "batched") -> nn.Module:
     """Five rank-8 experts on ``name``; ``"batched"`` is the form the recipes' CPU configs
     pin (their published numbers were made with it), ``"auto"`` the library's default."""
     from loraxir import LoraIRConfig, get_loraxir_model
 
     config = LoraIRConfig(degradations=CLASSES, r=8, compute=compute)
-    return get_loraxir_model(_backbone(name), config)
+    return get_loraxir_model(_backbone(name, seed), config)
 
 
 def _gates(batch: int) -> torch.Tensor:
     return torch.eye(len(CLASSES))[torch.arange(batch) % len(CLASSES)]
 
 
-def _step_fn(model: nn.Module, batch: int, patch: int, routed: bool) -> Callable[[], None]:
+def _step_fn(
+    model: nn.Module, batch: int, patch: int, routed: bool, seed: int
+) -> Callable[[], None]:
     """One optimizer step of ``model`` on a fixed batch (L1 loss)."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     lq = torch.rand(batch, 3, patch, patch, generator=generator)
     gt = torch.rand(batch, 3, patch, patch, generator=generator)
     extra = {"gates": _gates(batch)} if routed else {}
@@ -103,13 +105,16 @@ def single_process_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     cases = {
         "pre-training: full network + DAM (frozen router)": (
-            lambda: GuidedBackbone(_backbone(args.backbone), _router()),
+            lambda: GuidedBackbone(_backbone(args.backbone, args.seed), _router()),
             False,
         ),
-        "pre-training: full network, no DAM": (lambda: _backbone(args.backbone), False),
-        "fine-tuning: experts only (batched, top-1)": (lambda: _experts(args.backbone), True),
+        "pre-training: full network, no DAM": (lambda: _backbone(args.backbone, args.seed), False),
+        "fine-tuning: experts only (batched, top-1)": (
+            lambda: _experts(args.backbone, args.seed),
+            True,
+        ),
         "fine-tuning: experts only (auto, top-1)": (
-            lambda: _experts(args.backbone, "auto"),
+            lambda: _experts(args.backbone, args.seed, "auto"),
             True,
         ),
     }
@@ -117,8 +122,8 @@ def single_process_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name, (build, routed) in tqdm(cases.items(), desc="single-process steps", unit="case"):
         model = build().train()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rate = patches_per_second(_step_fn(model, args.batch, args.patch, routed), args.batch,
-                                  args.steps)  # fmt: skip
+        step = _step_fn(model, args.batch, args.patch, routed, args.seed)
+        rate = patches_per_second(step, args.batch, args.steps)
         rows.append({"measure": name, "processes": 1, "threads": torch.get_num_threads(),
                      "trainable_parameters": trainable, "patches_per_s": rate})  # fmt: skip
     return rows
@@ -129,12 +134,12 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    model = _experts(args.backbone).train()
+    model = _experts(args.backbone, args.seed).train()
     share = args.batch // accelerator.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
-    generator = torch.Generator().manual_seed(accelerator.process_index)
+    generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     lq = torch.rand(share, 3, args.patch, args.patch, generator=generator)
     gates = _gates(share)
 
@@ -163,7 +168,7 @@ def scaling_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}", __file__, "--worker", str(out),
                 "--backbone", args.backbone, "--batch", str(args.batch),
-                "--patch", str(args.patch), "--steps", str(args.steps),
+                "--patch", str(args.patch), "--steps", str(args.steps), "--seed", str(args.seed),
                 *(["--keep-freed-memory"] if args.keep_freed_memory else []),
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="have glibc keep freed memory for reuse, as `loraxir restore` does on a CPU",
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch % 2:
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     rows = single_process_rows(args) + scaling_rows(args)
     report = {"backbone": args.backbone, "patch": args.patch, "batch": args.batch,
-              "steps": args.steps, "keep_freed_memory": args.keep_freed_memory,
+              "steps": args.steps, "seed": args.seed,
+              "keep_freed_memory": args.keep_freed_memory,
               "rows": rows}  # fmt: skip
     print(format_rows(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -319,6 +319,14 @@ def test_every_scale_gives_settings_its_recipes_accept(scale: str) -> None:
         assert config.max_steps == stage.settings["max_steps"], stage.name
 
 
+def test_the_quickstart_takes_a_seed(tmp_path: Path) -> None:
+    import quickstart
+
+    with pytest.raises(ConfigError, match=r"seeds must be in \[0, 2\*\*32 - 1\], got -3"):
+        quickstart.main(["--scale", "tiny", "--output-dir", str(tmp_path / "q"), "--seed", "-3"])
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("seeds", [[1], [0, 1], [2, 1]])
 def test_the_shared_router_has_seed_0_whichever_seeds_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seeds: list[int]
