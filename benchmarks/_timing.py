@@ -45,14 +45,24 @@ def positive_float(text: str) -> float:
 
 
 def output_file(text: str) -> Path:
-    """An ``argparse`` type for ``--output``: a file whose folder exists or can be made,
-    checked before the benchmark runs (not when its results are written, at the end)."""
+    """An ``argparse`` type for ``--output``: a file that can be written, checked before
+    the benchmark runs (not when its results are written, at the end): its folder is made
+    and the file opened for appending (and removed again if it was not there)."""
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a .json file")
-    blocking = file_in_the_way(path)
-    if blocking is not None:
-        raise argparse.ArgumentTypeError(f"{str(blocking)!r} is a file, not a folder")
+    try:
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a .json file")
+        blocking = file_in_the_way(path)
+        if blocking is not None:
+            raise argparse.ArgumentTypeError(f"{str(blocking)!r} is a file, not a folder")
+        existed = path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {error.strerror}") from None
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -154,7 +155,12 @@ def test_outputs_and_choices_are_checked_before_anything_runs(tmp_path, monkeypa
 
     (tmp_path / "afile").write_text("mine")
     under_a_file = ["--output", str(tmp_path / "afile" / "x.json")]
+    (tmp_path / "locked").mkdir(mode=0o555)
+    unwritable = ["--output", str(tmp_path / "locked" / "x.json")]
+    as_root = os.geteuid() == 0  # root writes into a read-only folder
     for main, argv in (
+        (overhead.main, ["--output", str(tmp_path / ("n" * 300) / "x.json")]),
+        *([] if as_root else [(overhead.main, unwritable)]),
         (degradation_throughput.main, under_a_file),
         (overhead.main, under_a_file),
         (overhead.main, ["--sections", "bogus"]),
@@ -165,6 +171,8 @@ def test_outputs_and_choices_are_checked_before_anything_runs(tmp_path, monkeypa
         assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "is a file, not a folder" in error and "invalid choice: 'bogus'" in error
+    assert "File name too long" in error
+    assert as_root or "Permission denied" in error
     with pytest.raises(ConfigError, match="at least 3 x --overlap 64"):
         tiled_inference.main(["--random", "--tile", "16", "--overlap", "64"])
     assert (tmp_path / "afile").read_text() == "mine"
