@@ -79,8 +79,8 @@ def measure(
                             "encoder": f"{name} ({router.encoder.image_size} px)",
                             "views": f"global+2x2 {views}" if router.grid else "global",
                             "size": size,
-                            "router_ms": 1000 * router_time,
-                            "backbone_ms": 1000 * base_time,
+                            "router_ms": 1000 * router_time if repeats else None,
+                            "backbone_ms": 1000 * base_time if repeats else None,
                             "time_ratio": router_time / base_time if repeats else None,
                             "router_gflops": flops(router, images) / 1e9,
                             "backbone_gflops": base_flops / 1e9,
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    settings = {k: v for k, v in vars(args).items() if k != "output"} | {"repeats": repeats}
     output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     if repeats:
         plot(rows, output.with_suffix(".png"))

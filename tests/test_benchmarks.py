@@ -176,3 +176,19 @@ def test_outputs_and_choices_are_checked_before_anything_runs(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="at least 3 x --overlap 64"):
         tiled_inference.main(["--random", "--tile", "16", "--overlap", "64"])
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_router_benchmark_without_timing_writes_no_times(tmp_path, monkeypatch):
+    """--flops-only wrote 0 ms for what it never timed."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("router", None)
+    import router
+
+    output = tmp_path / "router.json"
+    router.main(["--backbone", "nafnet-tiny", "--encoders", "cnn-tiny", "--sizes", "32",
+                 "--flops-only", "--output", str(output)])  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["settings"]["repeats"] == 0 and report["rows"]
+    for row in report["rows"]:
+        assert row["router_ms"] is row["backbone_ms"] is row["time_ratio"] is None
+        assert row["flop_ratio"] > 0
