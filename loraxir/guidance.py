@@ -327,8 +327,9 @@ def save_dam(backbone: nn.Module, path: str | os.PathLike) -> None:
     if config is None:
         raise ConfigError("This backbone has no DAM blocks to save; insert them with insert_dam.")
     tensors = {k: v.to("cpu").contiguous() for k, v in dam_state_dict(backbone).items()}
-    metadata = {"format": "pt", _METADATA_KEY: json.dumps(config.to_dict())}
-    save_file(tensors, str(path), metadata=metadata)
+    # One metadata entry: safetensors writes several in a per-process order, and the
+    # same blocks must give the same bytes (files compared by hash).
+    save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(config.to_dict())})
 
 
 def load_dam(

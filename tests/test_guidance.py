@@ -199,6 +199,10 @@ def test_dam_file_loads_onto_a_plain_backbone_and_refuses_another_width(tmp_path
     saved, loaded = dam_state_dict(source), dam_state_dict(target)
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(loaded[key], value) for key, value in saved.items())
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "dam.safetensors", "pt") as handle:  # one entry: its order
+        assert list(handle.metadata()) == ["loraxir_dam"]  # cannot vary between processes
     wider = loraxir.create_backbone("nafnet-tiny", width=16)
     with pytest.raises(loraxir.CheckpointError, match="do not fit this backbone"):
         load_dam(wider, tmp_path / "dam.safetensors")
