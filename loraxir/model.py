@@ -555,9 +555,10 @@ class LoraIRModel(BaseTuner):
         return groups if all(live[e] for e in used) else None
 
     def _run_backbone(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if backbone_unit(self.model) in (None, 1) or x.dim() != 4:  # 1: a preset's "no padding"
+        preset = resolve_preset(self.model, self.config.preset, self.config.target_modules)
+        if backbone_unit(self.model, preset) in (None, 1) or x.dim() != 4:  # 1: no padding
             return self.model(x, *args, **kwargs)
-        unit = size_multiple(self.model)
+        unit = size_multiple(self.model, preset)
         if x.shape[-2] % unit == 0 and x.shape[-1] % unit == 0:
             return self.model(x, *args, **kwargs)
         padded = reflect_pad(x, unit)

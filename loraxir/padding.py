@@ -12,20 +12,25 @@ this way.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from loraxir.backbones import Preset
+
 _UNIT_ATTRIBUTES = ("padder_size", "window_size")
 
 
-def backbone_unit(backbone: torch.nn.Module) -> int | None:
+def backbone_unit(backbone: torch.nn.Module, preset: Preset | None = None) -> int | None:
     """The side multiple ``backbone`` needs: its family preset's ``side_multiple`` when it
     has one (SCUNet, Restormer), else what the network declares (NAFNet's ``padder_size``,
-    a Swin transformer's ``window_size``), or ``None`` when neither says."""
+    a Swin transformer's ``window_size``), or ``None`` when neither says. ``preset`` is
+    the one a model's config names (default: the one detected from the backbone)."""
     from loraxir.backbones import detect_preset
 
-    preset = detect_preset(backbone)
+    preset = preset or detect_preset(backbone)
     if preset is not None and preset.side_multiple is not None:
         return preset.side_multiple
     for name in _UNIT_ATTRIBUTES:
@@ -35,10 +40,10 @@ def backbone_unit(backbone: torch.nn.Module) -> int | None:
     return None
 
 
-def size_multiple(backbone: torch.nn.Module) -> int:
+def size_multiple(backbone: torch.nn.Module, preset: Preset | None = None) -> int:
     """The side multiple tiles use: the backbone's unit, at least 8 (and a multiple of 8) so
     tiles stay aligned with common downsampling."""
-    return math.lcm(8, backbone_unit(backbone) or 1)
+    return math.lcm(8, backbone_unit(backbone, preset) or 1)
 
 
 def reflect_indices(indices: np.ndarray, size: int) -> np.ndarray:

@@ -83,6 +83,24 @@ def test_unknown_names_and_bad_hyperparameters_are_clear_errors():
         get_preset("swinr")
 
 
+@pytest.mark.parametrize("content", [[1, 2], "text", None, 3])
+def test_a_pickle_that_holds_no_state_dict_is_a_checkpoint_error(tmp_path, content):
+    torch.save(content, tmp_path / "odd.pth")
+    with pytest.raises(loraxir.CheckpointError, match="holds no state dict"):
+        loraxir.load_backbone(tmp_path / "odd.pth")
+
+
+def test_a_preset_may_not_take_another_familys_backbone_names(monkeypatch):
+    """create_backbone('nafnet-tiny') built the first family registered by that name."""
+    monkeypatch.setattr(_registry, "_PRESETS", dict(_registry._PRESETS))
+    mine = Preset(name="nafnet-tiny", target_modules=["body"], builder="torch.nn:Identity")
+    with pytest.raises(ConfigError, match=r"\['nafnet-tiny'\] that another family"):
+        register_preset(mine)
+    register_preset(Preset(name="mine", target_modules=["body"], builder="torch.nn:Nothing"))
+    with pytest.raises(ConfigError, match=r"names no class 'Nothing' in torch\.nn"):
+        loraxir.create_backbone("mine")
+
+
 def test_missing_restormer_extra_names_the_pip_extra(monkeypatch):
     for name in [m for m in sys.modules if m.startswith("spandrel_extra_arches")]:
         monkeypatch.delitem(sys.modules, name)
@@ -136,8 +154,17 @@ def test_a_user_preset_with_side_multiple_1_passes_inputs_as_they_are(monkeypatc
         assert not torch.equal(padded(x, gates=torch.tensor([[1.0, 0]])), expected)
         register_preset(Preset(name="windowed", target_modules=["body"],
                                module_classes=("Windowed",), side_multiple=1))  # fmt: skip
-        model = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2))
+        model = loraxir.get_loraxir_model(copy.deepcopy(net), LoraIRConfig(num_experts=2))
         assert torch.equal(model(x, gates=torch.tensor([[1.0, 0]])), expected)
+        # Named in the config rather than detected from the class: the same.
+        register_preset(Preset(name="named", target_modules=["body"], side_multiple=1))
+        named = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, preset="named"))
+        assert torch.equal(named(x, gates=torch.tensor([[1.0, 0]])), expected)
+    for bad in (0, -8, 2.5, "8", True):
+        with pytest.raises(ConfigError, match="side_multiple must be a positive int"):
+            Preset(name="bad", target_modules=["body"], side_multiple=bad)
+    with pytest.raises(ConfigError, match="'module:Class'"):
+        Preset(name="bad", target_modules=["body"], builder="mynet.MyNet")
 
 
 def test_a_user_preset_named_in_the_config_sets_the_cpu_chunk(monkeypatch):

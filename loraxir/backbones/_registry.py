@@ -73,6 +73,17 @@ class Preset:
     cpu_chunk_pixels: int | None = None
 
     def __post_init__(self) -> None:
+        side = self.side_multiple
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+            raise ConfigError(
+                f"Preset {self.name!r}: side_multiple must be a positive int (the side "
+                f"multiple inputs are reflect-padded to; 1: none) or None, got {side!r}."
+            )
+        if self.builder is not None and len(str(self.builder).split(":")) != 2:
+            raise ConfigError(
+                f"Preset {self.name!r}: builder must be 'module:Class' (e.g. "
+                f"'mypackage.nets:MyNet'), got {self.builder!r}."
+            )
         chunk = self.cpu_chunk_pixels
         if chunk is not None and (
             isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1
@@ -98,6 +109,13 @@ def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
         raise ConfigError(
             f"A preset named {preset.name!r} is already registered; "
             "pass overwrite=True to replace it."
+        )
+    others = {n for p in _PRESETS.values() if p.name != preset.name for n in p.backbone_names()}
+    taken = sorted(set(preset.backbone_names()) & others)
+    if taken:  # create_backbone would build the other family's network by that name
+        raise ConfigError(
+            f"Preset {preset.name!r} would name backbones {taken} that another family "
+            "already builds; choose other names."
         )
     _PRESETS[preset.name] = preset
     return preset
@@ -157,6 +175,11 @@ def create_backbone(name: str, **hyperparams: Any) -> nn.Module:
             f"{preset.description}"
         ) from None
     arguments = {**preset.defaults, **variant, **hyperparams}
+    if not hasattr(module, class_name):
+        raise ConfigError(
+            f"Backbone {name!r}: its preset's builder {preset.builder!r} names no class "
+            f"{class_name!r} in {module_name}."
+        )
     try:
         model = getattr(module, class_name)(**arguments)
     except torch.OutOfMemoryError:
@@ -213,6 +236,11 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
         ) from None
     except (OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"Could not read backbone checkpoint {path}: {error}") from None
+    except (AttributeError, TypeError) as error:  # a pickle of a list, a number, None...
+        raise CheckpointError(
+            f"{path} holds no state dict ({type(error).__name__}: {error}). Pass the "
+            ".pth/.safetensors file of the network's weights."
+        ) from None
     model = descriptor.model
     model._loraxir_architecture = descriptor.architecture.id
     return model

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from loraxir.errors import ConfigError, RoutingError
 from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
+from loraxir.targeting import resolve_preset
 
 if TYPE_CHECKING:
     from loraxir.router import RouterOutput
@@ -118,7 +119,9 @@ class Restorer:
         self.model = model.eval()
         self.degradation = degradation
         self.tile, self.overlap, self.route_pixels = tile, overlap, route_pixels
-        self.multiple = multiple or size_multiple(model.model)
+        config = model.config
+        preset = resolve_preset(model.model, config.preset, config.target_modules)
+        self.multiple = multiple or size_multiple(model.model, preset)
         check_tiling(tile, overlap, self.multiple)
         self.device = next(model.parameters()).device
         self.dtype = dtype
