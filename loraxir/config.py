@@ -335,7 +335,7 @@ class LoraIRConfig(PeftConfig):
             )
             if strict:
                 raise ConfigError(
-                    message + " Upgrade loraxir (pip install -U loraxir), or pass strict=False "
+                    message + " Install a newer loraxir (from its source), or pass strict=False "
                     "to ignore them."
                 )
             warnings.warn(message + " They are ignored.", stacklevel=2)

@@ -190,7 +190,7 @@ def _usage_section(repo_id: str, degradation: str, mergeable: bool) -> str:
             "## Use it from the Hub",
             "",
             "```bash",
-            "pip install loraxir",
+            "pip install ./loraxir  # a checkout of loraxir's source (not on PyPI)",
             f"loraxir restore photo.png -o restored/ --adapter {repo_id}",
             f"loraxir restore clip.mp4 -o restored/ --adapter {repo_id} --smooth 0.5",
             *([merge] if mergeable else []),
