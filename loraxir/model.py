@@ -154,7 +154,19 @@ class LoraIRModel(BaseTuner):
         set of DAM blocks and one router, which a second adapter's would overwrite."""
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
-            _check_second_adapter(self.peft_config[others[0]], self.peft_config[adapter_name])
+            second = self.peft_config[adapter_name]
+            _check_second_adapter(self.peft_config[others[0]], second)
+            wanted = resolve_targets(
+                model, second.target_modules, second.exclude_modules, second.preset, True
+            )
+            wrapped = [path for path, m in model.named_modules() if isinstance(m, LoraIRLayer)]
+            if wanted != wrapped:
+                raise ConfigError(
+                    "A second adapter wraps the layers the first one wrapped, so its targets "
+                    f"must be those layers: it names {len(wanted)} layers (e.g. "
+                    f"{sorted(set(wanted) ^ set(wrapped))[:3]} differ) where the first "
+                    f"wrapped {len(wrapped)}."
+                )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -1095,14 +1107,6 @@ def _check_second_adapter(first: LoraIRConfig, second: LoraIRConfig) -> None:
             "blocks: the backbone holds one set of DAM blocks and one router, which the "
             "second's would overwrite (and the first's blocks would modulate the second's "
             "outputs). Load each such adapter on its own copy of the backbone."
-        )
-    targeting = ("target_modules", "exclude_modules", "preset")
-    wanted, wrapped = ([getattr(c, key) for key in targeting] for c in (second, first))
-    if wanted != wrapped:
-        raise ConfigError(
-            "A second adapter wraps the layers the first one wrapped, so it must name the "
-            f"same targets (target_modules, exclude_modules, preset): got {wanted} after "
-            f"{wrapped}."
         )
 
 

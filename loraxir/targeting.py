@@ -59,12 +59,15 @@ def resolve_targets(
     target_modules: str | list[str] | None,
     exclude_modules: str | list[str] | None,
     preset: str | None,
+    count_wrapped: bool = False,
 ) -> list[str]:
     """Dotted paths of the modules to wrap, in module order.
 
     Raises :class:`TargetModulesError` when nothing of a supported type matches, listing
     the closest module names; a matched module of an unsupported type is an error only
-    when it was named explicitly (a regex may sweep over norms and activations).
+    when it was named explicitly (a regex may sweep over norms and activations). Layers
+    that already carry experts are skipped, or with ``count_wrapped`` counted as the layers
+    they wrap (what a second adapter on the same layers would target).
     """
     chosen = resolve_preset(backbone, preset, target_modules)
     if target_modules is None or (chosen is not None and target_modules == chosen.name):
@@ -83,14 +86,18 @@ def resolve_targets(
     passed_by = []  # layers a regex matched that experts cannot attach to, and why
     wrapped = []  # expert layers already there: their base layers are not targets again
     for path, module in backbone.named_modules():
+        wanted = matches(target_modules, path) and not any(matches(e, path) for e in exclude)
         if isinstance(module, LoraIRLayer):
             wrapped.append(path)
-        if not path or isinstance(module, LoraIRLayer) or is_added_by_loraxir(path):
+            if count_wrapped and wanted:
+                targets.append(path)
+            continue
+        if not path or is_added_by_loraxir(path):
             continue
         if any(path.startswith(f"{t}.") for t in [*targets, *wrapped]):
             continue
         paths.append(path)
-        if not matches(target_modules, path) or any(matches(e, path) for e in exclude):
+        if not wanted:
             continue
         if _supported(module):
             targets.append(path)

@@ -76,6 +76,7 @@ def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refus
         with pytest.raises(ConfigError, match="second adapter"):
             (model if config.target_modules else guided).add_adapter("c", config)
     assert list(guided.peft_config) == ["default"] and list(model.peft_config) == ["default", "b"]
+    model.add_adapter("c", LoraIRConfig(degradations=DEGRADATIONS, preset="nafnet"))  # the same
     with torch.no_grad():
         assert torch.equal(guided(X), before), "the refused adapter changed nothing"
 
