@@ -55,6 +55,18 @@ def test_a_full_disk_is_one_line_with_the_resume_hint_and_other_os_errors_keep_t
     assert exited.value.code == 1 and "Traceback" not in err
     assert "No space left on device: 'out/results.json'" in err and "Rerun the same" in err
 
+    for raised in (  # how safetensors and torch.save report a full disk
+        Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+    ):
+
+        def saving(error: Exception = raised) -> None:
+            raise error
+
+        with pytest.raises(SystemExit) as exited:
+            run_script(saving, "Rerun the same command.")
+        assert exited.value.code == 1 and "Rerun the same" in capsys.readouterr().err
+
     def missing() -> None:
         raise FileNotFoundError(errno.ENOENT, "No such file", "x")
 

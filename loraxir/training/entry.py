@@ -27,10 +27,27 @@ RESUME_HINT = (
 _MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+# safetensors and torch.save report a full disk as their own exception types, in words.
+_MACHINE_MESSAGES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "os error 28",
+    "os error 122",
+    "file write failed",  # torch.save's zip writer
+)
+
 _interrupted = False
 
 
+def _machine_error(error: Exception) -> bool:
+    """Is ``error`` the machine's (a full disk or quota, a read-only folder), not a bug?"""
+    if isinstance(error, OSError):
+        return error.errno in _MACHINE_ERRORS
+    return any(message in str(error) for message in _MACHINE_MESSAGES)
+
+
 def _on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C: remember it (see :func:`raise_if_interrupted`), then interrupt as usual."""
     global _interrupted
     _interrupted = True
     raise KeyboardInterrupt
@@ -72,8 +89,8 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
     except KeyboardInterrupt:
         print(f"\nInterrupted. {resume_hint}", file=sys.stderr)
         sys.exit(130)
-    except OSError as error:
-        if error.errno not in _MACHINE_ERRORS:
+    except Exception as error:
+        if not _machine_error(error):
             raise
         print(f"{script}: error: {error}. Free space or fix the permissions, then: "
               f"{resume_hint}", file=sys.stderr)  # fmt: skip
