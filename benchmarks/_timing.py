@@ -33,6 +33,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_type(text: str) -> int:
+    """An ``argparse`` type for ``--seed``: an integer every generator a script seeds takes."""
+    from loraxir.errors import ConfigError
+    from loraxir.training.config import check_seed_range
+
+    try:
+        value = int(text)
+        check_seed_range("the seed", value)
+    except (ValueError, ConfigError) as error:
+        message = str(error) if isinstance(error, ConfigError) else f"{text!r} is not an integer"
+        raise argparse.ArgumentTypeError(message) from None
+    return value
+
+
 def positive_float(text: str) -> float:
     """An ``argparse`` type for sizes in megapixels: a finite number > 0."""
     try:

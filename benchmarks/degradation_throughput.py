@@ -23,7 +23,7 @@ from itertools import chain, islice, repeat
 from pathlib import Path
 
 import torch
-from _timing import output_file, positive_int
+from _timing import output_file, positive_int, seed_type
 from torch.utils.data import DataLoader
 
 from loraxir import degradations
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--patch", type=positive_int, default=128, help="training patch side")
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn degradations")
+    parser.add_argument("--seed", type=seed_type, default=0, help="seed of the drawn degradations")
     parser.add_argument(
         "--output",
         type=output_file,
@@ -113,9 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    data = SyntheticPairs("skimage", "five_task", args.patch, split="train", seed=args.seed)
-    if args.batch > len(data):
-        parser.error(f"--batch {args.batch} is more than the {len(data)} training patches")
+    patches = {"split": "train", "seed": args.seed}
+    data = SyntheticPairs("skimage", "five_task", args.patch, **patches)
+    if args.batch > len(data):  # more patches per photo, so that one full batch exists
+        repeats = -(-args.batch // len(data))
+        data = SyntheticPairs("skimage", "five_task", args.patch, repeats=repeats, **patches)
 
     throughput = suite_throughput(clean_batch(args.batch, args.size), args.repeats, args.seed)
     print(

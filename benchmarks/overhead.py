@@ -41,7 +41,15 @@ from typing import Any
 
 import peft
 import torch
-from _timing import Ratio, machine_busy, median_time, output_file, paired_ratios, positive_int
+from _timing import (
+    Ratio,
+    machine_busy,
+    median_time,
+    output_file,
+    paired_ratios,
+    positive_int,
+    seed_type,
+)
 from torch import nn
 from tqdm import tqdm
 
@@ -446,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads on CPU")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",

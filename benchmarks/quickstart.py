@@ -26,7 +26,7 @@ import all_in_one
 from _all_in_one_config import config_json, load_bench_config
 from _all_in_one_methods import Paths
 from _all_in_one_stages import DONE, RESUME_HINT, atomic_path, prepare_run, run_stage, stage_done
-from _timing import positive_int
+from _timing import positive_int, seed_type
 
 from loraxir.training.entry import run_script, script_description
 
@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--max-side", type=positive_int, default=512, help="Side of restored photos."
     )
     parser.add_argument(
-        "--seed", type=int, default=None, help="Seed of the whole run (default: 0, the scale's)."
+        "--seed",
+        type=seed_type,
+        default=None,
+        help="Seed of the whole run (default: 0, the scale's).",
     )
     args = parser.parse_args(argv)
     config = load_bench_config(

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import torch
-from _timing import median_time, output_file, positive_int
+from _timing import median_time, output_file, positive_int, seed_type
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flops-only", action="store_true", help="skip the timing")
     parser.add_argument("--sizes", nargs="+", type=positive_int, default=[256, 512])
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument("--output", type=output_file, default="benchmarks/results/router.json")
     args = parser.parse_args(argv)
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _timing import output_file, positive_float, positive_int
+from _timing import output_file, positive_float, positive_int, seed_type
 
 from loraxir.inference.tiling import check_tiling
 from loraxir.training.entry import run_script, script_description
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--image-size", type=positive_int, default=512, help="side of folder images"
     )
     parser.add_argument("--degradation", help="class merged for the fast path (default: first)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument(
         "--system-allocator",
         action="store_true",

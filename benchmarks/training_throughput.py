@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _timing import output_file, positive_int
+from _timing import output_file, positive_int, seed_type
 from torch import nn
 from tqdm import tqdm
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="have glibc keep freed memory for reuse, as `loraxir restore` does on a CPU",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
+    parser.add_argument("--seed", type=seed_type, default=0, help="seed of weights and batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch % 2:

@@ -319,12 +319,25 @@ def test_every_scale_gives_settings_its_recipes_accept(scale: str) -> None:
         assert config.max_steps == stage.settings["max_steps"], stage.name
 
 
-def test_the_quickstart_takes_a_seed(tmp_path: Path) -> None:
+def test_the_quickstart_takes_a_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import quickstart
 
-    with pytest.raises(ConfigError, match=r"seeds must be in \[0, 2\*\*32 - 1\], got -3"):
+    with pytest.raises(SystemExit):
         quickstart.main(["--scale", "tiny", "--output-dir", str(tmp_path / "q"), "--seed", "-3"])
+    assert "the seed must be in [0, 2**32 - 1], got -3" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+    class Ran(Exception):
+        pass
+
+    def run(config: BenchConfig, *args: Any) -> None:
+        raise Ran(config.seeds)
+
+    monkeypatch.setattr(all_in_one, "run", run)
+    with pytest.raises(Ran, match=r"\[7\]"):
+        quickstart.main(["--scale", "tiny", "--output-dir", str(tmp_path / "q"), "--seed", "7"])
 
 
 @pytest.mark.parametrize("seeds", [[1], [0, 1], [2, 1]])

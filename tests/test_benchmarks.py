@@ -192,3 +192,28 @@ def test_router_benchmark_without_timing_writes_no_times(tmp_path, monkeypatch):
     for row in report["rows"]:
         assert row["router_ms"] is row["backbone_ms"] is row["time_ratio"] is None
         assert row["flop_ratio"] > 0
+
+
+def test_degradation_throughput_loads_full_batches_even_larger_than_the_training_set(
+    tmp_path, monkeypatch
+):
+    """A short last batch (or none) made loading look cheaper than it is."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("degradation_throughput", None)
+    import degradation_throughput
+
+    seen = []
+    real = degradation_throughput.loading_versus_training
+
+    def recording(data, batch, batches, seed):
+        seen.append((len(data), batch))
+        return real(data, batch, batches, seed)
+
+    monkeypatch.setattr(degradation_throughput, "loading_versus_training", recording)
+    output = tmp_path / "dt.json"
+    degradation_throughput.main(["--batch", "60", "--size", "16", "--patch", "16",
+                                 "--repeats", "2", "--output", str(output)])  # fmt: skip
+    ((patches, batch),) = seen
+    assert patches >= batch == 60
+    report = json.loads(output.read_text())
+    assert report["settings"]["seed"] == 0 and report["loading_vs_training_step"]
