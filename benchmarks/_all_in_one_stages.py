@@ -112,8 +112,8 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
         if overwrite:
             # Out of the way in one rename, then deleted: a Ctrl-C halfway through a plain
             # rmtree left a folder without run.json, which every later run refused.
-            retired = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            os.replace(output_dir, retired)
+            retired = tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent)
+            os.replace(output_dir, retired)  # onto the fresh empty folder: never a clash
             shutil.rmtree(retired, ignore_errors=True)
         elif earlier == settings:
             return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import signal
 import sys
@@ -206,9 +207,11 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"other settings.*\['seeds'\].*--overwrite"):
         stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=False)
     assert (tmp_path / "run" / "result.txt").read_text() == "earlier"
+    stale = tmp_path / f".run.old-{os.getpid()}"  # what a Ctrl-C mid-delete leaves
+    (stale / "x").mkdir(parents=True)
     stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=True)
     assert not (tmp_path / "run" / "result.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["run"], "the replaced run is deleted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "run"], "replaced: deleted"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
