@@ -156,13 +156,19 @@ def _pillow_header(path: str | Path) -> ImageHeader:
         signed = image_format == "TIFF" and 2 in _tiff_tag(image, _TIFF_SAMPLE_FORMAT)
         _refuse_frames(path, _frames(path, image))
     if mode == "F" or signed or (mode == "I" and not deep):
-        kind = "floating-point" if mode == "F" else "32-bit or signed integer"
-        raise DataError(
-            f"{str(path)!r} holds {kind} samples (raw mode {raw}), whose white level the file "
-            "does not say, so they cannot be scaled for restoring without guessing. Convert "
-            "it to an 8- or 16-bit PNG or TIFF first."
-        )
+        raise _unscalable(path, mode == "F", f"raw mode {raw}")
     return ImageHeader(height, width, mode, 16 if deep else 8, orientation, image_format)
+
+
+def _unscalable(path: str | Path, floating: bool, detail: str) -> DataError:
+    """The error for floating-point, signed or 32-bit samples, whose white level the file
+    does not give (0-1 floats came out black, integers clipped)."""
+    kind = "floating-point" if floating else "32-bit or signed integer"
+    return DataError(
+        f"{str(path)!r} holds {kind} samples ({detail}), whose white level the file does not "
+        "say, so they cannot be scaled for restoring without guessing. Convert it to an 8- or "
+        "16-bit PNG or TIFF first."
+    )
 
 
 def _tiff_header(path: str | Path) -> ImageHeader | None:
@@ -176,15 +182,8 @@ def _tiff_header(path: str | Path) -> ImageHeader | None:
         with tifffile.TiffFile(path) as tiff:
             page = tiff.pages.first
             if int(page.sampleformat) in (2, 3) or page.bitspersample > 16:
-                kind = (
-                    "floating-point" if int(page.sampleformat) == 3 else "32-bit or signed integer"
-                )
-                raise DataError(
-                    f"{str(path)!r} holds {kind} samples ({page.bitspersample}-bit, "
-                    f"{page.dtype}), whose white level the file does not say, so they cannot "
-                    "be scaled for restoring without guessing. Convert it to an 8- or 16-bit "
-                    "PNG or TIFF first."
-                )
+                floating = int(page.sampleformat) == 3
+                raise _unscalable(path, floating, f"{page.bitspersample}-bit, {page.dtype}")
             if page.bitspersample != 16 or int(page.sampleformat) != 1:
                 return None
             _refuse_frames(path, _tiff_frames(tiff))
