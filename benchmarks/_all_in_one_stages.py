@@ -113,7 +113,7 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
             # Out of the way in one rename, then deleted: a Ctrl-C halfway through a plain
             # rmtree left a folder without run.json, which every later run refused.
             retired = tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent)
-            os.replace(output_dir, retired)  # onto the fresh empty folder: never a clash
+            os.replace(output_dir, Path(retired) / output_dir.name)  # into a fresh folder
             shutil.rmtree(retired, ignore_errors=True)
         elif earlier == settings:
             return True

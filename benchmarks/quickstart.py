@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--seed",
         type=seed_type,
         default=None,
-        help="Seed of the whole run (default: 0, the scale's).",
+        help="Seed of pre-training, the methods and the test draws (default 0; the shared "
+        "router keeps seed 0).",
     )
     args = parser.parse_args(argv)
     config = load_bench_config(

@@ -26,7 +26,7 @@ from torch import nn
 from loraxir import checkpoint, guidance
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
-from loraxir.errors import ConfigError, DataError, RoutingError
+from loraxir.errors import ConfigError, DataError, RoutingError, TargetModulesError
 from loraxir.inference.allocator import keeps_freed_cpu_memory
 from loraxir.layers import LoraIRLayer, wrap_layer
 from loraxir.padding import backbone_unit, reflect_pad, size_multiple
@@ -156,9 +156,15 @@ class LoraIRModel(BaseTuner):
         if others:
             second = self.peft_config[adapter_name]
             _check_second_adapter(self.peft_config[others[0]], second)
-            wanted = resolve_targets(
-                model, second.target_modules, second.exclude_modules, second.preset, True
-            )
+            try:
+                wanted = resolve_targets(
+                    model, second.target_modules, second.exclude_modules, second.preset, True
+                )
+            except TargetModulesError as error:
+                raise ConfigError(
+                    "A second adapter wraps the layers the first one wrapped, so its targets "
+                    f"must be those layers: {error}"
+                ) from None
             wrapped = [path for path, m in model.named_modules() if isinstance(m, LoraIRLayer)]
             if wanted != wrapped:
                 raise ConfigError(

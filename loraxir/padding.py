@@ -30,9 +30,11 @@ def backbone_unit(backbone: torch.nn.Module, preset: Preset | None = None) -> in
     the one a model's config names (default: the one detected from the backbone)."""
     from loraxir.backbones import detect_preset
 
-    preset = preset or detect_preset(backbone)
-    if preset is not None and preset.side_multiple is not None:
-        return preset.side_multiple
+    # A named preset's own side_multiple first (1: no padding), else the family's: a
+    # preset naming only targets must not drop the padding Restormer or SCUNet need.
+    for candidate in (preset, detect_preset(backbone)):
+        if candidate is not None and candidate.side_multiple is not None:
+            return candidate.side_multiple
     for name in _UNIT_ATTRIBUTES:
         value = getattr(backbone, name, None)
         if isinstance(value, int) and value > 0:

@@ -212,6 +212,9 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=True)
     assert not (tmp_path / "run" / "result.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "run"], "replaced: deleted"
+    (tmp_path / "linked").symlink_to(tmp_path / "run")  # a run folder reached by a link
+    stages.prepare_run(tmp_path / "linked", {**settings, "seeds": [2]}, overwrite=True)
+    assert stages._run_settings(tmp_path / "linked" / stages.RUN_FILE)["seeds"] == [2]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

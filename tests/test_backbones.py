@@ -156,15 +156,35 @@ def test_a_user_preset_with_side_multiple_1_passes_inputs_as_they_are(monkeypatc
                                module_classes=("Windowed",), side_multiple=1))  # fmt: skip
         model = loraxir.get_loraxir_model(copy.deepcopy(net), LoraIRConfig(num_experts=2))
         assert torch.equal(model(x, gates=torch.tensor([[1.0, 0]])), expected)
-        # Named in the config rather than detected from the class: the same.
-        register_preset(Preset(name="named", target_modules=["body"], side_multiple=1))
-        named = loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, preset="named"))
+
+    class Undetected(Windowed):  # no preset detects it: only the one the config names
+        pass
+
+    register_preset(Preset(name="named", target_modules=["body"], side_multiple=1))
+    other = Undetected()
+    other.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        named = loraxir.get_loraxir_model(other, LoraIRConfig(num_experts=2, preset="named"))
         assert torch.equal(named(x, gates=torch.tensor([[1.0, 0]])), expected)
     for bad in (0, -8, 2.5, "8", True):
         with pytest.raises(ConfigError, match="side_multiple must be a positive int"):
             Preset(name="bad", target_modules=["body"], side_multiple=bad)
     with pytest.raises(ConfigError, match="'module:Class'"):
         Preset(name="bad", target_modules=["body"], builder="mynet.MyNet")
+
+
+def test_a_named_preset_without_a_side_multiple_keeps_the_familys_padding(monkeypatch):
+    """Restormer needs sides that are multiples of 8: a preset naming only targets must
+    not drop that."""
+    monkeypatch.setattr(_registry, "_PRESETS", dict(_registry._PRESETS))
+    register_preset(Preset(name="qkv-only", target_modules=r".*\.qkv"))
+    backbone = loraxir.create_backbone("restormer-tiny")
+    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(num_experts=2, preset="qkv-only"))
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 24, 30), gates=torch.tensor([[1.0, 0]])).shape[-2:] == (
+            24,
+            30,
+        )
 
 
 def test_a_user_preset_named_in_the_config_sets_the_cpu_chunk(monkeypatch):
