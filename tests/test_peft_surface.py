@@ -73,8 +73,6 @@ def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refus
     with torch.no_grad():
         before = guided(X)
     others = [LoraIRConfig(degradations=DEGRADATIONS, target_modules=t) for t in (["intro"], ["x"])]
-        LoraIRConfig(degradations=DEGRADATIONS, target_modules=t) for t in (["intro"], ["no"])
-    ]
     for config in (plain, *others):
         with pytest.raises(ConfigError, match="second adapter"):
             (model if config.target_modules else guided).add_adapter("c", config)
