@@ -59,7 +59,13 @@ from torch import nn
 
 from loraxir.backbones import detect_preset, is_added_by_loraxir
 from loraxir.config import DAMConfig
-from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError, TargetModulesError
+from loraxir.errors import (
+    BackboneMismatchError,
+    CheckpointError,
+    ConfigError,
+    RoutingError,
+    TargetModulesError,
+)
 from loraxir.routing import RoutingState
 from loraxir.validation import full_match
 
@@ -91,11 +97,17 @@ class DAMBlock(nn.Module):
         self.beta = nn.Parameter(torch.zeros(self.channels))
         self.point = ""
         self.routing: RoutingState | None = None
+        self._channels_last: bool | None = None  # the layout of the inputs seen so far
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Modulate ``x`` (``(N, C, H, W)`` or ``(N, ..., C)``) by ``embedding`` ``(B, D)``,
         where ``N`` is a multiple of ``B`` (``N / B`` consecutive rows per image)."""
         channel_dim = self._channel_dim(x)
+        if embedding.dim() != 2 or embedding.shape[-1] != self.embed_dim:
+            raise RoutingError(
+                f"The DAM block at {self.point!r} reads embeddings of {self.embed_dim} "
+                f"dimensions, one row per image, got shape {tuple(embedding.shape)}."
+            )
         rows, batch = x.shape[0], embedding.shape[0]
         if rows % batch:
             raise ConfigError(
@@ -112,10 +124,25 @@ class DAMBlock(nn.Module):
         return f"point={self.point!r}, channels={self.channels}, embed_dim={self.embed_dim}"
 
     def _channel_dim(self, x: torch.Tensor) -> int:
-        if x.dim() == 4 and x.shape[1] == self.channels:
-            return 1
-        if x.dim() >= 2 and x.shape[-1] == self.channels:
-            return x.dim() - 1
+        """The channel axis of ``x``. A square map as wide as it has channels, ``(N, C, C, C)``,
+        reads either way: it keeps the layout this block's earlier inputs had (channels
+        first until one said otherwise), and an input in the other layout than those is
+        refused, not normalised over the wrong axis."""
+        first = x.dim() == 4 and x.shape[1] == self.channels
+        last = x.dim() >= 2 and x.shape[-1] == self.channels
+        if first and last:
+            return x.dim() - 1 if self._channels_last else 1
+        if first or last:
+            seen = self._channels_last
+            if seen is not None and seen != last:
+                raise ConfigError(
+                    f"The DAM block at {self.point!r} got channels {'last' if last else 'first'} "
+                    f"(shape {tuple(x.shape)}) after inputs with channels "
+                    f"{'last' if seen else 'first'}; a point's input must keep its layout."
+                )
+            if seen is None and not torch.compiler.is_compiling():
+                self._channels_last = last
+            return x.dim() - 1 if last else 1
         raise ConfigError(
             f"The DAM block at {self.point!r} has {self.channels} channels but its input has "
             f"shape {tuple(x.shape)}; expected (N, {self.channels}, H, W) or (N, ..., "
@@ -176,6 +203,12 @@ def insert_dam(
     plan = _plan(backbone, points)
     reference = next(backbone.parameters(), None)
     container = getattr(backbone, DAM_ATTRIBUTE, None)
+    widths = {block.embed_dim for block in (container or {}).values()}
+    if widths - {embed_dim}:  # one embedding drives every block of a backbone
+        raise ConfigError(
+            f"The backbone's DAM blocks read embeddings of {sorted(widths)} dimensions, not "
+            f"{embed_dim}: every block reads the same router embedding."
+        )
     if container is None:
         container = nn.ModuleDict()
         setattr(backbone, DAM_ATTRIBUTE, container)

@@ -612,7 +612,14 @@ class LoraIRModel(BaseTuner):
             embedding = routed_embedding if embedding is None else embedding
         if pinned:
             gates = self._pinned_gates(x.shape[0])
-            embedding = self.routing.embedding if self.routing.embedding is not None else embedding
+            if self.routing.embedding is not None:
+                rows = self.routing.embedding.shape[0]
+                if rows not in (1, x.shape[0]):
+                    raise RoutingError(
+                        f"loraxir.route pinned an embedding for {rows} images, but this call "
+                        f"has {x.shape[0]}; pin one row, or one per image."
+                    )
+                embedding = self.routing.embedding
         elif requested is not None:
             gates = requested
         elif routed_gates is not None:
@@ -713,7 +720,21 @@ class LoraIRModel(BaseTuner):
         if self._merged_now():  # refused here: direct backbone calls in the block see no check
             check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
         device = next(self.model.parameters()).device
-        if embedding is None and getattr(self.config, "dam", None) is not None:
+        dam = getattr(self.config, "dam", None)
+        if embedding is not None:
+            width = dam.embed_dim if dam is not None else None
+            if (
+                not isinstance(embedding, torch.Tensor)
+                or embedding.dim() != 2
+                or (width is not None and embedding.shape[-1] != width)
+            ):
+                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
+                raise RoutingError(
+                    f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
+                    f"got {got}."
+                )
+            embedding = embedding.to(device)
+        elif dam is not None:
             embedding = self._class_embedding(pinned.to(device), merged=False)
         routing = self.routing
         previous = (routing.gates, routing.embedding, routing.pinned)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import loraxir
-from loraxir import ConfigError, LoraIRConfig, TargetModulesError
+from loraxir import ConfigError, LoraIRConfig, RoutingError, TargetModulesError
 from loraxir.config import DAMConfig
 from loraxir.guidance import (
     DAMBlock,
@@ -95,18 +95,39 @@ def test_block_matches_the_formula_for_images_tokens_and_window_major_tokens():
     embedding = torch.randn(2, EMBED_DIM)
     expected = _reference_dam(block, x, embedding)
     assert rel_err(block(x, embedding), expected) < 1e-6
+    with pytest.raises(ConfigError, match=r"has 6 channels but its input has shape \(2, 7, 5, 4\)"):
+        block(torch.randn(2, 7, 5, 4), embedding)
+    with pytest.raises(ConfigError, match=r"channels last .* after inputs with channels first"):
+        block(x.permute(0, 2, 3, 1), embedding)  # a point's input keeps its layout
+    with pytest.raises(RoutingError, match=r"embeddings of 16 dimensions.*got shape \(2, 7\)"):
+        block(x, torch.randn(2, 7))
     tokens = x.flatten(2).transpose(1, 2)  # (B, H·W, C)
-    assert rel_err(block(tokens, embedding), expected.flatten(2).transpose(1, 2)) < 1e-6
+    token_block = DAMBlock(6, EMBED_DIM)  # the same weights, at a point that takes tokens
+    token_block.load_state_dict(block.state_dict())
+    assert rel_err(token_block(tokens, embedding), expected.flatten(2).transpose(1, 2)) < 1e-6
     # Window-major: image 0's four windows of five tokens first, then image 1's.
     windows = tokens.reshape(2 * 4, 5, 6)
     assert (
-        rel_err(block(windows, embedding), expected.flatten(2).transpose(1, 2).reshape(8, 5, 6))
+        rel_err(
+            token_block(windows, embedding), expected.flatten(2).transpose(1, 2).reshape(8, 5, 6)
+        )
         < 1e-6
     )
     with pytest.raises(ConfigError, match="whole number per image"):
-        block(torch.randn(3, 5, 6), embedding)
-    with pytest.raises(ConfigError, match=r"has 6 channels but its input has shape \(2, 7, 5, 4\)"):
-        block(torch.randn(2, 7, 5, 4), embedding)
+        token_block(torch.randn(3, 5, 6), embedding)
+
+
+def test_a_channels_last_point_keeps_its_layout_on_maps_as_tall_as_their_channels():
+    """(B, 6, 6, 6) reads either way: after channels-last inputs it is channels last."""
+    torch.manual_seed(2)
+    block = DAMBlock(6, EMBED_DIM)
+    with torch.no_grad():
+        block.beta.normal_()
+    embedding = torch.randn(2, EMBED_DIM)
+    block(torch.randn(2, 4, 5, 6), embedding)  # channels last, unambiguous
+    square = torch.randn(2, 6, 6, 6)
+    expected = _reference_dam(block, square.permute(0, 3, 1, 2), embedding).permute(0, 2, 3, 1)
+    assert rel_err(block(square, embedding), expected) < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -439,3 +460,25 @@ def test_a_given_class_drives_dam_with_its_class_embedding_and_skips_the_router(
     assert rel_err(merged, given) < 1e-5
     assert rel_err(mixed, by_hand_mixed) < 1e-5
     assert torch.equal(routed, routed_before)  # routed calls keep the image's embedding
+
+
+def test_a_pinned_embedding_of_another_width_or_row_count_is_refused():
+    """One of another width failed inside the block's MLP; two rows for four images were
+    spread as images [0, 0, 1, 1] without a word."""
+    model = _dam_model()
+    x = torch.rand(4, 3, 32, 32)
+    with pytest.raises(RoutingError, match=rf"\(1 or B, {EMBED_DIM}\) tensor.*got \(1, 7\)"):
+        with loraxir.route(model, degradation="rain", embedding=torch.randn(1, 7)):
+            pass
+    with torch.no_grad(), pytest.raises(RoutingError, match=r"embedding for 2 images.*has 4"):
+        with loraxir.route(model, degradation="rain", embedding=torch.randn(2, EMBED_DIM)):
+            model(x)
+
+
+def test_blocks_of_another_embedding_width_are_not_added_beside_existing_ones():
+    """save_dam then wrote a file load_dam refused."""
+    backbone = _backbone()
+    insert_dam(backbone, ["encoders.0"], EMBED_DIM, RoutingState())
+    with pytest.raises(ConfigError, match=rf"embeddings of \[{EMBED_DIM}\] dimensions, not 8"):
+        insert_dam(backbone, ["middle_blks"], 8, RoutingState())
+    assert len(backbone.loraxir_dam) == 1, "nothing added"
