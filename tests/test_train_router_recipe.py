@@ -282,6 +282,7 @@ def test_config_loads_yaml_and_overrides_with_types(tmp_path: Path) -> None:
     assert config.learning_rate == 0.001 and isinstance(config.learning_rate, float)
     assert (config.names, config.max_steps, config.ratio) == (["a", "b"], 7, 2.0)
     assert config.extra == {"x": 1} and config.resume == "latest"
+    assert load_config(_Config, None, ["mixed_precision=no"]).mixed_precision == "no"  # not False
 
 
 @pytest.mark.parametrize(
@@ -297,6 +298,7 @@ def test_config_loads_yaml_and_overrides_with_types(tmp_path: Path) -> None:
         ("max_steps: 1\nmax_steps: 2\n", [], ConfigError, "'max_steps' is written twice"),
         ("names: caf\xe9\n", [], ConfigError, "not UTF-8"),
         ("", ["seed=-1"], ConfigError, r"seed must be in \[0, 2\*\*32 - 1\], got -1"),
+        ("resume: yes\n", [], ConfigError, r"got True \(bool\) \(YAML reads a bare yes/no"),
         ("", ["seed=4294967296"], ConfigError, r"seed must be in \[0, 2\*\*32 - 1\]"),
     ],
 )

@@ -272,14 +272,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             pass
     if hint is str and isinstance(value, str):
         return value
+    if key == "mixed_precision" and value is False:  # YAML reads a bare `no` as false
+        return "no"
     if origin is list and isinstance(value, list | tuple):
         item = args[0] if args else Any
         return [_coerce(key, v, item) for v in value]
     if origin is dict and isinstance(value, dict):
         value_hint = args[1] if len(args) == 2 else Any
         return {k: _coerce(f"{key}.{k}", v, value_hint) for k, v in value.items()}
+    quote = (
+        " (YAML reads a bare yes/no/on/off as a boolean: quote it)"
+        if hint is str and isinstance(value, bool)
+        else ""
+    )
     raise ConfigError(
-        f"Setting {key!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})."
+        f"Setting {key!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+        f"{quote}."
     )
 
 
