@@ -363,3 +363,29 @@ def test_confusion_matrix_counts_and_figure(tmp_path: Path) -> None:
     assert matrix.tolist() == [[1, 0, 0], [0, 1, 0], [1, 1, 1]]
     save_confusion_matrix(matrix, ["a", "b", "c"], tmp_path / "cm.png", "test")
     assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+def test_every_optimizer_step_accumulates_the_same_number_of_batches(tmp_path: Path) -> None:
+    """train_batches streams epoch after epoch: Accelerate's default synced at the end of
+    each epoch too, making a step of one batch (3 batches an epoch, 2 per step)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from loraxir.training import TrainState, make_loader, setup_accelerator, train_batches
+
+    config = load_config(_Config, None, ["cpu=true", "batch_size=1",
+                                         "gradient_accumulation_steps=2",
+                                         f"output_dir={tmp_path}"])  # fmt: skip
+    try:
+        accelerator = setup_accelerator(config)
+        model = torch.nn.Linear(1, 1)
+        loader = make_loader(torch.arange(3.0)[:, None], config, shuffle=True)
+        model, loader = accelerator.prepare(model, loader)
+        batches, synced = train_batches(loader, TrainState()), []
+        for _ in range(6):  # as the engine's loop: fetch, then accumulate
+            next(batches)
+            with accelerator.accumulate(model):
+                synced.append(accelerator.sync_gradients)
+        assert synced == [False, True] * 3
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

@@ -52,6 +52,7 @@ def setup_accelerator(config: RecipeConfig, find_unused_parameters: bool = False
     from accelerate.utils import (
         DataLoaderConfiguration,
         DistributedDataParallelKwargs,
+        GradientAccumulationPlugin,
         ProjectConfiguration,
         set_seed,
     )
@@ -60,7 +61,11 @@ def setup_accelerator(config: RecipeConfig, find_unused_parameters: bool = False
     accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # Every step averages the same number of batches: train_batches streams epoch after
+        # epoch, so the end of one is no step boundary (it made a step of one batch).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         log_with="tensorboard",
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
