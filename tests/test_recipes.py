@@ -194,7 +194,9 @@ def test_resumed_finetune_is_bit_identical(
     assert resumed["final"] == metrics["final"]
 
 
-@pytest.mark.parametrize("damage", ["interrupted", "truncated_weights", "unreadable_state"])
+@pytest.mark.parametrize(
+    "damage", ["interrupted", "truncated_weights", "unreadable_state", "truncated_random_states"]
+)
 def test_an_interrupted_or_damaged_checkpoint_is_skipped_on_resume(
     base: Path, finetuned: tuple[Path, dict], tmp_path: Path, damage: str
 ) -> None:
@@ -210,6 +212,8 @@ def test_an_interrupted_or_damaged_checkpoint_is_skipped_on_resume(
         (partial / "trainer_state.json").unlink()
     if damage == "unreadable_state":
         (partial / "trainer_state.json").write_text('{"step": 6, "bat')
+    elif damage == "truncated_random_states":  # Accelerate only logs that it cannot read it
+        (partial / "random_states_0.pkl").write_bytes(b"trunc")
     else:
         (partial / "model.safetensors").write_bytes(b"trunc")
     resumed = run(

@@ -203,6 +203,7 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
                 "output_dir, or --overwrite)."
             )
         try:
+            _check_random_states(candidate, accelerator.process_index)
             accelerator.load_state(str(candidate))
         except torch.OutOfMemoryError:
             raise  # not a damaged file
@@ -217,6 +218,16 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
         f"No checkpoint could be loaded ({'; '.join(problems)}). Their files are damaged; "
         "start a new run (another output_dir, or --overwrite), or resume from a copy."
     )
+
+
+def _check_random_states(folder: Path, process: int) -> None:
+    """Raise unless this process's random states in ``folder`` load: Accelerate logs a
+    failure to read them and goes on, and the resumed run then draws other numbers (no
+    longer the uninterrupted run's, bit for bit)."""
+    path = folder / f"random_states_{process}.pkl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing")
+    torch.load(path, weights_only=False)  # Accelerate's own pickle, of this run
 
 
 def _resume_folder(config: RecipeConfig) -> Path | None:
