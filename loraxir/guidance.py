@@ -127,23 +127,32 @@ class DAMBlock(nn.Module):
         """The channel axis of ``x``. A square map as wide as it has channels, ``(N, C, C, C)``,
         reads either way: it keeps the layout this block's earlier inputs had (channels
         first until one said otherwise), and an input in the other layout than those is
-        refused, not normalised over the wrong axis."""
+        refused, not normalised over the wrong axis. A compiled graph only reads the layout
+        remembered (its shapes may be symbolic, and it records nothing)."""
+        seen = self._channels_last
+        if torch.compiler.is_compiling():
+            if not seen and x.dim() == 4 and x.shape[1] == self.channels:
+                return 1
+            if x.dim() >= 2 and x.shape[-1] == self.channels:
+                return x.dim() - 1
+            raise self._shape_error(x)
         first = x.dim() == 4 and x.shape[1] == self.channels
         last = x.dim() >= 2 and x.shape[-1] == self.channels
         if first and last:
-            return x.dim() - 1 if self._channels_last else 1
-        if first or last:
-            seen = self._channels_last
-            if seen is not None and seen != last:
-                raise ConfigError(
-                    f"The DAM block at {self.point!r} got channels {'last' if last else 'first'} "
-                    f"(shape {tuple(x.shape)}) after inputs with channels "
-                    f"{'last' if seen else 'first'}; a point's input must keep its layout."
-                )
-            if seen is None and not torch.compiler.is_compiling():
-                self._channels_last = last
-            return x.dim() - 1 if last else 1
-        raise ConfigError(
+            return x.dim() - 1 if seen else 1
+        if not (first or last):
+            raise self._shape_error(x)
+        if seen is not None and seen != last:
+            raise ConfigError(
+                f"The DAM block at {self.point!r} got channels {'last' if last else 'first'} "
+                f"(shape {tuple(x.shape)}) after inputs with channels "
+                f"{'last' if seen else 'first'}; a point's input must keep its layout."
+            )
+        self._channels_last = last
+        return x.dim() - 1 if last else 1
+
+    def _shape_error(self, x: torch.Tensor) -> ConfigError:
+        return ConfigError(
             f"The DAM block at {self.point!r} has {self.channels} channels but its input has "
             f"shape {tuple(x.shape)}; expected (N, {self.channels}, H, W) or (N, ..., "
             f"{self.channels})."

@@ -482,3 +482,20 @@ def test_blocks_of_another_embedding_width_are_not_added_beside_existing_ones():
     with pytest.raises(ConfigError, match=rf"embeddings of \[{EMBED_DIM}\] dimensions, not 8"):
         insert_dam(backbone, ["middle_blks"], 8, RoutingState())
     assert len(backbone.loraxir_dam) == 1, "nothing added"
+
+
+def test_a_block_compiles_after_eager_calls_at_several_sizes():
+    """The layout it remembers from eager calls is read, not recorded, in a compiled graph
+    (a recompile for a new size failed on symbolic shapes)."""
+    torch.manual_seed(0)
+    block = DAMBlock(8, EMBED_DIM).eval()
+    with torch.no_grad():
+        block.beta.normal_()
+    embedding = torch.randn(1, EMBED_DIM)
+    with torch.no_grad():
+        block(torch.rand(1, 8, 32, 32), embedding)  # e.g. a validation pass first
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend="eager")
+        for side in (32, 24, 8):
+            x = torch.rand(1, 8, side, side)
+            assert torch.equal(compiled(x, embedding), block(x, embedding)), side
