@@ -202,8 +202,13 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
                 "base network or the router replaced on disk?). Start a new run (another "
                 "output_dir, or --overwrite)."
             )
+        readable = _random_states_load(candidate, accelerator.process_index)
+        if not bool(accelerator.gather(torch.tensor([readable], device=accelerator.device)).all()):
+            # Decided by every process together: they must all resume from one checkpoint.
+            problems.append(f"{candidate.name}: a process's random states do not load")
+            accelerator.print(f"Cannot load checkpoint {candidate} ({problems[-1]}).")
+            continue
         try:
-            _check_random_states(candidate, accelerator.process_index)
             accelerator.load_state(str(candidate))
         except torch.OutOfMemoryError:
             raise  # not a damaged file
@@ -220,14 +225,19 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
     )
 
 
-def _check_random_states(folder: Path, process: int) -> None:
-    """Raise unless this process's random states in ``folder`` load: Accelerate logs a
-    failure to read them and goes on, and the resumed run then draws other numbers (no
-    longer the uninterrupted run's, bit for bit)."""
+def _random_states_load(folder: Path, process: int) -> bool:
+    """Whether this process's random states in ``folder`` load: Accelerate logs a failure
+    to read them and goes on, and the resumed run then draws other numbers (no longer the
+    uninterrupted run's, bit for bit). A missing file (a run resumed on more processes than
+    saved it) is Accelerate's to handle, as before."""
     path = folder / f"random_states_{process}.pkl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path.name} is missing")
-    torch.load(path, weights_only=False)  # Accelerate's own pickle, of this run
+        return True
+    try:
+        torch.load(path, weights_only=False)  # Accelerate's own pickle, of this run
+    except Exception:  # pickle, EOF and torch each raise their own
+        return False
+    return True
 
 
 def _resume_folder(config: RecipeConfig) -> Path | None:
