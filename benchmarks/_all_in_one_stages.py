@@ -112,8 +112,9 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
         if overwrite:
             # Out of the way in one rename, then deleted: a Ctrl-C halfway through a plain
             # rmtree left a folder without run.json, which every later run refused.
-            retired = tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent)
-            os.replace(output_dir, Path(retired) / output_dir.name)  # into a fresh folder
+            folder = output_dir.resolve()  # through a link: the run, not the link, goes
+            retired = tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent)
+            os.replace(folder, Path(retired) / folder.name)  # into a fresh folder
             shutil.rmtree(retired, ignore_errors=True)
         elif earlier == settings:
             return True
@@ -124,7 +125,7 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
                 f"{changed}). Pass --overwrite to replace it, rerun with its settings to resume "
                 "it, or choose another --output-dir."
             )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.resolve().mkdir(parents=True, exist_ok=True)
     write_json(record, {"settings": settings})
     return False
 

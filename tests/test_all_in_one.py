@@ -214,7 +214,8 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "run"], "replaced: deleted"
     (tmp_path / "linked").symlink_to(tmp_path / "run")  # a run folder reached by a link
     stages.prepare_run(tmp_path / "linked", {**settings, "seeds": [2]}, overwrite=True)
-    assert stages._run_settings(tmp_path / "linked" / stages.RUN_FILE)["seeds"] == [2]
+    assert (tmp_path / "linked").is_symlink(), "the link stays; the run it points to goes"
+    assert stages._run_settings(tmp_path / "run" / stages.RUN_FILE)["seeds"] == [2]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
