@@ -156,22 +156,19 @@ class LoraIRModel(BaseTuner):
         if others:
             second = self.peft_config[adapter_name]
             _check_second_adapter(self.peft_config[others[0]], second)
+            why = "A second adapter wraps the layers the first one wrapped, so its targets must "
             try:
                 wanted = resolve_targets(
                     model, second.target_modules, second.exclude_modules, second.preset, True
                 )
             except TargetModulesError as error:
-                raise ConfigError(
-                    "A second adapter wraps the layers the first one wrapped, so its targets "
-                    f"must be those layers: {error}"
-                ) from None
+                raise ConfigError(f"{why}be those layers: {error}") from None
             wrapped = [path for path, m in model.named_modules() if isinstance(m, LoraIRLayer)]
             if wanted != wrapped:
+                differ = sorted(set(wanted) ^ set(wrapped))[:3]
                 raise ConfigError(
-                    "A second adapter wraps the layers the first one wrapped, so its targets "
-                    f"must be those layers: it names {len(wanted)} layers (e.g. "
-                    f"{sorted(set(wanted) ^ set(wrapped))[:3]} differ) where the first "
-                    f"wrapped {len(wrapped)}."
+                    f"{why}be those layers: it names {len(wanted)} layers (e.g. {differ} "
+                    f"differ) where the first wrapped {len(wrapped)}."
                 )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
