@@ -391,9 +391,6 @@ class LoraIRModel(BaseTuner):
             )
         return self.active_adapters[0]
 
-    def _adapters_enabled(self) -> bool:
-        return any(not layer.disable_adapters for _, layer in self.expert_layers())
-
     # --------------------------------------------------------------- routing
     def forward(
         self,
@@ -595,7 +592,7 @@ class LoraIRModel(BaseTuner):
         requested = self._requested_gates(x, gates, degradation)
         pinned = self.routing.pinned and requested is None
         merged = self._merged_now()
-        routed = not merged and self._adapters_enabled()
+        routed = not merged and self.routing.adapters_enabled  # kept by peft's disable_adapter
         needs_gates = routed and requested is None and not pinned
         needs_embedding = getattr(self.config, "dam", None) is not None and not (
             pinned and self.routing.embedding is not None
