@@ -193,31 +193,9 @@ def _check_restore_options(args: argparse.Namespace) -> str:
         raise ConfigError(f"--reference {args.reference!r} is not a file; pass the clean video.")
     if args.max_pixels < 1:
         raise ConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}.")
-    return _device(args.device)
+    from loraxir.devices import resolve_device
 
-
-def _device(name: str) -> str:
-    """The torch device for ``--device``; :class:`~loraxir.errors.ConfigError` for a name
-    torch has no device for, or a device this machine does not have (listing those it has)."""
-    import torch
-
-    from loraxir.errors import ConfigError
-
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    kind, colon, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdigit())):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
-    available = ["cpu", *(["cuda"] if cuda else []), *(f"cuda:{i}" for i in range(cuda))]
-    available += ["mps"] if mps else []
-    if name not in available:
-        raise ConfigError(
-            f"--device {name!r} is not available on this machine (available: "
-            f"{', '.join(available)}). Pass one of those, or --device auto."
-        )
-    return name
+    return resolve_device(args.device, "--device ")
 
 
 def _precision(name: str, device: str) -> Any:

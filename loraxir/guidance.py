@@ -109,6 +109,8 @@ class DAMBlock(nn.Module):
                 f"dimensions, one row per image, got shape {tuple(embedding.shape)}."
             )
         rows, batch = x.shape[0], embedding.shape[0]
+        if rows == 0:  # an empty batch: nothing to modulate (and no embedding rows to spread)
+            return x
         if rows % batch:
             raise ConfigError(
                 f"The DAM block at {self.point!r} got an input of {rows} rows for {batch} "
@@ -446,10 +448,11 @@ class GuidedBackbone(nn.Module):
         router.eval()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.no_grad():
-            embedding = self.router.route(x).embedding
-        with self.routing.activate(None, embedding):
-            return self.backbone(x, *args, **kwargs)
+        with self.routing.lock:  # the embedding lives in the shared routing state
+            with torch.no_grad():
+                embedding = self.router.route(x).embedding
+            with self.routing.activate(None, embedding):
+                return self.backbone(x, *args, **kwargs)
 
     def train(self, mode: bool = True) -> GuidedBackbone:
         super().train(mode)

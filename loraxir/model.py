@@ -291,7 +291,7 @@ class LoraIRModel(BaseTuner):
                 "peft_model.base_model(x, gates=...)."
             )
         images = args[0] if args else next(iter(kwargs.values()))
-        with self.routing.activate(*self._routing_for(images, None, None)):
+        with self.routing.lock, self.routing.activate(*self._routing_for(images, None, None)):
             yield
 
     # ---------------------------------------------------------------- access
@@ -409,33 +409,36 @@ class LoraIRModel(BaseTuner):
         When the backbone declares a side unit (NAFNet's ``padder_size``, a Swin
         ``window_size``), sides that are not multiples of it (rounded up to a multiple of
         8, as tiled inference does) are reflect-padded for the backbone and cropped back
-        (see :mod:`loraxir.padding`); the router sees ``x`` as given.
+        (see :mod:`loraxir.padding`); the router sees ``x`` as given. Threads sharing one
+        model take turns: a call holds the model's routing lock (see
+        :class:`~loraxir.routing.RoutingState`).
         """
         self._check_input(x)
-        if self.training and torch.is_grad_enabled() and self._merged_now():
-            raise RoutingError(
-                "The model is merged: its experts are folded into the base weights and would "
-                "get no gradient. Call model.unmerge() before training, or model.eval() to "
-                "run the merged model."
-            )
-        if torch.is_grad_enabled() and self._merged_now() and self._base_trains():
-            # Even in eval mode: a step would update the merged weights, and unmerge() then
-            # restores the pre-merge copy, dropping the update without a word.
-            raise RoutingError(
-                "The model is merged and trains its base weights (trainable='all'): an update "
-                "now would be lost at unmerge(). Call model.unmerge() before training, or run "
-                "the merged model under torch.no_grad()."
-            )
-        gates, embedding = self._routing_for(x, gates, degradation)
-        groups = self._inference_groups(x, gates, args, kwargs)
-        if groups is None:
-            return self._run_in_chunks(x, gates, embedding, args, kwargs)
-        outputs = []
-        for members in groups.members:
-            part = None if embedding is None else embedding[members]
-            outputs.append(self._run_in_chunks(x[members], gates[members], part, (), {}))
-        out = _concat(outputs)
-        return out if groups.order is None else _rows(out, groups.order)
+        with self.routing.lock:  # threads sharing the model take turns (gates live there)
+            if self.training and torch.is_grad_enabled() and self._merged_now():
+                raise RoutingError(
+                    "The model is merged: its experts are folded into the base weights and would "
+                    "get no gradient. Call model.unmerge() before training, or model.eval() to "
+                    "run the merged model."
+                )
+            if torch.is_grad_enabled() and self._merged_now() and self._base_trains():
+                # Even in eval mode: a step would update the merged weights, and unmerge() then
+                # restores the pre-merge copy, dropping the update without a word.
+                raise RoutingError(
+                    "The model is merged and trains its base weights (trainable='all'): an update "
+                    "now would be lost at unmerge(). Call model.unmerge() before training, or run "
+                    "the merged model under torch.no_grad()."
+                )
+            gates, embedding = self._routing_for(x, gates, degradation)
+            groups = self._inference_groups(x, gates, args, kwargs)
+            if groups is None:
+                return self._run_in_chunks(x, gates, embedding, args, kwargs)
+            outputs = []
+            for members in groups.members:
+                part = None if embedding is None else embedding[members]
+                outputs.append(self._run_in_chunks(x[members], gates[members], part, (), {}))
+            out = _concat(outputs)
+            return out if groups.order is None else _rows(out, groups.order)
 
     def _check_input(self, x: Any) -> None:
         """Refuse what the backbone would reject from deep inside torch: a non-tensor, an
@@ -679,6 +682,10 @@ class LoraIRModel(BaseTuner):
         """``(gates, embedding)`` from the attached router: ``route(x)`` when it has one
         (a :class:`~loraxir.router.DegradationRouter`), else ``router(x)`` as gates."""
         router = self.loraxir_router
+        if x.shape[0] == 0:  # routers refuse an empty batch; an empty call routes nothing
+            dam = getattr(self.config, "dam", None)
+            embedding = None if dam is None else x.new_zeros(0, dam.embed_dim)
+            return x.new_zeros(0, self.config.num_experts), embedding
         if hasattr(router, "route"):
             output = router.route(x)
             return output.gates, output.embedding
@@ -701,7 +708,8 @@ class LoraIRModel(BaseTuner):
     ) -> Iterator[torch.Tensor]:
         """Fix the gates (and optionally the DAM embedding) for every call inside the block
         (see :func:`loraxir.route`). Without ``embedding``, DAM blocks get the gates' class
-        embedding when the router has fitted ones (else the router's, per call)."""
+        embedding when the router has fitted ones (else the router's, per call). The block
+        holds the model's routing lock: calls from other threads wait until it ends."""
         if gates is not None and degradation is not None:
             raise RoutingError("loraxir.route takes gates= or degradation=, not both.")
         if gates is not None:
@@ -711,33 +719,36 @@ class LoraIRModel(BaseTuner):
             pinned = degradation_gates(degradation, self.config.degradations, batch_size)
         else:
             raise RoutingError("loraxir.route needs gates= or degradation=.")
-        if self._merged_now():  # refused here: direct backbone calls in the block see no check
-            check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
-        device = next(self.model.parameters()).device
-        dam = getattr(self.config, "dam", None)
-        if embedding is not None:
-            width = dam.embed_dim if dam is not None else None
-            if (
-                not isinstance(embedding, torch.Tensor)
-                or embedding.dim() != 2
-                or (width is not None and embedding.shape[-1] != width)
-            ):
-                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
-                raise RoutingError(
-                    f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
-                    f"got {got}."
-                )
-            embedding = embedding.to(device)
-        elif dam is not None:
-            embedding = self._class_embedding(pinned.to(device), merged=False)
-        routing = self.routing
-        previous = (routing.gates, routing.embedding, routing.pinned)
-        routing.gates, routing.embedding, routing.pinned = pinned.to(device), embedding, True
-        self.last_routing = routing.gates.detach()
-        try:
-            yield routing.gates
-        finally:
-            routing.gates, routing.embedding, routing.pinned = previous
+        with self.routing.lock:  # the block is one caller's: other threads wait for it
+            if self._merged_now():  # refused here: direct backbone calls in the block see no check
+                check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
+            device = next(self.model.parameters()).device
+            dam = getattr(self.config, "dam", None)
+            if embedding is not None:
+                width = dam.embed_dim if dam is not None else None
+                if (
+                    not isinstance(embedding, torch.Tensor)
+                    or embedding.dim() != 2
+                    or (width is not None and embedding.shape[-1] != width)
+                ):
+                    got = (
+                        tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
+                    )
+                    raise RoutingError(
+                        f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
+                        f"got {got}."
+                    )
+                embedding = embedding.to(device)
+            elif dam is not None:
+                embedding = self._class_embedding(pinned.to(device), merged=False)
+            routing = self.routing
+            previous = (routing.gates, routing.embedding, routing.pinned)
+            routing.gates, routing.embedding, routing.pinned = pinned.to(device), embedding, True
+            self.last_routing = routing.gates.detach()
+            try:
+                yield routing.gates
+            finally:
+                routing.gates, routing.embedding, routing.pinned = previous
 
     # ---------------------------------------------------------------- router
     def attach_router(self, router: nn.Module) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraxir import PEFT_TYPE
+from loraxir.devices import resolve_device
 from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError, unknown_name
 from loraxir.validation import file_in_the_way
 
@@ -104,7 +105,9 @@ def load_adapter(
     backbone and return the frozen :class:`~loraxir.LoraIRModel` in eval mode on ``device``.
 
     ``backbone`` is an ``nn.Module``, a spandrel checkpoint path, or ``None`` for the
-    backbone stored in the folder (``backbone.json`` + ``backbone.safetensors``). An
+    backbone stored in the folder (``backbone.json`` + ``backbone.safetensors``).
+    ``device`` is ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (the first present); one
+    this machine lacks raises :class:`ConfigError` before anything loads. An
     adapter that does not fit the given backbone raises :class:`CheckpointError` naming
     both. ``strict=False`` loads a config with keys this version does not know (written by
     a newer loraxir), warning about them; tensors must match either way.
@@ -112,6 +115,7 @@ def load_adapter(
     from loraxir.backbones import load_backbone
     from loraxir.model import LoraIRModel
 
+    device = resolve_device(device)
     folder = find_adapter(adapter, **hub_kwargs)
     given = backbone
     if backbone is None:

@@ -23,6 +23,7 @@ gates, and check that a router's classes are the adapter's; ``LoraIRModel`` call
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -53,6 +54,9 @@ class RoutingState:
         adapters_enabled: ``False`` while peft's ``disable_adapter()`` (or
             ``disable_adapter_layers()``) runs the bare backbone: DAM blocks then pass their
             input through, as the expert layers do.
+        lock: held for each call of the model and each ``loraxir.route`` block, so that
+            threads sharing one model take turns instead of reading each other's gates
+            (the gates live here, not in the call's arguments).
     """
 
     def __init__(self) -> None:
@@ -66,6 +70,23 @@ class RoutingState:
         self._calls = 0  # routed calls running now (nested calls count once each)
         # (gates, version, values): what derived() computed from those gates.
         self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies (deepcopy, pickle) start without the last call's routing, as they start
+        # without kept folds: after a training call its gates are part of an autograd graph
+        # (a router that trains), which deepcopy refuses, and no copy is inside that call.
+        # Pinned routing (a copy made inside loraxir.route) stays. A lock is not copied.
+        state = dict(self.__dict__)
+        del state["lock"]
+        if not self.pinned:
+            state["gates"] = state["embedding"] = None
+        state["_derived"], state["_calls"] = None, 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     @contextlib.contextmanager
     def activate(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -499,3 +502,57 @@ def test_a_block_compiles_after_eager_calls_at_several_sizes():
         for side in (32, 24, 8):
             x = torch.rand(1, 8, side, side)
             assert torch.equal(compiled(x, embedding), block(x, embedding)), side
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        {},
+        {"degradation": "rain"},
+        {"gates": torch.tensor([0.0, 1.0, 0.0])},
+        {"gates": torch.zeros(0, 3)},
+    ],
+)
+def test_an_empty_batch_gives_an_empty_output_with_dam_blocks(route):
+    """Routers refuse an empty batch and a DAM block cannot spread zero embeddings: the
+    call still answers with no images, as it does without DAM."""
+    model = _dam_model()
+    with torch.no_grad():
+        assert model(torch.rand(0, 3, 32, 48), **route).shape == (0, 3, 32, 48)
+
+
+def test_threads_sharing_one_model_get_their_own_routing():
+    """Gates and embedding live in the model's routing state: without the lock, one
+    thread's call read the other's (a different expert and DAM embedding) mid-call."""
+    model = _dam_model()
+    images = [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    with torch.no_grad():
+        alone = [model(x, gates=gate[None]) for x, gate in zip(images, torch.eye(3)[:2])]
+    found: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(index: int) -> None:
+        with torch.no_grad():
+            for _ in range(12):
+                found[index].append(model(images[index], gates=torch.eye(3)[index][None]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (0, 1):
+        assert len(found[index]) == 12
+        assert all(torch.equal(out, alone[index]) for out in found[index])
+
+
+def test_a_model_copies_after_a_call_whose_gates_train():
+    """A training call with a router that trains keeps its gates and embedding (autograd
+    graph tensors) for activation checkpointing; deepcopy refuses those, and a copy (EMA,
+    ``copy.deepcopy(model).unload()`` as the docs advise) must not need them."""
+    model = _dam_model(trainable="experts+router").train()
+    model(torch.rand(2, 3, 32, 32)).mean().backward()
+    twin = copy.deepcopy(model).eval()
+    assert twin.routing.gates is None and twin.routing.lock is not model.routing.lock
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model.eval()(x))

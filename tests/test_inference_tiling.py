@@ -8,7 +8,7 @@ import torch
 from inference_helpers import CLASSES, local_conv_model, photo, tiny_model
 
 import loraxir
-from loraxir.errors import ConfigError
+from loraxir.errors import ConfigError, DataError, RoutingError
 from loraxir.inference.restorer import Restorer
 from loraxir.inference.tiling import _axis_weights, plan_tiles, run_tiled
 
@@ -181,3 +181,34 @@ def test_a_router_that_only_gives_gates_restores_through_the_restorer():
     with torch.no_grad():
         direct = (model(x)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     assert np.abs(restored.astype(int) - direct.astype(int)).max() <= 1
+
+
+def test_a_second_forced_restorer_on_the_same_model_stops_the_first():
+    """Restorers merge the model for their class: the first, run after a second merged its
+    model for another class, would restore as that class and report its own."""
+    model = tiny_model()
+    image = photo(24, 40)
+    first = Restorer(model, CLASSES[0], tile=None)
+    before, _ = first.restore(image)
+    Restorer(model, CLASSES[1], tile=None)
+    with pytest.raises(RoutingError, match=f"merged for the fixed gate '{CLASSES[1]}'"):
+        first.restore(image)
+    model.merge(degradation=CLASSES[0])
+    assert np.array_equal(first.restore(image)[0], before)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (torch.zeros(8, 8, 3), "NumPy array .* got Tensor"),
+        (np.zeros((8, 8), np.uint8), r"RGB image \(H, W, 3\), got shape \(8, 8\)"),
+        (np.zeros((1, 8, 8, 3), np.uint8), r"got shape \(1, 8, 8, 3\)"),
+        (np.zeros((8, 8, 4), np.uint8), "drop alpha"),
+        (np.zeros((8, 8, 3), np.int32), "uint8, uint16 or float pixels .* got int32"),
+    ],
+)
+def test_the_restorer_refuses_what_is_not_one_rgb_image(pixels, message):
+    restorer = Restorer(tiny_model(), tile=None)
+    for call in (restorer.route, restorer.restore):
+        with pytest.raises(DataError, match=message):
+            call(pixels)

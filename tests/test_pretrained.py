@@ -46,6 +46,27 @@ def test_dropped_folder_is_listed_and_loads_by_name(adapter_root, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", r"device='cuda' is not available on this machine \(available: cpu\)"),
+        ("gpu", "device='gpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+        (torch.device("cuda", 1), r"device='cuda:1' is not available"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_before_loading(
+    adapter_root, monkeypatch, device, message
+):
+    """torch would fail deep inside (a missing driver, a name it cannot parse) after the
+    whole adapter had loaded; ``auto`` takes what the machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=message):
+        loraxir.load_adapter(adapter_root / "tiny-three", device=device)
+    model = loraxir.load_adapter(adapter_root / "tiny-three", device="auto")
+    assert next(model.parameters()).device == torch.device("cpu")
+
+
 def test_unknown_name_lists_the_installed_adapters(adapter_root, monkeypatch):
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter_root))
     with pytest.raises(UnknownNameError, match="tiny-three"):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loraxir.errors import ConfigError, RoutingError
+from loraxir.errors import ConfigError, DataError, RoutingError
 from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
 from loraxir.targeting import resolve_preset
@@ -98,8 +98,9 @@ class Restorer:
     Raises :class:`~loraxir.errors.ConfigError` for a ``tile`` and ``overlap`` that cannot
     tile every image with this network, once here rather than for each image. The model is
     put in eval mode and converted to ``dtype``; with ``degradation`` it is merged for that
-    class and stays merged (a routed restorer on it is then refused): give each restorer a
-    model of its own, as ``loraxir restore`` does. Any attached router works: a
+    class and stays merged (a routed restorer on it then refuses images it routes to another
+    class, and a restorer forced to this class refuses to run once another has merged the
+    model for its own): give each restorer a model of its own, as ``loraxir restore`` does. Any attached router works: a
     :class:`~loraxir.router.DegradationRouter`, or a module whose ``router(x)`` gives gates
     (then also read as the class probabilities).
     """
@@ -155,6 +156,7 @@ class Restorer:
     @torch.inference_mode()
     def route(self, pixels: np.ndarray) -> Routing:
         """Route the whole image once (or report the forced degradation)."""
+        _check_pixels(pixels)
         names = self.degradations
         if self.degradation is not None:
             gates = torch.zeros(len(names))
@@ -195,6 +197,7 @@ class Restorer:
     ) -> tuple[np.ndarray, Routing]:
         """Restore ``pixels`` ``(H, W, 3)`` into a new array of the same dtype; returns it
         and the routing used (computed here when not given)."""
+        _check_pixels(pixels)
         routing = routing or self.route(pixels)
         plan = self.plan(*pixels.shape[:2])
         out = np.empty_like(pixels)
@@ -204,9 +207,8 @@ class Restorer:
 
     @contextlib.contextmanager
     def _pinned(self, routing: Routing) -> Iterator[None]:
-        if self.degradation is not None and routing.embedding is None:
-            yield
-            return
+        # Pinned even when forced: the model then refuses to run if another restorer has
+        # merged it for another class since (it would restore as that class).
         from loraxir import route
 
         gates = routing.gates.to(self.device, self.dtype).unsqueeze(0)
@@ -215,6 +217,27 @@ class Restorer:
             embedding = embedding.to(self.device, self.dtype).unsqueeze(0)
         with route(self.model, gates=gates, embedding=embedding):
             yield
+
+
+def _check_pixels(pixels: object) -> None:
+    """Refuse what the tiles and the router would reject from deep inside NumPy or torch:
+    the restorer takes one ``(H, W, 3)`` image as a NumPy array, as image files decode."""
+    if not isinstance(pixels, np.ndarray):
+        raise DataError(
+            f"The restorer takes one image as a NumPy array (H, W, 3), got "
+            f"{type(pixels).__name__}; for a torch batch (B, 3, H, W) call the model: model(x)."
+        )
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise DataError(
+            f"The restorer takes one RGB image (H, W, 3), got shape {pixels.shape}; repeat a "
+            "grayscale image (np.repeat(gray[..., None], 3, axis=2)), drop alpha "
+            "(pixels[..., :3]), or restore a batch's images one at a time."
+        )
+    if not (pixels.dtype in (np.uint8, np.uint16) or np.issubdtype(pixels.dtype, np.floating)):
+        raise DataError(
+            f"The restorer takes uint8, uint16 or float pixels (float in [0, 1]), got "
+            f"{pixels.dtype}."
+        )
 
 
 def _routing_view(pixels: np.ndarray, max_pixels: int) -> torch.Tensor:
