@@ -527,7 +527,9 @@ def test_threads_sharing_one_model_get_their_own_routing():
     model = _dam_model()
     images = [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     with torch.no_grad():
-        alone = [model(x, gates=gate[None]) for x, gate in zip(images, torch.eye(3)[:2])]
+        alone = [
+            model(x, gates=gate[None]) for x, gate in zip(images, torch.eye(3)[:2], strict=True)
+        ]
     found: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
     def work(index: int) -> None:

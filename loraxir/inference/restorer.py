@@ -100,9 +100,9 @@ class Restorer:
     put in eval mode and converted to ``dtype``; with ``degradation`` it is merged for that
     class and stays merged (a routed restorer on it then refuses images it routes to another
     class, and a restorer forced to this class refuses to run once another has merged the
-    model for its own): give each restorer a model of its own, as ``loraxir restore`` does. Any attached router works: a
-    :class:`~loraxir.router.DegradationRouter`, or a module whose ``router(x)`` gives gates
-    (then also read as the class probabilities).
+    model for its own): give each restorer a model of its own, as ``loraxir restore`` does.
+    Any attached router works: a :class:`~loraxir.router.DegradationRouter`, or a module
+    whose ``router(x)`` gives gates (then also read as the class probabilities).
     """
 
     def __init__(
