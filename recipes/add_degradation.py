@@ -10,7 +10,9 @@ head (its old rows receive no gradient and no weight decay, so the old classes' 
 stay exactly as they were). Training data: the new degradation (``new_tasks`` of
 ``new_suite``, all labelled ``new_degradation``) plus a replay sample of the old tasks
 (``replay_repeats`` patches per photo and task): images routed by their labels train the
-new expert, and the router's new row learns to tell the new class from the old ones.
+new expert, and the router's new row learns to tell the new class from the old ones. With
+real pairs, ``paired_train`` / ``paired_val`` map the new class and the old classes to
+replay to their folders (``train_repeats`` crops per pair; no suite is read).
 
 Everything old is frozen, so routed to their own experts the old tasks' outputs are
 unchanged: bit for bit in a batch of old classes; to float rounding (~1e-7) in a batch
@@ -121,6 +123,25 @@ def grown_suite(config: AddDegradationConfig, old_classes: list[str]) -> tuple[S
     ]
     grown = Suite(f"{old.name}+{config.new_degradation}", "", (*old_tasks, *relabelled))
     return grown, [t.name for t in old_tasks]
+
+
+def paired_old_classes(config: AddDegradationConfig, old_classes: list[str]) -> list[str]:
+    """With real pairs (``paired_train``), the old classes they replay: every key but the
+    new class, each one of the adapter's. No suite is read (the pairs are the data)."""
+    new = config.new_degradation
+    for setting in ("paired_train", "paired_val"):
+        if new not in getattr(config, setting):
+            raise ConfigError(
+                f"{setting} has no folder for the new class {new!r}: add {{{new}: <folder of "
+                f"its pairs>}} beside the old classes' replay folders."
+            )
+    unknown = [name for name in config.paired_train if name not in (*old_classes, new)]
+    if unknown:
+        raise ConfigError(
+            f"paired_train has classes {unknown} that are neither the adapter's {old_classes} "
+            f"nor the new {new!r}; name each folder by its class."
+        )
+    return [name for name in config.paired_train if name != new]
 
 
 class _GrowthModule(nn.Module):
@@ -243,9 +264,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     prepare_output_dir(config, ("adapter",))
     old_classes = LoraIRConfig.from_file(adapter_config).degradations
-    suite, old_tasks = grown_suite(config, old_classes)
-    replay = dict.fromkeys(old_tasks, config.replay_repeats)
-    data = build_data(config, suite, [t.name for t in suite.tasks], replay)
+    if config.paired_train is not None:
+        old_tasks = paired_old_classes(config, old_classes)
+        data = build_data(config)
+    else:
+        suite, old_tasks = grown_suite(config, old_classes)
+        replay = dict.fromkeys(old_tasks, config.replay_repeats)
+        data = build_data(config, suite, [t.name for t in suite.tasks], replay)
     run = start_run(
         config,
         data,

@@ -853,3 +853,63 @@ def test_ship_adapter_takes_a_name_and_refuses_an_adapter_without_a_router(
             ["tiny-named", "--photos", str(photos), "--suite", "three_task", "--repeats", "1",
              "--name", "y", "--into", str(tmp_path / "out")]
         )  # fmt: skip
+
+
+# ------------------------------------------------------------- real pairs
+@pytest.fixture(scope="module")
+def paired_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folders of real-looking pairs: package photos degraded by five_task's noise, rain
+    and haze, saved as PNG under <class>/<train|val>/<lq|gt>/, as a user's own data."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as photos
+
+    from loraxir.degradations import suite
+
+    root = tmp_path_factory.mktemp("pairs")
+    five = suite("five_task")
+    names = {"train": ["astronaut", "coffee", "chelsea"], "val": ["rocket"]}
+    for cls, task in (("noise", "noise"), ("rain", "rain"), ("fog", "haze")):
+        for split, picks in names.items():
+            for side in ("lq", "gt"):
+                (root / cls / split / side).mkdir(parents=True)
+            for index, name in enumerate(picks):
+                clean = torch.from_numpy(getattr(photos, name)()[:96, :96].copy())
+                clean = clean.permute(2, 0, 1)[None].float() / 255
+                degraded, _ = five.degrade(clean, task, torch.Generator().manual_seed(index))
+                for side, image in (("gt", clean), ("lq", degraded)):
+                    pixels = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+                    Image.fromarray(np.ascontiguousarray(pixels)).save(
+                        root / cls / split / side / f"{name}.png"
+                    )
+    return root
+
+
+def _paired(root: Path, classes: list[str]) -> list[str]:
+    train = ", ".join(f"{c}: {root / c / 'train'}" for c in classes)
+    val = ", ".join(f"{c}: {root / c / 'val'}" for c in classes)
+    return [f"paired_train={{{train}}}", f"paired_val={{{val}}}"]
+
+
+def test_add_degradation_grows_an_adapter_of_ones_own_classes_from_real_pairs(
+    base: Path, paired_root: Path, tmp_path: Path
+) -> None:
+    """The documented way to add a class from folders ran only with a synthetic suite
+    naming every class (it read the suite for the replay, which real pairs do not use)."""
+    run("finetune", tmp_path / "ft", *FINETUNE, f"base={base}", "max_steps=2",
+        *_paired(paired_root, ["noise", "rain"]))  # fmt: skip
+    grow = [*DATA, f"adapter={tmp_path / 'ft' / 'adapter'}", "new_degradation=fog",
+            "learning_rate=5e-3", "max_steps=8"]  # fmt: skip
+    metrics = run("add_degradation", tmp_path / "grown", *grow,
+                  *_paired(paired_root, ["noise", "fog"]))  # fmt: skip
+    assert metrics["experts"] == ["noise", "rain", "fog"] and metrics["old_tasks"] == ["noise"]
+    assert metrics["per_task"]["noise"]["change"] == pytest.approx(0, abs=1e-5)
+    assert metrics["per_task"]["fog"]["change"] > 0, metrics["per_task"]
+    for classes, message in (
+        (["noise", "rain"], "paired_train has no folder for the new class 'fog'"),
+        (["noise", "fog", "snowy"], r"classes \['snowy'\] that are neither"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            paired = _paired(paired_root, classes)
+            run("add_degradation", tmp_path / "bad", *grow, *paired)
+        assert not (tmp_path / "bad" / "checkpoints").exists()

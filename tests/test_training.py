@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from loraxir.errors import ConfigError, UnknownNameError
+from loraxir.errors import ConfigError, DataError, UnknownNameError
 from loraxir.training import (
     ExponentialMovingAverage,
     RecipeConfig,
@@ -166,7 +166,20 @@ def test_every_set_option_counts() -> None:
         ("validate_every=-1", "validate_every must be >= 0"),
         ("val_batch_size=0", "val_batch_size must be >= 1"),
         ("tasks=[noise, rain, noise]", "names a task twice"),
-        ("paired_train={rain: a}\npaired_val={rain: ./a}", "same folder for \\['rain'\\]"),
+        (
+            "paired_train={rain: a}\npaired_val={rain: ./a}",
+            r"\['rain'\] \(\./a\) are the same folder",
+        ),
+        ("paired_train={rain: a}\npaired_val={rain: a/val}", "folders inside one another"),
+        ("paired_train={rain: a/b}\npaired_val={rain: a}", "folders inside one another"),
+        (
+            "paired_train={rain: r, noise: n}\npaired_val={rain: v, noise: r/held}",
+            r"paired_train\['rain'\] \(r\) and paired_val\['noise'\]",
+        ),
+        ("paired_train={}\npaired_val={}", "paired_train is empty"),
+        ("paired_train={rain: a}\npaired_val={}", "paired_val is empty"),
+        ("paired_train={yes: a}\npaired_val={yes: b}", r"not text: \[True\]"),
+        ("val_crop_border=-3", "val_crop_border must be >= 0"),
         ("paired_train={rain: a}\npaired_val={rain: b}\ntasks=[rain]", "list only the classes"),
     ],
 )
@@ -270,6 +283,46 @@ def test_clean_images_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> No
     assert (len(data.train), len(data.val)) == (10, 10)  # 2 + 1 photos, 5 tasks, 1 + 2 repeats
     assert data.classes == ["noise", "rain", "haze"]
     assert data.train[0]["lq"].shape == (3, 32, 32)
+    # The same photos saved with save_to_disk (load_dataset refuses such a folder).
+    import datasets
+
+    saved = datasets.load_dataset(str(tmp_path), split="train")
+    saved.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "saved_dict"))
+    for folder in ("saved", "saved_dict"):
+        settings[0] = f"source=hf:{tmp_path / folder}"
+        from_disk = build_data(load_config(RestorationConfig, None, settings))
+        assert torch.equal(from_disk.train[3]["gt"], data.train[3]["gt"]), folder
+    settings[0] = f"source=hf:{tmp_path / 'saved_dict'}@test"
+    with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'"):
+        build_data(load_config(RestorationConfig, None, settings))
+
+
+def test_paired_folders_give_train_repeats_crops_per_pair(tmp_path: Path) -> None:
+    """Repeats were ignored for real pairs, and the too-few-items error advised raising
+    them; whole held-out pairs are read once (every read would be the same)."""
+    from PIL import Image
+
+    from loraxir.training.restoration import build_data
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 2)):
+        for side in ("lq", "gt"):
+            (tmp_path / split / side).mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / side / f"{index}.png")
+    paired = [
+        f"paired_train={{rain: {tmp_path / 'train'}}}",
+        f"paired_val={{rain: {tmp_path / 'val'}}}",
+    ]
+    settings = [*paired, "patch_size=16", "batch_size=4", "train_repeats=5", "val_repeats=3"]
+    data = build_data(load_config(RestorationConfig, None, [*settings, "val_patch_size=16"]))
+    assert (len(data.train), len(data.val)) == (15, 6)
+    crops = [data.train[i]["gt"] for i in (0, 3, 6)]  # pair 0, three reads
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2])
+    whole = build_data(load_config(RestorationConfig, None, [*settings, "val_patch_size=null"]))
+    assert len(whole.val) == 2
 
 
 @pytest.mark.usefixtures("isolated_recipe_run")

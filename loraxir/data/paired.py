@@ -82,6 +82,8 @@ class PairedFolder(Dataset):
         patch_size: crop aligned random patches of this side (reflect-padded if smaller).
         seed: seeds crops and augmentation, per ``(seed, epoch, index)``.
         augment: random flips and 90° rotations of both images.
+        repeats: how many times each pair appears per epoch (each time its own crop and
+            augmentation), as :class:`SyntheticPairs` lists each (image, task).
         strict: raise on corrupt or non-image files instead of skipping them.
     """
 
@@ -99,8 +101,11 @@ class PairedFolder(Dataset):
         seed: int = 0,
         augment: bool = False,
         strict: bool = False,
+        repeats: int = 1,
     ) -> None:
         self.root = Path(root)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise DataError(f"repeats must be an integer >= 1, got {repeats!r}.")
         if not self.root.is_dir():
             raise DataError(f"Paired dataset folder {str(self.root)!r} does not exist.")
         check_patch_size(patch_size)
@@ -136,24 +141,25 @@ class PairedFolder(Dataset):
         self.patch_size = patch_size
         self.seed = seed
         self.augment = augment
+        self.repeats = repeats
         self.epoch = 0
 
     @property
     def task_labels(self) -> list[int]:
         """The task index of every pair, without loading images."""
-        return [self.task_names.index(pair.task) for pair in self.pairs]
+        return [self.task_names.index(pair.task) for pair in self.pairs] * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new crops and augmentations for ``epoch`` (deterministically)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.pairs) * self.repeats
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} pairs")
-        pair = self.pairs[index]
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        pair = self.pairs[index % len(self.pairs)]
         images = [read_image(pair.lq), read_image(pair.gt)]
         if images[0].shape != images[1].shape:
             # The header check missed an orientation (a PNG with its eXIf after the pixels).

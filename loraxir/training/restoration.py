@@ -88,8 +88,17 @@ class RestorationConfig(RecipeConfig):
             "that patches are crops of degraded photos (0: degrade the bare patch)."
         },
     )
-    train_repeats: int = field(default=8, metadata={"help": "Patches per (image, task) per epoch."})
-    val_repeats: int = field(default=2, metadata={"help": "Validation patches per (image, task)."})
+    train_repeats: int = field(
+        default=8,
+        metadata={"help": "Patches per (image, task) per epoch; with paired_train, per pair."},
+    )
+    val_repeats: int = field(
+        default=2,
+        metadata={
+            "help": "Validation patches per (image, task); with paired_val, per pair (a whole "
+            "pair, val_patch_size null, is read once)."
+        },
+    )
     test_fraction: float = field(default=0.2, metadata={"help": "Share of photos held out."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/val photo split."})
     loss: str = field(
@@ -132,17 +141,8 @@ class RestorationConfig(RecipeConfig):
             )
         if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks names a task twice: {self.tasks}; list each once.")
-        shared = sorted(
-            name
-            for name, folder in (self.paired_val or {}).items()
-            if isinstance(folder, str)
-            and Path(folder).resolve() == Path((self.paired_train or {}).get(name, "")).resolve()
-        )
-        if shared:
-            raise ConfigError(
-                f"paired_train and paired_val use the same folder for {shared}: validation "
-                "would score pairs the network trained on. Hold some pairs out in another folder."
-            )
+        if self.paired_train is not None:
+            _check_paired_folders(self.paired_train, self.paired_val)
         for name in ("train_repeats", "val_repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -158,12 +158,48 @@ class RestorationConfig(RecipeConfig):
                 "(val_patch_size: null): images of different sizes cannot share a batch. Leave "
                 "val_batch_size unset (whole images go one at a time) or set val_patch_size."
             )
+        if self.val_crop_border < 0:
+            raise ConfigError(f"val_crop_border must be >= 0 pixels, got {self.val_crop_border}.")
         if self.fft_weight < 0:
             raise ConfigError(f"fft_weight must be >= 0, got {self.fft_weight}.")
         if self.patch_context < 0:
             raise ConfigError(f"patch_context must be >= 0 pixels, got {self.patch_context}.")
         if self.ema_decay and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}.")
+
+
+def _check_paired_folders(train: dict[str, str], val: dict[str, str]) -> None:
+    """Refuse empty mappings, class names that are not text, and a validation folder that
+    is a training folder or lies inside one (or holds one): ``PairedFolder`` reads
+    subfolders, so training would read the held-out pairs and validation score pairs the
+    network trained on."""
+    for setting, mapping in (("paired_train", train), ("paired_val", val)):
+        if not mapping:
+            raise ConfigError(
+                f"{setting} is empty; map each class to its folder, e.g. {{noise: data/noise}}."
+            )
+        odd = [name for name in mapping if not isinstance(name, str)]
+        if odd:
+            raise ConfigError(
+                f"{setting} has class names that are not text: {odd}; quote them in YAML "
+                "(a bare yes, no, on or 1 is not a string)."
+            )
+    for val_name, val_folder in val.items():
+        held_out = Path(val_folder).resolve()
+        for train_name, train_folder in train.items():
+            trained = Path(train_folder).resolve()
+            if held_out == trained:
+                where = "the same folder"
+            elif trained in held_out.parents or held_out in trained.parents:
+                where = "folders inside one another"
+            else:
+                continue
+            raise ConfigError(
+                f"paired_train[{train_name!r}] ({train_folder}) and paired_val[{val_name!r}] "
+                f"({val_folder}) are {where}: folders are read with their subfolders, so "
+                "validation would score pairs the network trained on. Keep the held-out pairs "
+                "in a folder of their own, beside the training folder."
+            )
 
 
 @dataclass
@@ -251,7 +287,8 @@ def build_data(
     if len(data.train) < config.batch_size:
         raise DataError(
             f"The training set has {len(data.train)} items, fewer than one batch of "
-            f"{config.batch_size}; add data, raise train_repeats or lower batch_size."
+            f"{config.batch_size}; add data, raise train_repeats (patches per photo or pair "
+            "per epoch) or lower batch_size."
         )
     if len(data.val) == 0:
         raise DataError("The validation set is empty; add held-out images or pairs.")
@@ -302,7 +339,8 @@ def _synthetic_data(
 
 
 def _open_source(source: str) -> Any:
-    """``"skimage"`` and folders pass through; ``"hf:name[@split]"`` loads a 🤗 dataset."""
+    """``"skimage"`` and folders pass through; ``"hf:name[@split]"`` loads a 🤗 dataset (a
+    Hub name, a folder ``load_dataset`` reads, or one written by ``save_to_disk``)."""
     if not source.startswith("hf:"):
         if source != "skimage" and not Path(source).is_dir():
             raise DataError(
@@ -313,8 +351,21 @@ def _open_source(source: str) -> Any:
     import datasets
 
     name, _, split = source[3:].partition("@")
+    split = split or "train"
+    saved = Path(name)
+    if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
+        # A folder written by save_to_disk, which load_dataset refuses.
+        loaded = datasets.load_from_disk(name)
+        if not isinstance(loaded, datasets.DatasetDict):
+            return loaded
+        if split not in loaded:
+            raise DataError(
+                f"The 🤗 dataset saved in {name!r} has splits {sorted(loaded)}, not {split!r}; "
+                f"name one as hf:{name}@<split>."
+            )
+        return loaded[split]
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         raise DataError(f"Cannot load the 🤗 dataset {name!r}: {error}") from None
 
@@ -328,6 +379,10 @@ def _paired_data(config: RestorationConfig) -> RestorationData:
         raise ConfigError(f"paired_val has classes {extra} that paired_train lacks: {names}.")
 
     def folders(mapping: dict[str, str], train: bool) -> EpochConcat:
+        # Crops per pair, as patches per photo; a whole held-out pair reads the same each time.
+        repeats = config.train_repeats if train else config.val_repeats
+        if not train and config.val_patch_size is None:
+            repeats = 1
         return EpochConcat(
             [
                 PairedFolder(
@@ -337,6 +392,7 @@ def _paired_data(config: RestorationConfig) -> RestorationData:
                     patch_size=config.patch_size if train else config.val_patch_size,
                     seed=config.seed if train else config.seed + 1,
                     augment=train,
+                    repeats=repeats,
                 )
                 for name, folder in mapping.items()
             ]
