@@ -107,6 +107,11 @@ class FinetuneConfig(RestorationConfig):
         check_int("r", self.r, 1)
         check_choice("route_by", self.route_by, ROUTE_BY)
         check_choice("trainable", self.trainable, ("experts", "experts+router", "all"))
+        if self.experts == []:
+            raise ConfigError(
+                "experts is empty; list the expert classes, or null for the router's (else "
+                "the data's) classes."
+            )
         if self.class_embeddings and self.trainable != "experts":
             raise ConfigError(
                 "class_embeddings are fitted once, before training, on a frozen router; "

@@ -253,6 +253,8 @@ def test_finetune_trains_with_the_spectral_weight_it_is_given(base: Path, tmp_pa
 def test_finetune_refuses_an_unknown_setting_naming_the_closest(tmp_path: Path) -> None:
     with pytest.raises(UnknownNameError, match="learning_rate"):
         run("finetune", tmp_path, "lerning_rate=0.1")
+    with pytest.raises(ConfigError, match="experts is empty"):  # it meant "all", silently
+        run("finetune", tmp_path, "experts=[]")
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,7 @@ def test_every_set_option_counts() -> None:
         ("paired_train={rain: a}\npaired_val={}", "paired_val is empty"),
         ("paired_train={yes: a}\npaired_val={yes: b}", r"not text: \[True\]"),
         ("val_crop_border=-3", "val_crop_border must be >= 0"),
+        ("tasks=[]", "tasks is empty"),
         ("paired_train={rain: a}\npaired_val={rain: b}\ntasks=[rain]", "list only the classes"),
     ],
 )

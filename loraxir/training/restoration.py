@@ -139,6 +139,8 @@ class RestorationConfig(RecipeConfig):
                 "tasks picks tasks of a synthetic suite, but paired_train gives real pairs; "
                 "list only the classes to train in paired_train / paired_val instead."
             )
+        if self.tasks == []:
+            raise ConfigError("tasks is empty; list the tasks to train, or null for all of them.")
         if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks names a task twice: {self.tasks}; list each once.")
         if self.paired_train is not None:
