@@ -143,6 +143,35 @@ def test_weights_of_another_model_raise_checkpoint_error(tmp_path: Path) -> None
         create_encoder(name, pretrained=str(weights))
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_for_another_image_size_are_refused_unless_asked_for(
+    tmp_path: Path, suffix: str
+) -> None:
+    """open_clip interpolates the positional embedding to the model's size without a word:
+    a 224 px file would pass for the paper's 336 px tower."""
+    name = tiny_open_clip_name()
+    larger = json.loads(json.dumps(TINY_OPEN_CLIP))
+    larger["vision_cfg"]["image_size"] = 48
+    weights = tmp_path / f"larger{suffix}"
+    state = save_open_clip_weights(tmp_path / "larger.safetensors", seed=0, cfg=larger)
+    if suffix == ".pt":
+        torch.save({"state_dict": state}, weights)
+    with pytest.raises(CheckpointError, match=r"another image size.*\(37, 64\).*\(17, 64\)"):
+        create_encoder(name, pretrained=str(weights))
+    resized = create_encoder(name, pretrained=str(weights), image_size=32)  # on purpose
+    assert resized.image_size == 32
+
+
+def test_an_encoder_path_that_is_no_folder_says_so(tmp_path: Path) -> None:
+    """It was read as an open_clip model name and answered with every name open_clip has."""
+    with pytest.raises(ConfigError, match="looks like a folder, but there is none"):
+        create_encoder(str(tmp_path / "no_such_clip"))
+    weights = tmp_path / "tiny.safetensors"
+    save_open_clip_weights(weights, seed=0)
+    with pytest.raises(ConfigError, match="is a file; pass the open_clip model name"):
+        create_encoder(str(weights))
+
+
 def test_local_dir_folder_loads_config_and_weights(tmp_path: Path) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
@@ -217,6 +246,47 @@ def test_hf_folder_with_other_weights_raises_checkpoint_error(tmp_path: Path) ->
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="vision tower"):
         create_encoder(tmp_path)
+
+
+def test_hf_folder_with_weights_missing_from_its_file_is_refused(tmp_path: Path) -> None:
+    """transformers fills them with random values (its report is silenced here): a
+    CLIPVisionModel folder lacks the projection, a config may describe more layers."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+        image_size=32, patch_size=8, projection_dim=16,
+    )  # fmt: skip
+    CLIPVisionModel(vision).save_pretrained(tmp_path / "no_projection")
+    with pytest.raises(CheckpointError, match=r"visual_projection\.weight.*has no projection"):
+        create_encoder(tmp_path / "no_projection")
+    _save_hf_clip(tmp_path / "deeper")
+    config = json.loads((tmp_path / "deeper" / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 2
+    (tmp_path / "deeper" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"lack \d+ tensors .*layers\.1\."):
+        create_encoder(tmp_path / "deeper")
+
+
+def test_a_damaged_hf_folder_raises_checkpoint_error(tmp_path: Path) -> None:
+    _save_hf_clip(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="Could not load the CLIP vision tower"):
+        create_encoder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"Could not read the 🤗 config\.json"):
+        create_encoder(tmp_path)
+
+
+def test_text_prototypes_need_the_folders_tokenizer(tmp_path: Path) -> None:
+    """Without its files transformers may build an empty tokenizer: every prompt embedded
+    the same, every class got the same prototype."""
+    _save_hf_clip(tmp_path)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=r"No tokenizer in .*tokenizer\.save_pretrained"):
+        create_encoder(tmp_path).encode_text(["a photo degraded by haze", "rain"])
 
 
 def test_frozen_tower_stays_in_eval_mode_without_gradients() -> None:

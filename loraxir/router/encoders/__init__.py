@@ -133,6 +133,17 @@ def _encoder_from_name(
             f"Folder {folder} holds neither a 🤗 CLIP model (config.json) nor an open_clip "
             "export (open_clip_config.json)."
         )
+    if folder.is_file():
+        raise ConfigError(
+            f"encoder={name!r} is a file; pass the open_clip model name it was saved from as "
+            "encoder= and the file as pretrained= (a 🤗 CLIP model is given by its folder)."
+        )
+    if "/" in name or "\\" in name or name.startswith(("~", ".")):
+        # open_clip model names have no path separators: this was meant as a folder.
+        raise ConfigError(
+            f"encoder={name!r} looks like a folder, but there is none at {folder.resolve()}; "
+            "pass the folder of a 🤗 CLIP model or an open_clip export, or a model name."
+        )
     return OpenCLIPEncoder(name, pretrained, image_size)
 
 

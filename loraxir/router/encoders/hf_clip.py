@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from loraxir.errors import CheckpointError, ConfigError
@@ -51,14 +52,25 @@ class HFCLIPEncoder(DegradationEncoder):
             return super().encode_text(prompts)
         from transformers import AutoTokenizer
 
-        model, _ = _load_hf_clip_tower(Path(self.path), "text")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as error:
+        folder = Path(self.path)
+        # Without its files, AutoTokenizer may build an empty CLIP tokenizer (no error): every
+        # prompt would then embed the same and every class would get the same prototype.
+        has_files = (folder / "tokenizer.json").is_file() or all(
+            (folder / name).is_file() for name in ("vocab.json", "merges.txt")
+        )
+        error: Exception | None = None
+        if has_files:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            except (OSError, ValueError) as raised:
+                error = raised
+        if not has_files or error is not None:
+            found = f" ({error})" if error is not None else ""
             raise ConfigError(
-                f"No tokenizer in {self.path} ({error}); save the CLIP tokenizer there "
+                f"No tokenizer in {self.path}{found}; save the CLIP tokenizer there "
                 "(tokenizer.save_pretrained(folder)) to use text prototypes."
             ) from error
+        model, _ = _load_hf_clip_tower(folder, "text")
         tokens = tokenizer(list(prompts), padding=True, return_tensors="pt")
         with torch.no_grad():
             return model.eval()(**tokens).text_embeds.to(self.mean.device)
@@ -81,7 +93,12 @@ def _load_hf_clip_tower(folder: Path, tower: str) -> tuple[nn.Module, Any]:
 
     if not (folder / "config.json").is_file():
         raise ConfigError(f"No 🤗 model config.json in {folder}.")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"Could not read the 🤗 config.json in {folder}: {first_lines(str(error))}"
+        ) from error
     if config.model_type == "clip":
         sub = config.vision_config if tower == "vision" else config.text_config
         sub.projection_dim = config.projection_dim
@@ -95,11 +112,28 @@ def _load_hf_clip_tower(folder: Path, tower: str) -> tuple[nn.Module, Any]:
     cls = CLIPVisionModelWithProjection if tower == "vision" else CLIPTextModelWithProjection
     try:
         with seeded_init(), quiet_logging(transformers=True):
-            model = cls.from_pretrained(folder, config=sub, local_files_only=True)
-    except (RuntimeError, OSError) as error:
+            model, info = cls.from_pretrained(
+                folder, config=sub, local_files_only=True, output_loading_info=True
+            )
+    except (RuntimeError, OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(
             f"Could not load the CLIP {tower} tower from {folder}: {first_lines(str(error))}"
         ) from error
+    # transformers fills weights missing from the file with random ones (and we silence its
+    # report): a tower with any of them would embed every image through noise.
+    missing = sorted(info["missing_keys"])
+    if missing:
+        hint = (
+            " A CLIPVisionModel folder has no projection: save a CLIPModel or a "
+            "CLIPVisionModelWithProjection."
+            if any("projection" in key for key in missing)
+            else ""
+        )
+        raise CheckpointError(
+            f"The weights in {folder} lack {len(missing)} tensors of the CLIP {tower} tower its "
+            f"config.json describes ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+            f"); they would be random.{hint}"
+        )
     return model, sub
 
 

@@ -172,7 +172,7 @@ def _build_open_clip(name: str, pretrained: str | None, image_size: int | None) 
     is_tag = pretrained is not None and bool(open_clip.get_pretrained_cfg(name, pretrained))
     try:
         with seeded_init(), quiet_logging():
-            return open_clip.create_model(
+            clip = open_clip.create_model(
                 name, pretrained=pretrained, force_image_size=image_size, weights_only=True
             )
     except Exception as error:
@@ -188,6 +188,48 @@ def _build_open_clip(name: str, pretrained: str | None, image_size: int | None) 
             f"Weights {pretrained or name!r} do not fit open_clip model {name!r} (a file of "
             f"another model or image size, or not a weights file?): {first_lines(str(error))}"
         ) from error
+    if pretrained is not None and not is_tag and image_size is None:
+        _check_file_image_size(clip, pretrained, name)
+    return clip
+
+
+def _check_file_image_size(clip: nn.Module, path: str, name: str) -> None:
+    """Refuse a weights file made for another image size: open_clip interpolates its
+    positional embedding to the model's without a word (a 224 px ViT-L/14 file would run
+    as the paper's 336 px tower). ``image_size=`` asks for that resize on purpose."""
+    built = getattr(clip.visual, "positional_embedding", None)
+    found = _file_positions(path)
+    if built is None or found is None or tuple(built.shape) == found:
+        return
+    raise CheckpointError(
+        f"Weights {path!r} are for another image size than open_clip model {name!r}: their "
+        f"visual positional embedding is {found}, the model's {tuple(built.shape)} (image "
+        f"size {clip.visual.image_size}). Name the model of the file's size (e.g. ViT-L-14 for "
+        "224 px, ViT-L-14-336 for 336 px), or pass image_size= to resize it on purpose."
+    )
+
+
+def _file_positions(path: str) -> tuple[int, ...] | None:
+    """The shape of a weights file's visual positional embedding, read without loading the
+    other weights (``None`` when the file has none, e.g. a ResNet tower)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as weights:
+            for key in weights.keys():
+                if key.endswith("visual.positional_embedding"):
+                    return tuple(weights.get_slice(key).get_shape())
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (not zip) torch file cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    for key, value in state.items() if isinstance(state, dict) else ():
+        if key.endswith("visual.positional_embedding"):
+            return tuple(value.shape)
+    return None
 
 
 def _local_dir_has_weights(name: str) -> bool:
