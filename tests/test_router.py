@@ -307,6 +307,10 @@ def test_frozen_pretrained_tower_is_referenced_not_saved(tmp_path: Path) -> None
     router.encoder.set_trainable(True)
     assert any(key.startswith("encoder.visual.") for key in router.adapter_state_dict())
 
+    weights.rename(tmp_path / "moved.safetensors")  # the router was copied without its tower
+    with pytest.raises(ConfigError, match=r"router's encoder references .*clip\.safetensors.*Copy"):
+        DegradationRouter.from_pretrained(tmp_path / "router")
+
 
 def test_random_or_custom_towers_are_saved_with_the_router() -> None:
     random_tower = DegradationRouter.from_encoder(tiny_open_clip_name(), CLASSES, grid=0)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from loraxir import checkpoint
-from loraxir.errors import CheckpointError, ConfigError, RoutingError
+from loraxir.errors import CheckpointError, ConfigError, RoutingError, UnknownNameError
 from loraxir.router.config import RouterConfig, field_names
 from loraxir.router.encoders import DegradationEncoder, create_encoder, encoder_from_spec
 from loraxir.router.explanation import RouterExplanation
@@ -250,7 +250,16 @@ class DegradationRouter(nn.Module):
         if isinstance(encoder, DegradationEncoder):
             built = encoder
         else:
-            built = encoder_from_spec(config.encoder, module=encoder)
+            try:
+                built = encoder_from_spec(config.encoder, module=encoder)
+            except (ConfigError, CheckpointError, UnknownNameError) as error:
+                # The spec references weights by path or tag: moved or missing, they are
+                # the router's, not the user's current call's.
+                raise type(error)(
+                    f"This router's encoder references {_reference(config.encoder)}, which "
+                    f"cannot be loaded here: {error} Copy the weights along with the router "
+                    "(or to the same path), or pass encoder= with the tower you hold."
+                ) from error
         prototypes = None
         if config.head == "text":
             prototypes = torch.zeros(len(config.degradations), int(config.text_dim or 1))
@@ -622,3 +631,9 @@ def _make_config(
     if isinstance(degradations, RouterConfig):
         return dataclasses.replace(degradations, **settings)
     return RouterConfig(degradations=check_names("degradations", degradations), **settings)
+
+
+def _reference(spec: dict[str, Any]) -> str:
+    """How a router config names its encoder's weights (for errors)."""
+    parts = [f"{key}={spec[key]!r}" for key in ("name", "pretrained", "path") if spec.get(key)]
+    return ", ".join(parts) or repr(spec.get("type"))
