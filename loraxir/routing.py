@@ -232,7 +232,11 @@ def fixed_gate(
         if not isinstance(degradation, str):
             raise RoutingError("Merging takes one degradation name (one gate for all images).")
         return degradation_gates(degradation, known)[0]
-    gate = torch.as_tensor(gates, dtype=torch.float32)
+    gate = torch.as_tensor(gates)
+    if not gate.is_floating_point():
+        gate = gate.float()
+    # A float64 gate stays float64: rounded to float32, it would fold another mixture into a
+    # float64 model's weights and accept requests that differ from it in the last digits.
     return check_gates(gate, len(known), 1)[0]
 
 
@@ -257,11 +261,11 @@ def _describe(gate: torch.Tensor, known: Sequence[str]) -> str:
     hot = gate.nonzero().flatten().tolist()
     if len(hot) == 1 and float(gate[hot[0]]) == 1.0:
         return f"{known[hot[0]]!r}"
-    return str([round(float(v), 4) for v in gate])
+    return "[" + ", ".join(f"{float(v):.10g}" for v in gate) + "]"
 
 
 def _describe_rows(rows: torch.Tensor, known: Sequence[str]) -> str:
-    unique = torch.unique(rows.detach().cpu().float(), dim=0)
+    unique = torch.unique(rows.detach().cpu().double(), dim=0)
     return ", ".join(_describe(row, known) for row in unique)
 
 

@@ -692,6 +692,21 @@ def test_merged_model_accepts_its_own_degradation_and_refuses_others():
         assert rel_err(model(x, degradation="haze"), routed) <= 1e-5
 
 
+def test_a_float64_model_merges_its_mixture_exactly_and_refuses_a_near_one():
+    """The merge gate was rounded to float32: the fold was another mixture (4.5e-7 off the
+    routed output) and a gate 1e-9 away compared equal to it and was served."""
+    model = _trained_model().double()
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    gate = torch.tensor([0.3, 0.7, 0.0], dtype=torch.float64)
+    near = torch.tensor([0.3 + 1e-9, 0.7 - 1e-9, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        routed = model(x, gates=gate)
+        model.merge(gates=gate)
+        assert rel_err(model(x, gates=gate), routed) <= 1e-12
+        with pytest.raises(RoutingError, match=r"fixed gate \[0\.3, 0\.7, 0\]; .*0\.300000001"):
+            model(x, gates=near)
+
+
 def test_merged_model_inside_route_serves_every_call_and_refuses_other_pins():
     """Tiled restoration pins the gates once and calls the model per tile: a merged model
     must serve every call of the block (the first used to clear the pinned gates) and
