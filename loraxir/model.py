@@ -264,6 +264,7 @@ class LoraIRModel(BaseTuner):
         selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
         tuner = getattr(model, "base_model", model)
         router = _router_of(getattr(tuner, "loraxir_router", None), config)
+        _record_router(config, router)  # peft writes this (live) config next
         saved = set(router.adapter_state_dict()) if router is not None else set()
         marker = "loraxir_router."
         return {
@@ -821,7 +822,8 @@ class LoraIRModel(BaseTuner):
                 "The model is merged; call model.unmerge() before adding a degradation (the "
                 "merged weights hold one gate over the old classes)."
             )
-        router = self.loraxir_router
+        # The router grows with the adapter it routes; another adapter's is left alone.
+        router = _router_of(self.loraxir_router, config)
         if router is not None and not hasattr(router, "add_degradation"):
             raise ConfigError(
                 f"The attached {type(router).__name__} cannot grow a class; detach it first."
@@ -831,6 +833,9 @@ class LoraIRModel(BaseTuner):
         updated.num_experts += 1
         updated.expert_chunks.append(1)
         updated.trainable = trainable
+        # A new expert starts at zero and is there to train, also on a model peft loaded
+        # frozen (inference_mode), which would otherwise freeze it with the rest.
+        updated.inference_mode = False
         updated._validate()
         active = self._active_name()
         for _, layer in self.expert_layers():
@@ -1065,10 +1070,7 @@ class LoraIRModel(BaseTuner):
                 stacklevel=2,
             )
         config = copy.deepcopy(self.peft_config[adapter])
-        router = _router_of(self.loraxir_router, config)
-        config.router = router.to_config() if router is not None else None
-        if config.router is not None:
-            config.top_k = config.router.top_k
+        _record_router(config, _router_of(self.loraxir_router, config))
         config.inference_mode = False
         checkpoint.write(
             save_directory,
@@ -1260,6 +1262,15 @@ def route(
         )
     with tuner.pinned_routing(gates, degradation, batch_size, embedding) as pinned:
         yield pinned
+
+
+def _record_router(config: LoraIRConfig, router: nn.Module | None) -> None:
+    """Write into ``config`` the spec and ``top_k`` of ``router`` (the router of its adapter,
+    or ``None``): what a load rebuilds. A router attached, grown or retuned after the config
+    was made is saved as it runs, by our ``save_pretrained`` and by peft's."""
+    config.router = router.to_config() if hasattr(router, "to_config") else None
+    if config.router is not None:
+        config.top_k = config.router.top_k
 
 
 def _router_of(router: nn.Module | None, config: LoraIRConfig) -> nn.Module | None:

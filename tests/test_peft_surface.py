@@ -103,3 +103,52 @@ def test_unsupported_peft_operations_are_refused_by_name() -> None:
     assert not model.merged
     with pytest.raises(RoutingError, match="fixed gate"):
         model.merge_adapter()
+
+
+def test_peft_saves_the_router_as_it_runs_and_both_loaders_read_it(tmp_path) -> None:
+    """peft's save_pretrained wrote the config as it was before the router was attached
+    (no router: the folder would not load) or grown (its old classes: refused)."""
+    model = _guided_peft_model()
+    with torch.no_grad():
+        routed = model(X)
+    model.save_pretrained(tmp_path / "attached")
+    model.base_model.add_degradation("snow")
+    randomize_experts(model.base_model)
+    with torch.no_grad():
+        grown = model(X)
+    model.save_pretrained(tmp_path / "grown")
+    for folder, expected in (("attached", routed), ("grown", grown)):
+        ours = loraxir.LoraIRModel.from_pretrained(_backbone(), str(tmp_path / folder))
+        theirs = peft.PeftModel.from_pretrained(_backbone(), str(tmp_path / folder)).eval()
+        with torch.no_grad():
+            assert torch.equal(ours(X), expected), folder
+            assert torch.equal(theirs(X), expected), folder
+
+
+def test_growing_a_second_adapter_leaves_the_first_adapters_router_alone(tmp_path) -> None:
+    model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    torch.manual_seed(1)  # no DAM: a second adapter may join
+    model.base_model.attach_router(DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS))
+    model.save_pretrained(tmp_path / "first")
+    model = peft.PeftModel.from_pretrained(_backbone(), str(tmp_path / "first"), is_trainable=True)
+    model.add_adapter("b", LoraIRConfig(degradations=["x", "y"]))
+    model.set_adapter("b")
+    model.base_model.add_degradation("z")
+    assert model.base_model.degradations == ["x", "y", "z"]
+    assert model.base_model.loraxir_router.degradations == DEGRADATIONS
+    model.set_adapter("default")
+    with torch.no_grad():
+        model.base_model(X)  # raised: the router had grown a class "default" lacks
+    model.base_model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "adapter_config.json").read_text().count('"router": {') == 1
+
+
+def test_a_degradation_added_to_a_frozen_peft_load_trains(tmp_path) -> None:
+    """peft's frozen load (inference_mode) froze the new expert too: backward then failed
+    deep in torch; loraxir's own frozen load trained it."""
+    _guided_peft_model().save_pretrained(tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(_backbone(), str(tmp_path / "adapter"))
+    model.base_model.add_degradation("snow")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".loraxir_experts." in n for n in trainable)
+    model.base_model(X, degradation="snow").mean().backward()
