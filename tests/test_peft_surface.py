@@ -152,3 +152,37 @@ def test_a_degradation_added_to_a_frozen_peft_load_trains(tmp_path) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".loraxir_experts." in n for n in trainable)
     model.base_model(X, degradation="snow").mean().backward()
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        ("drop DAM beta", "BackboneMismatchError"),
+        ("drop router head", "CheckpointError"),
+        ("config dam null", "CheckpointError"),
+        ("config r 3", "BackboneMismatchError"),
+    ],
+)
+def test_peft_refuses_a_damaged_folder_before_touching_the_backbone(tmp_path, damage, error):
+    """peft builds the model from the config, then loads the weights with strict=False: a
+    missing DAM or router tensor, or DAM tensors of a config without DAM, loaded in
+    silence (outputs off by 0.5), and another rank failed deep in torch, leaving the
+    backbone wrapped. It now gets the checks loraxir's own loader makes."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _guided_peft_model().save_pretrained(tmp_path)
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors, saved = load_file(weights), json.loads(config.read_text())
+    if damage.startswith("drop"):
+        part = "loraxir_dam." if "DAM" in damage else "loraxir_router.head."
+        save_file({k: v for k, v in tensors.items() if part not in k or "bias" in k}, weights)
+    else:
+        saved.update(dam=None) if "dam" in damage else saved.update(r=3)
+        config.write_text(json.dumps(saved))
+    for load in (loraxir.LoraIRModel.from_pretrained, peft.PeftModel.from_pretrained):
+        backbone = _backbone()
+        with pytest.raises(getattr(loraxir, error)):
+            load(backbone, str(tmp_path))
+        assert not any("loraxir" in name for name, _ in backbone.named_modules()), load
