@@ -24,6 +24,7 @@ from peft.utils.constants import DUMMY_MODEL_CONFIG
 from torch import nn
 
 from loraxir import checkpoint, guidance
+from loraxir.backbones import input_channels
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, DataError, RoutingError, TargetModulesError
@@ -466,7 +467,7 @@ class LoraIRModel(BaseTuner):
                 f"Expected a batch of images (B, C, H, W), got one image of shape "
                 f"{tuple(x.shape)}; pass x[None] (and take [0] of the output)."
             )
-        channels = _input_channels(self.model)
+        channels = input_channels(self.model)
         if channels is not None and x.ndim == 4 and x.shape[1] != channels:
             how = (
                 "repeat a grayscale image (x.expand(-1, 3, -1, -1)) or drop alpha (x[:, :3]), "
@@ -1184,19 +1185,6 @@ def _map_outputs(fn: Any, outputs: list[Any]) -> Any:
         "the batch after running it in parts; set model.inference_chunk_pixels = None and "
         "route one degradation per call."
     )
-
-
-def _input_channels(backbone: nn.Module) -> int | None:
-    """The channels a built-in family's network takes (its first convolution, which each
-    of them applies first); ``None`` for other networks (a user's preset included), whose
-    first registered layer need not be the first one run."""
-    from loraxir.backbones import detect_preset
-
-    preset = detect_preset(backbone)
-    if preset is None or preset.builder is None:  # a user's preset: detection only
-        return None
-    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if first is None else first.in_channels
 
 
 def _router_from_config(spec: Any) -> nn.Module:

@@ -212,3 +212,19 @@ def test_the_restorer_refuses_what_is_not_one_rgb_image(pixels, message):
     for call in (restorer.route, restorer.restore):
         with pytest.raises(DataError, match=message):
             call(pixels)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"upscale": 2, "upsampler": "pixelshuffle"}, r"to \(3, 48, 96\).*super-resolution"),
+        ({"in_chans": 1}, "takes 1-channel images, but the restorer .* feeds RGB"),
+    ],
+)
+def test_networks_that_change_size_or_take_other_channels_are_refused_by_name(options, message):
+    """A x2 SwinIR crashed in NumPy broadcasting, and a grayscale one was told to convert
+    images the CLI had itself made RGB."""
+    backbone = loraxir.create_backbone("swinir-tiny", **options)
+    model = loraxir.get_loraxir_model(backbone, loraxir.LoraIRConfig(degradations=["a", "b"]))
+    with pytest.raises(ConfigError, match=message):
+        Restorer(model.eval(), "a", tile=None).restore(photo(24, 48))

@@ -151,6 +151,17 @@ def detect_preset(backbone: nn.Module, architecture: str | None = None) -> Prese
     return None
 
 
+def input_channels(backbone: nn.Module) -> int | None:
+    """The channels a built-in family's network takes (its first convolution, which each
+    of them applies first); ``None`` for other networks (a user's preset included), whose
+    first registered layer need not be the first one run."""
+    preset = detect_preset(backbone)
+    if preset is None or preset.builder is None:  # a user's preset: detection only
+        return None
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
 def list_backbones(pattern: str = "*") -> list[str]:
     """Names accepted by :func:`create_backbone` matching a shell-style ``pattern``."""
     names = (name for preset in _PRESETS.values() for name in preset.backbone_names())

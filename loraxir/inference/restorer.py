@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loraxir.backbones import input_channels
 from loraxir.errors import ConfigError, DataError, RoutingError
 from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
@@ -120,6 +121,13 @@ class Restorer:
         self.model = model.eval()
         self.degradation = degradation
         self.tile, self.overlap, self.route_pixels = tile, overlap, route_pixels
+        channels = input_channels(model.model)
+        if channels not in (None, 3):
+            raise ConfigError(
+                f"This backbone takes {channels}-channel images, but the restorer (and loraxir "
+                "restore) feeds RGB images (H, W, 3); call the model on your "
+                f"{channels}-channel tensors directly: model(x)."
+            )
         config = model.config
         preset = resolve_preset(model.model, config.preset, config.target_modules)
         self.multiple = multiple or size_multiple(model.model, preset)

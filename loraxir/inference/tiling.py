@@ -164,6 +164,13 @@ def run_tiled(
             tile = tile.permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype) / scale
             with torch.inference_mode():
                 restored = process(tile)
+            if restored.shape != tile.shape:
+                raise ConfigError(
+                    f"The network maps a {tuple(tile.shape[1:])} (C, H, W) tile to "
+                    f"{tuple(restored.shape[1:])}: tiled restoration keeps an image's size and "
+                    "channels (super-resolution networks are not supported here); call the "
+                    "model on the image directly: model(x)."
+                )
             restored = restored[0].permute(1, 2, 0).float().cpu().numpy()
             strip[:, left : left + plan.tile_width] += restored * weights[None, :, None]
             if on_tile is not None:
