@@ -66,6 +66,7 @@ from loraxir.errors import (
     RoutingError,
     TargetModulesError,
 )
+from loraxir.padding import run_padded
 from loraxir.routing import RoutingState
 from loraxir.validation import full_match
 
@@ -451,8 +452,8 @@ class GuidedBackbone(nn.Module):
         with self.routing.lock:  # the embedding lives in the shared routing state
             with torch.no_grad():
                 embedding = self.router.route(x).embedding
-            with self.routing.activate(None, embedding):
-                return self.backbone(x, *args, **kwargs)
+            with self.routing.activate(None, embedding):  # any size, as LoraIRModel runs it
+                return run_padded(self.backbone, x, None, *args, **kwargs)
 
     def train(self, mode: bool = True) -> GuidedBackbone:
         super().train(mode)

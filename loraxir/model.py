@@ -30,7 +30,7 @@ from loraxir.config import LoraIRConfig
 from loraxir.errors import ConfigError, DataError, RoutingError, TargetModulesError
 from loraxir.inference.allocator import keeps_freed_cpu_memory
 from loraxir.layers import LoraIRLayer, wrap_layer
-from loraxir.padding import backbone_unit, reflect_pad, size_multiple
+from loraxir.padding import run_padded
 from loraxir.routing import (
     Degradation,
     RoutingState,
@@ -578,16 +578,7 @@ class LoraIRModel(BaseTuner):
 
     def _run_backbone(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         preset = resolve_preset(self.model, self.config.preset, self.config.target_modules)
-        if backbone_unit(self.model, preset) in (None, 1) or x.dim() != 4:  # 1: no padding
-            return self.model(x, *args, **kwargs)
-        unit = size_multiple(self.model, preset)
-        if x.shape[-2] % unit == 0 and x.shape[-1] % unit == 0:
-            return self.model(x, *args, **kwargs)
-        padded = reflect_pad(x, unit)
-        out = self.model(padded, *args, **kwargs)
-        height = x.shape[-2] * out.shape[-2] // padded.shape[-2]
-        width = x.shape[-1] * out.shape[-1] // padded.shape[-1]
-        return out[..., :height, :width]
+        return run_padded(self.model, x, preset, *args, **kwargs)
 
     def _routing_for(
         self, x: torch.Tensor, gates: torch.Tensor | None, degradation: Degradation | None

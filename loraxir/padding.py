@@ -12,7 +12,7 @@ this way.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,3 +69,27 @@ def reflect_pad(images: torch.Tensor, multiple: int) -> torch.Tensor:
             index = torch.from_numpy(reflect_indices(np.arange(target), size))
             padded = padded.index_select(dim, index.to(images.device))
     return padded
+
+
+def run_padded(
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    preset: Preset | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """``network(x)`` at any size: when the network declares a side unit (see
+    :func:`backbone_unit`) and a side of ``x`` is not a multiple of it, ``x`` is
+    reflect-padded to :func:`size_multiple` and the output cropped back (scaled for a
+    network that changes the size). Without a unit, or for other than ``(B, C, H, W)``
+    inputs, the network runs on ``x`` as given."""
+    if backbone_unit(network, preset) in (None, 1) or x.dim() != 4:  # 1: no padding
+        return network(x, *args, **kwargs)
+    unit = size_multiple(network, preset)
+    if x.shape[-2] % unit == 0 and x.shape[-1] % unit == 0:
+        return network(x, *args, **kwargs)
+    padded = reflect_pad(x, unit)
+    out = network(padded, *args, **kwargs)
+    height = x.shape[-2] * out.shape[-2] // padded.shape[-2]
+    width = x.shape[-1] * out.shape[-1] // padded.shape[-1]
+    return out[..., :height, :width]

@@ -81,13 +81,39 @@ def build_model(config: PretrainConfig) -> nn.Module:
             load_dam(backbone, dam)
     else:
         backbone = create_backbone(config.backbone, **config.backbone_args)
-    if config.router is None:
+    if config.router is None:  # a GuidedBackbone pads what its network cannot take
+        _check_patch_side(backbone, config.patch_size)
         return backbone
     from loraxir.guidance import GuidedBackbone
     from loraxir.router import DegradationRouter
 
     router = DegradationRouter.from_pretrained(config.router)
     return GuidedBackbone(backbone, router, points=config.dam_points)
+
+
+def _check_patch_side(backbone: nn.Module, patch_size: int) -> None:
+    """Refuse training patches a bare network cannot take (Restormer halves the image
+    without padding it, SCUNet's own padding fails on sides of 32 or less): torch would
+    fail at the first step, after --overwrite had cleared the earlier run. One forward of a
+    blank patch tells. Whole validation images are padded (``run_padded``)."""
+    import torch
+
+    from loraxir.backbones import input_channels
+    from loraxir.padding import size_multiple
+
+    blank = torch.zeros(1, input_channels(backbone) or 3, patch_size, patch_size)
+    try:
+        with torch.no_grad():
+            backbone.eval()(blank)
+    except RuntimeError as error:
+        unit = size_multiple(backbone)
+        raise ConfigError(
+            f"patch_size={patch_size}: this network cannot take {patch_size}x{patch_size} "
+            f"patches ({str(error).splitlines()[0]}); use a multiple of {unit} (at least "
+            f"{unit})."
+        ) from None
+    finally:
+        backbone.train()
 
 
 def save_result(model: nn.Module, folder: Path) -> None:

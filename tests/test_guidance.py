@@ -558,3 +558,12 @@ def test_a_model_copies_after_a_call_whose_gates_train():
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(twin(x), model.eval()(x))
+
+
+def test_a_guided_backbone_takes_whole_images_of_any_size():
+    """Validation on whole images called the bare Restormer, which cannot halve odd sides:
+    the guided network pads them (by reflection, as LoraIRModel does) and crops back."""
+    guided = GuidedBackbone(loraxir.create_backbone("restormer-tiny"), _router()).eval()
+    with torch.no_grad():
+        out = guided(torch.rand(1, 3, 37, 45))
+    assert out.shape == (1, 3, 37, 45) and torch.isfinite(out).all()

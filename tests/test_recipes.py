@@ -346,6 +346,15 @@ def test_pretrain_warns_before_training_when_the_router_lacks_the_datas_classes(
             "tasks=[noise,rain]", f"router={tmp_path / 'router'}")  # fmt: skip
 
 
+def test_pretrain_refuses_patches_the_network_cannot_take_before_clearing(tmp_path: Path) -> None:
+    """Restormer halves its input without padding: 60 px patches failed in torch at the
+    first step, after --overwrite had cleared the earlier run."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"patch_size=60: this network cannot take .*of 8"):
+        run("pretrain", out, *DATA, "backbone=restormer-tiny", "patch_size=60")
+    assert not (out / "config.yaml").exists()
+
+
 def test_finetune_refuses_dropout_with_a_form_that_cannot_apply_it_before_loading(
     tmp_path: Path,
 ) -> None:

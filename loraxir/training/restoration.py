@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from loraxir.degradations import Suite
 from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError, DataError
+from loraxir.padding import run_padded
 from loraxir.training.checkpoints import FIGURES_DIR, TrainState, resume
 from loraxir.training.config import RecipeConfig, run_setting
 from loraxir.training.engine import (
@@ -514,7 +515,9 @@ class RestorationRun:
         """Validation call of a network that takes only the degraded images (no routing
         arguments): pre-training, or a network routed inside its own forward."""
         self.unwrapped.eval()
-        return self.unwrapped(batch["lq"])
+        # Whole validation images come at any size; a bare network may need a side unit
+        # (a GuidedBackbone or LoraIRModel pads by itself, and has no unit of its own).
+        return run_padded(self.unwrapped, batch["lq"])
 
     def images_loss(self, batch: dict[str, Any]) -> Tensor:
         """Training loss of such a network: ``config.loss`` between output and target."""
