@@ -163,13 +163,50 @@ def save_merged(
             "they cannot be folded into a plain checkpoint. Restore with the class given instead "
             "(`loraxir restore --degradation NAME`: experts merged, DAM blocks kept)."
         )
-    state = model.merge_and_unload(degradation=degradation).state_dict()
+    network = model.merge_and_unload(degradation=degradation)
+    state = network.state_dict()
+    _check_spandrel_reads_as(network, state)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))
     with_default_modes(partial)
     os.replace(partial, output)
     return output
+
+
+def _check_spandrel_reads_as(network: Any, state: dict[str, Any]) -> None:
+    """Refuse a file spandrel would load as another network. spandrel infers a network's
+    hyperparameters from its weights and guesses the few it cannot see (SwinIR's
+    ``img_range`` for 7-pixel windows, SCUNet's ``input_resolution``): a file whose network
+    differs there would restore differently with no error. Networks spandrel does not know
+    (a user's own) are not checked: their file is read with their own class."""
+    import spandrel
+    import torch
+
+    from loraxir.backbones import input_channels
+    from loraxir.padding import size_multiple
+
+    try:
+        loaded = spandrel.ModelLoader().load_from_state_dict(state).model
+    except (spandrel.UnsupportedModelError, KeyError, ValueError, RuntimeError):
+        return
+    reference = next(network.parameters())
+    loaded = loaded.to(device=reference.device, dtype=reference.dtype).eval()
+    side = 2 * size_multiple(network)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand(1, input_channels(network) or 3, side, side, generator=generator)
+    probe = probe.to(device=reference.device, dtype=reference.dtype)
+    with torch.no_grad():
+        ours, theirs = network.eval()(probe), loaded(probe)
+    gap = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+    if gap > 1e-3 * max(ours.abs().max().item(), 1.0):
+        raise CheckpointError(
+            f"spandrel would load the merged {type(network).__name__} as another network (it "
+            f"guesses hyperparameters the weights do not show; outputs differ by {gap:.3g}), "
+            "so a plain checkpoint would restore differently. Keep the backbone folder "
+            "instead (loraxir.backbones.save_backbone of model.merge_and_unload(...)), which "
+            "records them and loads with loraxir.backbones.load_backbone."
+        )
 
 
 def check_merged_output(output: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -138,3 +138,25 @@ def test_from_pretrained_through_the_hub_cache_equals_the_folder(
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="not in the Hub cache"):
         loraxir.load_adapter("me/never-pushed", cache_dir=cache)
+
+
+def test_merge_refuses_a_network_spandrel_would_read_as_another(tmp_path):
+    """spandrel guesses the hyperparameters weights do not show: a SwinIR with 7-pixel
+    windows reloads with img_range 255 (outputs off by 1.3) and the file said nothing."""
+    from loraxir.pretrained import save_merged
+
+    config = loraxir.LoraIRConfig(degradations=["a", "b"], r=2)
+    odd = loraxir.create_backbone("swinir-tiny", window_size=7, img_size=28)
+    with pytest.raises(CheckpointError, match="spandrel would load the merged SwinIR as another"):
+        save_merged(
+            loraxir.get_loraxir_model(odd, config).eval(), "a", tmp_path / "odd.safetensors"
+        )
+    assert not any(tmp_path.iterdir())
+    usual = loraxir.get_loraxir_model(loraxir.create_backbone("swinir-tiny"), config).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        routed = usual(x, degradation="a")
+    save_merged(usual, "a", tmp_path / "usual.safetensors")
+    with torch.no_grad():
+        reloaded = load_backbone(tmp_path / "usual.safetensors").eval()(x)
+    torch.testing.assert_close(reloaded, routed, rtol=1e-4, atol=1e-5)
