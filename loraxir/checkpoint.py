@@ -102,19 +102,6 @@ def read(
     return config, read_safetensors(folder, WEIGHTS_NAME)
 
 
-def read_saved_tensors(
-    model_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """The tensors of the adapter peft is loading (a folder, or a Hub repo through the Hub
-    cache, where peft finds the file next), checked for damage as :func:`read` does."""
-    local = Path(model_id) / subfolder if subfolder else Path(model_id)
-    if local.is_dir():
-        return read_safetensors(local, WEIGHTS_NAME)
-    name = f"{subfolder}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME
-    folder = download(model_id, [name], hub_kwargs)
-    return read_safetensors(folder / subfolder if subfolder else folder, WEIGHTS_NAME)
-
-
 def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """The tensors of ``folder / name``, never unpickling (shared by adapters and routers).
 

@@ -89,10 +89,6 @@ class DAMConfig:
         return cls(**data)
 
 
-# Keyword arguments of peft's from_pretrained that say where on the Hub the adapter is.
-_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
-
-
 @dataclass
 class LoraIRConfig(PeftConfig):
     """Configuration of routed low-rank experts (LoRA-IR) for a restoration backbone.
@@ -344,19 +340,6 @@ class LoraIRConfig(PeftConfig):
                 )
             warnings.warn(message + " They are ignored.", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
-    ) -> LoraIRConfig:
-        """peft's reader (``PeftModel.from_pretrained`` calls it), remembering where the
-        adapter is: peft builds the model from this config before it loads the weights, with
-        ``strict=False``, so :class:`~loraxir.LoraIRModel` checks the weights against the
-        backbone first, as its own ``from_pretrained`` does."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
-        hub = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        config._saved_in = (str(pretrained_model_name_or_path), subfolder, hub)
-        return config
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, strict: bool = True) -> LoraIRConfig:

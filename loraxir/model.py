@@ -27,7 +27,13 @@ from loraxir import checkpoint, guidance
 from loraxir.backbones import input_channels
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
-from loraxir.errors import ConfigError, DataError, RoutingError, TargetModulesError
+from loraxir.errors import (
+    BackboneMismatchError,
+    ConfigError,
+    DataError,
+    RoutingError,
+    TargetModulesError,
+)
 from loraxir.inference.allocator import keeps_freed_cpu_memory
 from loraxir.layers import LoraIRLayer, wrap_layer
 from loraxir.padding import run_padded
@@ -112,11 +118,6 @@ class LoraIRModel(BaseTuner):
                 router = _router_from_config(config.router)
             if router is not None:
                 check_router(router, config)  # before injecting
-            saved_in = config.__dict__.pop("_saved_in", None)  # for this model only
-            if saved_in is not None:  # peft's from_pretrained: it loads the weights unchecked
-                _check_saved_tensors(
-                    model, config, router, checkpoint.read_saved_tensors(*saved_in)
-                )
         layers_before = {id(m) for m in model.modules() if isinstance(m, LoraIRLayer)}
         dam_before = [(m, m.routing) for m in model.modules() if isinstance(m, guidance.DAMBlock)]
         # A network already wrapped shares its peft_config dict with that model; peft writes
@@ -278,6 +279,31 @@ class LoraIRModel(BaseTuner):
             for key, value in selected.items()
             if marker not in key or key.split(marker, 1)[1] in saved
         }
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        """peft's key mapping for ``load_adapter``, then the check loraxir's own loader makes:
+        peft loads with ``strict=False``, which would take a missing DAM or router tensor, or
+        DAM tensors of a config without DAM, in silence, and another rank deep in torch. On
+        a mismatch the adapter being loaded is taken out again (the backbone unwrapped when
+        it was the only one) and :class:`~loraxir.errors.BackboneMismatchError` names the
+        tensors."""
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, state_dict
+        )
+        tuner = getattr(model, "base_model", model)
+        try:
+            _check_loaded_keys(tuner, adapter_name, model.state_dict(), remapped)
+        except checkpoint.CheckpointError:
+            if list(tuner.peft_config) == [adapter_name]:
+                _undo_injection(tuner.model, set(), [])
+                tuner._unloaded = True
+            else:
+                tuner.delete_adapter(adapter_name)
+            raise
+        return remapped
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -1264,6 +1290,49 @@ def _check_saved_tensors(
             "The checkpoint holds router weights but no router spec; pass router=."
         )
     return dam_tensors, expert_tensors
+
+
+def _check_loaded_keys(
+    tuner: LoraIRModel,
+    adapter_name: str,
+    model_state: dict[str, torch.Tensor],
+    loaded: dict[str, torch.Tensor],
+) -> None:
+    """Raise :class:`~loraxir.errors.BackboneMismatchError` unless ``loaded`` (a saved
+    adapter's tensors under the model's keys) holds exactly the tensors of
+    ``adapter_name`` that the model saves, of their shapes: its experts, the DAM blocks
+    when it has them, and its router's saved tensors when the router is its own."""
+    config = tuner.peft_config[adapter_name]
+    router = _router_of(tuner.loraxir_router, config)
+    saves = hasattr(router, "adapter_state_dict")
+    router_keys = set(router.adapter_state_dict()) if saves else set()
+    marker = "loraxir_router."
+
+    def ours(key: str) -> bool:
+        if f".loraxir_experts.{adapter_name}." in key:
+            return True
+        if guidance.is_dam_key(key):
+            return config.dam is not None
+        return marker in key and key.split(marker, 1)[1] in router_keys
+
+    expected = {k: tuple(v.shape) for k, v in model_state.items() if ours(k)}
+    # Fitted class embeddings are optional: the router makes room for them as they load.
+    optional = f"{marker}class_embeddings" if router is not None else None
+    saved = {
+        k: tuple(v.shape)
+        for k, v in loaded.items()
+        if "loraxir" in k and not (optional and k.endswith(optional))
+    }
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
+    if missing or unexpected or wrong:
+        raise BackboneMismatchError(
+            "The adapter's tensors do not fit the model its config builds on this backbone: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, of another shape "
+            f"{[(k, saved[k], expected[k]) for k in wrong[:3]]}. It was saved for another "
+            "backbone or config, or edited by hand."
+        )
 
 
 def _record_router(config: LoraIRConfig, router: nn.Module | None) -> None:

@@ -186,3 +186,24 @@ def test_peft_refuses_a_damaged_folder_before_touching_the_backbone(tmp_path, da
         with pytest.raises(getattr(loraxir, error)):
             load(backbone, str(tmp_path))
         assert not any("loraxir" in name for name, _ in backbone.named_modules()), load
+
+
+def test_a_damaged_second_adapter_is_taken_out_again(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    plain = LoraIRConfig(degradations=DEGRADATIONS)
+    for name in ("a", "b"):
+        model = loraxir.get_loraxir_model(_backbone(), plain)
+        randomize_experts(model)
+        model.save_pretrained(str(tmp_path / name))
+    weights = tmp_path / "b" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file(dict(list(tensors.items())[1:]), weights)  # one expert tensor lost
+    model = peft.PeftModel.from_pretrained(_backbone(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        before = model.base_model(X, degradation="rain")
+    with pytest.raises(loraxir.BackboneMismatchError, match="missing"):
+        model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    assert list(model.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(model.base_model(X, degradation="rain"), before)
