@@ -732,8 +732,8 @@ class LoraIRModel(BaseTuner):
     ) -> Iterator[torch.Tensor]:
         """Fix the gates (and optionally the DAM embedding) for every call inside the block
         (see :func:`loraxir.route`). Without ``embedding``, DAM blocks get the gates' class
-        embedding when the router has fitted ones (else the router's, per call). The block
-        holds the model's routing lock: calls from other threads wait until it ends."""
+        embedding when the router has fitted ones (else the router's, per call). The gates
+        are the model's for the block: calls from any thread find them."""
         if gates is not None and degradation is not None:
             raise RoutingError("loraxir.route takes gates= or degradation=, not both.")
         if gates is not None:
@@ -743,35 +743,37 @@ class LoraIRModel(BaseTuner):
             pinned = degradation_gates(degradation, self.config.degradations, batch_size)
         else:
             raise RoutingError("loraxir.route needs gates= or degradation=.")
-        with self.routing.lock:  # the block is one caller's: other threads wait for it
-            if self._merged_now():  # refused here: direct backbone calls in the block see no check
-                check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
-            device = next(self.model.parameters()).device
-            dam = getattr(self.config, "dam", None)
-            if embedding is not None:
-                width = dam.embed_dim if dam is not None else None
-                if (
-                    not isinstance(embedding, torch.Tensor)
-                    or embedding.dim() != 2
-                    or (width is not None and embedding.shape[-1] != width)
-                ):
-                    got = (
-                        tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
-                    )
-                    raise RoutingError(
-                        f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
-                        f"got {got}."
-                    )
-                embedding = embedding.to(device)
-            elif dam is not None:
-                embedding = self._class_embedding(pinned.to(device), merged=False)
-            routing = self.routing
+        if self._merged_now():  # refused here: direct backbone calls in the block see no check
+            check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
+        device = next(self.model.parameters()).device
+        dam = getattr(self.config, "dam", None)
+        if embedding is not None:
+            width = dam.embed_dim if dam is not None else None
+            if (
+                not isinstance(embedding, torch.Tensor)
+                or embedding.dim() != 2
+                or (width is not None and embedding.shape[-1] != width)
+            ):
+                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
+                raise RoutingError(
+                    f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
+                    f"got {got}."
+                )
+            embedding = embedding.to(device)
+        elif dam is not None:
+            embedding = self._class_embedding(pinned.to(device), merged=False)
+        routing = self.routing
+        # The state changes between calls (a call in flight keeps the routing it started
+        # with); calls inside the block, from any thread, find the pinned gates, as code
+        # that runs tiles on a thread pool needs.
+        with routing.lock:
             previous = (routing.gates, routing.embedding, routing.pinned)
             routing.gates, routing.embedding, routing.pinned = pinned.to(device), embedding, True
             self.last_routing = routing.gates.detach()
-            try:
-                yield routing.gates
-            finally:
+        try:
+            yield routing.gates
+        finally:
+            with routing.lock:
                 routing.gates, routing.embedding, routing.pinned = previous
 
     # ---------------------------------------------------------------- router

@@ -567,3 +567,19 @@ def test_a_guided_backbone_takes_whole_images_of_any_size():
     with torch.no_grad():
         out = guided(torch.rand(1, 3, 37, 45))
     assert out.shape == (1, 3, 37, 45) and torch.isfinite(out).all()
+
+
+def test_worker_threads_inside_a_route_block_find_its_gates():
+    """A thread pool running tiles inside loraxir.route (as tiled code may): the block must
+    not hold the model's lock, or every worker's call waits for the block to end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _dam_model()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x, degradation="rain")
+        with loraxir.route(model, degradation="rain"), ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(model, x) for _ in range(4)]
+            outputs = [future.result(timeout=60) for future in futures]
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
