@@ -11,6 +11,7 @@ first. Adding an adapter is dropping its folder there.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -144,7 +145,7 @@ def save_merged(
     """Fold ``degradation``'s experts into ``model``'s backbone and save the plain network's
     state dict (native keys, loadable by spandrel) to ``output`` (``.safetensors``).
 
-    Consumes ``model`` (``merge_and_unload``). An adapter with DAM blocks is refused before
+    ``model`` is left as it was (a copy is merged). An adapter with DAM blocks is refused before
     anything is merged: a block adds ``β·(LayerNorm(x)·s)`` to its input, a layer the plain
     network does not have, whatever drives ``s`` (each image's router embedding, or a
     class's fitted embedding), so no weight of the backbone can take it in.
@@ -163,7 +164,7 @@ def save_merged(
             "they cannot be folded into a plain checkpoint. Restore with the class given instead "
             "(`loraxir restore --degradation NAME`: experts merged, DAM blocks kept)."
         )
-    network = model.merge_and_unload(degradation=degradation)
+    network = copy.deepcopy(model).merge_and_unload(degradation=degradation)
     state = network.state_dict()
     _check_spandrel_reads_as(network, state)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -190,22 +191,23 @@ def _check_spandrel_reads_as(network: Any, state: dict[str, Any]) -> None:
         loaded = spandrel.ModelLoader().load_from_state_dict(state).model
     except (spandrel.UnsupportedModelError, KeyError, ValueError, RuntimeError):
         return
-    reference = next(network.parameters())
-    loaded = loaded.to(device=reference.device, dtype=reference.dtype).eval()
+    # Compared in float32 on the CPU: a half-precision SwinIR builds its attention masks in
+    # float32 at sizes other than its own, and the question is the network, not its dtype.
+    ours_net = copy.deepcopy(network).float().cpu().eval()
+    loaded = loaded.float().cpu().eval()
     side = 2 * size_multiple(network)
     generator = torch.Generator().manual_seed(0)
     probe = torch.rand(1, input_channels(network) or 3, side, side, generator=generator)
-    probe = probe.to(device=reference.device, dtype=reference.dtype)
     with torch.no_grad():
-        ours, theirs = network.eval()(probe), loaded(probe)
+        ours, theirs = ours_net(probe), loaded(probe)
     gap = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
     if gap > 1e-3 * max(ours.abs().max().item(), 1.0):
         raise CheckpointError(
             f"spandrel would load the merged {type(network).__name__} as another network (it "
             f"guesses hyperparameters the weights do not show; outputs differ by {gap:.3g}), "
             "so a plain checkpoint would restore differently. Keep the backbone folder "
-            "instead (loraxir.backbones.save_backbone of model.merge_and_unload(...)), which "
-            "records them and loads with loraxir.backbones.load_backbone."
+            "instead (loraxir.backbones.save_backbone(model.merge_and_unload(degradation=...), "
+            "folder)), which records them and loads with loraxir.backbones.load_backbone."
         )
 
 

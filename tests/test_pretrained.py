@@ -147,11 +147,13 @@ def test_merge_refuses_a_network_spandrel_would_read_as_another(tmp_path):
 
     config = loraxir.LoraIRConfig(degradations=["a", "b"], r=2)
     odd = loraxir.create_backbone("swinir-tiny", window_size=7, img_size=28)
+    refused = loraxir.get_loraxir_model(odd, config).eval()
     with pytest.raises(CheckpointError, match="spandrel would load the merged SwinIR as another"):
-        save_merged(
-            loraxir.get_loraxir_model(odd, config).eval(), "a", tmp_path / "odd.safetensors"
-        )
+        save_merged(refused, "a", tmp_path / "odd.safetensors")
     assert not any(tmp_path.iterdir())
+    refused.merge_and_unload(degradation="a")  # the advice: the model was left as it was
+    half = loraxir.create_backbone("swinir-tiny").to(torch.bfloat16)  # probed in float32
+    save_merged(loraxir.get_loraxir_model(half, config).eval(), "a", tmp_path / "h.safetensors")
     usual = loraxir.get_loraxir_model(loraxir.create_backbone("swinir-tiny"), config).eval()
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
