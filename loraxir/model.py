@@ -988,6 +988,10 @@ class LoraIRModel(BaseTuner):
         raises. Undo with :meth:`unmerge`.
         """
         gate = fixed_gate(gates, degradation, self.config.degradations)
+        # The gate in the precision the weights fold it at: float64 for a float64 model
+        # (exact), float32 otherwise, so that a float64 NumPy gate still serves as float32.
+        wide = next(self.model.parameters()).dtype == torch.float64
+        gate = gate.to(torch.float64 if wide else torch.float32)
         earlier = None
         if self.merged:
             layer = next(layer for _, layer in self.expert_layers() if layer.merged)

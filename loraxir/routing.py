@@ -235,8 +235,7 @@ def fixed_gate(
     gate = torch.as_tensor(gates)
     if not gate.is_floating_point():
         gate = gate.float()
-    # A float64 gate stays float64: rounded to float32, it would fold another mixture into a
-    # float64 model's weights and accept requests that differ from it in the last digits.
+    # A float64 gate stays float64 here: LoraIRModel.merge folds it at the weights' precision.
     return check_gates(gate, len(known), 1)[0]
 
 

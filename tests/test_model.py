@@ -6,6 +6,7 @@ import copy
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -705,6 +706,10 @@ def test_a_float64_model_merges_its_mixture_exactly_and_refuses_a_near_one():
         assert rel_err(model(x, gates=gate), routed) <= 1e-12
         with pytest.raises(RoutingError, match=r"fixed gate \[0\.3, 0\.7, 0\]; .*0\.300000001"):
             model(x, gates=near)
+    single = _trained_model()  # float32: a float64 (NumPy) gate merges as float32, as asked
+    with torch.no_grad():
+        single.merge(gates=np.array([0.3, 0.7, 0.0]))
+        single(torch.rand(1, 3, 32, 32), gates=torch.tensor([0.3, 0.7, 0.0]))
 
 
 def test_merged_model_inside_route_serves_every_call_and_refuses_other_pins():
