@@ -184,8 +184,10 @@ def build_model(config: AddDegradationConfig, data: RestorationData) -> _GrowthM
     missing = sorted(set(data.classes) - set(model.degradations))
     if missing:
         raise ConfigError(f"The data has classes {missing} the adapter lacks.")
-    if fitted is not None:
-        new_tasks = config.new_tasks or [config.new_degradation]
+    if fitted is not None:  # real pairs name the new class by its folder, not by tasks
+        paired = config.paired_train is not None
+        new_tasks = [config.new_degradation] if paired else config.new_tasks
+        new_tasks = new_tasks or [config.new_degradation]
         router.class_embeddings = _grown_class_embeddings(router, fitted, data, new_tasks)
     train_router = config.train_router and router is not None
     if train_router:

@@ -689,7 +689,7 @@ def test_add_degradation_trains_only_the_routers_new_class(
 
 
 def test_add_degradation_keeps_the_fitted_class_embeddings(
-    guided: dict[str, Any], tmp_path: Path
+    guided: dict[str, Any], paired_root: Path, tmp_path: Path
 ) -> None:
     """They were dropped, so every old class given by name drove its DAM blocks with the
     image's embedding instead, and its outputs changed."""
@@ -713,6 +713,15 @@ def test_add_degradation_keeps_the_fitted_class_embeddings(
     with torch.no_grad():
         for name in CLASSES:
             assert torch.equal(grown(images, degradation=name), before(images, degradation=name))
+    # From real pairs: the new row is the mean embedding of the new class's folder (it was
+    # sought among the synthetic new_tasks the config also names, found empty, and crashed).
+    _reset_accelerate()
+    run("add_degradation", tmp_path / "paired", *DATA, f"adapter={source}", "max_steps=1",
+        "val_patch_size=32", "new_degradation=fog", "new_tasks=[snow]",
+        *_paired(paired_root, ["noise", "fog"]))  # fmt: skip
+    folder = tmp_path / "paired" / "adapter"
+    paired = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
+    assert paired.loraxir_router.class_embeddings.shape[0] == len(CLASSES) + 1
 
 
 def test_shipped_recipe_configs_load() -> None:
