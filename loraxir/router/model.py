@@ -254,7 +254,10 @@ class DegradationRouter(nn.Module):
                 built = encoder_from_spec(config.encoder, module=encoder)
             except (ConfigError, CheckpointError, UnknownNameError) as error:
                 # The spec references weights by path or tag: moved or missing, they are
-                # the router's, not the user's current call's.
+                # the router's, not the user's current call's. (A custom module's own
+                # error already says to pass encoder=.)
+                if not _references_weights(config.encoder):
+                    raise
                 raise type(error)(
                     f"This router's encoder references {_reference(config.encoder)}, which "
                     f"cannot be loaded here: {error} Copy the weights along with the router "
@@ -631,6 +634,13 @@ def _make_config(
     if isinstance(degradations, RouterConfig):
         return dataclasses.replace(degradations, **settings)
     return RouterConfig(degradations=check_names("degradations", degradations), **settings)
+
+
+def _references_weights(spec: dict[str, Any]) -> bool:
+    """Does an encoder spec load weights it names (a file, a folder or a tag)?"""
+    return any(spec.get(key) for key in ("pretrained", "path")) or str(
+        spec.get("name", "")
+    ).startswith("local-dir:")
 
 
 def _reference(spec: dict[str, Any]) -> str:
