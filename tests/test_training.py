@@ -35,6 +35,11 @@ from loraxir.training.restoration import RestorationConfig, pixel_loss
 class _OneProcess:
     """The parts of an Accelerator these helpers use, for a single process."""
 
+    device = torch.device("cpu")
+
+    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
+        raise ValueError(f"no {name} tracker")
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
@@ -333,3 +338,22 @@ def test_fp16_on_the_cpu_warns_that_it_runs_in_float32(tmp_path: Path) -> None:
     config = RecipeConfig(output_dir=str(tmp_path), cpu=True, mixed_precision="fp16")
     with pytest.warns(UserWarning, match="does nothing on the CPU.*bf16"):
         setup_accelerator(config)
+
+
+def test_the_image_grid_takes_whole_images_of_different_sizes(tmp_path: Path) -> None:
+    """Real pairs validated whole: each class's first image has its own size, and stacking
+    them crashed the first validation of the run."""
+    from PIL import Image
+
+    from loraxir.training.evaluation import save_image_grid
+
+    items = [
+        {"lq": torch.rand(3, 40, 36), "gt": torch.rand(3, 40, 36), "task": 0, "label": 0},
+        {"lq": torch.rand(3, 22, 30), "gt": torch.rand(3, 22, 30), "task": 1, "label": 1},
+    ]
+    grid = save_image_grid(_OneProcess(), lambda b: b["lq"] * 0.5, items, tmp_path / "g.png", 0)
+    assert grid.shape == (3, 2 + 2 * (40 + 2), 2 + 3 * (36 + 2))
+    assert Image.open(tmp_path / "g.png").size == (grid.shape[2], grid.shape[1])
+    torch.testing.assert_close(
+        grid[:, 2 + 42 : 2 + 42 + 22, 2 + 38 : 2 + 38 + 30], items[1]["lq"] * 0.5
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from loraxir.metrics import psnr, ssim
@@ -106,17 +107,22 @@ def save_image_grid(
 ) -> Tensor:
     """Rows of ``degraded | restored | clean`` for ``items`` (e.g. one per task), saved as a
     PNG and sent to tensorboard. Call on the main process only. Returns the grid
-    ``(3, H, W)`` in [0, 1]."""
+    ``(3, H, W)`` in [0, 1]. Items are restored one at a time and padded with white to the
+    largest (whole validation images differ in size from one class's folder to the next)."""
     from PIL import Image
     from torchvision.utils import make_grid
 
-    batch = {
-        key: torch.stack([torch.as_tensor(item[key]) for item in items])
-        for key in ("lq", "gt", "task", "label")
-    }
     device = accelerator.device
-    restored = restore({k: v.to(device) for k, v in batch.items()}).float().clamp(0, 1).cpu()
-    rows = [t for i in range(len(items)) for t in (batch["lq"][i], restored[i], batch["gt"][i])]
+    rows = []
+    for item in items:
+        batch = {key: torch.as_tensor(item[key])[None] for key in ("lq", "gt", "task", "label")}
+        restored = restore({k: v.to(device) for k, v in batch.items()}).float().clamp(0, 1)
+        rows += [batch["lq"][0], restored[0].cpu(), batch["gt"][0]]
+    height, width = max(t.shape[-2] for t in rows), max(t.shape[-1] for t in rows)
+    rows = [
+        F.pad(t.float(), (0, width - t.shape[-1], 0, height - t.shape[-2]), value=1.0)
+        for t in rows
+    ]
     grid = make_grid(torch.stack(rows), nrow=3, padding=2, pad_value=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
