@@ -106,8 +106,20 @@ class LoraIRModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
         router: nn.Module | None = None,
     ) -> None:
+        # peft's low_cpu_mem_usage builds the tuner under accelerate's init_empty_weights,
+        # which puts every new parameter on the meta device: a probe parameter tells.
+        probe = nn.Module()
+        probe.register_parameter("weight", nn.Parameter(torch.empty(0)))
+        if low_cpu_mem_usage or probe.weight.is_meta:
+            raise ConfigError(
+                "low_cpu_mem_usage=True is not supported: loraxir builds its experts on the "
+                "backbone's device and dtype (they are small); load without it."
+            )
         self.routing = RoutingState()
         self._built = False
+        # Adapters injected whose weights have not been loaded or used yet: a load that
+        # fails for one of them takes it out again (see _remap_adapter_state_dict_for_load).
+        self._awaiting_weights: set[str] = set()
         self._pending_targets: set[str] = set()
         self._chunk_pixels: int | None = _DEFAULT_CHUNKS
         config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
@@ -178,6 +190,7 @@ class LoraIRModel(BaseTuner):
                     f"differ) where the first wrapped {len(wrapped)}."
                 )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._awaiting_weights.add(adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """peft's, then the newly active adapter's ``trainable`` policy (peft makes every
@@ -287,20 +300,24 @@ class LoraIRModel(BaseTuner):
         """peft's key mapping for ``load_adapter``, then the check loraxir's own loader makes:
         peft loads with ``strict=False``, which would take a missing DAM or router tensor, or
         DAM tensors of a config without DAM, in silence, and another rank deep in torch. On
-        a mismatch the adapter being loaded is taken out again (the backbone unwrapped when
-        it was the only one) and :class:`~loraxir.errors.BackboneMismatchError` names the
-        tensors."""
+        a mismatch :class:`~loraxir.errors.BackboneMismatchError` names the tensors, and an
+        adapter injected for this load (not yet used) is taken out again (the backbone
+        unwrapped when it was the only one)."""
         remapped = super()._remap_adapter_state_dict_for_load(
             model, config, adapter_name, state_dict
         )
         tuner = getattr(model, "base_model", model)
+        if not isinstance(tuner, LoraIRModel):  # layers injected without a tuner
+            return remapped
+        fresh = adapter_name in tuner._awaiting_weights
+        tuner._awaiting_weights.discard(adapter_name)
         try:
             _check_loaded_keys(tuner, adapter_name, model.state_dict(), remapped)
         except checkpoint.CheckpointError:
-            if list(tuner.peft_config) == [adapter_name]:
+            if fresh and list(tuner.peft_config) == [adapter_name]:
                 _undo_injection(tuner.model, set(), [])
                 tuner._unloaded = True
-            else:
+            elif fresh:
                 tuner.delete_adapter(adapter_name)
             raise
         return remapped
@@ -447,6 +464,7 @@ class LoraIRModel(BaseTuner):
         :class:`~loraxir.routing.RoutingState`).
         """
         self._check_input(x)
+        self._awaiting_weights.clear()  # in use: a failed load no longer takes it out
         with self.routing.lock:  # threads sharing the model take turns (gates live there)
             if self.training and torch.is_grad_enabled() and self._merged_now():
                 raise RoutingError(
@@ -733,7 +751,8 @@ class LoraIRModel(BaseTuner):
         """Fix the gates (and optionally the DAM embedding) for every call inside the block
         (see :func:`loraxir.route`). Without ``embedding``, DAM blocks get the gates' class
         embedding when the router has fitted ones (else the router's, per call). The gates
-        are the model's for the block: calls from any thread find them."""
+        are the model's for the block: calls from any thread find them, and a block in
+        another thread waits for this one to end."""
         if gates is not None and degradation is not None:
             raise RoutingError("loraxir.route takes gates= or degradation=, not both.")
         if gates is not None:
@@ -743,38 +762,45 @@ class LoraIRModel(BaseTuner):
             pinned = degradation_gates(degradation, self.config.degradations, batch_size)
         else:
             raise RoutingError("loraxir.route needs gates= or degradation=.")
-        if self._merged_now():  # refused here: direct backbone calls in the block see no check
-            check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
-        device = next(self.model.parameters()).device
-        dam = getattr(self.config, "dam", None)
-        if embedding is not None:
-            width = dam.embed_dim if dam is not None else None
-            if (
-                not isinstance(embedding, torch.Tensor)
-                or embedding.dim() != 2
-                or (width is not None and embedding.shape[-1] != width)
-            ):
-                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
-                raise RoutingError(
-                    f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
-                    f"got {got}."
-                )
-            embedding = embedding.to(device)
-        elif dam is not None:
-            embedding = self._class_embedding(pinned.to(device), merged=False)
-        routing = self.routing
-        # The state changes between calls (a call in flight keeps the routing it started
-        # with); calls inside the block, from any thread, find the pinned gates, as code
-        # that runs tiles on a thread pool needs.
-        with routing.lock:
-            previous = (routing.gates, routing.embedding, routing.pinned)
-            routing.gates, routing.embedding, routing.pinned = pinned.to(device), embedding, True
-            self.last_routing = routing.gates.detach()
-        try:
-            yield routing.gates
-        finally:
+        with self.routing.pin_lock:  # one block at a time; calls inside run from any thread
+            if self._merged_now():  # refused here: direct backbone calls in the block see no check
+                check_merged_request(pinned, self.routing.merge_gate, self.config.degradations)
+            device = next(self.model.parameters()).device
+            dam = getattr(self.config, "dam", None)
+            if embedding is not None:
+                width = dam.embed_dim if dam is not None else None
+                if (
+                    not isinstance(embedding, torch.Tensor)
+                    or embedding.dim() != 2
+                    or (width is not None and embedding.shape[-1] != width)
+                ):
+                    got = (
+                        tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else embedding
+                    )
+                    raise RoutingError(
+                        f"embedding= must be a (1 or B, {width or 'D'}) tensor, one row per image, "
+                        f"got {got}."
+                    )
+                embedding = embedding.to(device)
+            elif dam is not None:
+                embedding = self._class_embedding(pinned.to(device), merged=False)
+            routing = self.routing
+            # The state changes between calls (a call in flight keeps the routing it started
+            # with); calls inside the block, from any thread, find the pinned gates, as code
+            # that runs tiles on a thread pool needs.
             with routing.lock:
-                routing.gates, routing.embedding, routing.pinned = previous
+                previous = (routing.gates, routing.embedding, routing.pinned)
+                routing.gates, routing.embedding, routing.pinned = (
+                    pinned.to(device),
+                    embedding,
+                    True,
+                )
+                self.last_routing = routing.gates.detach()
+            try:
+                yield routing.gates
+            finally:
+                with routing.lock:
+                    routing.gates, routing.embedding, routing.pinned = previous
 
     # ---------------------------------------------------------------- router
     def attach_router(self, router: nn.Module) -> None:
@@ -1309,12 +1335,18 @@ def _check_loaded_keys(
     ``adapter_name`` that the model saves, of their shapes: its experts, the DAM blocks
     when it has them, and its router's saved tensors when the router is its own."""
     config = tuner.peft_config[adapter_name]
-    router = _router_of(tuner.loraxir_router, config)
+    # Router tensors belong to the adapter whose config names the router (a second adapter
+    # of the same classes brings none).
+    router = _router_of(tuner.loraxir_router, config) if config.router is not None else None
     saves = hasattr(router, "adapter_state_dict")
     router_keys = set(router.adapter_state_dict()) if saves else set()
     marker = "loraxir_router."
+    # Fitted class embeddings are optional: the router makes room for them as they load.
+    optional = f"{marker}class_embeddings"
 
     def ours(key: str) -> bool:
+        if key.endswith(optional):
+            return False
         if f".loraxir_experts.{adapter_name}." in key:
             return True
         if guidance.is_dam_key(key):
@@ -1322,12 +1354,10 @@ def _check_loaded_keys(
         return marker in key and key.split(marker, 1)[1] in router_keys
 
     expected = {k: tuple(v.shape) for k, v in model_state.items() if ours(k)}
-    # Fitted class embeddings are optional: the router makes room for them as they load.
-    optional = f"{marker}class_embeddings" if router is not None else None
     saved = {
         k: tuple(v.shape)
         for k, v in loaded.items()
-        if "loraxir" in k and not (optional and k.endswith(optional))
+        if "loraxir" in k and not (router is not None and k.endswith(optional))
     }
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

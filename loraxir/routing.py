@@ -54,9 +54,11 @@ class RoutingState:
         adapters_enabled: ``False`` while peft's ``disable_adapter()`` (or
             ``disable_adapter_layers()``) runs the bare backbone: DAM blocks then pass their
             input through, as the expert layers do.
-        lock: held for each call of the model and each ``loraxir.route`` block, so that
+        lock: held for each call of the model (and to pin or unpin gates), so that
             threads sharing one model take turns instead of reading each other's gates
             (the gates live here, not in the call's arguments).
+        pin_lock: held for each ``loraxir.route`` block: a block in another thread waits
+            for it to end, while calls from any thread inside it run (a thread pool).
     """
 
     def __init__(self) -> None:
@@ -71,6 +73,7 @@ class RoutingState:
         # (gates, version, values): what derived() computed from those gates.
         self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None
         self.lock = threading.RLock()
+        self.pin_lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies (deepcopy, pickle) start without the last call's routing, as they start
@@ -78,7 +81,7 @@ class RoutingState:
         # (a router that trains), which deepcopy refuses, and no copy is inside that call.
         # Pinned routing (a copy made inside loraxir.route) stays. A lock is not copied.
         state = dict(self.__dict__)
-        del state["lock"]
+        del state["lock"], state["pin_lock"]
         if not self.pinned:
             state["gates"] = state["embedding"] = None
         state["_derived"], state["_calls"] = None, 0
@@ -87,6 +90,7 @@ class RoutingState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.lock = threading.RLock()
+        self.pin_lock = threading.RLock()
 
     @contextlib.contextmanager
     def activate(

@@ -583,3 +583,37 @@ def test_worker_threads_inside_a_route_block_find_its_gates():
             outputs = [future.result(timeout=60) for future in futures]
     for out in outputs:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_route_blocks_in_two_threads_take_turns():
+    """Each block restored the state it found: blocks that ended out of order crossed each
+    other's gates and left the model pinned after both had ended."""
+    model = _dam_model()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        rain, haze = model(x, degradation="rain"), model(x, degradation="haze")
+    entered, second_pinned, first_called = threading.Event(), threading.Event(), threading.Event()
+    found = {}
+
+    def first() -> None:
+        with torch.no_grad(), loraxir.route(model, degradation="rain"):
+            entered.set()
+            second_pinned.wait(0.5)  # it cannot, while this block holds the model
+            found["first"] = model(x)
+            first_called.set()
+
+    def second() -> None:
+        entered.wait(30)
+        with torch.no_grad(), loraxir.route(model, degradation="haze"):
+            second_pinned.set()
+            first_called.wait(30)
+            found["second"] = model(x)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    torch.testing.assert_close(found["first"], rain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(found["second"], haze, rtol=1e-5, atol=1e-6)
+    assert not model.routing.pinned

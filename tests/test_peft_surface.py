@@ -207,3 +207,43 @@ def test_a_damaged_second_adapter_is_taken_out_again(tmp_path) -> None:
     assert list(model.peft_config) == ["default"]
     with torch.no_grad():
         assert torch.equal(model.base_model(X, degradation="rain"), before)
+
+
+def test_peft_loads_that_must_not_be_refused(tmp_path) -> None:
+    """The load check of peft's path: a second adapter of the router's classes brings no
+    router tensors, a model's own state dict with fitted class embeddings loads back into
+    it, and a refusal of an adapter already in use leaves it in place."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    routed = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    torch.manual_seed(1)
+    routed.base_model.attach_router(DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS))
+    routed.save_pretrained(tmp_path / "routed")
+    loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS)).save_pretrained(
+        str(tmp_path / "plain")
+    )
+    model = peft.PeftModel.from_pretrained(_backbone(), str(tmp_path / "routed"))
+    model.load_adapter(str(tmp_path / "plain"), adapter_name="b")
+    assert list(model.peft_config) == ["default", "b"]
+
+    guided = _guided_peft_model()
+    guided.base_model.loraxir_router.fit_class_embeddings(
+        [(torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))]
+    )
+    with torch.no_grad():
+        before = guided(X)
+    state = get_peft_model_state_dict(guided)
+    set_peft_model_state_dict(guided, state)
+    damaged = {k: v for k, v in state.items() if "loraxir_dam" not in k}
+    with pytest.raises(loraxir.BackboneMismatchError, match="missing"):
+        set_peft_model_state_dict(guided, damaged)
+    with torch.no_grad():
+        assert torch.equal(guided(X), before)
+
+
+def test_low_cpu_mem_usage_is_refused_by_name(tmp_path) -> None:
+    _guided_peft_model().save_pretrained(tmp_path)
+    backbone = _backbone()
+    with pytest.raises(ConfigError, match="low_cpu_mem_usage=True is not supported"):
+        peft.PeftModel.from_pretrained(backbone, str(tmp_path), low_cpu_mem_usage=True)
+    assert not any("loraxir" in name for name, _ in backbone.named_modules())

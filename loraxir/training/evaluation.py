@@ -120,8 +120,7 @@ def save_image_grid(
         rows += [batch["lq"][0], restored[0].cpu(), batch["gt"][0]]
     height, width = max(t.shape[-2] for t in rows), max(t.shape[-1] for t in rows)
     rows = [
-        F.pad(t.float(), (0, width - t.shape[-1], 0, height - t.shape[-2]), value=1.0)
-        for t in rows
+        F.pad(t.float(), (0, width - t.shape[-1], 0, height - t.shape[-2]), value=1.0) for t in rows
     ]
     grid = make_grid(torch.stack(rows), nrow=3, padding=2, pad_value=1.0)
     path = Path(path)
