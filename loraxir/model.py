@@ -1163,6 +1163,7 @@ class LoraIRModel(BaseTuner):
         dam_tensors, expert_tensors = _check_saved_tensors(backbone, config, router, tensors)
         model = cls(backbone, config, adapter_name, router=router)
         model._load_expert_tensors(expert_tensors, adapter_name)
+        model._awaiting_weights.clear()  # loaded: a later failed peft load leaves it in place
         if dam_tensors:
             guidance.load_dam_state_dict(model.model, dam_tensors)
         if not is_trainable:
