@@ -1155,12 +1155,20 @@ class LoraIRModel(BaseTuner):
         """
         backbone = _unwrap_backbone(backbone)
         config, tensors = checkpoint.read(model_id, strict=strict, **hub_kwargs)
+        dam_tensors, tensors = guidance.split_dam_tensors(tensors)
+        expert_tensors, router_tensors = checkpoint.split_router(tensors)
+        checkpoint.check_expert_shapes(backbone, config, expert_tensors)
+        guidance.check_dam_tensors(backbone, config.dam, dam_tensors)
         config.inference_mode = False  # a peft-saved config says True; frozen below instead
         if router is None and config.router is not None:
             router = _router_from_config(config.router)
         if router is not None:
             check_router(router, config)
-        dam_tensors, expert_tensors = _check_saved_tensors(backbone, config, router, tensors)
+            router.load_adapter_state_dict(router_tensors)
+        elif router_tensors:
+            raise checkpoint.CheckpointError(
+                "The checkpoint holds router weights but no router spec; pass router=."
+            )
         model = cls(backbone, config, adapter_name, router=router)
         model._load_expert_tensors(expert_tensors, adapter_name)
         model._awaiting_weights.clear()  # loaded: a later failed peft load leaves it in place
@@ -1297,32 +1305,6 @@ def route(
         )
     with tuner.pinned_routing(gates, degradation, batch_size, embedding) as pinned:
         yield pinned
-
-
-def _check_saved_tensors(
-    backbone: nn.Module,
-    config: LoraIRConfig,
-    router: nn.Module | None,
-    tensors: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Check saved tensors against the backbone and config before anything is wrapped, and
-    load the router's (strictly); returns ``(dam_tensors, expert_tensors)``.
-
-    Every expert tensor the config creates on this backbone, of its shape, and no other;
-    the DAM tensors of its DAM blocks exactly; router tensors only with a router spec.
-    Both loaders run it: peft's own load would take a missing DAM or router tensor, or DAM
-    tensors of a config without DAM, in silence, and another rank deep inside torch."""
-    dam_tensors, tensors = guidance.split_dam_tensors(tensors)
-    expert_tensors, router_tensors = checkpoint.split_router(tensors)
-    checkpoint.check_expert_shapes(backbone, config, expert_tensors)
-    guidance.check_dam_tensors(backbone, config.dam, dam_tensors)
-    if router is not None:
-        router.load_adapter_state_dict(router_tensors)
-    elif router_tensors:
-        raise checkpoint.CheckpointError(
-            "The checkpoint holds router weights but no router spec; pass router=."
-        )
-    return dam_tensors, expert_tensors
 
 
 def _check_loaded_keys(
