@@ -193,7 +193,8 @@ def _check_spandrel_reads_as(network: Any, state: dict[str, Any]) -> None:
         return
     # Compared in float32 on the CPU: a half-precision SwinIR builds its attention masks in
     # float32 at sizes other than its own, and the question is the network, not its dtype.
-    ours_net = copy.deepcopy(network).float().cpu().eval()
+    # (``network`` is the caller's merged copy; ``state`` keeps its tensors as they were.)
+    ours_net = network.float().cpu().eval()
     loaded = loaded.float().cpu().eval()
     side = 2 * size_multiple(network)
     generator = torch.Generator().manual_seed(0)
