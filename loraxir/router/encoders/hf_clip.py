@@ -58,16 +58,13 @@ class HFCLIPEncoder(DegradationEncoder):
         has_files = (folder / "tokenizer.json").is_file() or all(
             (folder / name).is_file() for name in ("vocab.json", "merges.txt")
         )
-        error: Exception | None = None
-        if has_files:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            except (OSError, ValueError) as raised:
-                error = raised
-        if not has_files or error is not None:
-            found = f" ({error})" if error is not None else ""
+        try:
+            if not has_files:
+                raise OSError("no tokenizer.json, nor vocab.json with merges.txt")
+            tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as error:
             raise ConfigError(
-                f"No tokenizer in {self.path}{found}; save the CLIP tokenizer there "
+                f"No tokenizer in {self.path} ({error}); save the CLIP tokenizer there "
                 "(tokenizer.save_pretrained(folder)) to use text prototypes."
             ) from error
         model, _ = _load_hf_clip_tower(folder, "text")
