@@ -316,6 +316,7 @@ class LoraIRModel(BaseTuner):
         except checkpoint.CheckpointError:
             if fresh and list(tuner.peft_config) == [adapter_name]:
                 _undo_injection(tuner.model, set(), [])
+                tuner.model.__dict__.pop("peft_config", None)  # peft's mark on the backbone
                 tuner._unloaded = True
             elif fresh:
                 tuner.delete_adapter(adapter_name)

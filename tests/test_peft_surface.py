@@ -186,6 +186,7 @@ def test_peft_refuses_a_damaged_folder_before_touching_the_backbone(tmp_path, da
         with pytest.raises(getattr(loraxir, error)):
             load(backbone, str(tmp_path))
         assert not any("loraxir" in name for name, _ in backbone.named_modules()), load
+        assert not hasattr(backbone, "peft_config"), load
 
 
 def test_a_damaged_second_adapter_is_taken_out_again(tmp_path) -> None:
