@@ -190,7 +190,7 @@ class LoraIRModel(BaseTuner):
                     f"differ) where the first wrapped {len(wrapped)}."
                 )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._awaiting_weights.add(adapter_name)
+        self._awaiting().add(adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """peft's, then the newly active adapter's ``trainable`` policy (peft makes every
@@ -293,6 +293,11 @@ class LoraIRModel(BaseTuner):
             if marker not in key or key.split(marker, 1)[1] in saved
         }
 
+    def _awaiting(self) -> set[str]:
+        """Adapters injected whose weights have not been loaded or used yet (a model
+        unpickled from before they were tracked has none)."""
+        return self.__dict__.setdefault("_awaiting_weights", set())
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, Any]
@@ -309,8 +314,8 @@ class LoraIRModel(BaseTuner):
         tuner = getattr(model, "base_model", model)
         if not isinstance(tuner, LoraIRModel):  # layers injected without a tuner
             return remapped
-        fresh = adapter_name in tuner._awaiting_weights
-        tuner._awaiting_weights.discard(adapter_name)
+        fresh = adapter_name in tuner._awaiting()
+        tuner._awaiting().discard(adapter_name)
         try:
             _check_loaded_keys(tuner, adapter_name, model.state_dict(), remapped)
         except checkpoint.CheckpointError:
@@ -465,7 +470,7 @@ class LoraIRModel(BaseTuner):
         :class:`~loraxir.routing.RoutingState`).
         """
         self._check_input(x)
-        self._awaiting_weights.clear()  # in use: a failed load no longer takes it out
+        self._awaiting().clear()  # in use: a failed load no longer takes it out
         with self.routing.lock:  # threads sharing the model take turns (gates live there)
             if self.training and torch.is_grad_enabled() and self._merged_now():
                 raise RoutingError(
@@ -1172,7 +1177,7 @@ class LoraIRModel(BaseTuner):
             )
         model = cls(backbone, config, adapter_name, router=router)
         model._load_expert_tensors(expert_tensors, adapter_name)
-        model._awaiting_weights.clear()  # loaded: a later failed peft load leaves it in place
+        model._awaiting().clear()  # loaded: a later failed peft load leaves it in place
         if dam_tensors:
             guidance.load_dam_state_dict(model.model, dam_tensors)
         if not is_trainable:
@@ -1319,9 +1324,10 @@ def _check_loaded_keys(
     ``adapter_name`` that the model saves, of their shapes: its experts, the DAM blocks
     when it has them, and its router's saved tensors when the router is its own."""
     config = tuner.peft_config[adapter_name]
-    # Router tensors belong to the adapter whose config names the router (a second adapter
-    # of the same classes brings none).
-    router = _router_of(tuner.loraxir_router, config) if config.router is not None else None
+    # Router tensors belong to the first adapter, the router's (a second adapter of the same
+    # classes brings none; a config records the router only once saved).
+    first = next(iter(tuner.peft_config))
+    router = _router_of(tuner.loraxir_router, config) if adapter_name == first else None
     saves = hasattr(router, "adapter_state_dict")
     router_keys = set(router.adapter_state_dict()) if saves else set()
     marker = "loraxir_router."

@@ -226,6 +226,12 @@ def test_peft_loads_that_must_not_be_refused(tmp_path) -> None:
     model = peft.PeftModel.from_pretrained(_backbone(), str(tmp_path / "routed"))
     model.load_adapter(str(tmp_path / "plain"), adapter_name="b")
     assert list(model.peft_config) == ["default", "b"]
+    rebuilt = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    torch.manual_seed(2)  # a router attached to a config that does not record it yet
+    rebuilt.base_model.attach_router(DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS))
+    set_peft_model_state_dict(rebuilt, get_peft_model_state_dict(routed))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), routed(X))
 
     guided = _guided_peft_model()
     guided.base_model.loraxir_router.fit_class_embeddings(
