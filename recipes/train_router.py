@@ -100,7 +100,8 @@ class TrainRouterConfig(RecipeConfig):
     )
     suite: str = field(default="five_task", metadata={"help": "Task suite name or YAML path."})
     source: str = field(
-        default="skimage", metadata={"help": "Clean photos: 'skimage' or a folder."}
+        default="skimage",
+        metadata={"help": "Clean photos: 'skimage', a folder, or 'hf:<dataset>[@split]'."},
     )
     folds: int = field(
         default=3, metadata={"help": "Photo folds: each fold's photos are held out once."}
@@ -214,6 +215,16 @@ class TrainRouterConfig(RecipeConfig):
             )
         if self.run_folds is not None:
             check_int("run_folds", self.run_folds, 1)
+        if self.train_images is not None:
+            check_int("train_images", self.train_images, 1)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.encoder_learning_rate is not None and not self.encoder_learning_rate > 0:
+            raise ConfigError(
+                f"encoder_learning_rate must be > 0 (or null: learning_rate), got "
+                f"{self.encoder_learning_rate}."
+            )
+        self.sizing()  # the photo sizes are checked now, not after --overwrite cleared
         check_int("eval_repeats", self.eval_repeats, 1)
         check_int("crops", self.crops, 1)
         if not self.eval_sizes:
@@ -248,6 +259,10 @@ class TrainRouterConfig(RecipeConfig):
             compose(steps)  # fail now, with the step named, rather than after training
             if not isinstance(name, str):
                 raise ConfigError(f"mixture names must be strings, got {name!r}.")
+
+    def sizing(self) -> Sizing:
+        """How training images are cut from the photos."""
+        return Sizing(self.min_side, self.max_side, self.max_aspect, self.whole_fraction)
 
 
 @dataclass
@@ -310,6 +325,11 @@ def build_data(config: TrainRouterConfig) -> RouterData:
     trained = [name for name in names if name not in config.zero_shot_holdout]
     if not trained:
         raise ConfigError("zero_shot_holdout leaves no class to train on.")
+    if len(trained) < 2:
+        raise ConfigError(
+            f"A router learns to tell classes apart, but it would train on {trained} only "
+            f"(suite {suite.name!r}); use a suite of two classes or more, or clean_class: true."
+        )
     source = open_source(config.source)
     if len(source) < config.folds:
         raise ConfigError(
@@ -356,7 +376,7 @@ def train_fold(
         views=router.views,
         cepstrum=router.cepstrum,
         crops=config.crops,
-        sizing=Sizing(config.min_side, config.max_side, config.max_aspect, config.whole_fraction),
+        sizing=config.sizing(),
         seed=config.seed * 1000 + fold,
         augment=config.augment,
     )

@@ -175,7 +175,20 @@ def test_an_overwrite_refused_late_or_a_path_resume_with_a_final_fit_keeps_the_e
     assert (tmp_path / "router_choices.png").is_file()
     kept = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     recipe = _recipe()
-    for bad, message in (("image_size=4", "image_size"), ("batch_size=6", "multiple of crops")):
+    one_class = tmp_path.parent / "one_class.yaml"
+    one_class.write_text("name: one\ntasks:\n  - name: noise\n    steps: [noise]\n")
+    late = (
+        ("image_size=4", "image_size"),
+        ("batch_size=6", "multiple of crops"),
+        ("min_side=500", "min_side <= max_side"),  # these were refused once the folds were gone
+        ("whole_fraction=2", "whole_fraction"),
+        ("max_aspect=0.5", "max_aspect"),
+        ("train_images=-3", "train_images must be"),
+        ("label_smoothing=2", "label_smoothing must be in"),
+        ("encoder_learning_rate=-1", "encoder_learning_rate must be > 0"),
+        (f"suite={one_class}", r"train on \['noise'\] only"),
+    )
+    for bad, message in late:
         with pytest.raises(ConfigError, match=message):
             recipe.main(["--cpu", "--overwrite", "--set", *TINY, f"output_dir={tmp_path}", bad])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == kept
@@ -389,3 +402,18 @@ def test_every_optimizer_step_accumulates_the_same_number_of_batches(tmp_path: P
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_photos_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> None:
+    """The router recipe read 'hf:<folder>' as a folder named so, and found none."""
+    import numpy as np
+    from PIL import Image
+
+    recipe = _recipe()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"photo{index}.png")
+    config = load_config(recipe.TrainRouterConfig, None, [*TINY, f"source=hf:{tmp_path}"])
+    data = recipe.build_data(config)
+    assert len(data.photos) == 3 and data.photos[0].shape == (3, 40, 48)

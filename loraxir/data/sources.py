@@ -109,10 +109,13 @@ class DatasetSource(ImageSource):
 
 
 def open_source(source: Any, image_column: str = "image", strict: bool = False) -> ImageSource:
-    """Turn ``"skimage"``, a folder path, a 🤗 ``Dataset`` or an :class:`ImageSource` into an
-    :class:`ImageSource`."""
+    """Turn ``"skimage"``, a folder path, a 🤗 ``Dataset``, ``"hf:<name>[@split]"`` (a Hub
+    dataset, a folder ``load_dataset`` reads, or one written by ``save_to_disk``; split
+    ``train`` by default) or an :class:`ImageSource` into an :class:`ImageSource`."""
     if isinstance(source, ImageSource):
         return source
+    if isinstance(source, str) and source.startswith("hf:"):
+        source = _load_hf_dataset(source[3:])
     if isinstance(source, str) and source == "skimage":
         return SkimageSource()
     if isinstance(source, str | Path):
@@ -134,3 +137,27 @@ def open_source(source: Any, image_column: str = "image", strict: bool = False) 
         f"Cannot take clean images from {type(source).__name__}; pass 'skimage', a folder "
         "path or a datasets.Dataset."
     )
+
+
+def _load_hf_dataset(spec: str) -> Any:
+    """The split named by ``"<name or folder>[@split]"`` of a 🤗 dataset."""
+    import datasets
+
+    name, _, split = spec.partition("@")
+    split = split or "train"
+    saved = Path(name)
+    if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
+        # A folder written by save_to_disk, which load_dataset refuses.
+        loaded = datasets.load_from_disk(name)
+        if not isinstance(loaded, datasets.DatasetDict):
+            return loaded
+        if split not in loaded:
+            raise DataError(
+                f"The 🤗 dataset saved in {name!r} has splits {sorted(loaded)}, not {split!r}; "
+                f"name one as hf:{name}@<split>."
+            )
+        return loaded[split]
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise DataError(f"Cannot load the 🤗 dataset {name!r}: {error}") from None

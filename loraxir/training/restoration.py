@@ -305,7 +305,7 @@ def _synthetic_data(
     from loraxir.data import SyntheticPairs, open_source
 
     tasks = [suite.task_names[suite.index(t)] for t in tasks]
-    source = open_source(_open_source(config.source), config.image_column)
+    source = open_source(_checked_source(config.source), config.image_column)
     split = {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
     groups: dict[int, list[str]] = {}
     for task in tasks:
@@ -341,36 +341,15 @@ def _synthetic_data(
     return RestorationData(train, val, suite.task_names, suite.labels, classes)
 
 
-def _open_source(source: str) -> Any:
-    """``"skimage"`` and folders pass through; ``"hf:name[@split]"`` loads a 🤗 dataset (a
-    Hub name, a folder ``load_dataset`` reads, or one written by ``save_to_disk``)."""
-    if not source.startswith("hf:"):
-        if source != "skimage" and not Path(source).is_dir():
-            raise DataError(
-                f"source {source!r} is neither 'skimage', a folder of images, nor "
-                "'hf:<dataset>[@split]'."
-            )
-        return source
-    import datasets
-
-    name, _, split = source[3:].partition("@")
-    split = split or "train"
-    saved = Path(name)
-    if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
-        # A folder written by save_to_disk, which load_dataset refuses.
-        loaded = datasets.load_from_disk(name)
-        if not isinstance(loaded, datasets.DatasetDict):
-            return loaded
-        if split not in loaded:
-            raise DataError(
-                f"The 🤗 dataset saved in {name!r} has splits {sorted(loaded)}, not {split!r}; "
-                f"name one as hf:{name}@<split>."
-            )
-        return loaded[split]
-    try:
-        return datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise DataError(f"Cannot load the 🤗 dataset {name!r}: {error}") from None
+def _checked_source(source: str) -> str:
+    """``source`` as :func:`~loraxir.data.open_source` takes it, checked first so that a
+    typo names every form it may take."""
+    if not source.startswith("hf:") and source != "skimage" and not Path(source).is_dir():
+        raise DataError(
+            f"source {source!r} is neither 'skimage', a folder of images, nor "
+            "'hf:<dataset>[@split]'."
+        )
+    return source
 
 
 def _paired_data(config: RestorationConfig) -> RestorationData:
