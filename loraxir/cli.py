@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -320,6 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # escaped rather than stop the run in the middle of a report.
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    # Deprecation notices from the networks' own code (spandrel's SwinIR and Restormer)
+    # would print above every report and error: nothing a user of the command can act on.
+    for notice in (
+        r"torch\.meshgrid: in an upcoming release",
+        r"`torch\.jit\.script` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=notice)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

@@ -266,7 +266,9 @@ class AdapterInfo:
             f"folder: {self.folder}",
             f"degradations ({len(self.degradations)}): {', '.join(self.degradations)}",
             f"rank r / alpha: {config.get('r')} / {config.get('lora_alpha')}",
-            f"top-k / temperature: {config.get('top_k')} / {temperature}",
+            f"top-k / temperature: {config.get('top_k')} / {temperature}"
+            if router
+            else f"top-k: {config.get('top_k')} (no router)",
             f"targets: {config.get('target_modules') or config.get('preset') or 'detected'}",
             f"router: {_encoder_label(encoder) if encoder else 'none'}{fitted}",
             f"trainable size: {self.expert_parameters:,} expert + {self.dam_parameters:,} DAM + "

@@ -224,7 +224,7 @@ def test_hub_repo_offline_with_nothing_cached_says_so(tmp_path, capsys, monkeypa
     assert code == 2 and "not in the Hub cache" in capsys.readouterr().err
 
 
-def test_info_describes_and_lists(adapter, capsys, monkeypatch):
+def test_info_describes_and_lists(adapter, capsys, monkeypatch, tmp_path):
     assert main(["info", str(adapter)]) == 0
     text = capsys.readouterr().out
     assert f"degradations (3): {', '.join(CLASSES)}" in text
@@ -234,6 +234,11 @@ def test_info_describes_and_lists(adapter, capsys, monkeypatch):
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter.parent))
     assert main(["info", "--list"]) == 0
     assert "tiny-three" in capsys.readouterr().out
+    plain = tmp_path / "plain"  # no router: no temperature to print
+    loraxir.get_loraxir_model(loraxir.create_backbone("nafnet-tiny"), loraxir.LoraIRConfig(
+        degradations=list(CLASSES))).save_pretrained(str(plain))  # fmt: skip
+    assert main(["info", str(plain)]) == 0
+    assert "top-k: 1 (no router)" in capsys.readouterr().out
 
 
 def test_info_says_when_class_embeddings_are_fitted_and_does_not_count_them(adapter, tmp_path):
