@@ -103,6 +103,7 @@ class TrainRouterConfig(RecipeConfig):
         default="skimage",
         metadata={"help": "Clean photos: 'skimage', a folder, or 'hf:<dataset>[@split]'."},
     )
+    image_column: str = field(default="image", metadata={"help": "Image column (hf: source)."})
     folds: int = field(
         default=3, metadata={"help": "Photo folds: each fold's photos are held out once."}
     )
@@ -330,7 +331,7 @@ def build_data(config: TrainRouterConfig) -> RouterData:
             f"A router learns to tell classes apart, but it would train on {trained} only "
             f"(suite {suite.name!r}); use a suite of two classes or more, or clean_class: true."
         )
-    source = open_source(config.source)
+    source = open_source(config.source, config.image_column)
     if len(source) < config.folds:
         raise ConfigError(
             f"{len(source)} photos cannot make {config.folds} folds; lower folds or add photos."

@@ -417,3 +417,10 @@ def test_photos_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> None:
     config = load_config(recipe.TrainRouterConfig, None, [*TINY, f"source=hf:{tmp_path}"])
     data = recipe.build_data(config)
     assert len(data.photos) == 3 and data.photos[0].shape == (3, 40, 48)
+    import datasets
+
+    photos = [Image.open(tmp_path / f"photo{index}.png") for index in range(3)]
+    datasets.Dataset.from_dict({"picture": photos}).save_to_disk(str(tmp_path / "saved"))
+    settings = [*TINY, f"source=hf:{tmp_path / 'saved'}", "image_column=picture"]
+    named = recipe.build_data(load_config(recipe.TrainRouterConfig, None, settings))
+    assert all(torch.equal(a, b) for a, b in zip(named.photos, data.photos, strict=True))
