@@ -117,9 +117,6 @@ class LoraIRModel(BaseTuner):
             )
         self.routing = RoutingState()
         self._built = False
-        # Adapters injected whose weights have not been loaded or used yet: a load that
-        # fails for one of them takes it out again (see _remap_adapter_state_dict_for_load).
-        self._awaiting_weights: set[str] = set()
         self._pending_targets: set[str] = set()
         self._chunk_pixels: int | None = _DEFAULT_CHUNKS
         config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
@@ -294,8 +291,9 @@ class LoraIRModel(BaseTuner):
         }
 
     def _awaiting(self) -> set[str]:
-        """Adapters injected whose weights have not been loaded or used yet (a model
-        unpickled from before they were tracked has none)."""
+        """Adapters injected whose weights have not been loaded or used yet: a load that
+        fails for one of them takes it out again (see ``_remap_adapter_state_dict_for_load``).
+        Made on first use, so a model unpickled from before it was tracked has it too."""
         return self.__dict__.setdefault("_awaiting_weights", set())
 
     @classmethod
@@ -314,8 +312,9 @@ class LoraIRModel(BaseTuner):
         tuner = getattr(model, "base_model", model)
         if not isinstance(tuner, LoraIRModel):  # layers injected without a tuner
             return remapped
-        fresh = adapter_name in tuner._awaiting()
-        tuner._awaiting().discard(adapter_name)
+        awaiting = tuner._awaiting()
+        fresh = adapter_name in awaiting
+        awaiting.discard(adapter_name)
         try:
             _check_loaded_keys(tuner, adapter_name, model.state_dict(), remapped)
         except checkpoint.CheckpointError:
