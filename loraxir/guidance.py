@@ -238,11 +238,19 @@ def remove_dam(backbone: nn.Module) -> None:
     """Take every DAM block and its hook out of ``backbone``, which then computes exactly as
     before :func:`insert_dam` (used to undo an injection that failed part-way)."""
     for module in backbone.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, _DAMHook):
-                del module._forward_pre_hooks[key]
+        for key in _dam_hook_keys(module):
+            del module._forward_pre_hooks[key]
     if hasattr(backbone, DAM_ATTRIBUTE):
         delattr(backbone, DAM_ATTRIBUTE)
+
+
+def runs_dam_block(module: nn.Module) -> bool:
+    """Whether a DAM block runs as a forward pre-hook of ``module`` (a DAM point)."""
+    return bool(_dam_hook_keys(module))
+
+
+def _dam_hook_keys(module: nn.Module) -> list[int]:
+    return [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _DAMHook)]
 
 
 def dam_config(backbone: nn.Module) -> DAMConfig | None:

@@ -79,14 +79,19 @@ def _router_label(router: RouterConfig | None) -> str:
 
 
 def push_to_hub(
-    model: Any, repo_id: str, private: bool = True, token: str | None = None, **card: Any
+    model: Any,
+    repo_id: str,
+    private: bool = True,
+    token: str | None = None,
+    endpoint: str | None = None,
+    **card: Any,
 ) -> str:
     """Save ``model`` (a :class:`~loraxir.model.LoraIRModel`) and upload the folder to
-    ``repo_id``; returns the commit URL. ``card`` goes to ``save_pretrained``
-    (``metrics=``, ``base_model=``)."""
+    ``repo_id`` as :func:`push_folder` does; returns the commit URL. ``card`` goes to
+    ``save_pretrained`` (``metrics=``, ``base_model=``)."""
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **card)
-        return push_folder(folder, repo_id, private=private, token=token)
+        return push_folder(folder, repo_id, private=private, token=token, endpoint=endpoint)
 
 
 def push_folder(

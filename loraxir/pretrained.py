@@ -18,12 +18,15 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraxir import PEFT_TYPE
 from loraxir.devices import resolve_device
 from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError, unknown_name
 from loraxir.validation import file_in_the_way
+
+if TYPE_CHECKING:
+    from loraxir.model import LoraIRModel
 
 # The saved key of a router's fitted class embeddings (checkpoint.ROUTER_PREFIX + the
 # router's CLASS_EMBEDDINGS_KEY), spelt out: this module reads folders without torch.
@@ -101,7 +104,7 @@ def load_adapter(
     device: str = "cpu",
     strict: bool = True,
     **hub_kwargs: Any,
-):
+) -> LoraIRModel:
     """Load ``adapter`` (name, folder or Hub repo id; see :func:`find_adapter`) onto its
     backbone and return the frozen :class:`~loraxir.LoraIRModel` in eval mode on ``device``.
 

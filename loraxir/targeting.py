@@ -21,12 +21,14 @@ from loraxir.backbones import (
     list_presets,
 )
 from loraxir.errors import TargetModulesError
-from loraxir.guidance import _DAMHook
+from loraxir.guidance import runs_dam_block
 from loraxir.layers import LAYER_TYPES, LoraIRLayer
 from loraxir.validation import full_match
 
 
-def resolve_preset(backbone: nn.Module, preset: str | None, target_modules) -> Preset | None:
+def resolve_preset(
+    backbone: nn.Module, preset: str | None, target_modules: str | list[str] | None
+) -> Preset | None:
     """The preset to use: the named one, else one detected from the backbone, else None.
 
     ``target_modules`` given as a preset name counts as naming that preset.
@@ -190,7 +192,7 @@ def check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
     for path in targets:
         module = backbone.get_submodule(path)
         hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        if any(isinstance(hook, _DAMHook) for hook in hooks):
+        if runs_dam_block(module):
             raise TargetModulesError(
                 f"Target {path!r} is also a DAM point: its block runs as a hook of the layer, "
                 "which the experts would skip. Place the DAM block at the module around it, "

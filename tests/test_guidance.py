@@ -20,6 +20,8 @@ from loraxir.guidance import (
     dam_state_dict,
     insert_dam,
     load_dam,
+    remove_dam,
+    runs_dam_block,
     save_dam,
 )
 from loraxir.router import DegradationRouter
@@ -71,11 +73,16 @@ def test_insertion_at_family_points_is_bit_identical_and_trained_blocks_change_o
         expected = backbone(x)
     routing = RoutingState()
     assert insert_dam(backbone, None, EMBED_DIM, routing) == points
+    assert [n for n, m in backbone.named_modules() if runs_dam_block(m)] == points
     embedding = torch.randn(2, EMBED_DIM)
     with torch.no_grad(), routing.activate(None, embedding):
         assert torch.equal(backbone(x), expected)
         _perturb_dam(backbone)
         assert rel_err(backbone(x), expected) > 1e-3
+    remove_dam(backbone)  # trained blocks and all: the backbone is as before insertion
+    assert not any(runs_dam_block(m) for m in backbone.modules()) and dam_config(backbone) is None
+    with torch.no_grad():
+        assert torch.equal(backbone(x), expected)
 
 
 def test_scunet_points_get_the_width_of_their_whole_input():

@@ -25,17 +25,14 @@ def test_blend_weights_sum_to_one_everywhere(extent, tile, overlap):
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
 
 
-def test_plan_covers_a_20000_pixel_image_with_flat_working_memory():
-    """The 20000x20000 case, planned without allocating it: tiles cover the padded image,
-    neighbours overlap by at least `overlap`, and the float working set is a strip of one
-    tile row (it does not grow with the height)."""
+def test_plan_covers_a_20000_pixel_image():
+    """The 20000x20000 case, planned without allocating it: tiles cover the padded image and
+    neighbours overlap by at least `overlap`."""
     plan = plan_tiles(20000, 20000, 512, 32, 16)
     assert (plan.padded_height, plan.padded_width) == (20000, 20000)
     assert plan.rows[0] == 0 and plan.rows[-1] + plan.tile_height == 20000
     assert min(np.diff(plan.rows)) <= plan.tile_height - 32
     assert len(plan) == len(plan.rows) ** 2 == 42**2
-    taller = plan_tiles(80000, 20000, 512, 32, 16)
-    assert taller.working_bytes() == plan.working_bytes() < 300 * 2**20
 
 
 def test_tile_must_hold_three_overlaps():

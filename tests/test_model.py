@@ -366,7 +366,7 @@ def test_user_module_with_names_regex_and_exclude():
         )
 
 
-def test_trainable_policies():
+def test_trainable_policies(capsys):
     model = _model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".loraxir_experts." in n for n in trainable)
@@ -374,6 +374,12 @@ def test_trainable_policies():
     assert all(p.requires_grad for p in everything.parameters())
     trainable_count, total = model.count_parameters()
     assert 0 < trainable_count < total
+    assert trainable_count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable_count:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable_count / total:.4f}\n"
+    )
 
 
 def test_merge_and_unload_returns_plain_backbone_with_experts_folded():

@@ -49,6 +49,10 @@ def test_disabled_adapters_run_the_bare_backbone_dam_blocks_and_merges_included(
             assert torch.equal(model(X), bare)
         assert not model.base_model.merged
         torch.testing.assert_close(model.base_model(X, degradation="rain"), forced)
+        model.base_model.disable_adapter_layers()  # the same, without a context manager
+        assert torch.equal(model(X), bare)
+        model.base_model.enable_adapter_layers()
+        assert torch.equal(model(X), adapted)
 
 
 def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refused(

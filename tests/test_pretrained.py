@@ -13,7 +13,7 @@ from inference_helpers import CLASSES, write_adapter
 import loraxir
 from loraxir.backbones import load_backbone
 from loraxir.errors import CheckpointError, ConfigError, UnknownNameError
-from loraxir.hub import push_folder
+from loraxir.hub import push_folder, push_to_hub
 from loraxir.pretrained import ADAPTER_PATH_ENV, FOLDER_FILES, find_adapter
 
 
@@ -88,6 +88,25 @@ def test_push_uploads_the_promised_files_and_card(adapter_root, online):
     assert "loraxir restore photo.png -o restored/ --adapter me/tiny" in card
     assert "loraxir merge me/tiny --degradation" in card  # no DAM blocks: it merges
     assert (folder / "README.md").read_text() != card  # the local folder is left as it was
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(adapter_root, online, tmp_path):
+    model = loraxir.load_adapter(adapter_root / "tiny-three")
+    model.save_pretrained(tmp_path / "saved", metrics={"psnr_noise": 30.0})
+    with LocalHub() as hub:
+        url = push_to_hub(
+            model, "me/mem", endpoint=hub.url, token="test-token", metrics={"psnr_noise": 30.0}
+        )
+    files = hub.repos["me/mem"]
+    assert "/me/mem/commit/" in url
+    assert (
+        files["adapter_model.safetensors"]
+        == (tmp_path / "saved" / "adapter_model.safetensors").read_bytes()
+    )
+    assert json.loads(files["adapter_config.json"]) == json.loads(
+        (tmp_path / "saved" / "adapter_config.json").read_text()
+    )
+    assert "psnr_noise" in files["README.md"].decode()
 
 
 def test_a_second_push_leaves_no_stale_file_and_checks_the_config(adapter_root, online, tmp_path):

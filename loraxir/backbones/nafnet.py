@@ -11,7 +11,7 @@ from loraxir.backbones._registry import Preset, register_preset
 
 _LEVELS_W32 = {"middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 28], "dec_blk_nums": [1, 1, 1, 1]}
 
-PRESET = register_preset(
+register_preset(
     Preset(
         name="nafnet",
         description="NAFNet (Chen et al., 2022), MIT. Every convolution, depthwise included, "

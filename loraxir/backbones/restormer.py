@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from loraxir.backbones._registry import Preset, register_preset
 
-PRESET = register_preset(
+register_preset(
     Preset(
         name="restormer",
         description="Restormer (Zamir et al., 2022) from spandrel_extra_arches (NON-COMMERCIAL "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from loraxir.backbones._registry import Preset, register_preset
 
-PRESET = register_preset(
+register_preset(
     Preset(
         name="scunet",
         description="SCUNet (Zhang et al., 2022), Apache-2.0. The window-attention and MLP "

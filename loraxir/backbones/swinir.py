@@ -18,7 +18,7 @@ _DENOISER = {
     "resi_connection": "1conv",
 }
 
-PRESET = register_preset(
+register_preset(
     Preset(
         name="swinir",
         description="SwinIR (Liang et al., 2021), Apache-2.0. The attention and MLP linears of "

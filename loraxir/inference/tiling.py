@@ -57,13 +57,6 @@ class TilePlan:
             for left in self.cols:
                 yield top, left
 
-    def working_bytes(self, channels: int = 3) -> int:
-        """Float32 bytes held besides the input and output arrays: one strip of a tile row
-        and the rows carried to the next, one tile's input, output and weights."""
-        strip = 2 * self.tile_height * self.padded_width * channels
-        tile = 3 * self.tile_height * self.tile_width * channels
-        return 4 * (strip + tile)
-
 
 def plan_tiles(
     height: int, width: int, tile: int | None = 512, overlap: int = 32, multiple: int = 8
