@@ -24,7 +24,7 @@ from peft.utils.constants import DUMMY_MODEL_CONFIG
 from torch import nn
 
 from loraxir import checkpoint, guidance
-from loraxir.backbones import input_channels
+from loraxir.backbones import from_descriptor, input_channels
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import (
@@ -1266,8 +1266,7 @@ def _unwrap_backbone(backbone: Any) -> nn.Module:
         and architecture is not None
         and not isinstance(backbone, nn.Module)
     ):
-        inner._loraxir_architecture = architecture.id
-        return inner
+        return from_descriptor(backbone)
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"The backbone must be an nn.Module, got {type(backbone).__name__}.")
     return backbone

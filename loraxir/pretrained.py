@@ -394,7 +394,9 @@ def _tensor_sizes(path: Path) -> dict[str, int]:
 def _backbone_label(given: Any, module: Any) -> str:
     if isinstance(given, str | os.PathLike):
         return f"{str(given)!r} ({type(module).__name__})"
-    spec = getattr(module, "_loraxir_backbone", None)
+    from loraxir.backbones import backbone_spec
+
+    spec = backbone_spec(module)
     hyper = getattr(module, "hyperparameters", None)
     return f"{type(module).__name__} {spec or hyper or ''}".strip()
 

@@ -37,7 +37,7 @@ def resolve_preset(
         return get_preset(target_modules)
     if preset is not None:
         return get_preset(preset)
-    return detect_preset(backbone, getattr(backbone, "_loraxir_architecture", None))
+    return detect_preset(backbone)
 
 
 def matches(pattern: str | list[str] | None, path: str) -> bool:

@@ -14,7 +14,9 @@ from loraxir import ConfigError, LoraIRConfig, UnknownNameError
 from loraxir.backbones import (
     Preset,
     _registry,
+    backbone_spec,
     detect_preset,
+    from_descriptor,
     get_preset,
     list_backbones,
     list_presets,
@@ -45,7 +47,7 @@ def test_nafnet_small_is_the_cpu_training_network():
     assert model.hyperparameters["enc_blk_nums"] == [1, 1, 1, 2]
     assert model.hyperparameters["middle_blk_num"] == 1
     assert model.hyperparameters["dec_blk_nums"] == [1, 1, 1, 1]
-    assert model._loraxir_backbone["name"] == "nafnet-small"
+    assert backbone_spec(model)["name"] == "nafnet-small"
 
 
 def test_variant_overrides_keep_family_defaults_and_user_overrides_win():
@@ -216,6 +218,27 @@ def test_saved_backbone_folder_rebuilds_the_network_and_spandrel_reads_its_weigh
     assert weights.keys() == original.state_dict().keys()
     descriptor = ModelLoader().load_from_state_dict(weights)
     assert descriptor.architecture.id == "NAFNet"
+    assert backbone_spec(restored) == backbone_spec(original)
+
+
+def test_a_spandrel_network_of_an_unlisted_class_is_recognised_by_its_architecture_id():
+    """A subclass loraxir does not list (a user's tweak of NAFNet) still gets the preset,
+    from the architecture id spandrel detected, through from_descriptor and get_loraxir_model."""
+    from spandrel import ModelLoader
+
+    weights = loraxir.create_backbone("nafnet-tiny").state_dict()
+    descriptor = ModelLoader().load_from_state_dict(weights)
+    descriptor.model.__class__ = type("TweakedNet", (type(descriptor.model),), {})
+    assert detect_preset(descriptor.model) is None
+    assert detect_preset(from_descriptor(descriptor)).name == "nafnet"
+    assert backbone_spec(descriptor.model) is None  # not built by name: nothing to rebuild from
+    descriptor = ModelLoader().load_from_state_dict(weights)
+    descriptor.model.__class__ = type("TweakedNet", (type(descriptor.model),), {})
+    model = loraxir.get_loraxir_model(descriptor, LoraIRConfig(num_experts=2))
+    reference = loraxir.get_loraxir_model(
+        loraxir.create_backbone("nafnet-tiny"), LoraIRConfig(num_experts=2)
+    )
+    assert [n for n, _ in model.expert_layers()] == [n for n, _ in reference.expert_layers()]
 
 
 def test_backbone_saving_refuses_expert_layers_and_loading_needs_a_description(tmp_path):

@@ -252,9 +252,21 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
             f"{path} holds no state dict ({type(error).__name__}: {error}). Pass the "
             ".pth/.safetensors file of the network's weights."
         ) from None
+    return from_descriptor(descriptor)
+
+
+def from_descriptor(descriptor: Any) -> nn.Module:
+    """The network of a spandrel ``ModelDescriptor``, remembering its architecture id so
+    that :func:`detect_preset` recognises a network spandrel names but loraxir does not."""
     model = descriptor.model
     model._loraxir_architecture = descriptor.architecture.id
     return model
+
+
+def backbone_spec(backbone: nn.Module) -> dict[str, Any] | None:
+    """``{"name", "hyperparameters"}`` remembered by :func:`create_backbone`, or ``None``
+    for a network built another way (loaded by spandrel, or the user's own)."""
+    return getattr(backbone, "_loraxir_backbone", None)
 
 
 def save_backbone(backbone: nn.Module, directory: str | os.PathLike) -> None:
@@ -295,7 +307,7 @@ def is_added_by_loraxir(path: str) -> bool:
 
 def _backbone_spec(backbone: nn.Module) -> dict[str, Any]:
     """``{"name", "hyperparameters"}`` that rebuild ``backbone`` with :func:`create_backbone`."""
-    remembered = getattr(backbone, "_loraxir_backbone", None)
+    remembered = backbone_spec(backbone)
     if remembered is not None:
         if not _is_json_value(remembered):
             raise ConfigError(

@@ -92,11 +92,11 @@ def routing_arguments(
 def save_adapter(model: Any, folder: str | Path, base: str | Path, metrics: dict[str, Any]) -> None:
     """Write a self-contained adapter folder: ``save_pretrained`` (metrics in the card)
     and the base network (as trained: ``trainable='all'`` changes it) as backbone files."""
-    from loraxir.backbones import load_backbone, save_backbone
+    from loraxir.backbones import backbone_spec, load_backbone, save_backbone
 
     plain = load_backbone(base)
     plain.load_state_dict(plain_state_dict(model.model))
-    spec = getattr(plain, "_loraxir_backbone", {}).get("name", type(plain).__name__)
+    spec = (backbone_spec(plain) or {}).get("name", type(plain).__name__)
     with warnings.catch_warnings():  # the base network is saved below
         warnings.filterwarnings("ignore", message="trainable='all'")
         model.save_pretrained(str(folder), metrics=card_metrics(metrics), base_model=spec)
