@@ -129,7 +129,6 @@ class _KeptFolds(NamedTuple):
     adapter: str
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
-    factors: tuple[dict[str, Any], dict[str, Any]]  # the bank's A and B parameter slots
     factor_ids: list[int]  # the ids of the factor tensors folded (kept.tensors[1:])
     steps: int
     autocast: tuple[bool, torch.dtype]
@@ -461,28 +460,33 @@ class LoraIRLayer(BaseTunerLayer):
         """The folds kept for ``adapter``, emptied when a tensor they derive from changed in
         place (its version counter moved: ``load_state_dict``, merge, edits under
         ``no_grad``), when the base weight was replaced by another tensor
-        (``load_state_dict(assign=True)``, ``torch.func.functional_call``), or when autocast
-        changed. ``.to()``, ``train()``/``eval()``, a call with gradients and growing the
-        bank drop them outright, because some updates move no version counter (fused
-        optimizers, writes through ``.data``). ``None`` for inference tensors, which carry
-        no version. A hit costs about 3 µs (the banks' tensors are gathered on a miss only)."""
+        (``load_state_dict(assign=True)``, ``torch.func.functional_call``), when the
+        adapter's bank or scaling is another (deleted and added again under its name), or
+        when autocast changed. ``.to()``, ``train()``/``eval()``, a call with gradients and
+        growing the bank drop them outright, because some updates move no version counter
+        (fused optimizers, writes through ``.data``). ``None`` for inference tensors, which
+        carry no version. A hit costs about 3 µs (the banks' tensors are gathered on a miss
+        only)."""
         weight = self.base_layer.weight
         autocast = _autocast_state(weight.device.type)
         kept = self.__dict__.get("_loraxir_kept_folds")
+        bank = self.loraxir_experts[adapter]
         if (
             kept is not None
             and kept.adapter == adapter
+            and kept.rows_key[1] == self.scaling(adapter)
             and kept.steps == _optimizer_steps[0]
             and kept.autocast == autocast
             and kept.tensors[0] is weight  # replaced: assign=True loads, functional_call
-            # factors swapped by functional_call (an EMA evaluation); slots in ``.values()``
-            # order are the tensors' order (A chunks, then B chunks)
-            and list(map(id, kept.factors[0].values())) + list(map(id, kept.factors[1].values()))
+            # factors swapped by functional_call (an EMA evaluation), or another bank (the
+            # adapter deleted and added again); slots in ``.values()`` order are the
+            # tensors' order (A chunks, then B chunks), which ``kept.tensors`` keeps alive
+            and list(map(id, bank.A._parameters.values()))
+            + list(map(id, bank.B._parameters.values()))
             == kept.factor_ids
             and tuple(map(_version, kept.tensors)) == kept.versions
         ):
             return kept
-        bank = self.loraxir_experts[adapter]
         tensors = (weight, *bank.A, *bank.B)  # iterating the banks costs ~7 µs: misses only
         if any(t.is_inference() for t in tensors):
             return None
@@ -492,7 +496,6 @@ class LoraIRLayer(BaseTunerLayer):
             adapter,
             tensors,
             tuple(map(_version, tensors)),
-            (bank.A._parameters, bank.B._parameters),
             list(map(id, tensors[1:])),
             _optimizer_steps[0],
             autocast,

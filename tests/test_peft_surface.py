@@ -86,6 +86,28 @@ def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refus
         assert torch.equal(guided(X), before), "the refused adapter changed nothing"
 
 
+def test_an_adapter_loaded_again_under_its_name_runs_its_own_weights(tmp_path) -> None:
+    """Folds kept for a deleted adapter must not serve the one loaded under its name."""
+    config = LoraIRConfig(degradations=DEGRADATIONS)
+    outputs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        single = loraxir.get_loraxir_model(_backbone(), config).eval()
+        torch.manual_seed(seed)
+        randomize_experts(single)
+        single.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            outputs[name] = single(X, degradation="rain")
+    model = peft.get_peft_model(_backbone(), config).eval()
+    for name, trainable in (("a", False), ("b", True)):  # a trainable load does not call eval()
+        if "second" in model.peft_config:
+            model.set_adapter("default")
+            model.delete_adapter("second")
+        model.load_adapter(tmp_path / name, adapter_name="second", is_trainable=trainable)
+        model.set_adapter("second")
+        with torch.no_grad():
+            assert torch.equal(model.base_model(X, degradation="rain"), outputs[name]), name
+
+
 def test_switching_adapters_keeps_each_ones_trainable_policy() -> None:
     model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
     model.base_model.add_degradation("snow")  # trainable: new_experts
