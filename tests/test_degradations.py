@@ -255,6 +255,21 @@ def test_numpy_scalars_are_read_as_numbers_and_reported_as_python_numbers(photo)
         D.apply("noise", photo, sigma=np.float32(-1))
 
 
+def test_integer_ranges_and_choices_draw_every_value_ends_included():
+    length = D.Param(1, 50, (3, 4), "streak length", integer=True)
+    scale = D.Param(2, 4, (2, 4), "scale", integer=True, choices=(2, 4))
+    draws = {length.draw((3, 4), _gen(seed)) for seed in range(40)}
+    assert draws == {3, 4}
+    assert {scale.draw((2, 4), _gen(seed)) for seed in range(40)} == {2, 4}
+    assert {length.draw((3, 7), _gen(seed)) for seed in range(200)} == set(range(3, 8))
+
+
+def test_quantize_rounds_to_the_nearest_8_bit_level():
+    values = torch.tensor([0.6, 1.4, 254.4, 254.6, 300.0, -3.0]) / 255
+    expected = torch.tensor([1.0, 1.0, 254.0, 255.0, 255.0, 0.0]) / 255
+    assert torch.equal(D.quantize(values), expected)
+
+
 @pytest.mark.parametrize(
     ("name", "params"),
     [

@@ -101,14 +101,25 @@ def test_16_bit_colour_tiff_keeps_its_bit_depth(tmp_path, channels):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), values)
 
 
-def test_exif_rotated_16_bit_colour_png_is_read_upright(tmp_path):
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_exif_oriented_16_bit_colour_png_is_read_upright_as_pillow_turns_8_bits(
+    tmp_path, orientation
+):
+    """Pillow turns 8-bit images only; our 16-bit path must agree with it, mirrors included."""
+    from PIL import ImageOps
+
     values = np.random.default_rng(2).integers(0, 65536, (6, 10, 3), dtype=np.uint16)
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
+    exif[0x0112] = orientation
     _png16(tmp_path / "r.png", values, exif)
     picture = read_picture(tmp_path / "r.png")
     assert picture.pixels.dtype == np.uint16
-    np.testing.assert_array_equal(picture.pixels, np.rot90(values, -1))
+    eight = Image.fromarray((values >> 8).astype(np.uint8))
+    eight.info["exif"] = exif.tobytes()
+    eight.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(eight))
+    assert expected.shape != values.shape or orientation < 5  # the sides swap from 5 on
+    np.testing.assert_array_equal(picture.pixels >> 8, expected)
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

@@ -104,6 +104,17 @@ def test_tiled_equals_untiled_for_a_local_network(height, width):
     np.testing.assert_allclose(tiled, reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_integer_outputs_are_rounded_to_the_nearest_level(dtype):
+    """A network that brightens by 0.6 of a level gives one level more, not the input again
+    (truncation would darken every restored file by half a level on average)."""
+    top = np.iinfo(dtype).max
+    image = (photo(20, 30).astype(np.float64) / 255 * (top - 1)).astype(dtype)
+    plan = plan_tiles(20, 30, tile=None, multiple=8)
+    out = run_tiled(lambda t: t + 0.6 / top, image, plan, np.empty_like(image))
+    np.testing.assert_array_equal(out, image.astype(np.int64) + 1)
+
+
 def test_single_tile_equals_direct_call_for_nafnet():
     model = tiny_model()
     image = photo(37, 50).astype(np.float32) / 255
