@@ -56,6 +56,16 @@ def test_restored_video_keeps_frame_count_size_and_rate(tmp_path, suffix, size):
     assert len(report.rows) == 7 == len(list(read_frames(target)))
 
 
+def test_smoothing_keeps_momentum_of_the_previous_gates_and_each_frames_probabilities():
+    classes = ["noise", "rain"]
+    previous = Routing(classes, torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.1]))
+    current = Routing(classes, torch.tensor([0.0, 1.0]), torch.tensor([0.2, 0.8]))
+    smoothed = current.smoothed(previous, 0.9)
+    torch.testing.assert_close(smoothed.gates, torch.tensor([0.9, 0.1]))
+    assert torch.equal(smoothed.probabilities, current.probabilities) and smoothed.label == "rain"
+    assert current.smoothed(previous, 0.0) is current and current.smoothed(None, 0.9) is current
+
+
 class _Statistics(nn.Module):
     """Hand-made degradation features: log high-frequency and gradient energy, and JPEG
     blockiness (column differences at 8-pixel block edges over the others)."""

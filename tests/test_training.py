@@ -116,6 +116,43 @@ def test_a_non_finite_loss_names_the_step_and_the_last_checkpoint(tmp_path: Path
         check_finite_loss(_OneProcess(), torch.tensor(float("nan")), config, state)
 
 
+@pytest.mark.usefixtures("isolated_recipe_run")
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
+def test_the_training_loop_clips_the_gradient_norm_when_asked(
+    tmp_path: Path, max_grad_norm: float
+) -> None:
+    """One plain SGD step (lr 1) moves the weights by the gradient: clipped to
+    ``max_grad_norm``, or whole when clipping is off (0)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from loraxir.training.engine import fit, setup_accelerator
+
+    config = RecipeConfig(
+        output_dir=str(tmp_path), cpu=True, max_steps=1, max_grad_norm=max_grad_norm
+    )
+    accelerator = setup_accelerator(config)
+    model = nn.Linear(4, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    loader = DataLoader(TensorDataset(x), batch_size=1)
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    fit(
+        accelerator,
+        config,
+        TrainState(),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        compute_loss=lambda batch: 10.0 * model(batch[0]).sum(),
+    )
+    gradient = 10.0 * x[0]
+    expected = gradient * (max_grad_norm / gradient.norm() if max_grad_norm else 1.0)
+    torch.testing.assert_close(model.weight.detach()[0], -expected)
+
+
 def test_fingerprint_leaves_out_what_may_change_on_resume() -> None:
     config = RestorationConfig(output_dir="a", checkpoint_every=5, validate_every=3)
     other = RestorationConfig(output_dir="b", checkpoint_every=7, cpu=True, resume="latest")
