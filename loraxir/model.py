@@ -1014,7 +1014,8 @@ class LoraIRModel(BaseTuner):
         ``gates`` is ``(E,)``; ``degradation`` a name (one-hot). ``adapter_names`` merges
         several adapters (default: the active one), each with the same gate. With
         ``safe_merge`` every folded weight is checked to be finite; on any error the model
-        is left as it was (unmerged, or merged for its earlier gate). Afterwards ``model(x)``
+        is left as it was (unmerged, or merged for its earlier gate; unmerged if, with
+        ``safe_merge``, that gate no longer folds finite weights). Afterwards ``model(x)``
         and ``model(x, degradation=<that name>)`` run the merged weights; other routing
         raises. Undo with :meth:`unmerge`.
         """
@@ -1042,7 +1043,9 @@ class LoraIRModel(BaseTuner):
                 layer.unmerge()
             self.routing.merge_gate = None
             if earlier is not None:
-                self.merge(earlier[0], adapter_names=earlier[1])
+                # Experts edited while merged may no longer fold finite: then stay unmerged.
+                with contextlib.suppress(RoutingError):
+                    self.merge(earlier[0], adapter_names=earlier[1], safe_merge=safe_merge)
             raise
 
     def unmerge(self) -> None:

@@ -660,6 +660,14 @@ def test_safe_merge_refuses_non_finite_weights_and_leaves_the_model_untouched():
     assert all(torch.equal(v, merged_weights[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), rain)
+    model.unmerge()
+    model.merge(degradation="haze")  # unsafe: non-finite weights, as asked
+    with torch.no_grad():
+        layer.loraxir_experts["default"].B[0].fill_(float("nan"))  # edited while merged
+    with pytest.raises(RoutingError, match="non-finite"):
+        model.merge(degradation="rain", safe_merge=True)
+    assert not model.merged, "the earlier gate no longer folds finite weights: unmerged"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if "base" in k)
 
 
 def test_gates_live_for_one_call_or_a_route_block():
