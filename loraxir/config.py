@@ -65,12 +65,15 @@ class DAMConfig:
         if isinstance(self.points, tuple):
             self.points = list(self.points)
         if isinstance(self.points, dict):
-            check_names("dam.points", list(self.points))
+            check_names("dam.points", list(self.points), case_sensitive=True)
             for path, channels in self.points.items():
                 check_int(f"dam.points[{path!r}]", channels, minimum=1)
         elif self.points is not None and not (
             (isinstance(self.points, str) and self.points)
-            or (isinstance(self.points, list) and check_names("dam.points", self.points))
+            or (
+                isinstance(self.points, list)
+                and check_names("dam.points", self.points, case_sensitive=True)
+            )
         ):
             raise ConfigError(
                 f"dam.points must be None, a regex string or a list of module paths, got "

@@ -11,10 +11,11 @@ scikit-image's ``peak_signal_noise_ratio(data_range=255)`` and
 data_range=255)`` on the same 0–255 arrays.
 
 Inputs are float ``(B, 3, H, W)`` in [0, 1]; values outside are clamped, as BasicSR's
-``tensor2img`` does. Integer tensors (``uint8`` 0–255) are refused rather than guessed at:
-clamped as [0, 1] values they would give wrong numbers silently; convert with
-``x.float() / 255``. ``quantize=True`` also rounds to 8-bit levels first, which is what
-evaluating saved PNG files (BasicSR's pipeline) measures. Results are float64 ``(B,)``;
+``tensor2img`` does. Integer tensors (``uint8`` 0–255) and float values far outside
+(beyond [-1, 2]) are refused rather than guessed at: clamped as [0, 1] values they would
+give wrong numbers silently; convert with ``x.float() / 255``. ``quantize=True`` also
+rounds to 8-bit levels first, which is what evaluating saved PNG files (BasicSR's
+pipeline) measures. Results are float64 ``(B,)``;
 identical images have infinite PSNR.
 """
 
@@ -31,6 +32,8 @@ from loraxir.errors import DataError
 # BT.601 limited-range luma on 0–255 RGB: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
 _WINDOW = 11
+# Beyond these no network output is an overshoot of [0, 1]: the images are 0-255 ones.
+_FAR_BELOW, _FAR_ABOVE = -1.0, 2.0
 
 
 def psnr(
@@ -59,6 +62,18 @@ def ssim(
     return ssim_map.mean(dim=(1, 2, 3))
 
 
+def _layout_fix(images: object) -> str:
+    """How to turn what was given into ``(B, 3, H, W)``."""
+    shape = tuple(images.shape) if isinstance(images, Tensor) else ()
+    if len(shape) == 3 and shape[0] == 3:
+        return "add a batch dimension with x[None]"
+    if shape and shape[-1] == 3 and len(shape) in (3, 4):
+        return "channels go second: x.permute(0, 3, 1, 2) (x[None].permute(0, 3, 1, 2) for one)"
+    if len(shape) == 4 and shape[1] == 1:
+        return "repeat grayscale to RGB with x.expand(-1, 3, -1, -1)"
+    return "pass RGB images as a batch (B, 3, H, W)"
+
+
 def _prepare(
     pred: Tensor, target: Tensor, crop_border: int, y_channel: bool, quantize: bool, min_side: int
 ) -> tuple[Tensor, Tensor]:
@@ -67,13 +82,19 @@ def _prepare(
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise DataError(
-                f"{name} must be a float tensor (B, 3, H, W) in [0, 1], got {shape}; add a "
-                "batch dimension with x[None]."
+                f"{name} must be a float tensor (B, 3, H, W) in [0, 1], got {shape}; "
+                f"{_layout_fix(images)}."
             )
         if not images.is_floating_point():
             raise DataError(
                 f"{name} must be a float tensor in [0, 1], got dtype {images.dtype}; convert "
                 "8-bit images with x.float() / 255."
+            )
+        if images.numel() and (images.max() > _FAR_ABOVE or images.min() < _FAR_BELOW):
+            raise DataError(
+                f"{name} has values in [{images.min().item():.4g}, {images.max().item():.4g}], "
+                "far outside [0, 1] (a network's overshoot is clamped, 0-255 values are not "
+                "guessed at); divide 0-255 images by 255."
             )
     for option, value in (("y_channel", y_channel), ("quantize", quantize)):
         if not isinstance(value, bool):

@@ -168,6 +168,11 @@ class LoraIRModel(BaseTuner):
         """peft's injection; a second adapter (peft's ``add_adapter``/``load_adapter``) is
         checked first: it wraps the layers the first one wrapped, and a backbone holds one
         set of DAM blocks and one router, which a second adapter's would overwrite."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ConfigError(
+                f"adapter_name must be a non-empty string without '.' (it names a module), "
+                f"got {adapter_name!r}."
+            )
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
             second = self.peft_config[adapter_name]
@@ -469,6 +474,7 @@ class LoraIRModel(BaseTuner):
         :class:`~loraxir.routing.RoutingState`).
         """
         self._check_input(x)
+        _check_backbone_args(args)
         self._awaiting().clear()  # in use: a failed load no longer takes it out
         with self.routing.lock:  # threads sharing the model take turns (gates live there)
             if self.training and torch.is_grad_enabled() and self._merged_now():
@@ -517,6 +523,11 @@ class LoraIRModel(BaseTuner):
                 f"{tuple(x.shape)}; pass x[None] (and take [0] of the output)."
             )
         channels = input_channels(self.model)
+        if channels is not None and x.ndim != 4:
+            raise DataError(
+                f"Expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}; pass "
+                "the frames of clips (N, T, C, H, W) as one batch: x.flatten(0, 1)."
+            )
         if channels is not None and x.ndim == 4 and x.shape[1] != channels:
             how = (
                 "repeat a grayscale image (x.expand(-1, 3, -1, -1)) or drop alpha (x[:, :3]), "
@@ -871,8 +882,13 @@ class LoraIRModel(BaseTuner):
         (default) trains only the new expert.
         """
         config = self.config
-        if name in config.degradations:
-            raise ConfigError(f"Degradation {name!r} already exists: {config.degradations}.")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"A degradation name must be a non-empty string, got {name!r}.")
+        if name.casefold() in (d.casefold() for d in config.degradations):
+            raise ConfigError(
+                f"Degradation {name!r} already exists (names are unique ignoring case): "
+                f"{config.degradations}."
+            )
         if self._merged_now():
             raise RoutingError(
                 "The model is merged; call model.unmerge() before adding a degradation (the "
@@ -1019,6 +1035,11 @@ class LoraIRModel(BaseTuner):
         and ``model(x, degradation=<that name>)`` run the merged weights; other routing
         raises. Undo with :meth:`unmerge`.
         """
+        if isinstance(adapter_names, str):
+            raise ConfigError(
+                f"adapter_names must be a list of adapter names, got the string "
+                f"{adapter_names!r}; pass [{adapter_names!r}]."
+            )
         gate = fixed_gate(gates, degradation, self.config.degradations)
         # The gate in the precision the weights fold it at: float64 for a float64 model
         # (exact), float32 otherwise, so that a float64 NumPy gate still serves as float32.
@@ -1195,6 +1216,18 @@ class LoraIRModel(BaseTuner):
                 for index, (a, b) in enumerate(zip(bank.A, bank.B, strict=True)):
                     a.copy_(tensors[checkpoint.expert_key(path, "A", index)])
                     b.copy_(tensors[checkpoint.expert_key(path, "B", index)])
+
+
+def _check_backbone_args(args: tuple[Any, ...]) -> None:
+    """Positional arguments after ``x`` go to the backbone; a degradation name among them
+    was meant as routing (``model(x, "rain")``) and would fail inside the backbone."""
+    for arg in args:
+        names = arg if isinstance(arg, list | tuple) else [arg]
+        if names and all(isinstance(name, str) for name in names):
+            raise RoutingError(
+                f"Got {arg!r} as a positional argument, which goes to the backbone; pass "
+                f"routing by keyword: model(x, degradation={arg!r}) (or gates=...)."
+            )
 
 
 def _check_second_adapter(first: LoraIRConfig, second: LoraIRConfig) -> None:

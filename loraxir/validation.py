@@ -103,14 +103,19 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
 
 
-def check_names(name: str, names: Any) -> list[str]:
-    """Return ``names`` as a list; raise unless it is a non-empty list of unique strings."""
+def check_names(name: str, names: Any, case_sensitive: bool = False) -> list[str]:
+    """Return ``names`` as a list; raise unless it is a non-empty list of unique strings.
+
+    Class names are unique ignoring case (``"Noise"`` beside ``"noise"`` is a typo wherever
+    a class is named); module paths (``case_sensitive=True``) are Python names."""
     if isinstance(names, str | bytes) or not isinstance(names, list | tuple):
         raise ConfigError(f"{name} must be a list of names, got {names!r}.")
     names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{name} must be non-empty strings, got {names!r}.")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    keys = names if case_sensitive else [n.casefold() for n in names]
+    duplicates = sorted({n for n, k in zip(names, keys, strict=True) if keys.count(k) > 1})
     if duplicates:
-        raise ConfigError(f"{name} must be unique; repeated: {duplicates}.")
+        how = "" if case_sensitive else ", ignoring case"
+        raise ConfigError(f"{name} must be unique{how}; repeated: {duplicates}.")
     return names

@@ -213,6 +213,8 @@ def test_a_second_forced_restorer_on_the_same_model_stops_the_first():
         (np.zeros((1, 8, 8, 3), np.uint8), r"got shape \(1, 8, 8, 3\)"),
         (np.zeros((8, 8, 4), np.uint8), "drop alpha"),
         (np.zeros((8, 8, 3), np.int32), "uint8, uint16 or float pixels .* got int32"),
+        (np.full((8, 8, 3), 200.0, np.float32), r"in \[0, 1\], got values in \[200, 200\].*/ 255"),
+        (np.full((8, 8, 3), np.nan), r"finite and in \[0, 1\]"),
     ],
 )
 def test_the_restorer_refuses_what_is_not_one_rgb_image(pixels, message):
@@ -220,6 +222,16 @@ def test_the_restorer_refuses_what_is_not_one_rgb_image(pixels, message):
     for call in (restorer.route, restorer.restore):
         with pytest.raises(DataError, match=message):
             call(pixels)
+
+
+def test_restorer_settings_of_the_wrong_kind_are_refused_before_the_model_changes():
+    model = tiny_model()
+    for dtype in ("float16", torch.int8):
+        with pytest.raises(ConfigError, match="dtype must be a float torch dtype"):
+            Restorer(model, CLASSES[0], tile=None, dtype=dtype)
+        assert not model.merged
+    with pytest.raises(ConfigError, match="routing must be a Routing"):
+        Restorer(model, tile=None).restore(photo(8, 8), routing=CLASSES[0])
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,10 @@ def test_values_outside_0_1_are_clamped_like_tensor2img():
     ("pred", "target", "options", "match"),
     [
         (torch.rand(3, 16, 16), torch.rand(3, 16, 16), {}, r"\(B, 3, H, W\)"),
+        (torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), {}, r"x\.permute\(0, 3, 1, 2\)"),
+        (torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16), {}, r"expand\(-1, 3, -1, -1\)"),
+        (torch.rand(1, 3, 16, 16) * 255, torch.rand(1, 3, 16, 16), {}, "divide 0-255 images"),
+        (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16) * 255, {}, "target has values"),
         (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 18), {}, "shapes differ"),
         (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), {"crop_border": -1}, "crop_border"),
         (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), {"crop_border": 3}, "crop_border=3"),

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 import loraxir
-from loraxir import ConfigError, LoraIRConfig, RoutingError, TargetModulesError, UnknownNameError
+from loraxir import (
+    ConfigError,
+    DAMConfig,
+    LoraIRConfig,
+    RoutingError,
+    TargetModulesError,
+    UnknownNameError,
+)
 from loraxir.compute import FORMS
 from loraxir.layers import LoraIRLayer
 from tests.conftest import randomize_experts, rel_err
@@ -86,12 +93,18 @@ def test_deleting_the_last_adapter_leaves_a_model_that_says_what_to_do():
         (lambda: torch.rand(1, 3, 16, 16), {"degradation": 1}, RoutingError, "neither a class"),
         (lambda: torch.rand(1, 1, 16, 16), {}, loraxir.DataError, r"3-channel.*got 1.*expand"),
         (lambda: torch.rand(1, 4, 16, 16), {}, loraxir.DataError, r"got 4 channels.*x\[:, :3\]"),
+        (lambda: torch.rand(1, 2, 3, 16, 16), {}, loraxir.DataError, r"x\.flatten\(0, 1\)"),
     ],
 )
 def test_inputs_the_backbone_cannot_take_are_refused_up_front(images, kwargs, error, message):
     model = _model().eval()
     with pytest.raises(error, match=message):
         model(images(), **{"degradation": "rain", **kwargs})
+    for routing in ("rain", ["rain", "noise"]):  # positional: meant as routing, not for NAFNet
+        with pytest.raises(
+            RoutingError, match=rf"model\(x, degradation={re.escape(repr(routing))}"
+        ):
+            model(torch.rand(2, 3, 16, 16), routing)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(torch.rand(1, 3, 16, 16).bfloat16(), degradation="rain").shape[1] == 3
 
@@ -449,9 +462,29 @@ def test_saving_a_model_that_trained_its_base_says_to_save_the_network_and_that_
         )
 
 
+def test_adapter_names_of_the_wrong_kind_are_refused_by_name():
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    for name in ("my.adapter", "", 5):
+        with pytest.raises(ConfigError, match="adapter_name must be a non-empty string"):
+            loraxir.get_loraxir_model(
+                backbone, LoraIRConfig(degradations=DEGRADATIONS), adapter_name=name
+            )
+        assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+    model = _model().eval()
+    with pytest.raises(ConfigError, match=r"pass \['default'\]"):
+        model.merge(degradation="rain", adapter_names="default")
+    assert not model.merged
+
+
 def test_add_degradation_refuses_an_existing_name_and_a_merged_model():
-    with pytest.raises(ConfigError, match="already exists"):
-        _model().add_degradation("rain")
+    for name in ("rain", "Rain"):  # a name is matched ignoring case wherever it is typed
+        model = _model()
+        with pytest.raises(ConfigError, match="already exists"):
+            model.add_degradation(name)
+        assert model.degradations == DEGRADATIONS
+    with pytest.raises(ConfigError, match=r"unique, ignoring case; repeated: \['Rain', 'rain'\]"):
+        LoraIRConfig(degradations=["rain", "Rain"])
+    assert LoraIRConfig(degradations=["a"], dam=DAMConfig(8, ["Conv", "conv"])).dam.points
     merged = _model().eval()
     merged.merge(degradation="rain")
     with pytest.raises(RoutingError, match=r"merged; call model.unmerge\(\) before adding"):

@@ -118,6 +118,11 @@ class Restorer:
     ) -> None:
         if isinstance(route_pixels, bool) or not isinstance(route_pixels, int) or route_pixels < 1:
             raise ConfigError(f"route_pixels must be a whole number >= 1, got {route_pixels!r}.")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(
+                f"dtype must be a float torch dtype (torch.float32, torch.float16 or "
+                f"torch.bfloat16), got {dtype!r}."
+            )
         self.model = model.eval()
         self.degradation = degradation
         self.tile, self.overlap, self.route_pixels = tile, overlap, route_pixels
@@ -206,6 +211,11 @@ class Restorer:
         """Restore ``pixels`` ``(H, W, 3)`` into a new array of the same dtype; returns it
         and the routing used (computed here when not given)."""
         _check_pixels(pixels)
+        if routing is not None and not isinstance(routing, Routing):
+            raise ConfigError(
+                f"routing must be a Routing (from Restorer.route), got {type(routing).__name__}; "
+                "to force a class, build the restorer with Restorer(model, degradation=NAME)."
+            )
         routing = routing or self.route(pixels)
         plan = self.plan(*pixels.shape[:2])
         out = np.empty_like(pixels)
@@ -246,6 +256,13 @@ def _check_pixels(pixels: object) -> None:
             f"The restorer takes uint8, uint16 or float pixels (float in [0, 1]), got "
             f"{pixels.dtype}."
         )
+    if np.issubdtype(pixels.dtype, np.floating) and pixels.size:
+        low, high = float(pixels.min()), float(pixels.max())
+        if not 0.0 <= low <= high <= 1.0:  # NaN fails every comparison
+            raise DataError(
+                f"Float pixels must be finite and in [0, 1], got values in [{low:.4g}, "
+                f"{high:.4g}]; divide 0-255 values by 255 and clip: np.clip(pixels / 255, 0, 1)."
+            )
 
 
 def _routing_view(pixels: np.ndarray, max_pixels: int) -> torch.Tensor:
