@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraxir.backbones import detect_preset, is_added_by_loraxir
+from loraxir.backbones import check_input, detect_preset, is_added_by_loraxir
 from loraxir.config import DAMConfig
 from loraxir.errors import (
     BackboneMismatchError,
@@ -212,6 +212,11 @@ def insert_dam(
     """
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
         raise ConfigError(f"embed_dim must be an integer >= 1, got {embed_dim!r}.")
+    if not isinstance(routing, RoutingState):
+        raise ConfigError(
+            f"routing must be the RoutingState the blocks read e_deg from, got "
+            f"{type(routing).__name__}."
+        )
     plan = _plan(backbone, points)
     reference = next(backbone.parameters(), None)
     container = getattr(backbone, DAM_ATTRIBUTE, None)
@@ -439,8 +444,13 @@ class GuidedBackbone(nn.Module):
         points: str | list[str] | dict[str, int] | None = None,
     ) -> None:
         super().__init__()
+        if not (hasattr(router, "route") and isinstance(getattr(router, "embed_dim", None), int)):
+            raise ConfigError(
+                f"GuidedBackbone needs a router (route(x) and embed_dim, as a "
+                f"DegradationRouter has), got {type(router).__name__}."
+            )
         self.routing = RoutingState()
-        embed_dim = int(router.embed_dim)
+        embed_dim = router.embed_dim
         existing = dam_config(backbone)
         if existing is None:
             insert_dam(backbone, points, embed_dim, self.routing)
@@ -457,6 +467,7 @@ class GuidedBackbone(nn.Module):
         router.eval()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        check_input(self.backbone, x)
         with self.routing.lock:  # the embedding lives in the shared routing state
             with torch.no_grad():
                 embedding = self.router.route(x).embedding

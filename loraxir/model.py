@@ -24,7 +24,7 @@ from peft.utils.constants import DUMMY_MODEL_CONFIG
 from torch import nn
 
 from loraxir import checkpoint, guidance
-from loraxir.backbones import from_descriptor, input_channels
+from loraxir.backbones import check_input, from_descriptor
 from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import (
@@ -473,7 +473,7 @@ class LoraIRModel(BaseTuner):
         model take turns: a call holds the model's routing lock (see
         :class:`~loraxir.routing.RoutingState`).
         """
-        self._check_input(x)
+        check_input(self.model, x)
         _check_backbone_args(args)
         self._awaiting().clear()  # in use: a failed load no longer takes it out
         with self.routing.lock:  # threads sharing the model take turns (gates live there)
@@ -501,54 +501,6 @@ class LoraIRModel(BaseTuner):
                 outputs.append(self._run_in_chunks(x[members], gates[members], part, (), {}))
             out = _concat(outputs)
             return out if groups.order is None else _rows(out, groups.order)
-
-    def _check_input(self, x: Any) -> None:
-        """Refuse what the backbone would reject from deep inside torch: a non-tensor, an
-        integer tensor, one image without its batch dimension, a registered family's network
-        given other than its channel count, or a float dtype other than the weights'
-        (outside autocast)."""
-        if not isinstance(x, torch.Tensor):
-            raise DataError(
-                f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
-                "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
-            )
-        if not x.is_floating_point():
-            raise DataError(
-                f"Expected float images in [0, 1], got dtype {x.dtype}; convert 8-bit images "
-                "with x.float() / 255."
-            )
-        if x.ndim == 3:
-            raise DataError(
-                f"Expected a batch of images (B, C, H, W), got one image of shape "
-                f"{tuple(x.shape)}; pass x[None] (and take [0] of the output)."
-            )
-        channels = input_channels(self.model)
-        if channels is not None and x.ndim != 4:
-            raise DataError(
-                f"Expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}; pass "
-                "the frames of clips (N, T, C, H, W) as one batch: x.flatten(0, 1)."
-            )
-        if channels is not None and x.ndim == 4 and x.shape[1] != channels:
-            how = (
-                "repeat a grayscale image (x.expand(-1, 3, -1, -1)) or drop alpha (x[:, :3]), "
-                "as loraxir restore does"
-                if channels == 3
-                else f"convert the images to {channels} channels"
-            )
-            raise DataError(
-                f"The backbone takes {channels}-channel images, got {x.shape[1]} channels; {how}."
-            )
-        weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
-        if (
-            weight is not None
-            and x.dtype != weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        ):
-            raise DataError(
-                f"The images are {x.dtype} but the model's weights are {weight.dtype}; pass "
-                f"x.to({weight.dtype}), convert the model with model.to({x.dtype}), or run "
-                "under torch.autocast."
-            )
 
     def _run_in_chunks(
         self,

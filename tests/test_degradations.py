@@ -234,6 +234,12 @@ def test_gpu_output_is_seeded_and_reproducible(name, photo):
 # ----------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("generator", [0, "0"])
+def test_a_seed_given_for_the_generator_is_refused_by_name(generator, photo):
+    with pytest.raises(ConfigError, match=r"noise: the generator must be a torch\.Generator"):
+        D.apply("noise", photo, generator)
+
+
 def test_unknown_degradation_lists_the_known_ones(photo):
     with pytest.raises(UnknownNameError, match=r"Did you mean 'noise'.*Known degradations"):
         D.apply("noize", photo)

@@ -85,6 +85,23 @@ def test_insertion_at_family_points_is_bit_identical_and_trained_blocks_change_o
         assert torch.equal(backbone(x), expected)
 
 
+def test_guided_backbone_refuses_what_its_network_cannot_take_by_name():
+    backbone = loraxir.create_backbone("nafnet-tiny")
+    with pytest.raises(ConfigError, match=r"needs a router .* got NoneType"):
+        GuidedBackbone(backbone, None)
+    with pytest.raises(ConfigError, match="routing must be the RoutingState"):
+        insert_dam(backbone, None, EMBED_DIM, None)
+    assert dam_config(backbone) is None
+    guided = GuidedBackbone(backbone, _router())
+    for images, message in [
+        (torch.rand(1, 1, 32, 32), r"3-channel images, got 1"),
+        (torch.rand(1, 3, 32, 32).numpy(), "torch.Tensor"),
+        (torch.rand(3, 32, 32), r"x\[None\]"),
+    ]:
+        with pytest.raises(loraxir.DataError, match=message):
+            guided(images)
+
+
 def test_scunet_points_get_the_width_of_their_whole_input():
     backbone = loraxir.create_backbone("scunet-tiny")
     insert_dam(backbone, None, EMBED_DIM, RoutingState())

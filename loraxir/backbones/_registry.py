@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraxir.errors import CheckpointError, ConfigError, unknown_name
+from loraxir.errors import CheckpointError, ConfigError, DataError, unknown_name
 
 BACKBONE_CONFIG = "backbone.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
@@ -160,6 +160,55 @@ def input_channels(backbone: nn.Module) -> int | None:
         return None
     first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first is None else first.in_channels
+
+
+def check_input(backbone: nn.Module, x: Any) -> None:
+    """Refuse images ``x`` that ``backbone`` would reject from deep inside torch: a
+    non-tensor, an integer tensor, one image without its batch dimension, a built-in
+    family's network given other than a 4-D batch of its channel count, or a float dtype
+    other than the weights' (outside autocast)."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(
+            f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
+            "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+        )
+    if not x.is_floating_point():
+        raise DataError(
+            f"Expected float images in [0, 1], got dtype {x.dtype}; convert 8-bit images "
+            "with x.float() / 255."
+        )
+    if x.ndim == 3:
+        raise DataError(
+            f"Expected a batch of images (B, C, H, W), got one image of shape "
+            f"{tuple(x.shape)}; pass x[None] (and take [0] of the output)."
+        )
+    channels = input_channels(backbone)
+    if channels is not None and x.ndim != 4:
+        raise DataError(
+            f"Expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}; pass "
+            "the frames of clips (N, T, C, H, W) as one batch: x.flatten(0, 1)."
+        )
+    if channels is not None and x.ndim == 4 and x.shape[1] != channels:
+        how = (
+            "repeat a grayscale image (x.expand(-1, 3, -1, -1)) or drop alpha (x[:, :3]), "
+            "as loraxir restore does"
+            if channels == 3
+            else f"convert the images to {channels} channels"
+        )
+        raise DataError(
+            f"The backbone takes {channels}-channel images, got {x.shape[1]} channels; {how}."
+        )
+    weight = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+    if (
+        weight is not None
+        and x.dtype != weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        raise DataError(
+            f"The images are {x.dtype} but the model's weights are {weight.dtype}; pass "
+            f"x.to({weight.dtype}), convert the model with model.to({x.dtype}), or run "
+            "under torch.autocast."
+        )
 
 
 def list_backbones(pattern: str = "*") -> list[str]:

@@ -178,6 +178,11 @@ class Degradation:
     ) -> tuple[Tensor, dict[str, Any]]:
         """Degrade ``images``; return the degraded batch and the parameters that made it."""
         check_images(images)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ConfigError(
+                f"{self.name}: the generator must be a torch.Generator or None, got "
+                f"{type(generator).__name__}; seed one with torch.Generator().manual_seed(0)."
+            )
         drawn = self.sample(generator, **params)
         if images.numel() == 0:
             # Nothing to degrade; convolutions, FFTs and JPEG encoders fail on empty input.
