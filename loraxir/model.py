@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
+import os
 import statistics
 import time
 import warnings
@@ -33,6 +35,7 @@ from loraxir.errors import (
     DataError,
     RoutingError,
     TargetModulesError,
+    unknown_name,
 )
 from loraxir.inference.allocator import keeps_freed_cpu_memory
 from loraxir.layers import LoraIRLayer, wrap_layer
@@ -401,7 +404,9 @@ class LoraIRModel(BaseTuner):
 
     @cache_folds.setter
     def cache_folds(self, enabled: bool) -> None:
-        self.routing.cache_folds = bool(enabled)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"cache_folds must be True or False, got {enabled!r}.")
+        self.routing.cache_folds = enabled
         if not enabled:
             for _, layer in self.expert_layers():
                 layer.drop_kept_folds()
@@ -896,6 +901,9 @@ class LoraIRModel(BaseTuner):
                 "would run the same merged weights. Call model.unmerge() first, or keep the "
                 "merged model (it has no expert overhead to tune)."
             )
+        check_input(self.model, x)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"repeats must be a whole number >= 1, got {repeats!r}.")
         phase = "training" if training else "inference"
         layers = [layer for _, layer in self.expert_layers()]
         dropout = training and any(
@@ -950,14 +958,20 @@ class LoraIRModel(BaseTuner):
 
         The choice is also recorded in the active config's ``tuned`` field, so that both
         save paths (ours and peft's) keep it and a reload runs as tuned."""
-        tuned = dict(self.config.tuned or {})
-        for phase, form in choice.items():
+        if not isinstance(choice, dict):
+            raise ConfigError(
+                f"A compute choice is a dict {{phase: form}}, e.g. {{'inference': 'weight'}}, "
+                f"got {choice!r}."
+            )
+        for phase, form in choice.items():  # all checked before any layer changes
             if phase not in ("inference", "training"):
                 raise ConfigError(
                     f"Unknown phase {phase!r} in a compute choice; expected 'inference' or "
                     "'training'."
                 )
             check_form(form)
+        tuned = dict(self.config.tuned or {})
+        for phase, form in choice.items():
             for _, layer in self.expert_layers():
                 if form == "auto":
                     layer.tuned.pop(phase, None)
@@ -1096,7 +1110,10 @@ class LoraIRModel(BaseTuner):
         save them too (``loraxir.backbones.save_backbone`` of the unloaded network, as the recipes
         do)."""
         self._check_not_unloaded()
+        _check_save_arguments(save_directory, metrics, base_model)
         adapter = adapter_name or self._active_name()
+        if adapter not in self.peft_config:
+            raise unknown_name("adapter", adapter, list(self.peft_config))
         if self.peft_config[adapter].trainable == "all":
             warnings.warn(
                 "trainable='all' trains the base network too, but an adapter folder holds "
@@ -1168,6 +1185,26 @@ class LoraIRModel(BaseTuner):
                 for index, (a, b) in enumerate(zip(bank.A, bank.B, strict=True)):
                     a.copy_(tensors[checkpoint.expert_key(path, "A", index)])
                     b.copy_(tensors[checkpoint.expert_key(path, "B", index)])
+
+
+def _check_save_arguments(directory: Any, metrics: Any, base_model: Any) -> None:
+    if not isinstance(directory, str | os.PathLike) or not str(directory):
+        raise ConfigError(f"save_pretrained needs a folder path, got {directory!r}.")
+    if metrics is not None and not (
+        isinstance(metrics, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        )
+    ):
+        raise ConfigError(
+            f"metrics must be a dict of names to numbers (e.g. {{'psnr_noise': 30.1}}), got "
+            f"{metrics!r}."
+        )
+    if base_model is not None and not isinstance(base_model, str):
+        raise ConfigError(
+            f"base_model names the backbone in the card (a string), got {base_model!r}."
+        )
 
 
 def _check_backbone_args(args: tuple[Any, ...]) -> None:

@@ -204,8 +204,12 @@ def degradation_gates(
     ``batch_size=None`` gives one row for a single name (it serves a batch of any size)
     and one row per name for a list.
     """
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0
+    ):
+        raise RoutingError(f"batch_size must be a whole number >= 0 or None, got {batch_size!r}.")
     if isinstance(degradation, str):
-        names = [degradation] * (batch_size or 1)
+        names = [degradation] * (1 if batch_size is None else batch_size)
     elif isinstance(degradation, Sequence) and all(isinstance(n, str) for n in degradation):
         names = list(degradation)
         if batch_size is not None and len(names) != batch_size:
@@ -218,10 +222,11 @@ def degradation_gates(
             f"degradation={degradation!r} is neither a class name nor a list of names (one "
             f"per image); the classes are {list(known)}."
         )
-    gates = torch.zeros(len(names), len(known))
-    for row, name in enumerate(names):
+    for name in [degradation] if isinstance(degradation, str) else names:
         if name not in known:
             raise unknown_name("degradation", name, known)
+    gates = torch.zeros(len(names), len(known))
+    for row, name in enumerate(names):
         gates[row, list(known).index(name)] = 1.0
     return gates
 

@@ -83,6 +83,15 @@ def test_unknown_names_and_bad_hyperparameters_are_clear_errors():
         loraxir.load_backbone("/no/such/net")
     with pytest.raises(UnknownNameError, match=r"Unknown preset 'swinr'.*swinir"):
         get_preset("swinr")
+    for call, message in [
+        (lambda: loraxir.create_backbone(None), "takes a backbone name"),
+        (lambda: loraxir.load_backbone(None), "takes a checkpoint file or a backbone folder"),
+        (lambda: list_backbones(5), "pattern must be a shell-style string"),
+        (lambda: list_presets(None), "pattern must be a shell-style string"),
+        (lambda: register_preset("mynet"), r"takes a Preset\(name=.*got str"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            call()
 
 
 @pytest.mark.parametrize("content", [[1, 2], "text", None, 3])

@@ -476,6 +476,38 @@ def test_adapter_names_of_the_wrong_kind_are_refused_by_name():
     assert not model.merged
 
 
+def test_method_arguments_of_the_wrong_kind_are_refused_before_anything_changes(tmp_path):
+    model = _model().eval()
+    x = torch.rand(1, 3, 16, 16)
+    for kwargs, message in [
+        ({"save_directory": None}, "needs a folder path"),
+        ({"metrics": "psnr 30"}, "metrics must be a dict of names to numbers"),
+        ({"base_model": 5}, "base_model names the backbone"),
+        ({"adapter_name": "nosuch"}, "Unknown adapter 'nosuch'"),
+    ]:
+        with pytest.raises((ConfigError, UnknownNameError), match=message):
+            model.save_pretrained(**{"save_directory": tmp_path / "a", **kwargs})
+    assert not (tmp_path / "a").exists()
+    model.save_pretrained(tmp_path / "a", metrics={"psnr": np.float32(30.5)})
+    with pytest.raises(ConfigError, match="compute choice is a dict"):
+        model.set_compute_choice("weight")
+    with pytest.raises(ConfigError, match="Unknown phase 'train'"):
+        model.set_compute_choice({"inference": "weight", "train": "weight"})
+    assert model.compute_choice() == {}, "the valid phase was not applied either"
+    with pytest.raises(ConfigError, match="cache_folds must be True or False"):
+        model.cache_folds = "no"
+    with pytest.raises(ConfigError, match="repeats must be a whole number"):
+        model.autotune(x, degradation="rain", repeats=0)
+    with pytest.raises(loraxir.DataError, match=r"torch\.Tensor"):
+        model.autotune(x.numpy(), degradation="rain")
+    assert model.degradation_gates("rain", batch_size=0).shape == (0, 3)
+    for batch_size in ("2", -1):
+        with pytest.raises(RoutingError, match="batch_size must be a whole number"):
+            model.degradation_gates("rain", batch_size=batch_size)
+    with pytest.raises(UnknownNameError, match="snow"):
+        model.degradation_gates("snow", batch_size=0)
+
+
 def test_add_degradation_refuses_an_existing_name_and_a_merged_model():
     for name in ("rain", "Rain"):  # a name is matched ignoring case wherever it is typed
         model = _model()

@@ -105,6 +105,11 @@ _PRESETS: dict[str, Preset] = {}
 
 def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
     """Add a preset to the registry (``overwrite=True`` to replace one of the same name)."""
+    if not isinstance(preset, Preset):
+        raise ConfigError(
+            f"register_preset takes a Preset(name=..., target_modules=..., ...), got "
+            f"{type(preset).__name__}."
+        )
     if preset.name in _PRESETS and not overwrite:
         raise ConfigError(
             f"A preset named {preset.name!r} is already registered; "
@@ -123,6 +128,7 @@ def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
 
 def list_presets(pattern: str = "*") -> list[str]:
     """Names of the registered presets matching a shell-style ``pattern`` (``"swin*"``)."""
+    _check_pattern(pattern)
     return sorted(name for name in _PRESETS if fnmatch.fnmatch(name, pattern))
 
 
@@ -211,8 +217,16 @@ def check_input(backbone: nn.Module, x: Any) -> None:
         )
 
 
+def _check_pattern(pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(
+            f"pattern must be a shell-style string such as 'nafnet*', got {pattern!r}."
+        )
+
+
 def list_backbones(pattern: str = "*") -> list[str]:
     """Names accepted by :func:`create_backbone` matching a shell-style ``pattern``."""
+    _check_pattern(pattern)
     names = (name for preset in _PRESETS.values() for name in preset.backbone_names())
     return sorted(name for name in names if fnmatch.fnmatch(name, pattern))
 
@@ -224,6 +238,10 @@ def create_backbone(name: str, **hyperparams: Any) -> nn.Module:
     through :func:`load_backbone`. The network remembers its name and full constructor
     arguments, so :func:`save_backbone` can write a folder that rebuilds it.
     """
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"create_backbone takes a backbone name (one of list_backbones()), got {name!r}."
+        )
     preset, variant = _find_variant(name)
     module_name, class_name = preset.builder.split(":")
     try:
@@ -268,6 +286,10 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
     a checkpoint at all raises :class:`CheckpointError`: torch's unpickler and safetensors
     report one with their own exception types, which name no file.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigError(
+            f"load_backbone takes a checkpoint file or a backbone folder path, got {path!r}."
+        )
     folder = Path(path)
     if folder.is_dir():
         return _load_backbone_folder(folder)
