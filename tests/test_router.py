@@ -101,7 +101,7 @@ def test_multi_view_features_equal_views_cropped_and_encoded_by_hand(
 
 @pytest.mark.parametrize("kind", ["native", "resize"])
 def test_multi_view_tiles_are_row_major_crops(kind: str) -> None:
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) / 383
     views = multi_view(images, size=4, grid=2, kind=kind)
     assert views.shape == (2, 5, 3, 4, 4)
     torch.testing.assert_close(views[:, 2], images[:, :, 0:4, 4:8])
@@ -585,6 +585,10 @@ def test_gating_errors_are_routing_errors() -> None:
         cnn_router()(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(RoutingError, match="NaN or infinite"):
         cnn_router()(torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(RoutingError, match=r"in \[0, 1\], got values in \[0, 255\]"):
+        cnn_router()(torch.linspace(0, 255, 768).view(1, 3, 16, 16))
+    with pytest.raises(RoutingError, match=r"torch\.Tensor batch .* got ndarray"):
+        cnn_router()(torch.rand(1, 3, 16, 16).numpy())
     with pytest.raises(RoutingError, match="empty batch"):
         cnn_router()(torch.rand(0, 3, 16, 16))
     with pytest.raises(RoutingError, match=r"size 64×0: an image needs at least one pixel"):

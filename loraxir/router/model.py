@@ -42,7 +42,7 @@ from loraxir.router.statistics import (
     cepstrum_statistics,
     view_statistics,
 )
-from loraxir.router.views import multi_view
+from loraxir.router.views import check_image_batch, multi_view
 from loraxir.routing import check_degradations
 from loraxir.validation import check_names
 
@@ -332,6 +332,7 @@ class DegradationRouter(nn.Module):
     def _views_and_cepstrum(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Views and cepstrum computed in float32 (their anti-aliased resampling and FFT
         have no half-precision CPU kernels), cast to the router's own dtype."""
+        check_image_batch(images)
         if images.is_floating_point():
             images = images.float()
         dtype = next(self.mlp.parameters()).dtype

@@ -47,6 +47,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
             "The images hold NaN or infinite values; the router cannot read them. Check the "
             "decoding or the arithmetic that produced them (torch.nan_to_num clears them)."
         )
+    if bool(images.amax() > 2.0) or bool(images.amin() < -1.0):  # not an overshoot of [0, 1]
+        raise RoutingError(
+            f"The router reads images in [0, 1], got values in [{images.amin().item():.4g}, "
+            f"{images.amax().item():.4g}]; divide 0-255 images by 255."
+        )
     channels = images.shape[1]
     if channels == 3:
         return images
@@ -59,6 +64,11 @@ def check_image_batch(images: torch.Tensor) -> None:
     """Raise :class:`RoutingError` unless ``images`` is a non-empty float ``(N, C, H, W)``
     batch of 1, 3 or 4 channels: the checks of :func:`as_rgb` that read no pixel, for
     statistics that crop before converting (the error must quote the caller's shape)."""
+    if not isinstance(images, torch.Tensor):
+        raise RoutingError(
+            f"The router reads a torch.Tensor batch (N, C, H, W), got {type(images).__name__}; "
+            "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+        )
     if images.dim() != 4:
         raise RoutingError(
             f"Expected a batch of images (N, C, H, W), got shape {tuple(images.shape)}. "
