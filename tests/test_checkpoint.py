@@ -145,6 +145,22 @@ def test_other_backbone_shapes_name_first_mismatched_layer_and_leave_it_unchange
     assert wider.state_dict().keys() == state.keys()
 
 
+def test_an_adapter_of_a_deeper_backbone_of_the_same_width_is_refused(tmp_path):
+    """Every layer of the shallower network fits; the deeper one's extra experts would be
+    dropped without a word."""
+    deeper = loraxir.get_loraxir_model(
+        _backbone(middle_blk_num=2), LoraIRConfig(degradations=DEGRADATIONS)
+    )
+    deeper.save_pretrained(tmp_path / "deep")
+    backbone = _backbone()
+    with pytest.raises(
+        loraxir.BackboneMismatchError,
+        match=r"tensors this backbone has no layer for.*middle_blks\.1",
+    ):
+        loraxir.LoraIRModel.from_pretrained(backbone, tmp_path / "deep")
+    assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+
+
 def test_pickle_adapters_are_refused(tmp_path):
     _trained_model().save_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").unlink()

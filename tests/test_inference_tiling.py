@@ -224,6 +224,18 @@ def test_the_restorer_refuses_what_is_not_one_rgb_image(pixels, message):
             call(pixels)
 
 
+@pytest.mark.parametrize("route_pixels", [16_000_000, 300])
+def test_16_bit_images_route_as_their_8_bit_version(route_pixels):
+    """The router sees 16-bit pixels scaled by 65535, whole or area-downscaled."""
+    model = tiny_model()
+    eight = photo(40, 56)
+    sixteen = eight.astype(np.uint16) * 257
+    restorer = Restorer(model, tile=None, route_pixels=route_pixels)
+    a, b = restorer.route(eight), restorer.route(sixteen)
+    torch.testing.assert_close(b.probabilities, a.probabilities, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.gates, a.gates, atol=1e-5, rtol=1e-4)
+
+
 def test_restorer_settings_of_the_wrong_kind_are_refused_before_the_model_changes():
     model = tiny_model()
     for dtype in ("float16", torch.int8):
