@@ -259,6 +259,14 @@ def ship(
 
     if not name or name in (".", "..") or Path(name).name != name:
         raise ConfigError(f"--name {name!r} must be a plain folder name (no path, not empty).")
+    if class_photos is not None:
+        shared = set(_stems(photos)) & set(_stems(class_photos))
+        if shared:
+            raise ConfigError(
+                f"--photos and --class-photos share {sorted(shared)}: the card's held-out "
+                "photos must not also fit the class embeddings; pass the training photos as "
+                "--class-photos."
+            )
     target = into / name
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} exists; pass --overwrite to replace it.")
@@ -365,10 +373,14 @@ def _gain(decibels: float) -> str:
     return f"{decibels:+.2f}" if abs(decibels) >= 0.005 else f"{decibels:+.3f}"
 
 
-def _photo_names(photos: Path) -> str:
+def _stems(photos: Path) -> list[str]:
     from loraxir.data.sources import open_source
 
-    return ", ".join(sorted(Path(name).stem for name in open_source(str(photos)).ids))
+    return sorted(Path(name).stem for name in open_source(str(photos)).ids)
+
+
+def _photo_names(photos: Path) -> str:
+    return ", ".join(_stems(photos))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
