@@ -153,6 +153,41 @@ def test_the_training_loop_clips_the_gradient_norm_when_asked(
     torch.testing.assert_close(model.weight.detach()[0], -expected)
 
 
+@pytest.mark.usefixtures("isolated_recipe_run")
+def test_the_logged_loss_of_an_accumulated_step_averages_its_micro_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from loraxir.training.engine import fit, setup_accelerator
+
+    config = RecipeConfig(
+        output_dir=str(tmp_path), cpu=True, max_steps=2, gradient_accumulation_steps=2,
+        log_every=1,
+    )  # fmt: skip
+    accelerator = setup_accelerator(config)
+    logged: list[float] = []
+    monkeypatch.setattr(
+        accelerator, "log", lambda values, step: logged.append(values["train/loss"])
+    )
+    model = nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loader = DataLoader(TensorDataset(torch.tensor([[1.0], [2.0], [3.0], [4.0]])), batch_size=1)
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    fit(
+        accelerator,
+        config,
+        TrainState(),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        compute_loss=lambda batch: batch[0].sum() + 0.0 * model(batch[0]).sum(),
+    )
+    assert logged == [1.5, 3.5]  # the mean of each step's two batches, not its last one
+
+
 def test_fingerprint_leaves_out_what_may_change_on_resume() -> None:
     config = RestorationConfig(output_dir="a", checkpoint_every=5, validate_every=3)
     other = RestorationConfig(output_dir="b", checkpoint_every=7, cpu=True, resume="latest")

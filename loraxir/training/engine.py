@@ -362,6 +362,7 @@ def fit(
     bar = progress_bar(accelerator, config, state, desc)
     batches = train_batches(loader, state)
     params = [p for p in model.parameters() if p.requires_grad]
+    window: list[torch.Tensor] = []  # the micro-batch losses of one optimizer step
     model.train()
     while state.step < config.max_steps:
         raise_if_interrupted()
@@ -369,6 +370,7 @@ def fit(
         with accelerator.accumulate(model):
             loss = compute_loss(batch)
             check_finite_loss(accelerator, loss, config, state)
+            window.append(loss.detach().float())
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -378,12 +380,14 @@ def fit(
             optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue
+        step_loss = torch.stack(window).mean()
+        window.clear()
         state.step += 1
         if ema is not None:
             ema.update()
         bar.update(1)
         if state.step % config.log_every == 0 or state.step == config.max_steps:
-            logged = accelerator.reduce(loss.detach().float(), "mean").item()
+            logged = accelerator.reduce(step_loss, "mean").item()
             bar.set_postfix(loss=f"{logged:.4f}")
             accelerator.log({"train/loss": logged, "train/lr": used_lr}, step=state.step)
         if validate and validate_every and state.step % validate_every == 0:
