@@ -11,7 +11,7 @@ scikit-image's ``peak_signal_noise_ratio(data_range=255)`` and
 data_range=255)`` on the same 0–255 arrays.
 
 Inputs are float ``(B, 3, H, W)`` in [0, 1]; values outside are clamped, as BasicSR's
-``tensor2img`` does. Integer tensors (``uint8`` 0–255) and float values far outside
+``tensor2img`` does. Integer tensors (``uint8`` 0–255) and targets far outside [0, 1]
 (beyond [-1, 2]) are refused rather than guessed at: clamped as [0, 1] values they would
 give wrong numbers silently; convert with ``x.float() / 255``. ``quantize=True`` also
 rounds to 8-bit levels first, which is what evaluating saved PNG files (BasicSR's
@@ -32,7 +32,7 @@ from loraxir.errors import DataError
 # BT.601 limited-range luma on 0–255 RGB: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
 _WINDOW = 11
-# Beyond these no network output is an overshoot of [0, 1]: the images are 0-255 ones.
+# A reference image beyond these is a 0-255 one (predictions are clamped whatever they hold).
 _FAR_BELOW, _FAR_ABOVE = -1.0, 2.0
 
 
@@ -90,12 +90,12 @@ def _prepare(
                 f"{name} must be a float tensor in [0, 1], got dtype {images.dtype}; convert "
                 "8-bit images with x.float() / 255."
             )
-        if images.numel() and (images.max() > _FAR_ABOVE or images.min() < _FAR_BELOW):
-            raise DataError(
-                f"{name} has values in [{images.min().item():.4g}, {images.max().item():.4g}], "
-                "far outside [0, 1] (a network's overshoot is clamped, 0-255 values are not "
-                "guessed at); divide 0-255 images by 255."
-            )
+    if target.numel() and (target.max() > _FAR_ABOVE or target.min() < _FAR_BELOW):
+        raise DataError(
+            f"target has values in [{target.min().item():.4g}, {target.max().item():.4g}], far "
+            "outside [0, 1]: a reference is an image, not guessed at as 0-255 values; divide "
+            "0-255 images by 255 (a prediction's overshoot is clamped)."
+        )
     for option, value in (("y_channel", y_channel), ("quantize", quantize)):
         if not isinstance(value, bool):
             raise DataError(f"{option} must be True or False, got {value!r}.")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
 import os
 import statistics
 import time
@@ -1191,15 +1190,11 @@ def _check_save_arguments(directory: Any, metrics: Any, base_model: Any) -> None
     if not isinstance(directory, str | os.PathLike) or not str(directory):
         raise ConfigError(f"save_pretrained needs a folder path, got {directory!r}.")
     if metrics is not None and not (
-        isinstance(metrics, dict)
-        and all(
-            isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
-            for k, v in metrics.items()
-        )
+        isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics)
     ):
         raise ConfigError(
-            f"metrics must be a dict of names to numbers (e.g. {{'psnr_noise': 30.1}}), got "
-            f"{metrics!r}."
+            f"metrics must be a dict keyed by names (e.g. {{'psnr_noise': 30.1}}, or a "
+            f"metrics.json's contents), got {metrics!r}."
         )
     if base_model is not None and not isinstance(base_model, str):
         raise ConfigError(

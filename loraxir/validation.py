@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,23 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 def check_names(name: str, names: Any, case_sensitive: bool = False) -> list[str]:
     """Return ``names`` as a list; raise unless it is a non-empty list of unique strings.
 
-    Class names are unique ignoring case (``"Noise"`` beside ``"noise"`` is a typo wherever
-    a class is named); module paths (``case_sensitive=True``) are Python names."""
+    Class names that differ only in case (``"Noise"`` beside ``"noise"``) are a likely typo
+    and warned about (not refused: a saved adapter with such names still loads); module
+    paths (``case_sensitive=True``) are Python names, where case is meaningful."""
     if isinstance(names, str | bytes) or not isinstance(names, list | tuple):
         raise ConfigError(f"{name} must be a list of names, got {names!r}.")
     names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{name} must be non-empty strings, got {names!r}.")
-    keys = names if case_sensitive else [n.casefold() for n in names]
-    duplicates = sorted({n for n, k in zip(names, keys, strict=True) if keys.count(k) > 1})
+    duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        how = "" if case_sensitive else ", ignoring case"
-        raise ConfigError(f"{name} must be unique{how}; repeated: {duplicates}.")
+        raise ConfigError(f"{name} must be unique; repeated: {duplicates}.")
+    folded = [n.casefold() for n in names]
+    alike = sorted({n for n, f in zip(names, folded, strict=True) if folded.count(f) > 1})
+    if alike and not case_sensitive:
+        warnings.warn(
+            f"{name} {alike} differ only in case: they are different classes, and a name is "
+            "matched exactly. Rename one if that is a typo.",
+            stacklevel=3,
+        )
     return names

@@ -260,12 +260,13 @@ def ship(
     if not name or name in (".", "..") or Path(name).name != name:
         raise ConfigError(f"--name {name!r} must be a plain folder name (no path, not empty).")
     if class_photos is not None:
-        shared = set(_stems(photos)) & set(_stems(class_photos))
+        held_out, fitting = _fingerprints(photos), _fingerprints(class_photos)
+        shared = sorted(held_out[key] for key in held_out.keys() & fitting.keys())
         if shared:
             raise ConfigError(
-                f"--photos and --class-photos share {sorted(shared)}: the card's held-out "
-                "photos must not also fit the class embeddings; pass the training photos as "
-                "--class-photos."
+                f"--photos and --class-photos share {shared} (the same pixels): the card's "
+                "held-out photos must not also fit the class embeddings; pass the training "
+                "photos as --class-photos."
             )
     target = into / name
     if target.exists() and not overwrite:
@@ -373,14 +374,24 @@ def _gain(decibels: float) -> str:
     return f"{decibels:+.2f}" if abs(decibels) >= 0.005 else f"{decibels:+.3f}"
 
 
-def _stems(photos: Path) -> list[str]:
+def _fingerprints(photos: Path) -> dict[str, str]:
+    """The photos' names by a digest of their decoded pixels (a photo saved under another
+    name or format is the same photo; two numbered datasets' ``0001.png`` need not be)."""
+    import hashlib
+
     from loraxir.data.sources import open_source
 
-    return sorted(Path(name).stem for name in open_source(str(photos)).ids)
+    source = open_source(str(photos))
+    return {
+        hashlib.sha256(source.load(i).numpy().tobytes()).hexdigest(): name
+        for i, name in enumerate(source.ids)
+    }
 
 
 def _photo_names(photos: Path) -> str:
-    return ", ".join(_stems(photos))
+    from loraxir.data.sources import open_source
+
+    return ", ".join(sorted(Path(name).stem for name in open_source(str(photos)).ids))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

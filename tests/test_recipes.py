@@ -816,19 +816,22 @@ def test_ship_adapter_measures_held_out_photos_and_keeps_an_existing_folder(tmp_
     recipe("ship_adapter").main([*args, "--overwrite"])
     assert not (target / "stale.json").exists()
     assert loraxir.load_adapter(target).loraxir_router.class_embeddings is None
-    with pytest.raises(ConfigError, match=r"share \['astronaut', 'coffee'\]"):
-        recipe("ship_adapter").main([*args, "--class-photos", str(photos)])
     training = tmp_path / "training"
     training.mkdir()
     for name in ("camera", "chelsea"):
         image = Image.fromarray(skimage_image(name).permute(1, 2, 0).numpy()).resize((64, 48))
         image.save(training / f"{name}.png")
+    (training / "coffee.png").write_bytes((photos / "coffee.png").read_bytes())
+    with pytest.raises(ConfigError, match=r"share \['coffee.png'\] \(the same pixels\)"):
+        recipe("ship_adapter").main([*args, "--class-photos", str(training)])
+    (training / "coffee.png").unlink()
+    (training / "astronaut.png").write_bytes((training / "camera.png").read_bytes())  # a name
     fitted = recipe("ship_adapter").main(
         [*args, "--into", str(tmp_path / "fitted"), "--class-photos", str(training)]
     )  # the last --into wins
     router = loraxir.load_adapter(fitted).loraxir_router
     assert router.class_embeddings.shape == (len(CLASSES), router.mlp[-1].out_features)
-    assert "fitted on camera, chelsea" in (fitted / "README.md").read_text()
+    assert "fitted on astronaut, camera, chelsea" in (fitted / "README.md").read_text()
     with torch.no_grad():
         assert torch.equal(loraxir.load_adapter(fitted)(x), loraxir.load_adapter(trained)(x))
     given = json.loads((fitted / "metrics.json").read_text())["held_out"]

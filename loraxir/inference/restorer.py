@@ -258,10 +258,15 @@ def _check_pixels(pixels: object) -> None:
         )
     if np.issubdtype(pixels.dtype, np.floating) and pixels.size:
         low, high = float(pixels.min()), float(pixels.max())
-        if not 0.0 <= low <= high <= 1.0:  # NaN fails every comparison
+        if not (np.isfinite(low) and np.isfinite(high)):
             raise DataError(
-                f"Float pixels must be finite and in [0, 1], got values in [{low:.4g}, "
-                f"{high:.4g}]; divide 0-255 values by 255 and clip: np.clip(pixels / 255, 0, 1)."
+                "The float pixels hold NaN or infinite values; check the decoding or the "
+                "arithmetic that produced them (np.nan_to_num clears them)."
+            )
+        if low < -1.0 or high > 2.0:  # beyond any overshoot of [0, 1]: 0-255 values
+            raise DataError(
+                f"Float pixels are in [0, 1], got values in [{low:.4g}, {high:.4g}]; divide "
+                "0-255 values by 255."
             )
 
 
