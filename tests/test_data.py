@@ -337,6 +337,10 @@ def test_paired_folder_reads_a_metadata_jsonl_imagefolder_offline(tmp_path):
     )
     assert table.column_names == ["lq", "gt", "task"]
     assert np.array_equal(np.asarray(table[1]["lq"]), _rgb(11))
+    repeated = PairedFolder(tmp_path, task_names=["noise", "rain", "haze"], repeats=3)
+    assert len(repeated.task_labels) == len(repeated) == 9  # the sampler reads them by index
+    assert [repeated[i]["task"] for i in range(9)] == repeated.task_labels
+    assert [repeated[i]["name"] for i in range(3)] == [pairs[i]["name"] for i in range(3)]
 
 
 def test_paired_folder_pairs_differing_names_with_a_key(tmp_path):
@@ -346,6 +350,11 @@ def test_paired_folder_pairs_differing_names_with_a_key(tmp_path):
     pairs = PairedFolder(tmp_path, "rainy", "norain", key=r"(\d+)", task="rain")
     assert len(pairs) == 2 and pairs.task_names == ["rain"]
     assert torch.equal(pairs[0]["lq"], pairs[0]["gt"])
+    for index in (1, 2):  # the key is the group, not the whole match
+        _save(tmp_path / "lq" / f"img_{index}.png", _rgb(index))
+        _save(tmp_path / "gt" / f"{index}.png", _rgb(index))
+    named = PairedFolder(tmp_path, "lq", "gt", key=r"(?:img_)?(\d+)", task="rain")
+    assert len(named) == 2 and torch.equal(named[1]["lq"], named[1]["gt"])
 
 
 def test_paired_folder_reads_nested_sequences_and_many_to_one(tmp_path):

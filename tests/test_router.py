@@ -650,12 +650,18 @@ def test_text_head_recognises_a_class_added_by_name(tmp_path: Path) -> None:
 
 
 def test_linear_head_grows_with_a_new_class_keeping_old_rows() -> None:
-    router = cnn_router()
+    router = cnn_router().eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.nn.init.normal_(router.head.bias)  # a trained head's bias is not zero
+        before = router.logits(x)
     old = router.head.weight.detach().clone()
     router.add_degradation("snow")
     assert router.head.weight.shape[0] == len(CLASSES) + 1
     assert torch.equal(router.head.weight[:-1], old)
-    assert router(torch.rand(2, 3, 16, 16)).shape == (2, len(CLASSES) + 1)
+    with torch.no_grad():
+        assert torch.equal(router.logits(x)[:, :-1], before), "old classes' logits unchanged"
+    assert router(x).shape == (2, len(CLASSES) + 1)
 
 
 def test_safetensors_file_path_loads_its_folder(tmp_path: Path) -> None:
