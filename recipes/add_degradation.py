@@ -27,6 +27,7 @@ Writes to ``output_dir``: ``adapter/`` (the grown adapter, self-contained),
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         after=after,
         per_task=per_task_change(before, after),
         old_tasks=old_tasks,
+        train_patches=dict(Counter(data.task_names[t] for t in data.train.task_labels)),
         new_degradation=config.new_degradation,
         experts=lora_model.degradations,
     )

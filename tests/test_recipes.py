@@ -541,10 +541,13 @@ def test_add_degradation_keeps_old_outputs_and_learns_the_new_class(
     source, _ = finetuned
     metrics = run(
         "add_degradation", tmp_path, *DATA, f"adapter={source / 'adapter'}", "max_steps=12",
-        "learning_rate=5e-3", "val_patch_size=64", "train_repeats=4",
+        "learning_rate=5e-3", "val_patch_size=64", "train_repeats=4", "replay_repeats=2",
     )  # fmt: skip
     old = ["noise", "rain", "haze", "blur", "low_light"]
     assert metrics["experts"] == [*old, "snow"]
+    patches = metrics["train_patches"]  # 4 per photo of the new task, 2 (replay) of each old
+    assert sorted(patches) == sorted([*old, "snow"]) and patches["snow"] == 2 * patches["noise"]
+    assert len({patches[task] for task in old}) == 1
     for task in old:  # batches mixing in snow images round old outputs differently (~1e-7)
         assert abs(metrics["per_task"][task]["change"]) < 1e-5, task
     assert metrics["per_task"]["snow"]["change"] > 0.5, metrics["per_task"]["snow"]
