@@ -81,6 +81,21 @@ def test_tiny_run_writes_every_artefact(tiny: tuple[Path, dict[str, Any]]) -> No
     assert len(summary["router"]["confusion"]) == len(summary["router"]["classes"]) == 3
 
 
+def test_paired_differences_and_the_confusion_matrix_read_the_right_way(
+    tiny: tuple[Path, dict[str, Any]],
+) -> None:
+    summary = tiny[1]["suites"]["three_task"]
+    by_label = {entry["label"]: entry for entry in summary["methods"].values()}
+    assert summary["differences"]
+    for label, value in summary["differences"].items():
+        first, second = (by_label[name]["average"]["psnr"]["values"] for name in label.split(" − "))
+        assert value["values"] == pytest.approx([a - b for a, b in zip(first, second, strict=True)])
+    # Rows are the true classes: three_task has three noise tasks to one rain and one haze.
+    router = summary["router"]
+    rows = dict(zip(router["classes"], map(sum, router["confusion"]), strict=True))
+    assert rows["noise"] == 3 * rows["rain"] == 3 * rows["haze"] > 0, router
+
+
 def test_methods_share_one_budget(tiny: tuple[Path, dict[str, Any]]) -> None:
     root, results = tiny
     methods = results["suites"]["three_task"]["methods"]
