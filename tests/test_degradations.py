@@ -179,6 +179,8 @@ def test_haze_rejects_a_depth_map_of_the_wrong_size(photo):
 def test_low_light_lowers_mean_brightness_by_the_factor(photo):
     dark, _ = D.apply("low_light", photo, factor=0.25, gamma=1.0, shot=0.0, read=0.0)
     assert dark.mean().item() == pytest.approx(0.25 * photo.mean().item(), rel=0.02)
+    darker, _ = D.apply("low_light", photo, factor=0.25, gamma=2.0, shot=0.0, read=0.0)
+    assert darker.mean().item() == pytest.approx(0.25 * photo.square().mean().item(), rel=0.02)
 
 
 @pytest.mark.parametrize("name", ["rain", "snow"])

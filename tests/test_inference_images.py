@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -30,6 +31,13 @@ def test_grayscale_stays_grayscale(tmp_path):
     with Image.open(tmp_path / "out.png") as out:
         assert out.mode == "L"
         np.testing.assert_array_equal(np.asarray(out), gray)
+    # A restored gray image whose channels came out apart: written as their rounded mean.
+    colour = photo(20, 30)
+    restored = dataclasses.replace(picture, pixels=colour)
+    write_picture(tmp_path / "restored.png", restored)
+    with Image.open(tmp_path / "restored.png") as out:
+        expected = np.rint(colour.astype(np.float64).mean(axis=-1)).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(out), expected)
 
 
 def test_rgba_alpha_is_kept(tmp_path):

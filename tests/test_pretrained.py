@@ -157,6 +157,8 @@ def test_from_pretrained_through_the_hub_cache_equals_the_folder(
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="not in the Hub cache"):
         loraxir.load_adapter("me/never-pushed", cache_dir=cache)
+    with pytest.raises(CheckpointError, match=r"offline mode \(HF_HUB_OFFLINE is set\)"):
+        push_folder(folder, "me/tiny", endpoint="http://127.0.0.1:9", token="test-token")
 
 
 def test_merge_refuses_a_network_spandrel_would_read_as_another(tmp_path):

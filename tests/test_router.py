@@ -457,6 +457,9 @@ def test_global_statistics_see_haze_and_under_exposure() -> None:
     assert stats["haze"][saturation] < stats["clean"][saturation]
     assert stats["dark"][histogram][0] == 1.0
     assert stats["clean"][histogram].sum().item() == pytest.approx(1.0)
+    for value, expected_bin in ((0.8, int(0.8 * HISTOGRAM_BINS)), (1.0, HISTOGRAM_BINS - 1)):
+        flat = global_statistics(torch.full((1, 3, 8, 8), value))[0][histogram]
+        assert flat[expected_bin] == 1.0, (value, flat)
 
 
 def test_sharpness_statistics_tell_motion_blur_from_haze_and_noise() -> None:
@@ -471,6 +474,9 @@ def test_sharpness_statistics_tell_motion_blur_from_haze_and_noise() -> None:
     }
     energy, drop, coherence = 0, 1, 2
     assert stats["blur"][coherence] > stats["haze"][coherence] + 0.3
+    streak = torch.eye(9).div(9).expand(3, 1, 9, 9)  # a 45° motion blur
+    diagonal = sharpness_statistics(F.conv2d(scene, streak, groups=3))[0][coherence]
+    assert diagonal > stats["haze"][coherence] + 0.15, "direction counts, not the axes"
     assert stats["noise"][drop] > stats["haze"][drop] > stats["blur"][drop]
     assert stats["noise"][energy] > stats["haze"][energy]
 
