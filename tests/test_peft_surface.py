@@ -55,18 +55,24 @@ def test_disabled_adapters_run_the_bare_backbone_dam_blocks_and_merges_included(
         assert torch.equal(model(X), adapted)
 
 
+def _two_saved_adapters(folder, config: LoraIRConfig, degradation: str) -> dict[str, torch.Tensor]:
+    """Adapters "a" and "b" (other random experts) saved under ``folder``; their outputs."""
+    outputs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        single = loraxir.get_loraxir_model(_backbone(), config).eval()
+        torch.manual_seed(seed)
+        randomize_experts(single)
+        single.save_pretrained(folder / name)
+        with torch.no_grad():
+            outputs[name] = single(X, degradation=degradation)
+    return outputs
+
+
 def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refused(
     tmp_path,
 ) -> None:
     plain = LoraIRConfig(degradations=DEGRADATIONS)
-    outputs = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        single = loraxir.get_loraxir_model(_backbone(), plain).eval()
-        torch.manual_seed(seed)
-        randomize_experts(single)
-        single.save_pretrained(tmp_path / name)
-        with torch.no_grad():
-            outputs[name] = single(X, degradation="haze")
+    outputs = _two_saved_adapters(tmp_path, plain, "haze")
     model = peft.PeftModel.from_pretrained(_backbone(), tmp_path / "a").eval()
     model.load_adapter(tmp_path / "b", adapter_name="b")
     with torch.no_grad(), loraxir.route(model, degradation="haze"):
@@ -89,14 +95,7 @@ def test_a_second_adapter_switches_exactly_and_one_with_dam_or_a_router_is_refus
 def test_an_adapter_loaded_again_under_its_name_runs_its_own_weights(tmp_path) -> None:
     """Folds kept for a deleted adapter must not serve the one loaded under its name."""
     config = LoraIRConfig(degradations=DEGRADATIONS)
-    outputs = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        single = loraxir.get_loraxir_model(_backbone(), config).eval()
-        torch.manual_seed(seed)
-        randomize_experts(single)
-        single.save_pretrained(tmp_path / name)
-        with torch.no_grad():
-            outputs[name] = single(X, degradation="rain")
+    outputs = _two_saved_adapters(tmp_path, config, "rain")
     model = peft.get_peft_model(_backbone(), config).eval()
     for name, trainable in (("a", False), ("b", True)):  # a trainable load does not call eval()
         if "second" in model.peft_config:

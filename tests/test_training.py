@@ -116,27 +116,20 @@ def test_a_non_finite_loss_names_the_step_and_the_last_checkpoint(tmp_path: Path
         check_finite_loss(_OneProcess(), torch.tensor(float("nan")), config, state)
 
 
-@pytest.mark.usefixtures("isolated_recipe_run")
-@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
-def test_the_training_loop_clips_the_gradient_norm_when_asked(
-    tmp_path: Path, max_grad_norm: float
-) -> None:
-    """One plain SGD step (lr 1) moves the weights by the gradient: clipped to
-    ``max_grad_norm``, or whole when clipping is off (0)."""
+def _fit_sgd(
+    config: RecipeConfig, model: nn.Module, batches: torch.Tensor, lr: float, loss: Any
+) -> nn.Module:
+    """Run the recipes' training loop on ``model`` (zero-initialised) with plain SGD at a
+    constant ``lr``, one row of ``batches`` per batch; ``loss(model, batch)``."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from loraxir.training.engine import fit, setup_accelerator
 
-    config = RecipeConfig(
-        output_dir=str(tmp_path), cpu=True, max_steps=1, max_grad_norm=max_grad_norm
-    )
     accelerator = setup_accelerator(config)
-    model = nn.Linear(4, 1, bias=False)
     nn.init.zeros_(model.weight)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    loader = DataLoader(TensorDataset(x), batch_size=1)
+    loader = DataLoader(TensorDataset(batches), batch_size=1)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     fit(
         accelerator,
@@ -146,8 +139,23 @@ def test_the_training_loop_clips_the_gradient_norm_when_asked(
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
-        compute_loss=lambda batch: 10.0 * model(batch[0]).sum(),
+        compute_loss=lambda batch: loss(model, batch[0]),
     )
+    return model
+
+
+@pytest.mark.usefixtures("isolated_recipe_run")
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
+def test_the_training_loop_clips_the_gradient_norm_when_asked(
+    tmp_path: Path, max_grad_norm: float
+) -> None:
+    """One plain SGD step (lr 1) moves the weights by the gradient: clipped to
+    ``max_grad_norm``, or whole when clipping is off (0)."""
+    config = RecipeConfig(
+        output_dir=str(tmp_path), cpu=True, max_steps=1, max_grad_norm=max_grad_norm
+    )
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    model = _fit_sgd(config, nn.Linear(4, 1, bias=False), x, 1.0, lambda m, b: 10.0 * m(b).sum())
     gradient = 10.0 * x[0]
     expected = gradient * (max_grad_norm / gradient.norm() if max_grad_norm else 1.0)
     torch.testing.assert_close(model.weight.detach()[0], -expected)
@@ -157,33 +165,19 @@ def test_the_training_loop_clips_the_gradient_norm_when_asked(
 def test_the_logged_loss_of_an_accumulated_step_averages_its_micro_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from loraxir.training.engine import fit, setup_accelerator
+    from accelerate import Accelerator
 
     config = RecipeConfig(
         output_dir=str(tmp_path), cpu=True, max_steps=2, gradient_accumulation_steps=2,
         log_every=1,
     )  # fmt: skip
-    accelerator = setup_accelerator(config)
     logged: list[float] = []
     monkeypatch.setattr(
-        accelerator, "log", lambda values, step: logged.append(values["train/loss"])
+        Accelerator, "log", lambda self, values, step: logged.append(values["train/loss"])
     )
-    model = nn.Linear(1, 1, bias=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loader = DataLoader(TensorDataset(torch.tensor([[1.0], [2.0], [3.0], [4.0]])), batch_size=1)
-    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    fit(
-        accelerator,
-        config,
-        TrainState(),
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loader=loader,
-        compute_loss=lambda batch: batch[0].sum() + 0.0 * model(batch[0]).sum(),
+    batches = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    _fit_sgd(
+        config, nn.Linear(1, 1, bias=False), batches, 0.0, lambda m, b: b.sum() + 0 * m(b).sum()
     )
     assert logged == [1.5, 3.5]  # the mean of each step's two batches, not its last one
 
