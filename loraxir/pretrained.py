@@ -89,6 +89,8 @@ def find_adapter(adapter: str | os.PathLike | None = None, **hub_kwargs: Any) ->
             return root / spec
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _download(spec, hub_kwargs)
+    if spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)):
+        raise CheckpointError(f"There is no adapter folder {spec!r}.")
     hint = (
         "Pass an adapter folder, a Hub repo id (owner/name), or one of the names listed by "
         "`loraxir info --list`."
@@ -354,6 +356,8 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    if not path.parent.is_dir():
+        raise CheckpointError(f"There is no folder {str(path.parent)!r}.")
     if not path.is_file():
         raise CheckpointError(f"{str(path.parent)!r} has no {path.name}; is it an adapter folder?")
     try:

@@ -26,6 +26,8 @@ def read_yaml_file(path: str | Path, kind: str) -> Any:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{kind} {str(path)!r} is a folder; pass a YAML file in it.")
     if not path.is_file():
         raise ConfigError(f"{kind} {str(path)!r} does not exist.")
     try:

@@ -274,6 +274,9 @@ def test_empty_folder_raises(tmp_path):
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         SyntheticPairs(tmp_path / "nowhere", "five_task", 16)
+    for path, message in ((tmp_path / "nope.png", "does not exist"), (tmp_path, "is a folder")):
+        with pytest.raises(DataError, match=f"{message}; pass an image file"):
+            read_image(path)
 
 
 def test_a_split_needs_two_images(tmp_path):

@@ -228,6 +228,17 @@ def test_a_video_without_frames_or_with_a_wrong_reference_is_refused_before_rest
         restore_video(restorer, tmp_path / "in.mkv", tmp_path / "o.mkv",
                       reference=tmp_path / "ref.mkv", on_frame=restored.append)  # fmt: skip
     assert restored == []
+    before = (tmp_path / "in.mkv").read_bytes()
+    for target, message in [
+        (tmp_path / "in.mkv", "is the input video"),
+        (tmp_path / "o.png", "a video suffix"),
+        (tmp_path / "in.mkv" / "o.mkv", "part of its folder path is a file"),
+    ]:
+        with pytest.raises(loraxir.DataError, match=message):
+            restore_video(restorer, tmp_path / "in.mkv", target)
+    with pytest.raises(loraxir.DataError, match=r"--smooth must be in \[0, 1\), got None"):
+        restore_video(restorer, tmp_path / "in.mkv", tmp_path / "o.mkv", smooth=None)
+    assert (tmp_path / "in.mkv").read_bytes() == before and not (tmp_path / "o.mkv").exists()
 
 
 def test_a_frame_of_another_size_is_refused_not_rescaled(tmp_path):
@@ -235,6 +246,11 @@ def test_a_frame_of_another_size_is_refused_not_rescaled(tmp_path):
         with VideoWriter(tmp_path / "v.mkv", 48, 32, Fraction(12)) as writer:
             writer.write(np.zeros((32, 48, 3), np.uint8))
             writer.write(np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(DataError, match=r"uint8 arrays, got float32"):
+        with VideoWriter(tmp_path / "f.mkv", 48, 32, Fraction(12)) as writer:
+            writer.write(np.zeros((32, 48, 3), np.float32))
+    with pytest.raises(DataError, match="frame rate > 0"):
+        VideoWriter(tmp_path / "z.mkv", 48, 32, Fraction(0))
 
 
 def test_the_report_plot_shows_a_file_name_with_dollar_signs_as_it_is(tmp_path):

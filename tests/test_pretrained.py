@@ -71,6 +71,11 @@ def test_unknown_name_lists_the_installed_adapters(adapter_root, monkeypatch):
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter_root))
     with pytest.raises(UnknownNameError, match="tiny-three"):
         find_adapter("tiny-thre")
+    for path in ("./nodir/", str(adapter_root / "nodir")):  # written as a path: not a name
+        with pytest.raises(CheckpointError, match="There is no adapter folder"):
+            find_adapter(path)
+    with pytest.raises(CheckpointError, match="There is no folder"):
+        push_folder(adapter_root / "nodir", "me/tiny", endpoint="http://127.0.0.1:9")
 
 
 def test_push_uploads_the_promised_files_and_card(adapter_root, online):

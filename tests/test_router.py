@@ -691,9 +691,20 @@ def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router
         router.fit_class_embeddings([(images, ["noise", "rain", "haze"])])
     with pytest.raises(RoutingError, match="Class indices"):
         router.fit_class_embeddings([(images, torch.tensor([0, 1, 2, 9]))])
+    for batches, message in [
+        ([(images, torch.tensor([0.7, 1.2, 2.9, 0.0]))], "whole numbers"),  # not truncated
+        ([(images, "noise")], r"one per image: pass \['noise'\] \* batch_size"),
+        ((images, torch.arange(4)), r"\(images, labels\) pairs"),  # one pair, not a list
+        ([(images.numpy(), [0, 1, 2, 0])], r"\(B, C, H, W\) torch\.Tensor"),
+    ]:
+        with pytest.raises(RoutingError, match=message):
+            router.fit_class_embeddings(batches)
     assert router.class_embedding(torch.eye(len(CLASSES))) is None
     labels = torch.arange(len(CLASSES)).repeat(2)
-    fitted = router.fit_class_embeddings([(torch.rand(len(labels), 3, 24, 24), labels)])
+    x = torch.rand(len(labels), 3, 24, 24)
+    from_numpy = router.fit_class_embeddings([(x, labels.numpy())]).clone()  # indices too
+    fitted = router.fit_class_embeddings([(x, labels)])
+    assert torch.equal(from_numpy, fitted)
     assert fitted.shape == (len(CLASSES), 24)
     torch.testing.assert_close(router.class_embedding(torch.eye(len(CLASSES))[1]), fitted[1:2])
     router.save_pretrained(tmp_path / "router")

@@ -262,7 +262,9 @@ def test_settings_that_would_train_wrongly_are_refused_when_the_config_loads(
         load_config(RestorationConfig, None, setting.split("\n"))
 
 
-def test_restoration_config_rejects_bad_settings_with_the_closest_name() -> None:
+def test_restoration_config_rejects_bad_settings_with_the_closest_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file in it"):
+        load_config(RestorationConfig, tmp_path, [])
     with pytest.raises(UnknownNameError, match="patch_size"):
         load_config(RestorationConfig, None, ["patchsize=32"])
     with pytest.raises(ConfigError, match="loss"):

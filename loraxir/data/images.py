@@ -61,6 +61,9 @@ def read_image(path: str | Path) -> Tensor:
     16-bit colour files, which Pillow truncates to their high byte, are decoded at full
     depth by :func:`loraxir.inference.images.read_picture` and rounded like other 16-bit
     images."""
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise DataError(f"Image {str(path)!r} {what}; pass an image file.")
     try:
         deep = probe_image(path).bits == 16
     except DataError:  # float or 32-bit files: Pillow's own reading below says what it can

@@ -85,7 +85,19 @@ class VideoWriter:
     ) -> None:
         av = _av()
         self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if self._path.suffix.lower() not in VIDEO_EXTENSIONS:
+            raise DataError(
+                f"Cannot write a video to {str(self._path)!r}: name it with a video suffix "
+                f"({', '.join(sorted(VIDEO_EXTENSIONS))})."
+            )
+        if not fps > 0:
+            raise DataError(f"A video needs a frame rate > 0, got {fps!r}.")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise DataError(
+                f"Cannot write {str(self._path)!r}: a part of its folder path is a file."
+            ) from None
         codec, options = _ENCODERS.get(self._path.suffix.lower(), _DEFAULT_ENCODER)
         with self._errors():
             self._container = av.open(str(self._path), "w")
@@ -105,6 +117,13 @@ class VideoWriter:
     def write(self, frame: np.ndarray) -> None:
         """Encode one frame; a frame of another size than the stream's raises
         :class:`DataError` (the encoder would rescale it without a word)."""
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3:
+            raise DataError(
+                f"Video frames are (H, W, 3) uint8 arrays, got "
+                f"{getattr(frame, 'dtype', type(frame).__name__)} of shape "
+                f"{getattr(frame, 'shape', None)}; convert float frames with "
+                "(frame * 255).round().astype(np.uint8)."
+            )
         if frame.shape[:2] != self._size:
             raise DataError(
                 f"Frame {self._index} of {str(self._path)!r} is {frame.shape[1]}x"
@@ -219,8 +238,13 @@ def restore_video(
     ``reference`` is a clean video of the same frames (PSNR per frame in the report); its
     frame count and size are checked before any frame is restored.
     """
-    if not 0.0 <= smooth < 1.0:
-        raise DataError(f"--smooth must be in [0, 1), got {smooth}.")
+    if isinstance(smooth, bool) or not isinstance(smooth, int | float) or not 0.0 <= smooth < 1.0:
+        raise DataError(f"--smooth must be in [0, 1), got {smooth!r}.")
+    if Path(target).resolve() == Path(source).resolve():
+        raise DataError(
+            f"The output {str(target)!r} is the input video: restoring it there would "
+            "replace the original. Choose another output path."
+        )
     info = probe_video(source)
     if info.frames == 0:
         raise DataError(f"{str(source)!r} holds no video frame.")

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -386,7 +388,18 @@ class DegradationRouter(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            for images, labels in batches:
+            for batch in batches:
+                if not (isinstance(batch, tuple | list) and len(batch) == 2):
+                    raise RoutingError(
+                        "fit_class_embeddings takes an iterable of (images, labels) pairs, "
+                        "e.g. [(images, labels)] for one batch."
+                    )
+                images, labels = batch
+                if not isinstance(images, torch.Tensor) or images.dim() != 4:
+                    raise RoutingError(
+                        f"Images are a (B, C, H, W) torch.Tensor batch, got "
+                        f"{getattr(images, 'shape', type(images).__name__)}."
+                    )
                 index = _class_indices(labels, classes).cpu()
                 if index.numel() != images.shape[0]:
                     raise RoutingError(
@@ -599,12 +612,21 @@ class DegradationRouter(nn.Module):
 
 
 def _class_indices(labels: torch.Tensor | Sequence[str], classes: list[str]) -> torch.Tensor:
-    """Class indices ``(B,)`` from indices or names; unknown names raise RoutingError."""
+    """Class indices ``(B,)`` from indices (a tensor, NumPy array or list of ints) or names;
+    unknown names, fractional indices and a bare string raise RoutingError."""
+    if isinstance(labels, str):
+        raise RoutingError(
+            f"Labels are one per image: pass [{labels!r}] * batch_size, not the string {labels!r}."
+        )
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
     if not isinstance(labels, torch.Tensor) and all(
-        isinstance(label, int) and not isinstance(label, bool) for label in labels
+        isinstance(label, numbers.Number) and not isinstance(label, bool) for label in labels
     ):
-        labels = torch.tensor(list(labels), dtype=torch.long)
+        labels = torch.tensor(list(labels))
     if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            raise RoutingError(f"Class indices must be whole numbers, got {labels}.")
         index = labels.long().flatten()
         if index.numel() and not (0 <= int(index.min()) and int(index.max()) < len(classes)):
             raise RoutingError(f"Class indices must be in [0, {len(classes)}), got {labels}.")
