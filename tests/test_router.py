@@ -275,6 +275,16 @@ def test_explain_reports_probabilities_and_chosen_experts(tmp_path: Path) -> Non
     )
     explanation.plot(tmp_path / "choices.png", labels=["a", "b", "c"])
     assert (tmp_path / "choices.png").stat().st_size > 1000
+    for path, labels, message in [
+        (tmp_path / "c.png", ["a"], r"names the 3 image\(s\), one string each"),
+        (tmp_path / "c.png", "abc", "one string each"),
+        (tmp_path, None, "is a folder; name an image file"),
+        (tmp_path / "c.txt", None, r"\.txt is not a format matplotlib writes"),
+        (tmp_path / "choices.png" / "c.png", None, "is a file"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            explanation.plot(path, labels=labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["choices.png"]
 
 
 def test_saved_router_loads_with_identical_gates(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ from torch import Tensor
 
 from loraxir.degradations.registry import available, get
 from loraxir.degradations.suites import Suite
-from loraxir.errors import ConfigError
-from loraxir.validation import file_in_the_way
+from loraxir.figures import check_figure_path, save_figure
 
 # Cells show the images at about one screen pixel per image pixel.
 _DPI = 100
@@ -42,22 +41,9 @@ def render_gallery(
     format matplotlib writes, that is a folder or lies under a file raises
     :class:`ConfigError` before anything is drawn.
     """
-    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if path.suffix.lower().removeprefix(".") not in formats:
-        problem = f"{path.suffix} is not a format matplotlib writes" if path.suffix else "no suffix"
-        raise ConfigError(
-            f"--output {str(path)!r}: {problem}; end it with one of "
-            f"{', '.join(f'.{f}' for f in formats)} (e.g. gallery.png)."
-        )
-    if path.is_dir():
-        raise ConfigError(f"--output {str(path)!r} is a folder; name an image file.")
-    blocking = file_in_the_way(path)
-    if blocking is not None:
-        raise ConfigError(f"--output {str(path)!r}: {str(blocking)!r} is a file.")
+    path = check_figure_path(path)
     generator = torch.Generator().manual_seed(seed)
     cells: list[tuple[str, str, Tensor]] = [("clean", "", image)]
     if suite is None:
@@ -80,12 +66,7 @@ def render_gallery(
         axis.set_title(title, fontsize=8)
     for axis in axes:
         axis.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        figure.savefig(path)
-    except (OSError, RuntimeError) as error:  # e.g. .pgf without a LaTeX install
-        raise ConfigError(f"Cannot write {str(path)!r}: {error}") from None
-    return path
+    return save_figure(figure, path)
 
 
 def _format_step(step: dict[str, Any]) -> str:

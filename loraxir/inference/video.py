@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from loraxir.errors import DataError
+from loraxir.figures import save_figure
 from loraxir.inference.restorer import Restorer, Routing
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi"})
@@ -220,9 +221,10 @@ class FrameReport:
             axes[1, 0].legend(loc="lower right", fontsize="small")
         axes[-1, 0].set_xlabel("frame")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return Path(path)
+        try:
+            return save_figure(fig, path, dpi=110)
+        finally:
+            plt.close(fig)
 
 
 def restore_video(

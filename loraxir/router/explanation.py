@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from loraxir.errors import ConfigError
+from loraxir.figures import save_figure
+
 
 @dataclass
 class RouterExplanation:
@@ -87,6 +90,12 @@ class RouterExplanation:
 
         probs = self.probabilities.detach().float().cpu()
         rows, cols = probs.shape
+        if labels is not None and (
+            isinstance(labels, str)
+            or len(labels) != rows
+            or not all(isinstance(label, str) for label in labels)
+        ):
+            raise ConfigError(f"labels names the {rows} image(s), one string each; got {labels!r}.")
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * cols, 0.8 + 0.4 * rows))
         image = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for b, i in (self.gates.detach().cpu() > 0).nonzero().tolist():
@@ -101,5 +110,5 @@ class RouterExplanation:
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=120)
+            save_figure(fig, path, dpi=120)
         return fig
