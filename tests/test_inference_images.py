@@ -208,8 +208,8 @@ def test_float_and_32_bit_integer_images_are_refused(tmp_path, values, kind):
         ("x.jpg", True, np.uint8, "JPEG keeps no alpha channel"),
         ("x.ppm", True, np.uint8, "PPM keeps no alpha channel"),
         ("x.bmp", True, np.uint8, "BMP keeps no alpha channel"),
-        ("x.gif", True, np.uint8, "GIF keeps no alpha channel"),
-        ("x.psd", False, np.uint8, "Pillow cannot write images as PSD"),
+        ("x.gif", False, np.uint8, r"\.gif is not an image format restored images are"),
+        ("x.psd", False, np.uint8, r"\.psd is not an image format"),
         ("x.webp", True, np.uint8, None),
         ("x.jpg", False, np.uint16, "16-bit images are written as PNG, TIFF or PPM/PGM only"),
         ("x.pgm", True, np.uint16, "PPM keeps no alpha channel"),
@@ -225,6 +225,15 @@ def test_output_form_is_checked_before_writing(tmp_path, name, alpha, dtype, pro
         return
     with pytest.raises(DataError, match=problem):
         check_output(tmp_path / name, picture)
+
+
+def test_write_picture_refuses_an_array_and_a_file_in_its_path(tmp_path):
+    pixels = np.zeros((4, 5, 3), np.uint8)
+    with pytest.raises(DataError, match=r"takes a Picture, got ndarray.*Picture\(pixels\)"):
+        write_picture(tmp_path / "a.png", pixels)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="a part of its folder path is a file"):
+        write_picture(tmp_path / "file" / "a.png", Picture(pixels))
 
 
 def test_exif_rotated_jpeg_is_read_upright(tmp_path):

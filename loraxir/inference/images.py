@@ -253,10 +253,18 @@ def read_picture(path: str | Path) -> Picture:
 def check_output(path: str | Path, picture: Picture) -> None:
     """Raise :class:`DataError` naming ``path`` when its format cannot hold ``picture``'s
     form (alpha, bit depth), so a caller can refuse before restoring rather than after."""
+    if not isinstance(picture, Picture):
+        raise DataError(
+            f"write_picture takes a Picture, got {type(picture).__name__}; wrap an array "
+            "with Picture(pixels) ((H, W, 3) uint8 or uint16)."
+        )
     suffix = Path(path).suffix.lower()
     deep = picture.pixels.dtype == np.uint16
-    if suffix not in Image.registered_extensions():
-        problem = f"{suffix or 'no suffix'} is not an image format Pillow writes"
+    if suffix not in IMAGE_EXTENSIONS:  # others (GIF: a 256-colour palette) lose colour
+        problem = (
+            f"{suffix or 'no suffix'} is not an image format restored images are written as "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     elif deep and suffix not in _DEEP_SUFFIXES:
         problem = "16-bit images are written as PNG, TIFF or PPM/PGM only"
     elif deep and suffix in _PNM_SUFFIXES and picture.alpha is not None:
@@ -272,7 +280,12 @@ def write_picture(path: str | Path, picture: Picture) -> None:
     its colour profile (and EXIF, where the format has a block for it)."""
     path = Path(path)
     check_output(path, picture)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(
+            f"Cannot write {str(path)!r}: a part of its folder path is a file."
+        ) from None
     deep = picture.pixels.dtype == np.uint16
     if deep and path.suffix.lower() in _PNM_SUFFIXES:
         _write_pnm(path, picture)
@@ -309,30 +322,23 @@ def write_picture(path: str | Path, picture: Picture) -> None:
 
 @functools.cache
 def _format_problem(suffix: str, alpha: bool) -> str | None:
-    """What keeps Pillow from writing an 8-bit image (with ``alpha``) as ``suffix``, found
-    by writing and reading back a 2x2 one: some formats cannot be written at all, some drop
-    alpha without a word (PPM, BMP) or keep only a binary one (GIF)."""
+    """What keeps an 8-bit image (with ``alpha``) from being written as ``suffix``, found by
+    writing and reading back a 2x2 one: some formats drop alpha without a word (PPM, BMP,
+    JPEG)."""
+    if not alpha:
+        return None
     image_format = Image.registered_extensions()[suffix]
     probe = np.zeros((2, 2, 4), np.uint8)
     probe[..., 3] = [[0, 77], [200, 255]]
-    if _written_alpha(probe[..., :3], image_format) is None:
-        return f"Pillow cannot write images as {image_format}"
-    if alpha and not np.array_equal(_written_alpha(probe, image_format), probe[..., 3]):
-        return f"{image_format} keeps no alpha channel"
-    return None
-
-
-def _written_alpha(pixels: np.ndarray, image_format: str) -> np.ndarray | None:
-    """The alpha of ``pixels`` written as ``image_format`` and read back (opaque without
-    one), or ``None`` when Pillow cannot write them so."""
     buffer = io.BytesIO()
     try:
-        Image.fromarray(pixels).save(buffer, format=image_format)
+        Image.fromarray(probe).save(buffer, format=image_format)
         buffer.seek(0)
         with Image.open(buffer) as back:
-            return np.asarray(back.convert("RGBA"))[..., 3]
-    except (OSError, ValueError, KeyError):
-        return None
+            kept = np.array_equal(np.asarray(back.convert("RGBA"))[..., 3], probe[..., 3])
+    except (OSError, ValueError, KeyError):  # JPEG refuses RGBA outright
+        kept = False
+    return None if kept else f"{image_format} keeps no alpha channel"
 
 
 def _open(path: str | Path) -> Image.Image:
