@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraxir.errors import ConfigError
 from loraxir.training.entry import run_script
@@ -66,6 +67,20 @@ def test_a_full_disk_is_one_line_with_the_resume_hint_and_other_os_errors_keep_t
         with pytest.raises(SystemExit) as exited:
             run_script(saving, "Rerun the same command.")
         assert exited.value.code == 1 and "Rerun the same" in capsys.readouterr().err
+
+    for raised in (  # a GPU's and the CPU allocator's out-of-memory errors
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] can't allocate memory: 1200 bytes"),
+    ):
+
+        def allocating(error: Exception = raised) -> None:
+            raise error
+
+        with pytest.raises(SystemExit) as exited:
+            run_script(allocating, "Rerun the same command.")
+        err = capsys.readouterr().err
+        assert exited.value.code == 1 and "Traceback" not in err
+        assert "out of memory" in err and "Lower batch_size or patch_size" in err
 
     def missing() -> None:
         raise FileNotFoundError(errno.ENOENT, "No such file", "x")

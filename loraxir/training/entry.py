@@ -46,6 +46,14 @@ def _machine_error(error: Exception) -> bool:
     return any(message in str(error) for message in _MACHINE_MESSAGES)
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """Did an allocation fail (a GPU's memory, or the CPU allocator's)? The settings are
+    too large for the machine, which the traceback would not say."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def _on_interrupt(signum: int, frame: Any) -> None:
     """Ctrl-C: remember it (see :func:`raise_if_interrupted`), then interrupt as usual."""
     global _interrupted
@@ -72,8 +80,8 @@ def script_description(doc: str) -> str:
 def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoReturn:
     """Call ``main()`` and exit: 0 on success, 2 with ``<script>: error: <message>`` on a
     loraxir error, 130 on Ctrl-C with ``resume_hint``, 1 with one line and ``resume_hint``
-    when the disk is full or a file cannot be written. Other exceptions are bugs and keep
-    their traceback."""
+    when the disk is full, a file cannot be written or memory runs out (with what to
+    lower). Other exceptions are bugs and keep their traceback."""
     from loraxir.errors import LoraIRError
 
     global _interrupted
@@ -90,6 +98,11 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
         print(f"\nInterrupted. {resume_hint}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
+        if _out_of_memory(error):
+            print(f"{script}: error: out of memory ({str(error).splitlines()[0]}). Lower "
+                  "batch_size or patch_size (gradient_accumulation_steps keeps the batch), "
+                  f"then: {resume_hint}", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
         if not _machine_error(error):
             raise
         print(f"{script}: error: {error}. Free space or fix the permissions, then: "
