@@ -685,6 +685,16 @@ def test_safetensors_file_path_loads_its_folder(tmp_path: Path) -> None:
     router.save_pretrained(tmp_path / "router")
     loaded = DegradationRouter.from_pretrained(tmp_path / "router" / "router.safetensors")
     assert loaded.degradations == CLASSES
+    config_path = tmp_path / "router" / "router_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "version": "3"}))  # edited by hand
+    with pytest.raises(ConfigError, match="version must be a whole number, got '3'"):
+        DegradationRouter.from_pretrained(tmp_path / "router")
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="folder path"):
+        DegradationRouter.from_pretrained(None)
+    with pytest.raises(CheckpointError, match="folder path"):
+        router.save_pretrained(None)
     save_file({"x": torch.zeros(1)}, tmp_path / "router" / "router.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         DegradationRouter.from_pretrained(tmp_path / "router")

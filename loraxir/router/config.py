@@ -167,6 +167,8 @@ class RouterConfig:
                 f"{str(data)[:200]}"
             )
         version = data.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ConfigError(f"Router config version must be a whole number, got {version!r}.")
         if version > CONFIG_VERSION:
             raise ConfigError(
                 f"Router config version {version} is newer than this loraxir understands "

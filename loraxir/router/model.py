@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,6 +572,8 @@ class DegradationRouter(nn.Module):
         Atomic, through the adapters' writer (:func:`loraxir.checkpoint.staged_folder`):
         an interrupted save leaves the previous router intact; other files are kept.
         """
+        if not isinstance(directory, str | os.PathLike):
+            raise CheckpointError(f"Pass a folder path to save the router in, got {directory!r}.")
         with checkpoint.staged_folder(directory) as staging:
             text = json.dumps(self.to_config().to_dict(), indent=2) + "\n"
             (staging / CONFIG_NAME).write_text(text, encoding="utf-8")
@@ -585,6 +588,8 @@ class DegradationRouter(nn.Module):
 
         ``path`` is the folder or its ``router.safetensors``; pickle files are refused.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise CheckpointError(f"Pass the router's folder path, got {path!r}.")
         path = Path(path)
         if path.suffix == ".safetensors" and path.is_file():
             path = path.parent
