@@ -118,6 +118,17 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch)
     assert (tmp_path / "ckpt" / "notes.txt").read_text() == "mine"  # user files carried over
 
 
+def test_saving_again_keeps_the_users_folders_and_leaves_no_old_copy_behind(tmp_path):
+    model = _trained_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "images").mkdir()
+    (tmp_path / "ckpt" / "images" / "example.png").write_bytes(b"png")
+    for _ in range(2):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .ckpt.old-* copies
+    assert (tmp_path / "ckpt" / "images" / "example.png").read_bytes() == b"png"
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupted_safetensors_is_refused_and_backbone_unchanged(tmp_path, damage):
     _trained_model().save_pretrained(tmp_path / "a")

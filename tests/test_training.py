@@ -162,6 +162,21 @@ def test_the_training_loop_clips_the_gradient_norm_when_asked(
 
 
 @pytest.mark.usefixtures("isolated_recipe_run")
+def test_checkpoints_come_every_n_steps_and_at_the_end_and_only_the_newest_stay(
+    tmp_path: Path,
+) -> None:
+    from loraxir.training.checkpoints import last_checkpoint
+
+    config = RecipeConfig(
+        output_dir=str(tmp_path), cpu=True, max_steps=5, checkpoint_every=2, keep_checkpoints=2
+    )
+    _fit_sgd(config, nn.Linear(1, 1, bias=False), torch.ones(1, 1), 0.1, lambda m, b: m(b).sum())
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-0000004", "step-0000005"]  # 2 was removed, 5 is the end
+    assert last_checkpoint(config) == tmp_path / "checkpoints" / "step-0000005"
+
+
+@pytest.mark.usefixtures("isolated_recipe_run")
 def test_the_logged_loss_of_an_accumulated_step_averages_its_micro_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
