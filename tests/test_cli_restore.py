@@ -387,6 +387,16 @@ def test_a_linked_folder_inside_an_input_folder_is_reported_not_skipped_silently
     ]
 
 
+def test_hidden_files_and_folders_in_an_input_folder_are_not_inputs(tmp_path):
+    from loraxir.inference.batch import collect
+
+    for name in ("a.png", ".b.png", ".cache/c.png", "trip/d.png"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo(8, 8)).save(tmp_path / "photos" / name)
+    jobs, outcome = collect([str(tmp_path / "photos")], tmp_path / "out")
+    assert sorted(job.source.name for job in jobs) == ["a.png", "d.png"] and not outcome.failed
+
+
 def test_an_output_folder_that_cannot_be_written_is_found_before_restoring(tmp_path, monkeypatch):
     from loraxir.inference import batch
 
@@ -542,6 +552,15 @@ def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path):
         _replace(target, lambda path: (path / "inside").write_bytes(b""))
     assert str(target / "inside") in str(caught.value) and "partial" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"an earlier result")
+
+    def half_written(path: Path) -> None:  # the disk fills up mid-file
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(DataError, match="No space left on device"):
+        _replace(target, half_written)
+    assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"an earlier result"
 
 
 def test_video_options_with_only_images_are_warned_about(adapter, tmp_path, capsys):

@@ -259,9 +259,11 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_counting_warning(tmp_pat
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".hidden.png").write_bytes(b"ignored")
+    _save(tmp_path / ".ipynb_checkpoints" / "good-checkpoint.png", _rgb(5))  # a hidden folder
+    _save(tmp_path / "UPPER.PNG", _rgb(6))  # suffixes in any case
     with pytest.warns(UserWarning, match=r"2 file\(s\).*1 corrupt, 1 without an image extension"):
         data = SyntheticPairs(tmp_path, "five_task", 16)
-    assert data.image_ids == ["good.png", "nested/good2.png"]
+    assert data.image_ids == ["UPPER.PNG", "good.png", "nested/good2.png"]
     with pytest.raises(DataError, match="strict=False"):
         SyntheticPairs(tmp_path, "five_task", 16, strict=True)
 

@@ -9,7 +9,7 @@ from inference_helpers import CLASSES, local_conv_model, photo, tiny_model
 
 import loraxir
 from loraxir.errors import ConfigError, DataError, RoutingError
-from loraxir.inference.restorer import Restorer
+from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.tiling import _axis_weights, plan_tiles, run_tiled
 
 
@@ -124,6 +124,21 @@ def test_single_tile_equals_direct_call_for_nafnet():
     with torch.no_grad():
         direct = model(torch.from_numpy(padded).permute(2, 0, 1)[None], gates=routing.gates[None])
     np.testing.assert_allclose(restored, direct[0].permute(1, 2, 0).numpy()[:37, :50], atol=1e-4)
+
+
+def test_a_given_routing_is_the_one_restored_with():
+    """Video smoothing hands the restorer its own gates: they, not the router's, are used."""
+    model = tiny_model()
+    image = photo(32, 40).astype(np.float32) / 255
+    restorer = Restorer(model, tile=None)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    for index in range(len(CLASSES)):
+        gates = torch.eye(len(CLASSES))[index]
+        restored, used = restorer.restore(image, Routing(list(CLASSES), gates))
+        assert torch.equal(used.gates, gates)
+        with torch.no_grad():
+            direct = model(x, gates=gates[None])[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(restored, direct, atol=1e-5)
 
 
 @pytest.mark.parametrize(("height", "width"), [(37, 50), (1, 1), (16, 33)])
