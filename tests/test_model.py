@@ -109,6 +109,25 @@ def test_inputs_the_backbone_cannot_take_are_refused_up_front(images, kwargs, er
         assert model(torch.rand(1, 3, 16, 16).bfloat16(), degradation="rain").shape[1] == 3
 
 
+def test_target_names_match_whole_path_components():
+    from loraxir.targeting import matches
+
+    assert matches(["conv2"], "encoders.0.0.conv2") and matches(["0.conv2"], "encoders.0.0.conv2")
+    assert not matches(["conv2"], "encoders.0.0.myconv2")  # a name, not a string suffix
+    assert not matches(["conv"], "conv2") and matches(r".*conv\d", "body.conv2")
+
+
+def test_merge_takes_one_gate_and_copies_inside_a_route_block_keep_its_gates():
+    model = _trained_model()
+    with pytest.raises(RoutingError, match="exactly one of gates"):
+        model.merge(gates=torch.tensor([0.0, 1.0, 0.0]), degradation="rain")
+    assert not model.merged
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad(), loraxir.route(model, degradation="rain"):
+        copied = copy.deepcopy(model)
+        assert torch.equal(copied.model(x), model.model(x))  # the pinned gates came along
+
+
 def test_target_patterns_that_match_nothing_list_close_names():
     backbone = loraxir.create_backbone("nafnet-tiny")
     with pytest.raises(TargetModulesError, match=r"Closest module names.*conv"):

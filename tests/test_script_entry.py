@@ -56,6 +56,19 @@ def test_a_full_disk_is_one_line_with_the_resume_hint_and_other_os_errors_keep_t
     assert exited.value.code == 1 and "Traceback" not in err
     assert "No space left on device: 'out/results.json'" in err and "Rerun the same" in err
 
+    for raised in (  # a read-only or foreign folder, a quota
+        PermissionError(errno.EACCES, "Permission denied", "out/checkpoints"),
+        OSError(errno.EROFS, "Read-only file system", "out"),
+        OSError(errno.EDQUOT, "Disk quota exceeded", "out"),
+    ):
+
+        def writing(error: Exception = raised) -> None:
+            raise error
+
+        with pytest.raises(SystemExit) as exited:
+            run_script(writing, "Rerun the same command.")
+        assert exited.value.code == 1 and "Rerun the same" in capsys.readouterr().err
+
     for raised in (  # how safetensors and torch.save report a full disk
         Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
         RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
