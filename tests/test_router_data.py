@@ -28,6 +28,7 @@ def test_widen_moves_each_explicit_bound_by_the_margin_and_clips() -> None:
     assert steps["noise"] == {"sigma": [12.5, 37.5]}
     assert steps["haze"] == {"beta": [0.4, 3.0], "airlight": [0.4, 1.0]}, "airlight <= 1"
     assert dict(widen(pipeline, 0.0).steps)["noise"] == {"sigma": 25}, "margin 0: unchanged"
+    assert dict(widen(pipeline, 1.5).steps)["noise"] == {"sigma": [0.0, 62.5]}, "sigma >= 0"
 
 
 def test_widen_outside_draws_only_beyond_the_inner_band() -> None:
@@ -41,6 +42,14 @@ def test_widen_outside_draws_only_beyond_the_inner_band() -> None:
         assert (low, high) in {(5, 6), (39, 46)}, "integers in (4.5..6.75) or (38.75..46.5)"
         seen.add((low, high))
     assert len(seen) == 2, "both sides are drawn"
+    noise = compose([("noise", {"sigma": 25})])
+    sides = set()
+    for seed in range(40):  # a float parameter: the two bands beyond the inner one
+        ((_, params),) = widen(
+            noise, 0.5, inside=0.25, generator=torch.Generator().manual_seed(seed)
+        ).steps
+        sides.add(tuple(params["sigma"]))
+    assert sides == {(12.5, 18.75), (31.25, 37.5)}
     with pytest.raises(ConfigError, match="inside <= margin"):
         widen(blur, 0.2, inside=0.3)
 
@@ -65,6 +74,18 @@ def test_sampled_images_respect_the_sizing(seed: int) -> None:
     assert crop.shape[-2] <= h and crop.shape[-1] <= w
 
 
+def test_native_crops_vary_in_size_and_sizing_is_checked() -> None:
+    photo = torch.rand(3, 120, 200)
+    sizing = Sizing(min_side=40, max_side=300)
+    longs = {
+        max(native_crop(photo, sizing, torch.Generator().manual_seed(s)).shape[-2:])
+        for s in range(20)
+    }
+    assert len(longs) > 5 and min(longs) < 120 and max(longs) <= 200
+    with pytest.raises(ConfigError, match="min_side <= max_side"):
+        Sizing(min_side=200, max_side=100)
+
+
 def test_augmented_photos_keep_pixels_in_range_and_include_night_and_pale_scenes() -> None:
     photo = torch.rand(3, 40, 60)
     shapes, peaks, floors = set(), [], []
@@ -78,6 +99,11 @@ def test_augmented_photos_keep_pixels_in_range_and_include_night_and_pale_scenes
     assert min(peaks) >= 0.08 and max(peaks) <= 1
     assert 0 < sum(peak < 0.35 for peak in peaks) < len(peaks) / 2, "some night scenes"
     assert 0 < sum(floor > 0.05 for floor in floors) < len(floors) / 2, "some pale scenes"
+    gray = [
+        bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+        for image in (augment_photo(photo, torch.Generator().manual_seed(s)) for s in range(60))
+    ]
+    assert 0 < sum(gray) < len(gray) / 3, "some grayscale photos"
     seeded = [augment_photo(photo, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*seeded)
 
