@@ -74,7 +74,9 @@ def test_open_clip_tower_resizes_and_applies_its_normalisation(tmp_path: Path) -
     torch.testing.assert_close(encoder(images), expected)
 
 
-def test_open_clip_loads_local_weights_file(tmp_path: Path) -> None:
+def test_open_clip_loads_local_weights_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = tiny_open_clip_name()
     weights = tmp_path / "tiny.safetensors"
     state = save_open_clip_weights(weights, seed=2)
@@ -86,6 +88,10 @@ def test_open_clip_loads_local_weights_file(tmp_path: Path) -> None:
     assert not torch.equal(random.visual.conv1.weight, state[first])
     assert encoder.has_reference_weights and not random.has_reference_weights
     assert encoder.spec()["pretrained"] == str(weights.resolve())
+    monkeypatch.chdir(tmp_path)  # a relative path is saved absolute: it loads from anywhere
+    assert create_encoder(name, pretrained="tiny.safetensors").spec()["pretrained"] == str(
+        weights.resolve()
+    )
 
 
 def test_hub_tag_and_local_file_share_one_loading_path(
@@ -160,6 +166,7 @@ def test_weights_for_another_image_size_are_refused_unless_asked_for(
         create_encoder(name, pretrained=str(weights))
     resized = create_encoder(name, pretrained=str(weights), image_size=32)  # on purpose
     assert resized.image_size == 32
+    assert encoder_from_spec(json.loads(json.dumps(resized.spec()))).image_size == 32
 
 
 def test_an_encoder_path_that_is_no_folder_says_so(tmp_path: Path) -> None:
