@@ -158,9 +158,11 @@ def test_model_call_reflect_pads_like_the_restorer(height, width):
     assert not torch.allclose(direct, zero_padded, atol=1e-3)
 
 
-def test_every_tile_gets_the_whole_image_gates():
-    """The router runs once on the whole image; each tile's forward sees those gates."""
-    model = tiny_model()
+@pytest.mark.parametrize("dam", [False, True])
+def test_every_tile_gets_the_whole_image_gates(dam):
+    """The router runs once on the whole image; each tile's forward sees those gates (and,
+    with DAM blocks, that image's embedding)."""
+    model = _dam_model().eval() if dam else tiny_model()
     router = model.loraxir_router
     route_calls, seen = [], []
     original_views = router.make_views
@@ -170,14 +172,18 @@ def test_every_tile_gets_the_whole_image_gates():
         return original_views(images)
 
     router.make_views = counting_views
-    model.model.register_forward_pre_hook(lambda *_: seen.append(model.routing.gates.clone()))
+    model.model.register_forward_pre_hook(
+        lambda *_: seen.append((model.routing.gates.clone(), model.routing.embedding))
+    )
     restorer = Restorer(model, tile=32, overlap=8)
     image = photo(70, 90)
     _, routing = restorer.restore(image)
     assert route_calls == [(1, 3, 70, 90)]
     assert len(seen) == len(restorer.plan(70, 90)) > 4
-    for gates in seen:
+    for gates, embedding in seen:
         torch.testing.assert_close(gates, routing.gates[None].expand_as(gates), rtol=0, atol=0)
+        if dam:
+            torch.testing.assert_close(embedding, routing.embedding[None], rtol=0, atol=0)
 
 
 class _GatesOnlyRouter(torch.nn.Module):
