@@ -29,6 +29,16 @@ def test_a_loraxir_error_is_one_line_and_exit_status_2(capsys) -> None:
     assert "Traceback" not in err
 
 
+def test_a_new_run_forgets_a_ctrl_c_of_an_earlier_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes run in one process (the benchmark, the tests) each start uninterrupted."""
+    from loraxir.training import entry
+
+    monkeypatch.setattr(entry, "_interrupted", True)
+    with pytest.raises(SystemExit) as exited:
+        run_script(entry.raise_if_interrupted)
+    assert exited.value.code == 0
+
+
 def test_ctrl_c_exits_130_with_the_hint_and_a_bug_keeps_its_traceback(capsys) -> None:
     def interrupted() -> None:
         raise KeyboardInterrupt
