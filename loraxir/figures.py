@@ -1,4 +1,4 @@
-"""Writing figures to paths users give: the path is checked before anything is drawn.
+"""Writing figures to paths users give: the path is checked before anything is written.
 
 matplotlib answers a folder, an unknown suffix or a parent path that is a file with its
 own errors from deep inside its backends (or, for an existing folder, writes
@@ -7,6 +7,7 @@ own errors from deep inside its backends (or, for an existing folder, writes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,14 @@ def check_figure_path(path: str | Path) -> Path:
     return path
 
 
-def save_figure(figure: Any, path: str | Path, dpi: int | None = None) -> Path:
+def save_figure(figure: Any, path: str | Path | Any, dpi: int | None = None) -> Any:
     """Save a matplotlib ``figure`` to ``path`` (checked by :func:`check_figure_path`, its
-    folder made if needed); return the path. A file matplotlib cannot write (``.pgf``
-    without LaTeX, a full disk) raises :class:`~loraxir.errors.ConfigError` too."""
+    folder made if needed; a file-like object is written as matplotlib writes it); return
+    the path. A file matplotlib cannot write (``.pgf`` without LaTeX, a full disk) raises
+    :class:`~loraxir.errors.ConfigError` too."""
+    if not isinstance(path, str | os.PathLike):
+        figure.savefig(path, dpi=dpi)
+        return path
     path = check_figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

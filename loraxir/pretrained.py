@@ -79,7 +79,7 @@ def find_adapter(adapter: str | os.PathLike | None = None, **hub_kwargs: Any) ->
     cache, ``hub_kwargs`` going to ``snapshot_download``). ``None`` is
     :data:`DEFAULT_ADAPTER`."""
     spec = DEFAULT_ADAPTER if adapter is None else str(adapter)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
@@ -356,8 +356,10 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.parent.is_dir():
+    if not path.parent.exists():
         raise CheckpointError(f"There is no folder {str(path.parent)!r}.")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{str(path.parent)!r} is a file; pass the adapter folder.")
     if not path.is_file():
         raise CheckpointError(f"{str(path.parent)!r} has no {path.name}; is it an adapter folder?")
     try:

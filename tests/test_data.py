@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import warnings
@@ -279,6 +280,9 @@ def test_missing_folder_raises(tmp_path):
     for path, message in ((tmp_path / "nope.png", "does not exist"), (tmp_path, "is a folder")):
         with pytest.raises(DataError, match=f"{message}; pass an image file"):
             read_image(path)
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(3)).save(buffer, format="PNG")
+    assert read_image(buffer).shape == (3, *_rgb(3).shape[:2])  # file objects read as before
 
 
 def test_a_split_needs_two_images(tmp_path):

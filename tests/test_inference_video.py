@@ -236,6 +236,8 @@ def test_a_video_without_frames_or_with_a_wrong_reference_is_refused_before_rest
     ]:
         with pytest.raises(loraxir.DataError, match=message):
             restore_video(restorer, tmp_path / "in.mkv", target)
+    restore_video(restorer, tmp_path / "in.mkv", tmp_path / "s.mkv", smooth=np.float32(0.5))
+    (tmp_path / "s.mkv").unlink()
     with pytest.raises(loraxir.DataError, match=r"--smooth must be in \[0, 1\), got None"):
         restore_video(restorer, tmp_path / "in.mkv", tmp_path / "o.mkv", smooth=None)
     assert (tmp_path / "in.mkv").read_bytes() == before and not (tmp_path / "o.mkv").exists()

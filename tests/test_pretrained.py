@@ -72,6 +72,8 @@ def test_unknown_name_lists_the_installed_adapters(adapter_root, monkeypatch):
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(adapter_root))
     with pytest.raises(UnknownNameError, match="tiny-three"):
         find_adapter("tiny-thre")
+    monkeypatch.setenv("HOME", str(adapter_root))
+    assert find_adapter("~/tiny-three") == adapter_root / "tiny-three"
     monkeypatch.chdir(adapter_root.parent)  # a relative folder with one slash is not a repo id
     assert find_adapter(f"{adapter_root.name}/tiny-three") == Path(adapter_root.name, "tiny-three")
     for path in ("./nodir/", str(adapter_root / "nodir")):  # written as a path: not a name

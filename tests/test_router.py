@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,8 +278,8 @@ def test_explain_reports_probabilities_and_chosen_experts(tmp_path: Path) -> Non
     explanation.plot(tmp_path / "choices.png", labels=["a", "b", "c"])
     assert (tmp_path / "choices.png").stat().st_size > 1000
     for path, labels, message in [
-        (tmp_path / "c.png", ["a"], r"names the 3 image\(s\), one string each"),
-        (tmp_path / "c.png", "abc", "one string each"),
+        (tmp_path / "c.png", ["a"], r"names the 3 image\(s\), one each"),
+        (tmp_path / "c.png", "abc", "one each"),
         (tmp_path, None, "is a folder; name an image file"),
         (tmp_path / "c.txt", None, r"\.txt is not a format matplotlib writes"),
         (tmp_path / "choices.png" / "c.png", None, "is a file"),
@@ -285,6 +287,9 @@ def test_explain_reports_probabilities_and_chosen_experts(tmp_path: Path) -> Non
         with pytest.raises(ConfigError, match=message):
             explanation.plot(path, labels=labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["choices.png"]
+    buffer = io.BytesIO()
+    explanation.plot(buffer, labels=[0, 1, 2])  # a file-like object, class indices as labels
+    assert buffer.getvalue().startswith(b"\x89PNG")
 
 
 def test_saved_router_loads_with_identical_gates(tmp_path: Path) -> None:
@@ -690,6 +695,8 @@ def test_safetensors_file_path_loads_its_folder(tmp_path: Path) -> None:
     config_path.write_text(json.dumps({**config, "version": "3"}))  # edited by hand
     with pytest.raises(ConfigError, match="version must be a whole number, got '3'"):
         DegradationRouter.from_pretrained(tmp_path / "router")
+    config_path.write_text(json.dumps({**config, "version": float(config["version"])}))
+    assert DegradationRouter.from_pretrained(tmp_path / "router").degradations == CLASSES
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="folder path"):
         DegradationRouter.from_pretrained(None)
@@ -723,6 +730,8 @@ def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router
     labels = torch.arange(len(CLASSES)).repeat(2)
     x = torch.rand(len(labels), 3, 24, 24)
     from_numpy = router.fit_class_embeddings([(x, labels.numpy())]).clone()  # indices too
+    names = np.array([CLASSES[i] for i in labels.tolist()])  # and names (a table's column)
+    torch.testing.assert_close(router.fit_class_embeddings([(x, names)]), from_numpy)
     fitted = router.fit_class_embeddings([(x, labels)])
     assert torch.equal(from_numpy, fitted)
     assert fitted.shape == (len(CLASSES), 24)

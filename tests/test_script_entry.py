@@ -94,6 +94,8 @@ def test_a_full_disk_is_one_line_with_the_resume_hint_and_other_os_errors_keep_t
     for raised in (  # a GPU's and the CPU allocator's out-of-memory errors
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         RuntimeError("[enforce fail at alloc_cpu.cpp:127] can't allocate memory: 1200 bytes"),
+        MemoryError(),
+        Exception("Unable to allocate 1.00 PiB for an array with shape (2**50,)"),  # NumPy
     ):
 
         def allocating(error: Exception = raised) -> None:

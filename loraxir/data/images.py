@@ -17,6 +17,7 @@ or raises :class:`~loraxir.errors.DataError` in ``strict`` mode.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def read_image(path: str | Path) -> Tensor:
     16-bit colour files, which Pillow truncates to their high byte, are decoded at full
     depth by :func:`loraxir.inference.images.read_picture` and rounded like other 16-bit
     images."""
-    if not Path(path).is_file():
+    if isinstance(path, str | os.PathLike) and not Path(path).is_file():
         what = "is a folder" if Path(path).is_dir() else "does not exist"
         raise DataError(f"Image {str(path)!r} {what}; pass an image file.")
     try:

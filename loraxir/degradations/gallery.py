@@ -12,6 +12,7 @@ from torch import Tensor
 
 from loraxir.degradations.registry import available, get
 from loraxir.degradations.suites import Suite
+from loraxir.errors import ConfigError
 from loraxir.figures import check_figure_path, save_figure
 
 # Cells show the images at about one screen pixel per image pixel.
@@ -43,7 +44,10 @@ def render_gallery(
     """
     from matplotlib.figure import Figure
 
-    path = check_figure_path(path)
+    try:
+        path = check_figure_path(path)
+    except ConfigError as error:  # the command's option: which argument was wrong
+        raise ConfigError(f"--output {error}") from None
     generator = torch.Generator().manual_seed(seed)
     cells: list[tuple[str, str, Tensor]] = [("clean", "", image)]
     if suite is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -240,7 +241,7 @@ def restore_video(
     ``reference`` is a clean video of the same frames (PSNR per frame in the report); its
     frame count and size are checked before any frame is restored.
     """
-    if isinstance(smooth, bool) or not isinstance(smooth, int | float) or not 0.0 <= smooth < 1.0:
+    if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) or not 0.0 <= smooth < 1.0:
         raise DataError(f"--smooth must be in [0, 1), got {smooth!r}.")
     if Path(target).resolve() == Path(source).resolve():
         raise DataError(

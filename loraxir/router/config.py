@@ -167,6 +167,8 @@ class RouterConfig:
                 f"{str(data)[:200]}"
             )
         version = data.get("version", 1)
+        if isinstance(version, float) and version.is_integer():
+            version = int(version)
         if isinstance(version, bool) or not isinstance(version, int):
             raise ConfigError(f"Router config version must be a whole number, got {version!r}.")
         if version > CONFIG_VERSION:

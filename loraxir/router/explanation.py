@@ -90,17 +90,15 @@ class RouterExplanation:
 
         probs = self.probabilities.detach().float().cpu()
         rows, cols = probs.shape
-        if labels is not None and (
-            isinstance(labels, str)
-            or len(labels) != rows
-            or not all(isinstance(label, str) for label in labels)
-        ):
-            raise ConfigError(f"labels names the {rows} image(s), one string each; got {labels!r}.")
+        if labels is not None and (isinstance(labels, str) or len(labels) != rows):
+            raise ConfigError(f"labels names the {rows} image(s), one each; got {labels!r}.")
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * cols, 0.8 + 0.4 * rows))
         image = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for b, i in (self.gates.detach().cpu() > 0).nonzero().tolist():
             ax.add_patch(plt.Rectangle((i - 0.5, b - 0.5), 1, 1, fill=False, ec="red", lw=2))
-        names = list(labels) if labels else [f"image {b}" for b in range(rows)]
+        names = (
+            [str(n) for n in labels] if labels is not None else [f"image {b}" for b in range(rows)]
+        )
         names = [
             f"{name} ?" if unsure else name for name, unsure in zip(names, self.unsure, strict=True)
         ]

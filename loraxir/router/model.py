@@ -624,7 +624,7 @@ def _class_indices(labels: torch.Tensor | Sequence[str], classes: list[str]) -> 
             f"Labels are one per image: pass [{labels!r}] * batch_size, not the string {labels!r}."
         )
     if isinstance(labels, np.ndarray):
-        labels = torch.from_numpy(labels)
+        labels = torch.from_numpy(labels) if labels.dtype.kind in "iuf" else labels.tolist()
     if not isinstance(labels, torch.Tensor) and all(
         isinstance(label, numbers.Number) and not isinstance(label, bool) for label in labels
     ):

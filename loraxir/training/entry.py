@@ -51,7 +51,9 @@ def _out_of_memory(error: Exception) -> bool:
     too large for the machine, which the traceback would not say."""
     import torch
 
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+    return isinstance(error, MemoryError | torch.OutOfMemoryError) or any(
+        message in str(error) for message in ("can't allocate memory", "Unable to allocate")
+    )
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
@@ -99,7 +101,8 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
         sys.exit(130)
     except Exception as error:
         if _out_of_memory(error):
-            print(f"{script}: error: out of memory ({str(error).splitlines()[0]}). Lower "
+            reason = (str(error) or type(error).__name__).splitlines()[0]
+            print(f"{script}: error: out of memory ({reason}). Lower "
                   "batch_size or patch_size (gradient_accumulation_steps keeps the batch), "
                   f"then: {resume_hint}", file=sys.stderr)  # fmt: skip
             sys.exit(1)
