@@ -26,6 +26,7 @@ from loraxir.config import CONFIG_NAME, LoraIRConfig
 from loraxir.errors import BackboneMismatchError, CheckpointError, ConfigError
 from loraxir.layers import LAYER_TYPES
 from loraxir.targeting import resolve_targets
+from loraxir.validation import make_parent_folder
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
@@ -146,12 +147,7 @@ def staged_folder(directory: str | os.PathLike, carry_over: bool = True) -> Iter
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} is a file, not a folder; choose a folder path.")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise CheckpointError(
-            f"Cannot make the folder {target}: a part of its path is a file."
-        ) from None
+    make_parent_folder(target, CheckpointError)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging

@@ -80,6 +80,16 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
 
 
+def make_parent_folder(path: str | Path, error: type[Exception] = ConfigError) -> None:
+    """Create the folder ``path`` is written in; raise ``error`` naming the file in the way
+    when a part of that folder path is a file (``mkdir`` says only "File exists")."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = file_in_the_way(path)
+        raise error(f"Cannot write {str(path)!r}: {str(blocking)!r} is a file.") from None
+
+
 def full_match(pattern: str, text: str) -> bool:
     """Does the regex ``pattern`` match all of ``text``? A pattern that is not a valid
     regex raises :class:`ConfigError` quoting it (``re.error`` is no ``ValueError``)."""

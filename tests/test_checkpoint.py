@@ -70,7 +70,7 @@ def test_saving_onto_a_file_path_is_a_checkpoint_error(tmp_path):
     (tmp_path / "taken").write_text("mine")
     with pytest.raises(CheckpointError, match="is a file, not a folder"):
         model.save_pretrained(tmp_path / "taken")
-    with pytest.raises(CheckpointError, match="part of its path is a file"):
+    with pytest.raises(CheckpointError, match=r"Cannot write .*: .* is a file"):
         model.save_pretrained(tmp_path / "taken" / "adapter")
     assert (tmp_path / "taken").read_text() == "mine"
 

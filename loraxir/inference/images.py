@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loraxir.errors import DataError
+from loraxir.validation import make_parent_folder
 
 #: Suffixes of the image files read (training data and ``loraxir restore`` inputs).
 IMAGE_EXTENSIONS = frozenset(
@@ -280,12 +281,7 @@ def write_picture(path: str | Path, picture: Picture) -> None:
     its colour profile (and EXIF, where the format has a block for it)."""
     path = Path(path)
     check_output(path, picture)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise DataError(
-            f"Cannot write {str(path)!r}: a part of its folder path is a file."
-        ) from None
+    make_parent_folder(path, DataError)
     deep = picture.pixels.dtype == np.uint16
     if deep and path.suffix.lower() in _PNM_SUFFIXES:
         _write_pnm(path, picture)

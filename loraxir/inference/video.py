@@ -30,6 +30,7 @@ import torch
 from loraxir.errors import DataError
 from loraxir.figures import save_figure
 from loraxir.inference.restorer import Restorer, Routing
+from loraxir.validation import make_parent_folder
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi"})
 _ENCODERS = {".webm": ("libvpx-vp9", {"crf": "20", "b": "0"})}
@@ -94,12 +95,7 @@ class VideoWriter:
             )
         if not fps > 0:
             raise DataError(f"A video needs a frame rate > 0, got {fps!r}.")
-        try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise DataError(
-                f"Cannot write {str(self._path)!r}: a part of its folder path is a file."
-            ) from None
+        make_parent_folder(self._path, DataError)
         codec, options = _ENCODERS.get(self._path.suffix.lower(), _DEFAULT_ENCODER)
         with self._errors():
             self._container = av.open(str(self._path), "w")
