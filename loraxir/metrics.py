@@ -90,9 +90,10 @@ def _prepare(
                 f"{name} must be a float tensor in [0, 1], got dtype {images.dtype}; convert "
                 "8-bit images with x.float() / 255."
             )
-    if target.numel() and (target.max() > _FAR_ABOVE or target.min() < _FAR_BELOW):
+    low, high = torch.aminmax(target) if target.numel() else (0.0, 0.0)
+    if high > _FAR_ABOVE or low < _FAR_BELOW:
         raise DataError(
-            f"target has values in [{target.min().item():.4g}, {target.max().item():.4g}], far "
+            f"target has values in [{float(low):.4g}, {float(high):.4g}], far "
             "outside [0, 1]: a reference is an image, not guessed at as 0-255 values; divide "
             "0-255 images by 255 (a prediction's overshoot is clamped)."
         )

@@ -210,13 +210,15 @@ class Restorer:
     ) -> tuple[np.ndarray, Routing]:
         """Restore ``pixels`` ``(H, W, 3)`` into a new array of the same dtype; returns it
         and the routing used (computed here when not given)."""
-        _check_pixels(pixels)
-        if routing is not None and not isinstance(routing, Routing):
+        if routing is None:
+            routing = self.route(pixels)  # which checks the pixels
+        elif isinstance(routing, Routing):
+            _check_pixels(pixels)
+        else:
             raise ConfigError(
                 f"routing must be a Routing (from Restorer.route), got {type(routing).__name__}; "
                 "to force a class, build the restorer with Restorer(model, degradation=NAME)."
             )
-        routing = routing or self.route(pixels)
         plan = self.plan(*pixels.shape[:2])
         out = np.empty_like(pixels)
         with self._pinned(routing):

@@ -47,10 +47,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
             "The images hold NaN or infinite values; the router cannot read them. Check the "
             "decoding or the arithmetic that produced them (torch.nan_to_num clears them)."
         )
-    if bool(images.amax() > 2.0) or bool(images.amin() < -1.0):  # not an overshoot of [0, 1]
+    low, high = torch.aminmax(images)
+    if bool(high > 2.0) or bool(low < -1.0):  # not an overshoot of [0, 1]
         raise RoutingError(
-            f"The router reads images in [0, 1], got values in [{images.amin().item():.4g}, "
-            f"{images.amax().item():.4g}]; divide 0-255 images by 255."
+            f"The router reads images in [0, 1], got values in [{low.item():.4g}, "
+            f"{high.item():.4g}]; divide 0-255 images by 255."
         )
     channels = images.shape[1]
     if channels == 3:
