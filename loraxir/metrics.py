@@ -28,12 +28,11 @@ from kornia.metrics import ssim as _kornia_ssim
 from torch import Tensor
 
 from loraxir.errors import DataError
+from loraxir.validation import far_outside_unit
 
 # BT.601 limited-range luma on 0–255 RGB: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
 _WINDOW = 11
-# A reference image beyond these is a 0-255 one (predictions are clamped whatever they hold).
-_FAR_BELOW, _FAR_ABOVE = -1.0, 2.0
 
 
 def psnr(
@@ -91,7 +90,7 @@ def _prepare(
                 "8-bit images with x.float() / 255."
             )
     low, high = torch.aminmax(target) if target.numel() else (0.0, 0.0)
-    if high > _FAR_ABOVE or low < _FAR_BELOW:
+    if far_outside_unit(float(low), float(high)):  # a prediction is clamped whatever it holds
         raise DataError(
             f"target has values in [{float(low):.4g}, {float(high):.4g}], far "
             "outside [0, 1]: a reference is an image, not guessed at as 0-255 values; divide "

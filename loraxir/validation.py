@@ -80,6 +80,13 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
 
 
+def far_outside_unit(low: float, high: float) -> bool:
+    """Do image values spanning ``[low, high]`` lie beyond any network overshoot of [0, 1]
+    (below -1 or above 2)? Such float images are 0-255 ones, refused rather than guessed
+    at by the restorer, the router and the metrics (one rule for all three)."""
+    return low < -1.0 or high > 2.0
+
+
 def make_parent_folder(path: str | Path, error: type[Exception] = ConfigError) -> None:
     """Create the folder ``path`` is written in; raise ``error`` naming the file in the way
     when a part of that folder path is a file (``mkdir`` says only "File exists")."""

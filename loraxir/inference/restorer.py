@@ -26,6 +26,7 @@ from loraxir.errors import ConfigError, DataError, RoutingError
 from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
 from loraxir.targeting import resolve_preset
+from loraxir.validation import far_outside_unit
 
 if TYPE_CHECKING:
     from loraxir.router import RouterOutput
@@ -265,7 +266,7 @@ def _check_pixels(pixels: object) -> None:
                 "The float pixels hold NaN or infinite values; check the decoding or the "
                 "arithmetic that produced them (np.nan_to_num clears them)."
             )
-        if low < -1.0 or high > 2.0:  # beyond any overshoot of [0, 1]: 0-255 values
+        if far_outside_unit(low, high):
             raise DataError(
                 f"Float pixels are in [0, 1], got values in [{low:.4g}, {high:.4g}]; divide "
                 "0-255 values by 255."

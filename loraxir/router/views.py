@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxir.errors import ConfigError, RoutingError, unknown_name
+from loraxir.validation import far_outside_unit
 
 ViewFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 # Native views: the global view keeps 1/_GLOBAL_LOW_PASS of the tower's resolution.
@@ -48,7 +49,7 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
             "decoding or the arithmetic that produced them (torch.nan_to_num clears them)."
         )
     low, high = torch.aminmax(images)
-    if bool(high > 2.0) or bool(low < -1.0):  # not an overshoot of [0, 1]
+    if far_outside_unit(float(low), float(high)):
         raise RoutingError(
             f"The router reads images in [0, 1], got values in [{low.item():.4g}, "
             f"{high.item():.4g}]; divide 0-255 images by 255."
