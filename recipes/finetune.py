@@ -10,6 +10,12 @@ and trains them per ``trainable``: ``experts`` (everything else frozen, the pape
 stage), ``experts+router`` or ``all``. Each image is routed by the router
 (``route_by: router``) or by its degradation label (``route_by: label``; needs no router).
 
+``adapter`` (a self-contained adapter folder, a shipped adapter's name or a Hub repo id)
+trains an existing adapter further instead, e.g. one class it restores poorly
+(``tasks: [blur]``): its network, DAM blocks, router and experts load as they are, and its
+own policy says what trains. Routed by label with ``weight_decay: 0``, the experts of the
+classes absent from the data stay bit for bit as they were.
+
 Writes to ``output_dir``: ``adapter/`` (a self-contained adapter folder: config, experts,
 DAM blocks and router weights, model card with the metrics, and the base network as
 ``backbone.json`` + ``backbone.safetensors``), ``metrics.json`` (validation PSNR/SSIM per
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from loraxir.errors import ConfigError
+from loraxir.pretrained import find_adapter
 from loraxir.router import labelled_batches
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
 from loraxir.training.entry import run_script, script_description
@@ -52,6 +59,22 @@ from loraxir.validation import check_choice, check_int
 ROUTE_BY = ("router", "label")
 # At most this many training patches (evenly spaced) fit the router's class embeddings.
 _CLASS_EMBEDDING_PATCHES = 2048
+# What an adapter given as ``adapter`` decides for itself (its config and folder).
+_ADAPTER_OWN = (
+    "base",
+    "router",
+    "experts",
+    "r",
+    "lora_alpha",
+    "top_k",
+    "target_modules",
+    "exclude_modules",
+    "preset",
+    "lora_dropout",
+    "init",
+    "compute",
+    "trainable",
+)
 
 
 @dataclass
@@ -66,6 +89,14 @@ class FinetuneConfig(RestorationConfig):
     router: str | None = field(
         default=None,
         metadata={"help": "Router folder (default: base/router when present; 'none': no router)."},
+    )
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train this adapter further instead of attaching new experts to base: a "
+            "self-contained adapter folder, a shipped adapter's name or a Hub repo id. Its "
+            "backbone, DAM blocks, router and experts are loaded as they are."
+        },
     )
     route_by: str = field(
         default="router", metadata={"help": "'router' (the router's gates) or 'label'."}
@@ -105,6 +136,8 @@ class FinetuneConfig(RestorationConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("r", self.r, 1)
+        if self.adapter is not None:
+            self._check_adapter_settings()
         check_choice("route_by", self.route_by, ROUTE_BY)
         check_choice("trainable", self.trainable, ("experts", "experts+router", "all"))
         if self.experts == []:
@@ -128,9 +161,28 @@ class FinetuneConfig(RestorationConfig):
                 "compute=activation (or auto) with it."
             )
 
+    def _check_adapter_settings(self) -> None:
+        """With ``adapter``, the experts' shape and policy are the adapter's own: a setting
+        that would change them is a mistake to report, not to ignore."""
+        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+        clashing = [
+            f"{name}={getattr(self, name)!r}"
+            for name in _ADAPTER_OWN
+            if getattr(self, name) != defaults[name]
+        ]
+        if clashing:
+            raise ConfigError(
+                f"adapter={self.adapter!r} brings its own experts, router and policy, so "
+                f"{', '.join(clashing)} cannot apply; drop {'them' if len(clashing) > 1 else 'it'}"
+                " (or attach new experts to base= without adapter=)."
+            )
+
 
 def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
-    """The pre-trained network with experts attached, per ``config``."""
+    """The pre-trained network with experts attached, per ``config`` (or the adapter
+    ``config.adapter`` names, to train further)."""
+    if config.adapter is not None:
+        return _continued_adapter(config, data)
     backbone, router = load_base(config.base, config.router)
     if router is None and (config.route_by == "router" or has_dam(backbone)):
         raise ConfigError(
@@ -167,18 +219,45 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
         )
     }
     model = attach_experts(backbone, classes, settings, router=router)
-    if config.class_embeddings:
-        if not has_dam(backbone):
-            raise ConfigError(
-                f"class_embeddings drive DAM blocks, and {config.base!r} has none; "
-                "pre-train with router=... to add them, or drop class_embeddings."
-            )
-        step = max(1, len(data.train) // _CLASS_EMBEDDING_PATCHES)
-        patches = Subset(data.train, range(0, len(data.train), step))
-        model.loraxir_router.fit_class_embeddings(
-            labelled_batches(patches, class_names=data.class_names)
-        )
+    _fit_class_embeddings(config, data, model)
     return model
+
+
+def _continued_adapter(config: FinetuneConfig, data: RestorationData) -> nn.Module:
+    """The adapter ``config.adapter`` names, trainable per its own policy. Its experts
+    stay as they were where no training image reaches them: routed by label (or by a router
+    that sends no image there) and with ``weight_decay: 0``, bit for bit."""
+    from loraxir import LoraIRModel
+    from loraxir.backbones import load_backbone
+
+    folder = find_adapter(config.adapter)
+    model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder), is_trainable=True)
+    missing = sorted(set(data.classes) - set(model.degradations))
+    if missing:
+        raise ConfigError(
+            f"The adapter {config.adapter!r} has no expert for the data's classes {missing} "
+            f"(it has {model.degradations}); keep to its classes with tasks=[...], or add a "
+            "class with recipes/add_degradation.py."
+        )
+    if config.route_by == "router" and model.loraxir_router is None:
+        raise ConfigError(f"The adapter {config.adapter!r} has no router; set route_by='label'.")
+    _fit_class_embeddings(config, data, model)
+    return model
+
+
+def _fit_class_embeddings(config: FinetuneConfig, data: RestorationData, model: Any) -> None:
+    if not config.class_embeddings:
+        return
+    if getattr(model.config, "dam", None) is None:
+        raise ConfigError(
+            "class_embeddings drive DAM blocks, and this network has none; pre-train with "
+            "router=... to add them, or drop class_embeddings."
+        )
+    step = max(1, len(data.train) // _CLASS_EMBEDDING_PATCHES)
+    patches = Subset(data.train, range(0, len(data.train), step))
+    model.loraxir_router.fit_class_embeddings(
+        labelled_batches(patches, class_names=data.class_names)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -197,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         restored = model(batch["lq"], **routing_arguments(config.route_by, batch, data))
         return pixel_loss(restored, batch["gt"], config.loss, config.fft_weight)
 
+    source = config.base if config.adapter is None else find_adapter(config.adapter)
     initial = run.validate(restore, 0, "initial")
     run.resume()
     total = sum(p.numel() for p in unwrapped.parameters())
@@ -212,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     run.finish(
         metrics,
-        lambda: save_adapter(unwrapped, Path(config.output_dir) / "adapter", config.base, final),
+        lambda: save_adapter(unwrapped, Path(config.output_dir) / "adapter", source, final),
         format_table(initial, "before fine-tuning (the pre-trained network)")
         + "\n"
         + format_table(final, f"after {run.state.step} steps"),

@@ -53,12 +53,11 @@ def test_the_default_adapter_is_installed_small_and_documented():
     assert f"came out at {clean['psnr']:.2f} dB PSNR" in card
 
 
-# Known weakness, stated in the card: the small network trained for minutes does not
-# sharpen motion-blurred photos. Routed right 92% of the time since the router reads the
-# cepstrum, blur ends level with its input: -0.001 dB in the card, -0.02 dB on this file's
-# draws (docs/benchmarks.md). Strict: an adapter that restores blur fails this mark, so
-# that the card and this list are updated with it.
-KNOWN_UNRESTORED = {"blur"}
+# Classes the card names as not restored. Blur was one, level with its input (-0.001 dB),
+# until its expert trained further on blur alone (recipes/configs/finetune_blur_further.yaml):
+# now +0.11 dB in the card, which it calls a slight gain. Strict: an adapter that stops
+# restoring a class fails, so that the card and this set are updated with it.
+KNOWN_UNRESTORED: set[str] = set()
 
 
 def _gains(shipped, held_out_photos, given: bool) -> dict[str, list[float]]:
@@ -99,22 +98,20 @@ def test_it_restores_held_out_photos_better_than_the_input(gains, task):
     assert sum(values) / len(values) >= level, f"{task}: {values} dB"
 
 
-def test_with_the_class_given_blur_is_no_longer_a_loss_and_the_rest_still_gain(
-    shipped, held_out_photos
-):
+def test_with_the_class_given_every_class_gains(shipped, held_out_photos):
     """The card's "given" column: the class's experts and its fitted class embedding for
-    the DAM blocks. Blur then ends level with its input (+0.04 dB on the card's photos; the
-    adapter before, whose router misread half the blurred photos, lost 0.74 dB routed)."""
+    the DAM blocks. Blur gains least (+0.14 dB on the card's photos, +0.12 on these draws;
+    before its expert trained further, +0.04: level)."""
     assert shipped.loraxir_router.class_embeddings is not None
     given = {task: sum(v) / len(v) for task, v in _gains(shipped, held_out_photos, True).items()}
-    assert given["blur"] > -0.1, given
+    assert given["blur"] >= recipe("ship_adapter").LEVEL_DB, given
     assert all(gain > 1.0 for task, gain in given.items() if task != "blur"), given
 
 
 def test_the_card_names_what_it_does_not_restore():
     """The classes the card names as not restored are :data:`KNOWN_UNRESTORED`, each in
-    the words its own table supports: blur moved by -0.001 dB, which the card calls level
-    with the input, not worse (recipes/ship_adapter.py's LEVEL_DB draws the line)."""
+    the words its own table supports (recipes/ship_adapter.py's LEVEL_DB draws the line
+    between level and worse), and a gain under SLIGHT_DB is called slight."""
     folder = find_adapter()
     card = (folder / "README.md").read_text()
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -129,7 +126,7 @@ def test_the_card_names_what_it_does_not_restore():
         if worse or level:
             named.add(task)
     assert named == KNOWN_UNRESTORED
-    assert "It does not restore blur images; they come out level" in card
+    assert "It restores blur images only slightly (+0.11 dB on average above)" in card
 
 
 def test_restore_needs_nothing_but_the_photo(held_out_photos, tmp_path, monkeypatch):

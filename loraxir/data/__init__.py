@@ -8,6 +8,7 @@ See ``docs/degradations.md`` for the item format and how to plug in BSD68, Rain1
 GoPro and LOL.
 """
 
+from loraxir.data.dead_leaves import DeadLeavesSource, dead_leaves_image
 from loraxir.data.images import IMAGE_EXTENSIONS, read_image, scan_folder, to_rgb8
 from loraxir.data.paired import PairedFolder
 from loraxir.data.sampling import TaskBalancedSampler, split_by_image, task_labels
@@ -17,10 +18,12 @@ from loraxir.data.synthetic import SyntheticPairs
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SKIMAGE_IMAGES",
+    "DeadLeavesSource",
     "ImageSource",
     "PairedFolder",
     "SyntheticPairs",
     "TaskBalancedSampler",
+    "dead_leaves_image",
     "open_source",
     "read_image",
     "scan_folder",

@@ -48,7 +48,7 @@ from loraxir.training.evaluation import (
     scalars,
     write_json,
 )
-from loraxir.validation import check_choice
+from loraxir.validation import check_choice, check_int
 
 LOSSES = ("psnr", "l1", "l1_fft")
 # Default weight of the spectral term of "l1_fft" (MIMO-UNet's).
@@ -100,6 +100,15 @@ class RestorationConfig(RecipeConfig):
             "pair, val_patch_size null, is read once)."
         },
     )
+    dead_leaves: int = field(
+        default=0,
+        metadata={
+            "help": "Procedural dead-leaves images (256², drawn from the seed) added to the "
+            "synthetic training pairs, one patch per image and task per epoch, never "
+            "validated on: edges of every orientation and scale that a few photos lack "
+            "(deblurring generalises with them); 0: photos only."
+        },
+    )
     test_fraction: float = field(default=0.2, metadata={"help": "Share of photos held out."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/val photo split."})
     loss: str = field(
@@ -146,6 +155,12 @@ class RestorationConfig(RecipeConfig):
             raise ConfigError(f"tasks names a task twice: {self.tasks}; list each once.")
         if self.paired_train is not None:
             _check_paired_folders(self.paired_train, self.paired_val)
+        check_int("dead_leaves", self.dead_leaves, 0)
+        if self.dead_leaves and self.paired_train is not None:
+            raise ConfigError(
+                "dead_leaves adds synthetic pairs degraded by a suite; paired_train gives real "
+                "pairs. Set dead_leaves: 0, or train on synthetic pairs (no paired_*)."
+            )
         for name in ("train_repeats", "val_repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -302,7 +317,7 @@ def build_data(
 def _synthetic_data(
     config: RestorationConfig, suite: Suite, tasks: list[str], repeats: dict[str, int]
 ) -> RestorationData:
-    from loraxir.data import SyntheticPairs, open_source
+    from loraxir.data import DeadLeavesSource, SyntheticPairs, open_source
 
     tasks = [suite.task_names[suite.index(t)] for t in tasks]
     source = open_source(_checked_source(config.source), config.image_column)
@@ -335,6 +350,19 @@ def _synthetic_data(
         context=config.patch_context,
         **split,
     )
+    if config.dead_leaves:
+        parts.append(
+            SyntheticPairs(
+                DeadLeavesSource(config.dead_leaves, seed=config.seed),
+                suite,
+                config.patch_size,
+                tasks=tasks,
+                split="all",
+                augment=True,
+                seed=config.seed,
+                context=config.patch_context,
+            )
+        )
     train = parts[0] if len(parts) == 1 else EpochConcat(parts)
     present = {suite.task(t).label for t in tasks}
     classes = [name for name in suite.labels if name in present]
