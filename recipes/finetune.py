@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     total = sum(p.numel() for p in unwrapped.parameters())
     run.accelerator.print(
         f"Fine-tuning {run.trainable_parameters:,} of {total:,} parameters ({config.trainable}) "
-        f"on {len(data.train)} patches of {data.classes}, routed by {config.route_by}, "
+        f"on {len(data.train)} patches of {data.train_classes}, routed by {config.route_by}, "
         f"{run.accelerator.num_processes} process(es)."
     )
     run.fit(compute_loss, restore, "finetune")

@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     guidance = f"DAM driven by {config.router}" if config.router else "no DAM"
     run.accelerator.print(
         f"Pre-training {run.trainable_parameters:,} parameters ({guidance}) on "
-        f"{len(data.train)} patches of {data.classes}, "
+        f"{len(data.train)} patches of {data.train_classes}, "
         f"{run.accelerator.num_processes} process(es)."
     )
     run.fit(run.images_loss, run.restore_images, "pretrain")

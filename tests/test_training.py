@@ -267,6 +267,9 @@ def test_every_set_option_counts() -> None:
         ("paired_train={yes: a}\npaired_val={yes: b}", r"not text: \[True\]"),
         ("val_crop_border=-3", "val_crop_border must be >= 0"),
         ("tasks=[]", "tasks is empty"),
+        ("val_tasks=[]", "val_tasks is empty; list the tasks to validate, or null: the training"),
+        ("val_tasks=[rain, rain]", r"val_tasks names a task twice: \['rain', 'rain'\]"),
+        ("paired_train={rain: a}\npaired_val={rain: b}\nval_tasks=[rain]", "in paired_val"),
         ("paired_train={rain: a}\npaired_val={rain: b}\ntasks=[rain]", "list only the classes"),
     ],
 )
@@ -353,6 +356,24 @@ def test_validation_metrics_are_per_task_and_average_over_tasks() -> None:
     per_task = [noisy["per_task"][t]["psnr"] for t in ("a", "b")]
     assert noisy["psnr"] == pytest.approx(sum(per_task) / 2)
     assert noisy["psnr"] == pytest.approx(noisy["input_psnr"])
+
+
+def test_val_tasks_validate_wider_than_training() -> None:
+    """Training on blur, validating on blur and rain: rain items only in validation, the
+    data's classes both, its training classes blur alone."""
+    from loraxir.training.restoration import build_data
+
+    settings = ["patch_size=32", "batch_size=4", "train_repeats=1", "val_repeats=1",
+                "tasks=[blur]", "val_tasks=[rain, blur]"]  # fmt: skip
+    data = build_data(load_config(RestorationConfig, None, settings))
+    trained = {data.train[i]["task_name"] for i in range(len(data.train))}
+    validated = [data.val[i]["task_name"] for i in range(len(data.val))]
+    assert trained == {"blur"} and set(validated) == {"rain", "blur"}
+    assert (data.classes, data.train_classes) == (["rain", "blur"], ["blur"])
+    narrow = build_data(load_config(RestorationConfig, None, settings[:-1]))
+    assert {narrow.val[i]["task_name"] for i in range(len(narrow.val))} == {"blur"}
+    with pytest.raises(UnknownNameError, match="snowfall"):
+        build_data(load_config(RestorationConfig, None, [*settings[:-1], "val_tasks=[snowfall]"]))
 
 
 def test_clean_images_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> None:

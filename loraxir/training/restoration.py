@@ -66,6 +66,13 @@ class RestorationConfig(RecipeConfig):
     tasks: list[str] | None = field(
         default=None, metadata={"help": "Train and validate on these tasks of the suite only."}
     )
+    val_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Validate on these tasks of the suite instead (default: tasks): wider than "
+            "tasks, validation shows what training some tasks does to the others."
+        },
+    )
     source: str = field(
         default="skimage",
         metadata={"help": "Clean images: 'skimage', a folder, or 'hf:<dataset>[@split]'."},
@@ -149,10 +156,20 @@ class RestorationConfig(RecipeConfig):
                 "tasks picks tasks of a synthetic suite, but paired_train gives real pairs; "
                 "list only the classes to train in paired_train / paired_val instead."
             )
-        if self.tasks == []:
-            raise ConfigError("tasks is empty; list the tasks to train, or null for all of them.")
-        if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"tasks names a task twice: {self.tasks}; list each once.")
+        if self.paired_train is not None and self.val_tasks is not None:
+            raise ConfigError(
+                "val_tasks picks tasks of a synthetic suite, but paired_val gives real pairs; "
+                "list the classes to validate in paired_val instead."
+            )
+        for name, use, default in (
+            ("tasks", "train", "all"),
+            ("val_tasks", "validate", "the training tasks"),
+        ):
+            names = getattr(self, name)
+            if names == []:
+                raise ConfigError(f"{name} is empty; list the tasks to {use}, or null: {default}.")
+            if names is not None and len(set(names)) != len(names):
+                raise ConfigError(f"{name} names a task twice: {names}; list each once.")
         if self.paired_train is not None:
             _check_paired_folders(self.paired_train, self.paired_val)
         check_int("dead_leaves", self.dead_leaves, 0)
@@ -226,7 +243,8 @@ class RestorationData:
 
     ``task_names[item["task"]]`` names an item's task (metrics are per task);
     ``class_names[item["label"]]`` its degradation class (routing by label); ``classes``
-    are the classes present in the data, in ``class_names`` order.
+    are the classes present in the data (training or validation), ``train_classes`` those
+    the training set holds, both in ``class_names`` order.
     """
 
     train: Dataset
@@ -234,6 +252,7 @@ class RestorationData:
     task_names: list[str]
     class_names: list[str]
     classes: list[str]
+    train_classes: list[str]
 
 
 class EpochConcat(ConcatDataset):
@@ -292,16 +311,17 @@ def build_data(
     """The datasets of ``config``; raises :class:`DataError` on missing or empty data.
 
     Synthetic data uses ``suite`` (default: ``config.suite``) restricted to ``tasks``
-    (default: ``config.tasks``, else all); ``repeats`` gives some tasks their own number
-    of training patches per photo (default ``config.train_repeats``), e.g. a replay
-    sample of old tasks.
+    (default: ``config.tasks``, else all), validated on ``config.val_tasks`` (default:
+    the same tasks); ``repeats`` gives some tasks their own number of training patches per
+    photo (default ``config.train_repeats``), e.g. a replay sample of old tasks. The
+    data's ``classes`` are those of the training and validation tasks.
     """
     if config.paired_train is not None:
         data = _paired_data(config)
     else:
         suite = suite or load_suite(config.suite)
         tasks = tasks or config.tasks or suite.task_names
-        data = _synthetic_data(config, suite, tasks, repeats or {})
+        data = _synthetic_data(config, suite, tasks, repeats or {}, config.val_tasks or tasks)
     if len(data.train) < config.batch_size:
         raise DataError(
             f"The training set has {len(data.train)} items, fewer than one batch of "
@@ -315,11 +335,16 @@ def build_data(
 
 
 def _synthetic_data(
-    config: RestorationConfig, suite: Suite, tasks: list[str], repeats: dict[str, int]
+    config: RestorationConfig,
+    suite: Suite,
+    tasks: list[str],
+    repeats: dict[str, int],
+    val_tasks: list[str],
 ) -> RestorationData:
     from loraxir.data import DeadLeavesSource, SyntheticPairs, open_source
 
     tasks = [suite.task_names[suite.index(t)] for t in tasks]
+    val_tasks = [suite.task_names[suite.index(t)] for t in val_tasks]
     source = open_source(_checked_source(config.source), config.image_column)
     split = {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
     groups: dict[int, list[str]] = {}
@@ -343,7 +368,7 @@ def _synthetic_data(
         source,
         suite,
         config.val_patch_size,
-        tasks=tasks,
+        tasks=val_tasks,
         split="test",
         seed=config.seed + 1,
         repeats=config.val_repeats,
@@ -364,9 +389,11 @@ def _synthetic_data(
             )
         )
     train = parts[0] if len(parts) == 1 else EpochConcat(parts)
-    present = {suite.task(t).label for t in tasks}
+    trained = {suite.task(t).label for t in tasks}
+    present = trained | {suite.task(t).label for t in val_tasks}
     classes = [name for name in suite.labels if name in present]
-    return RestorationData(train, val, suite.task_names, suite.labels, classes)
+    train_classes = [name for name in suite.labels if name in trained]
+    return RestorationData(train, val, suite.task_names, suite.labels, classes, train_classes)
 
 
 def _checked_source(source: str) -> str:
@@ -409,7 +436,7 @@ def _paired_data(config: RestorationConfig) -> RestorationData:
         )
 
     train, val = folders(config.paired_train, True), folders(config.paired_val, False)
-    return RestorationData(train, val, names, names, names)
+    return RestorationData(train, val, names, names, names, names)
 
 
 def pixel_loss(
