@@ -123,6 +123,12 @@ def grown_suite(config: AddDegradationConfig, old_classes: list[str]) -> tuple[S
         Task(t.name, config.new_degradation, t.pipeline, t.description) for t in new_tasks
     ]
     grown = Suite(f"{old.name}+{config.new_degradation}", "", (*old_tasks, *relabelled))
+    outside = [name for name in config.val_tasks or [] if name not in grown.task_names]
+    if outside:
+        raise ConfigError(
+            f"val_tasks names {outside}, which this run neither replays nor adds (its tasks: "
+            f"{grown.task_names}); validate replayed old tasks (tasks=) or new ones (new_tasks=)."
+        )
     return grown, [t.name for t in old_tasks]
 
 

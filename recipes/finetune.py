@@ -74,6 +74,7 @@ _ADAPTER_OWN = (
     "init",
     "compute",
     "trainable",
+    "class_embeddings",
 )
 
 
@@ -103,7 +104,7 @@ class FinetuneConfig(RestorationConfig):
     )
     experts: list[str] | None = field(
         default=None,
-        metadata={"help": "Expert classes (default: the router's, else the data's classes)."},
+        metadata={"help": "Expert classes (default: the router's, else those trained on)."},
     )
     r: int = field(default=8, metadata={"help": "Rank of each expert."})
     lora_alpha: float = field(default=16.0, metadata={"help": "Experts scale by lora_alpha / r."})
@@ -145,16 +146,7 @@ class FinetuneConfig(RestorationConfig):
                 "experts is empty; list the expert classes, or null for the router's (else "
                 "the data's) classes."
             )
-        if self.class_embeddings and self.trainable != "experts":
-            raise ConfigError(
-                "class_embeddings are fitted once, before training, on a frozen router; "
-                f"trainable={self.trainable!r} trains the router. Use trainable='experts'."
-            )
-        if self.trainable == "experts+router" and self.route_by == "label":
-            raise ConfigError(
-                "trainable='experts+router' trains the router through its gates, but "
-                "route_by='label' bypasses them; use route_by='router' or trainable='experts'."
-            )
+        _check_policy(self.trainable, self.route_by, self.class_embeddings)
         if self.lora_dropout > 0 and self.compute not in ("auto", "activation"):
             raise ConfigError(  # the tiny config pins compute: batched
                 f"compute={self.compute!r} cannot apply lora_dropout={self.lora_dropout}; set "
@@ -178,6 +170,47 @@ class FinetuneConfig(RestorationConfig):
             )
 
 
+def _check_policy(trainable: str, route_by: str, class_embeddings: bool) -> None:
+    """Refuse a training policy that would not train what it names: the config's, or an
+    adapter's own (``adapter=``)."""
+    if class_embeddings and trainable != "experts":
+        raise ConfigError(
+            "class_embeddings are fitted once, before training, on a frozen router; "
+            f"trainable={trainable!r} trains the router. Use trainable='experts'."
+        )
+    if trainable == "experts+router" and route_by == "label":
+        raise ConfigError(
+            "trainable='experts+router' trains the router through its gates, but "
+            "route_by='label' bypasses them; use route_by='router' or trainable='experts'."
+        )
+
+
+def _check_classes(classes: list[str], data: RestorationData, route_by: str, fix: str) -> None:
+    """Every class the data trains on needs an expert routed by label, and routed by the
+    router as well (else its images train other classes' experts), unless one expert (a
+    plain LoRA) takes every image; a class that is only validated (``val_tasks``) needs one
+    when routed by label, its validation images being sent to it by name."""
+    trained = sorted(set(data.train_classes) - set(classes))
+    if trained and route_by == "label":
+        raise ConfigError(
+            f"route_by='label' but the data's classes {trained} have no expert among "
+            f"{classes}; {fix}."
+        )
+    if trained and len(classes) > 1:
+        raise ConfigError(
+            f"route_by='router' but the router knows only {classes}, not the data's classes "
+            f"{trained}: their images would train the experts of other classes. Use a router "
+            "trained on this data's suite, or keep to its classes with tasks=[...]."
+        )
+    validated = sorted(set(data.classes) - set(data.train_classes) - set(classes))
+    if validated and route_by == "label":
+        raise ConfigError(
+            f"val_tasks validates the classes {validated}, which have no expert among "
+            f"{classes}, and route_by='label' sends each image to its class's expert; drop "
+            "them from val_tasks, or validate with route_by='router'."
+        )
+
+
 def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
     """The pre-trained network with experts attached, per ``config`` (or the adapter
     ``config.adapter`` names, to train further)."""
@@ -190,19 +223,8 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
             f"{'its DAM blocks need' if has_dam(backbone) else 'route_by=router needs'} one; "
             "pass router=<folder written by recipes/train_router.py>."
         )
-    classes = config.experts or (router.degradations if router else data.classes)
-    missing = sorted(set(data.classes) - set(classes))
-    if missing and config.route_by == "label":
-        raise ConfigError(
-            f"route_by='label' but the data's classes {missing} have no expert among "
-            f"{classes}; set experts= to cover every class of the data."
-        )
-    if missing and len(classes) > 1:  # one expert (a plain LoRA) takes every image
-        raise ConfigError(
-            f"route_by='router' but the router knows only {classes}, not the data's classes "
-            f"{missing}: their images would train the experts of other classes. Use a router "
-            "trained on this data's suite, or keep to its classes with tasks=[...]."
-        )
+    classes = config.experts or (router.degradations if router else data.train_classes)
+    _check_classes(classes, data, config.route_by, "set experts= to cover every class of the data")
     settings = {
         name: getattr(config, name)
         for name in (
@@ -219,7 +241,17 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
         )
     }
     model = attach_experts(backbone, classes, settings, router=router)
-    _fit_class_embeddings(config, data, model)
+    if config.class_embeddings:
+        if not has_dam(backbone):
+            raise ConfigError(
+                f"class_embeddings drive DAM blocks, and {config.base!r} has none; "
+                "pre-train with router=... to add them, or drop class_embeddings."
+            )
+        step = max(1, len(data.train) // _CLASS_EMBEDDING_PATCHES)
+        patches = Subset(data.train, range(0, len(data.train), step))
+        model.loraxir_router.fit_class_embeddings(
+            labelled_batches(patches, class_names=data.class_names)
+        )
     return model
 
 
@@ -232,32 +264,12 @@ def _continued_adapter(config: FinetuneConfig, data: RestorationData) -> nn.Modu
 
     folder = find_adapter(config.adapter)
     model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder), is_trainable=True)
-    missing = sorted(set(data.classes) - set(model.degradations))
-    if missing:
-        raise ConfigError(
-            f"The adapter {config.adapter!r} has no expert for the data's classes {missing} "
-            f"(it has {model.degradations}); keep to its classes with tasks=[...], or add a "
-            "class with recipes/add_degradation.py."
-        )
+    _check_policy(model.config.trainable, config.route_by, class_embeddings=False)
+    fix = "keep to its classes with tasks=[...], or add a class with recipes/add_degradation.py"
+    _check_classes(model.degradations, data, config.route_by, fix)
     if config.route_by == "router" and model.loraxir_router is None:
         raise ConfigError(f"The adapter {config.adapter!r} has no router; set route_by='label'.")
-    _fit_class_embeddings(config, data, model)
     return model
-
-
-def _fit_class_embeddings(config: FinetuneConfig, data: RestorationData, model: Any) -> None:
-    if not config.class_embeddings:
-        return
-    if getattr(model.config, "dam", None) is None:
-        raise ConfigError(
-            "class_embeddings drive DAM blocks, and this network has none; pre-train with "
-            "router=... to add them, or drop class_embeddings."
-        )
-    step = max(1, len(data.train) // _CLASS_EMBEDDING_PATCHES)
-    patches = Subset(data.train, range(0, len(data.train), step))
-    model.loraxir_router.fit_class_embeddings(
-        labelled_batches(patches, class_names=data.class_names)
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -277,11 +289,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return pixel_loss(restored, batch["gt"], config.loss, config.fft_weight)
 
     source = config.base if config.adapter is None else find_adapter(config.adapter)
+    started_from = "the pre-trained network" if config.adapter is None else "the adapter as given"
     initial = run.validate(restore, 0, "initial")
     run.resume()
     total = sum(p.numel() for p in unwrapped.parameters())
     run.accelerator.print(
-        f"Fine-tuning {run.trainable_parameters:,} of {total:,} parameters ({config.trainable}) "
+        f"Fine-tuning {run.trainable_parameters:,} of {total:,} parameters "
+        f"({unwrapped.config.trainable}) "
         f"on {len(data.train)} patches of {data.train_classes}, routed by {config.route_by}, "
         f"{run.accelerator.num_processes} process(es)."
     )
@@ -293,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run.finish(
         metrics,
         lambda: save_adapter(unwrapped, Path(config.output_dir) / "adapter", source, final),
-        format_table(initial, "before fine-tuning (the pre-trained network)")
+        format_table(initial, "before fine-tuning (" + started_from + ")")
         + "\n"
         + format_table(final, f"after {run.state.step} steps"),
     )

@@ -42,7 +42,11 @@ def test_a_source_of_them_is_split_apart_from_photos_and_degraded_like_them() ->
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"count": 0}, "count must be"),
-    ({"count": 2, "size": 4}, "at least 8 pixels"),
+    ({"count": 2, "size": 4}, "pixels >= 8 as its side, got 4"),
+    ({"count": 1, "size": 8.5}, "got 8.5"),
+    ({"count": 1, "size": None}, "got None"),
+    ({"count": 1, "seed": None}, "seed must be an integer >= 0, got None"),
+    ({"count": 1, "seed": -1}, "seed must be"),
 ])  # fmt: skip
 def test_bad_sizes_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(DataError, match=match):

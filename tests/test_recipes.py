@@ -295,15 +295,16 @@ def test_finetune_of_an_adapter_refuses_settings_it_would_ignore(
         run("finetune", tmp_path / "a", f"adapter={source}", "r=4")
     with pytest.raises(ConfigError, match=r"top_k=2, trainable='all'.*drop them"):
         run("finetune", tmp_path / "b", f"adapter={source}", "top_k=2", "trainable=all")
-    with pytest.raises(ConfigError, match=r"no expert for the data's classes \['snow'\]"):
+    with pytest.raises(ConfigError, match=r"classes \['snow'\] have no expert.*add_degradation"):
         run("finetune", tmp_path / "c", *DATA, f"adapter={source}", "suite=all_weather",
             "tasks=[snow]", "route_by=label", "max_steps=1")  # fmt: skip
     with pytest.raises(ConfigError, match="has no router; set route_by='label'"):
         run("finetune", tmp_path / "d", *DATA, f"adapter={source}", "max_steps=1")
     with pytest.raises(UnknownNameError, match="adapter"):
         run("finetune", tmp_path / "e", *DATA, "adapter=no-such-adapter", "route_by=label")
+    with pytest.raises(ConfigError, match=r"class_embeddings=True cannot apply"):
+        run("finetune", tmp_path / "f", f"adapter={source}", "class_embeddings=true")
     _reset_accelerate()
-    assert not (tmp_path / "c" / "adapter").exists()
 
 
 def test_finetune_refuses_an_unknown_setting_naming_the_closest(tmp_path: Path) -> None:
@@ -453,6 +454,7 @@ def test_add_degradation_without_an_adapter_folder_says_what_to_point_at(
     [
         (["suite=three_task"], r"no task for the adapter's classes \['blur', 'low_light'\]"),
         (["route_by=router"], "route_by='router'.*has none"),
+        (["tasks=[noise]", "val_tasks=[rain]"], r"val_tasks names \['rain'\], which this run"),
     ],
 )
 def test_add_degradation_refuses_what_it_would_do_silently_wrong(
@@ -727,6 +729,33 @@ def test_finetune_fits_class_embeddings_that_drive_dam_for_labels(
         run("finetune", tmp_path / "y", *FINETUNE, f"base={base}", "class_embeddings=true",
             "router=" + str(guided["root"] / "router"))  # fmt: skip
     _reset_accelerate()
+
+
+def test_finetune_of_an_adapter_checks_the_adapters_own_policy(
+    guided: dict[str, Any], tmp_path: Path
+) -> None:
+    """The guided adapter trains experts+router: routed by label, its router would get no
+    gradient through its gates, so that is refused as it is for a config's policy."""
+    source = guided["root"] / "ft" / "adapter"
+    with pytest.raises(ConfigError, match="route_by='label' bypasses them"):
+        run("finetune", tmp_path, *DATA, f"adapter={source}", "route_by=label", "max_steps=1")
+    _reset_accelerate()
+
+
+def test_finetune_validates_classes_it_does_not_train(base: Path, tmp_path: Path) -> None:
+    """val_tasks wider than tasks: the experts are the trained classes unless named, a
+    validated class routed by label needs its own expert, and one named but not trained
+    stays at zero (the base network's output) while validation measures it."""
+    wide = [*FINETUNE, f"base={base}", "tasks=[blur]", "val_tasks=[rain, blur]", "max_steps=2"]
+    with pytest.raises(ConfigError, match=r"val_tasks validates the classes \['rain'\]"):
+        run("finetune", tmp_path / "a", *wide)
+    metrics = run("finetune", tmp_path / "b", *wide, "experts=[rain, blur]")
+    _reset_accelerate()
+    assert set(metrics["final"]["per_task"]) == {"rain", "blur"}
+    tensors = adapter_tensors(tmp_path / "b")
+    b_keys = [key for key in tensors if ".B." in key]
+    assert b_keys and all(not tensors[key][0].any() for key in b_keys), "rain never trained"
+    assert any(tensors[key][1].any() for key in b_keys), "blur trained"
 
 
 def test_add_degradation_trains_only_the_routers_new_class(

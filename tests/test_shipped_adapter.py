@@ -123,6 +123,8 @@ def test_the_card_names_what_it_does_not_restore():
         level = f"It does not restore {task} images; they come out level" in card
         assert worse == (change <= -level_db), (task, change)
         assert level == (abs(change) < level_db), (task, change)
+        slight = f"It restores {task} images only slightly" in card
+        assert slight == (level_db <= change < recipe("ship_adapter").SLIGHT_DB), (task, change)
         if worse or level:
             named.add(task)
     assert named == KNOWN_UNRESTORED

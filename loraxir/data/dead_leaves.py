@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+from numbers import Integral
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from loraxir.data.patches import check_seed
 from loraxir.data.sources import ImageSource
 from loraxir.errors import DataError
 
@@ -45,8 +47,11 @@ def dead_leaves_image(size: int, seed: int) -> Tensor:
     perfectly flat), painted one over the other. NumPy, not torch: the work is thousands of
     operations on small arrays, where torch's per-call overhead would dominate.
     """
-    if size < 8:
-        raise DataError(f"A dead-leaves image needs a side of at least 8 pixels, got {size}.")
+    if isinstance(size, bool) or not isinstance(size, Integral) or size < 8:
+        raise DataError(
+            f"A dead-leaves image needs a whole number of pixels >= 8 as its side, got {size!r}."
+        )
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     side = size * _SUPERSAMPLE
     count = _SHAPES_PER_IMAGE
@@ -104,6 +109,7 @@ class DeadLeavesSource(ImageSource):
     def __init__(self, count: int, size: int = 256, seed: int = 0) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise DataError(f"count must be a whole number of images >= 1, got {count!r}.")
+        check_seed(seed)
         self.size = size
         self.seed = seed
         self.ids = [f"dead_leaves/{seed + i}" for i in range(count)]
