@@ -143,8 +143,8 @@ class FinetuneConfig(RestorationConfig):
         check_choice("trainable", self.trainable, ("experts", "experts+router", "all"))
         if self.experts == []:
             raise ConfigError(
-                "experts is empty; list the expert classes, or null for the router's (else "
-                "the data's) classes."
+                "experts is empty; list the expert classes, or null for the router's (else the "
+                "trained) classes."
             )
         _check_policy(self.trainable, self.route_by, self.class_embeddings)
         if self.lora_dropout > 0 and self.compute not in ("auto", "activation"):

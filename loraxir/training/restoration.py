@@ -113,7 +113,7 @@ class RestorationConfig(RecipeConfig):
             "help": "Procedural dead-leaves images (256², drawn from the seed) added to the "
             "synthetic training pairs, one patch per image and task per epoch, never "
             "validated on: edges of every orientation and scale that a few photos lack "
-            "(deblurring generalises with them); 0: photos only."
+            "(the shipped adapter's blur expert generalised with them); 0: photos only."
         },
     )
     test_fraction: float = field(default=0.2, metadata={"help": "Share of photos held out."})
