@@ -59,11 +59,8 @@ from loraxir.validation import check_choice, check_int
 ROUTE_BY = ("router", "label")
 # At most this many training patches (evenly spaced) fit the router's class embeddings.
 _CLASS_EMBEDDING_PATCHES = 2048
-# What an adapter given as ``adapter`` decides for itself (its config and folder).
-_ADAPTER_OWN = (
-    "base",
-    "router",
-    "experts",
+# The settings that are LoraIRConfig fields, passed on when experts are attached.
+_EXPERT_SETTINGS = (
     "r",
     "lora_alpha",
     "top_k",
@@ -74,8 +71,9 @@ _ADAPTER_OWN = (
     "init",
     "compute",
     "trainable",
-    "class_embeddings",
 )
+# What an adapter given as ``adapter`` decides for itself (its config and folder).
+_ADAPTER_OWN = ("base", "router", "experts", *_EXPERT_SETTINGS, "class_embeddings")
 
 
 @dataclass
@@ -225,21 +223,7 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
         )
     classes = config.experts or (router.degradations if router else data.train_classes)
     _check_classes(classes, data, config.route_by, "set experts= to cover every class of the data")
-    settings = {
-        name: getattr(config, name)
-        for name in (
-            "r",
-            "lora_alpha",
-            "top_k",
-            "target_modules",
-            "exclude_modules",
-            "preset",
-            "lora_dropout",
-            "init",
-            "compute",
-            "trainable",
-        )
-    }
+    settings = {name: getattr(config, name) for name in _EXPERT_SETTINGS}
     model = attach_experts(backbone, classes, settings, router=router)
     if config.class_embeddings:
         if not has_dam(backbone):

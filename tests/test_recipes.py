@@ -159,20 +159,28 @@ def assert_same_psnr(result: dict, expected: dict) -> None:
         assert result["per_task"][task]["psnr"] == pytest.approx(numbers["psnr"], abs=1e-9)
 
 
-def test_saved_adapter_reproduces_the_final_validation_psnr(
-    finetuned: tuple[Path, dict],
-) -> None:
+def assert_label_routed_adapter_reproduces(output_dir: Path, metrics: dict) -> None:
+    """The adapter a finetune.py run saved, loaded again and routed by label, gives the
+    run's final validation PSNR."""
     from loraxir import LoraIRModel
     from loraxir.backbones import load_backbone
     from loraxir.training.models import routing_arguments
 
-    out, metrics = finetuned
-    folder = out / "adapter"
+    folder = output_dir / "adapter"
     model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
     result = reevaluate(
-        "finetune", out, lambda b, data: model(b["lq"], **routing_arguments("label", b, data))
+        "finetune",
+        output_dir,
+        lambda b, data: model(b["lq"], **routing_arguments("label", b, data)),
     )
     assert_same_psnr(result, metrics["final"])
+
+
+def test_saved_adapter_reproduces_the_final_validation_psnr(
+    finetuned: tuple[Path, dict],
+) -> None:
+    out, metrics = finetuned
+    assert_label_routed_adapter_reproduces(out, metrics)
 
 
 def test_resumed_finetune_is_bit_identical(
@@ -256,10 +264,6 @@ def test_finetune_trains_an_existing_adapter_further_on_one_class(
     """adapter=...: routed by label on blur only, with weight_decay 0, the blur expert
     trains and every other expert, and the network, stay bit for bit as they were; the
     result is again a self-contained adapter that reproduces its validation PSNR."""
-    from loraxir import LoraIRModel
-    from loraxir.backbones import load_backbone
-    from loraxir.training.models import routing_arguments
-
     out, _ = finetuned
     source = out / "adapter"
     metrics = run(
@@ -279,12 +283,7 @@ def test_finetune_trains_an_existing_adapter_further_on_one_class(
     assert any(not torch.equal(after[k][blur], before[k][blur]) for k in experts)
     for name in ("backbone.json", "backbone.safetensors"):
         assert (tmp_path / "adapter" / name).read_bytes() == (source / name).read_bytes()
-    folder = tmp_path / "adapter"
-    model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder))
-    result = reevaluate(
-        "finetune", tmp_path, lambda b, data: model(b["lq"], **routing_arguments("label", b, data))
-    )
-    assert_same_psnr(result, metrics["final"])
+    assert_label_routed_adapter_reproduces(tmp_path, metrics)
 
 
 def test_finetune_of_an_adapter_refuses_settings_it_would_ignore(
