@@ -209,11 +209,13 @@ def _check_classes(classes: list[str], data: RestorationData, route_by: str, fix
         )
 
 
-def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
+def build_model(
+    config: FinetuneConfig, data: RestorationData, adapter: Path | None = None
+) -> nn.Module:
     """The pre-trained network with experts attached, per ``config`` (or the adapter
-    ``config.adapter`` names, to train further)."""
-    if config.adapter is not None:
-        return _continued_adapter(config, data)
+    folder ``adapter``, which ``config.adapter`` names, to train further)."""
+    if adapter is not None:
+        return _continued_adapter(config, data, adapter)
     backbone, router = load_base(config.base, config.router)
     if router is None and (config.route_by == "router" or has_dam(backbone)):
         raise ConfigError(
@@ -239,14 +241,13 @@ def build_model(config: FinetuneConfig, data: RestorationData) -> nn.Module:
     return model
 
 
-def _continued_adapter(config: FinetuneConfig, data: RestorationData) -> nn.Module:
+def _continued_adapter(config: FinetuneConfig, data: RestorationData, folder: Path) -> nn.Module:
     """The adapter ``config.adapter`` names, trainable per its own policy. Its experts
     stay as they were where no training image reaches them: routed by label (or by a router
     that sends no image there) and with ``weight_decay: 0``, bit for bit."""
     from loraxir import LoraIRModel
     from loraxir.backbones import load_backbone
 
-    folder = find_adapter(config.adapter)
     model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder), is_trainable=True)
     _check_policy(model.config.trainable, config.route_by, class_embeddings=False)
     fix = "keep to its classes with tasks=[...], or add a class with recipes/add_degradation.py"
@@ -261,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_recipe_args(FinetuneConfig, script_description(__doc__), argv)
     prepare_output_dir(config, ("adapter",))
     data = build_data(config)
-    run = start_run(config, data, "finetune", lambda: build_model(config, data))
+    adapter = None if config.adapter is None else find_adapter(config.adapter)
+    run = start_run(config, data, "finetune", lambda: build_model(config, data, adapter))
     model, unwrapped = run.model, run.unwrapped
 
     def restore(batch: dict[str, Any]) -> torch.Tensor:
@@ -272,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         restored = model(batch["lq"], **routing_arguments(config.route_by, batch, data))
         return pixel_loss(restored, batch["gt"], config.loss, config.fft_weight)
 
-    source = config.base if config.adapter is None else find_adapter(config.adapter)
-    started_from = "the pre-trained network" if config.adapter is None else "the adapter as given"
+    started_from = "the pre-trained network" if adapter is None else "the adapter as given"
     initial = run.validate(restore, 0, "initial")
     run.resume()
     total = sum(p.numel() for p in unwrapped.parameters())
@@ -290,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     run.finish(
         metrics,
-        lambda: save_adapter(unwrapped, Path(config.output_dir) / "adapter", source, final),
+        lambda: save_adapter(
+            unwrapped, Path(config.output_dir) / "adapter", adapter or config.base, final
+        ),
         format_table(initial, "before fine-tuning (" + started_from + ")")
         + "\n"
         + format_table(final, f"after {run.state.step} steps"),

@@ -80,3 +80,10 @@ def test_recipes_refuse_a_bad_count_and_real_pairs_with_them() -> None:
     with pytest.raises(ConfigError, match=r"dead_leaves.*paired_train"):
         paired = ["paired_train={rain: a}", "paired_val={rain: b}"]
         load_config(RestorationConfig, None, [*paired, "dead_leaves=10"])
+
+
+def test_drawing_many_shows_progress_only_when_asked(capsys: pytest.CaptureFixture) -> None:
+    DeadLeavesSource(2, size=16, seed=50)
+    assert "dead leaves" not in capsys.readouterr().err
+    DeadLeavesSource(2, size=16, seed=60, progress=True)
+    assert "dead leaves" in capsys.readouterr().err

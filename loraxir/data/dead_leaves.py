@@ -20,6 +20,7 @@ from numbers import Integral
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from loraxir.data.patches import check_seed
 from loraxir.data.sources import ImageSource
@@ -103,17 +104,18 @@ class DeadLeavesSource(ImageSource):
     process) and kept (0.2 MB each), so that data-loader workers share them instead of drawing
     them again. Treat what :meth:`load` returns as read-only: it is the kept image. Ids are
     ``dead_leaves/<seed + i>``, distinct from any photo's, so a split by image never mixes
-    them with photos.
+    them with photos. ``progress`` draws a bar while they are drawn (hundreds take minutes).
     """
 
-    def __init__(self, count: int, size: int = 256, seed: int = 0) -> None:
+    def __init__(self, count: int, size: int = 256, seed: int = 0, progress: bool = False) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise DataError(f"count must be a whole number of images >= 1, got {count!r}.")
         check_seed(seed)
         self.size = size
         self.seed = seed
         self.ids = [f"dead_leaves/{seed + i}" for i in range(count)]
-        self._images = [_drawn(size, seed + i) for i in range(count)]
+        drawing = tqdm(range(count), desc="dead leaves", disable=not progress, leave=False)
+        self._images = [_drawn(size, seed + i) for i in drawing]
 
     def load(self, index: int) -> Tensor:
         return self._images[index]

@@ -15,6 +15,7 @@ written by :func:`loraxir.backbones.save_backbone`, read by
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,7 +379,13 @@ def _synthetic_data(
     if config.dead_leaves:
         parts.append(
             SyntheticPairs(
-                DeadLeavesSource(config.dead_leaves, seed=config.seed),
+                # Drawn before the Accelerator exists: the launcher's LOCAL_RANK says which
+                # process is the main one of its machine, the one that shows progress.
+                DeadLeavesSource(
+                    config.dead_leaves,
+                    seed=config.seed,
+                    progress=os.environ.get("LOCAL_RANK", "0") == "0",
+                ),
                 suite,
                 config.patch_size,
                 tasks=tasks,
