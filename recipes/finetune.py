@@ -213,9 +213,10 @@ def build_model(
     config: FinetuneConfig, data: RestorationData, adapter: Path | None = None
 ) -> nn.Module:
     """The pre-trained network with experts attached, per ``config`` (or the adapter
-    folder ``adapter``, which ``config.adapter`` names, to train further)."""
-    if adapter is not None:
-        return _continued_adapter(config, data, adapter)
+    ``config.adapter`` names, to train further; ``adapter``: its folder, when the caller
+    has found it already)."""
+    if config.adapter is not None:
+        return _continued_adapter(config, data, adapter or find_adapter(config.adapter))
     backbone, router = load_base(config.base, config.router)
     if router is None and (config.route_by == "router" or has_dam(backbone)):
         raise ConfigError(

@@ -286,6 +286,24 @@ def test_finetune_trains_an_existing_adapter_further_on_one_class(
     assert_label_routed_adapter_reproduces(tmp_path, metrics)
 
 
+def test_finetune_build_model_finds_the_adapter_its_config_names(
+    finetuned: tuple[Path, dict],
+) -> None:
+    """build_model(config, data) without the folder found by main: the adapter still,
+    not new experts on ``base`` (which does not exist here)."""
+    from loraxir.training import load_config
+    from loraxir.training.restoration import build_data
+
+    module = recipe("finetune")
+    source = finetuned[0] / "adapter"
+    config = load_config(
+        module.FinetuneConfig, None, [*DATA, f"adapter={source}", "route_by=label"]
+    )
+    model = module.build_model(config, build_data(config))
+    assert model.degradations == CLASSES
+    assert model.config.r == 2  # the adapter's, not the config's default 8
+
+
 def test_finetune_of_an_adapter_refuses_settings_it_would_ignore(
     finetuned: tuple[Path, dict], tmp_path: Path
 ) -> None:
