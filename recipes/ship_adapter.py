@@ -337,22 +337,19 @@ def _weaknesses(scores: dict[str, dict[str, float]]) -> str:
     """The card's lines for what the adapter does not do: each class it does not restore
     (a PSNR change under :data:`LEVEL_DB`), each it restores by less than
     :data:`SLIGHT_DB`, then each restored class whose SSIM falls."""
-    not_restored = (
-        _weakness(task, s)
-        for task, s in scores.items()
-        if s["restored_psnr"] - s["input_psnr"] < LEVEL_DB
-    )
+    gains = {task: s["restored_psnr"] - s["input_psnr"] for task, s in scores.items()}
+    not_restored = (_weakness(task, s) for task, s in scores.items() if gains[task] < LEVEL_DB)
     slight = (
-        f"- It restores {task} images only slightly ({_gain(change)} dB on average above): "
+        f"- It restores {task} images only slightly ({_gain(gain)} dB on average above): "
         "expect little visible change.\n"
-        for task, s in scores.items()
-        if LEVEL_DB <= (change := s["restored_psnr"] - s["input_psnr"]) < SLIGHT_DB
+        for task, gain in gains.items()
+        if LEVEL_DB <= gain < SLIGHT_DB
     )
     lower_ssim = (
         f"- On {task} it raises PSNR but lowers SSIM ({s['input_ssim']:.4f} to "
         f"{s['restored_ssim']:.4f} on average).\n"
         for task, s in scores.items()
-        if s["restored_psnr"] - s["input_psnr"] >= LEVEL_DB and s["restored_ssim"] < s["input_ssim"]
+        if gains[task] >= LEVEL_DB and s["restored_ssim"] < s["input_ssim"]
     )
     return "".join(not_restored) + "".join(slight) + "".join(lower_ssim)
 
