@@ -14,7 +14,9 @@ stage), ``experts+router`` or ``all``. Each image is routed by the router
 trains an existing adapter further instead, e.g. one class it restores poorly
 (``tasks: [blur]``): its network, DAM blocks, router and experts load as they are, and its
 own policy says what trains. Routed by label with ``weight_decay: 0``, the experts of the
-classes absent from the data stay bit for bit as they were.
+classes absent from the data stay bit for bit as they were. Validation covers every class
+of the adapter (``val_tasks`` narrows it), so that what one class's training does to the
+others shows.
 
 Writes to ``output_dir``: ``adapter/`` (a self-contained adapter folder: config, experts,
 DAM blocks and router weights, model card with the metrics, and the base network as
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from loraxir.config import LoraIRConfig
+from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError
 from loraxir.pretrained import find_adapter
 from loraxir.router import labelled_batches
@@ -258,12 +262,28 @@ def _continued_adapter(config: FinetuneConfig, data: RestorationData, folder: Pa
     return model
 
 
+def _validating_every_class(config: FinetuneConfig, folder: Path) -> FinetuneConfig:
+    """``config`` validating, unless ``val_tasks`` says otherwise, every task of the suite
+    whose class the adapter ``folder`` restores, not only the ``tasks`` it trains further:
+    training one class can move the others (routed by the router, a rare misrouted image
+    trains another expert), and validation is where a user sees it."""
+    if config.val_tasks is not None or config.tasks is None or config.paired_train is not None:
+        return config
+    classes = set(LoraIRConfig.from_file(folder / "adapter_config.json").degradations)
+    suite = load_suite(config.suite)
+    trained = {suite.task_names[suite.index(task)] for task in config.tasks}
+    val_tasks = [t for t in suite.task_names if t in trained or suite.task(t).label in classes]
+    return replace(config, val_tasks=val_tasks)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
     config = parse_recipe_args(FinetuneConfig, script_description(__doc__), argv)
+    adapter = None if config.adapter is None else find_adapter(config.adapter)
+    if adapter is not None:
+        config = _validating_every_class(config, adapter)
     prepare_output_dir(config, ("adapter",))
     data = build_data(config)
-    adapter = None if config.adapter is None else find_adapter(config.adapter)
     run = start_run(config, data, "finetune", lambda: build_model(config, data, adapter))
     model, unwrapped = run.model, run.unwrapped
 

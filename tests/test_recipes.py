@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from recipe_helpers import ROOT, recipe
 from safetensors.torch import load_file
 
@@ -135,11 +136,13 @@ def test_finetune_writes_a_self_contained_adapter(finetuned: tuple[Path, dict]) 
 def reevaluate(name: str, output_dir: Path, restore: Any) -> dict:
     """Validate ``restore`` on the validation set of the run in ``output_dir``."""
     from loraxir.training import evaluate_restoration, load_config
-    from loraxir.training.restoration import build_data
+    from loraxir.training.restoration import RestorationConfig, build_data
 
     module = recipe(name)
     config_class = next(
-        v for k, v in vars(module).items() if k.endswith("Config") and k != "RestorationConfig"
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, RestorationConfig) and v is not RestorationConfig
     )
     config = load_config(config_class, output_dir / "config.yaml")
     data = build_data(config)
@@ -263,7 +266,8 @@ def test_finetune_trains_an_existing_adapter_further_on_one_class(
 ) -> None:
     """adapter=...: routed by label on blur only, with weight_decay 0, the blur expert
     trains and every other expert, and the network, stay bit for bit as they were; the
-    result is again a self-contained adapter that reproduces its validation PSNR."""
+    result is again a self-contained adapter that reproduces its validation PSNR.
+    Validation covers every class of the adapter unless val_tasks narrows it."""
     out, _ = finetuned
     source = out / "adapter"
     metrics = run(
@@ -271,7 +275,14 @@ def test_finetune_trains_an_existing_adapter_further_on_one_class(
         "route_by=label", "weight_decay=0", "max_steps=3",
     )  # fmt: skip
     _reset_accelerate()
-    assert set(metrics["final"]["per_task"]) == {"blur"}
+    assert set(metrics["final"]["per_task"]) == set(CLASSES)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["val_tasks"] == CLASSES
+    narrowed = run(
+        "finetune", tmp_path / "narrowed", *DATA, f"adapter={source}", "tasks=[blur]",
+        "val_tasks=[blur]", "route_by=label", "max_steps=1",
+    )  # fmt: skip
+    _reset_accelerate()
+    assert set(narrowed["final"]["per_task"]) == {"blur"}
     before, after = adapter_tensors(out), adapter_tensors(tmp_path)
     assert before.keys() == after.keys()
     blur = CLASSES.index("blur")
