@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a loraxir error, with its message;
-    130 on Ctrl-C)."""
+    130 on Ctrl-C, 143 on SIGTERM)."""
     for stream in (sys.stdout, sys.stderr):
         # File names need not be valid UTF-8 (they come back with surrogates): print them
         # escaped rather than stop the run in the middle of a report.
@@ -335,12 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     from loraxir.errors import LoraIRError
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     except LoraIRError as error:
         print(f"loraxir: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         kept = (
             " Every output written so far is complete (files are written under a temporary "
             "name and renamed); run the same command again to go on: those outputs are kept "
@@ -349,9 +351,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             else ""
         )
         print(f"\nloraxir: interrupted.{kept}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interruption, _Terminated) else 130
     except BrokenPipeError:
         # The reader went away (`loraxir degradations --list | head`): stop quietly, as
         # shell tools do, and keep Python's exit-time flush from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, systemd and job schedulers send) stops a command as Ctrl-C
+    does: temporary outputs are removed and finished ones kept."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated

@@ -379,11 +379,13 @@ def test_a_linked_folder_inside_an_input_folder_is_reported_not_skipped_silently
     Image.fromarray(photo(8, 8)).save(tmp_path / "elsewhere" / "e.png")
     (tmp_path / "photos" / "trip").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "photos" / "loop").symlink_to(tmp_path / "photos")
+    (tmp_path / "photos" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     jobs, outcome = collect([str(tmp_path / "photos")], tmp_path / "out")
     assert jobs == []
-    assert [(Path(source).name, "not followed" in why) for source, why in outcome.failed] == [
-        ("loop", True),
-        ("trip", True),
+    assert [(Path(source).name, why.split(" (")[0]) for source, why in outcome.failed] == [
+        ("gone.png", "a broken link: its target does not exist"),
+        ("loop", "a link to a folder is not followed"),
+        ("trip", "a link to a folder is not followed"),
     ]
 
 
@@ -569,6 +571,46 @@ def test_video_options_with_only_images_are_warned_about(adapter, tmp_path, caps
                  "--adapter", str(adapter), "--quiet", "--smooth", "0.5"])  # fmt: skip
     assert code == 0
     assert "--smooth and --reference apply to videos only" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_video_as_ctrl_c_does_leaving_no_temporary_file(
+    adapter, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM (timeout, schedulers) killed the run and left a hidden ``.partial`` video."""
+    import signal
+
+    from loraxir.inference.video import VideoWriter
+
+    written = VideoWriter.write
+
+    def terminated_mid_video(self, frame):
+        written(self, frame)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    _video(tmp_path / "in" / "clip.mp4", frames=3)
+    monkeypatch.setattr(VideoWriter, "write", terminated_mid_video)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["restore", str(tmp_path / "in" / "clip.mp4"), "-o", str(tmp_path / "out"),
+                 "--adapter", str(adapter), "--quiet", "--degradation", "noise"])  # fmt: skip
+    assert code == 143 and "interrupted" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_names_ffmpeg_reads_as_protocols_and_names_near_the_length_limit_are_restored(
+    adapter, tmp_path, monkeypatch
+):
+    """``12:00.mp4`` given without a folder was a ``12:`` protocol to FFmpeg; a 240-byte
+    name failed after restoring, its temporary twin being over the 255-byte limit."""
+    long_name = "p" * 236 + ".png"
+    Image.fromarray(photo(16, 16)).save(tmp_path / long_name)
+    _video(tmp_path / "12:00.mp4")
+    monkeypatch.chdir(tmp_path)
+    code = main(["restore", "12:00.mp4", long_name, "-o", "out", "--adapter", str(adapter),
+                 "--quiet", "--degradation", "noise"])  # fmt: skip
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["12:00.frames.csv", "12:00.frames.png", "12:00.mp4", long_name]
 
 
 def test_ctrl_c_exits_130_saying_what_is_kept(adapter, tmp_path, capsys, monkeypatch):

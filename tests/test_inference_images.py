@@ -51,9 +51,10 @@ def test_rgba_alpha_is_kept(tmp_path):
         np.testing.assert_array_equal(np.asarray(out)[..., 3], rgba[..., 3])
 
 
-def _png16(path, values, exif=None):
+def _png16(path, values, exif=None, transparent=None):
     """A 16-bit PNG written byte by byte (gray, gray+alpha, RGB or RGBA by channel count),
-    so the reader is tested against files it did not write; ``exif``: an eXIf chunk."""
+    so the reader is tested against files it did not write; ``exif``: an eXIf chunk;
+    ``transparent``: the sample value(s) a tRNS chunk makes transparent."""
 
     def chunk(kind, data):
         return (
@@ -66,6 +67,8 @@ def _png16(path, values, exif=None):
     data = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
     ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     extra = chunk(b"eXIf", exif.tobytes()[6:]) if exif is not None else b""  # no "Exif\0\0"
+    if transparent is not None:
+        extra += chunk(b"tRNS", struct.pack(f">{len(transparent)}H", *transparent))
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", ihdr)
@@ -369,6 +372,77 @@ def test_16_bit_png_name_with_a_percent_pattern_is_written(tmp_path):
     write_picture(tmp_path / "frame%d.png", Picture(values))
     assert [p.name for p in tmp_path.iterdir()] == ["frame%d.png"]
     np.testing.assert_array_equal(read_picture(tmp_path / "frame%d.png").pixels, values)
+
+
+def test_16_bit_png_names_ffmpeg_would_misread_are_read_as_named(tmp_path, monkeypatch):
+    """FFmpeg's file reader took ``scan%d.png`` for a sequence and returned ``scan1.png``'s
+    pixels, and ``10:30.png`` for a ``10:`` protocol (an error)."""
+    rng = np.random.default_rng(8)
+    own, other = (rng.integers(0, 65536, (6, 7, 3), dtype=np.uint16) for _ in range(2))
+    _png16(tmp_path / "scan%d.png", own)
+    _png16(tmp_path / "scan1.png", other)
+    _png16(tmp_path / "10:30.png", own)
+    np.testing.assert_array_equal(read_picture(tmp_path / "scan%d.png").pixels, own)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(read_picture("10:30.png").pixels, own)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_png_transparent_value_is_read_as_alpha(tmp_path, channels):
+    """A tRNS value made 8-bit PNGs transparent but was dropped from 16-bit ones."""
+    values = np.random.default_rng(9).integers(0, 65536, (6, 7, channels), dtype=np.uint16)
+    values[4, 1] = values[2, 3]
+    key = tuple(int(v) for v in values[2, 3])
+    _png16(tmp_path / "t.png", values, transparent=key)
+    picture = read_picture(tmp_path / "t.png")
+    assert picture.grayscale == (channels == 1)
+    np.testing.assert_array_equal(picture.pixels[..., :channels], values)
+    expected = np.where((values == key).all(-1), 0, 65535)
+    assert (expected == 0).sum() == 2
+    np.testing.assert_array_equal(picture.alpha, expected)
+
+
+def test_16_bit_tiff_with_premultiplied_alpha_is_read_straight(tmp_path):
+    """Colour premultiplied by alpha ("associated") was written back as straight alpha:
+    darker wherever the image is partly transparent."""
+    import tifffile
+
+    rng = np.random.default_rng(10)
+    straight = rng.integers(0, 65536, (6, 7, 3))
+    alpha = rng.integers(8192, 65536, (6, 7))
+    alpha[0, 0] = 0
+    premultiplied = np.rint(straight * (alpha[..., None] / 65535))
+    samples = np.dstack([premultiplied, alpha]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "p.tif", samples, photometric="rgb", extrasamples=["assocalpha"])
+    picture = read_picture(tmp_path / "p.tif")
+    np.testing.assert_array_equal(picture.alpha, alpha)
+    error = np.abs(picture.pixels.astype(np.int64) - straight)
+    assert error[alpha > 0].max() <= 4 and not picture.pixels[0, 0].any()
+
+
+def test_cmyk_is_read_as_rgb_without_its_cmyk_profile(tmp_path):
+    """The CMYK profile was written onto the RGB result, which colour-managed readers then
+    refuse."""
+    from PIL import ImageCms
+
+    srgb = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    srgb[16:20] = b"CMYK"  # a profile declared for CMYK (the data colour space field)
+    cmyk = Image.fromarray(photo(12, 10)).convert("CMYK")
+    cmyk.save(tmp_path / "c.tif", icc_profile=bytes(srgb))
+    picture = read_picture(tmp_path / "c.tif")
+    assert picture.icc_profile is None
+    np.testing.assert_array_equal(picture.pixels, np.asarray(cmyk.convert("RGB")))
+
+
+def test_write_picture_refuses_pixels_it_cannot_write_by_name(tmp_path):
+    """Float pixels raised Pillow's untyped TypeError."""
+    floats = np.zeros((4, 5, 3))
+    with pytest.raises(DataError, match=r"uint8 or uint16 pixels.*got float64 of shape"):
+        write_picture(tmp_path / "a.png", Picture(floats))
+    pixels = np.zeros((4, 5, 3), np.uint8)
+    with pytest.raises(DataError, match=r"with alpha uint16 of shape \(4, 5\)"):
+        write_picture(tmp_path / "a.png", Picture(pixels, np.zeros((4, 5), np.uint16)))
+    assert not (tmp_path / "a.png").exists()
 
 
 def _pnm(path, magic, values, maxval):

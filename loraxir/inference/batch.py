@@ -97,6 +97,8 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
                     continue
                 if child.is_file():
                     found.append((child, relative))
+                elif child.is_symlink() and not child.exists():
+                    outcome.failed.append((str(child), "a broken link: its target does not exist"))
                 elif child.is_symlink() and child.is_dir():
                     outcome.failed.append(
                         (
@@ -326,7 +328,8 @@ def _replace(targets: Path | tuple[Path, ...], write: Any) -> Any:
     # A name no input or output can have (a fixed one was another job's output, or a
     # user's file), ending in the target's suffix, from which the format is chosen.
     tag = secrets.token_hex(4)
-    partials = [t.with_name(f".{t.stem}.{tag}.partial{t.suffix}") for t in targets]
+    # The stem shortened: a name near the 255-byte limit must still have a temporary twin.
+    partials = [t.with_name(f".{t.stem[:64]}.{tag}.partial{t.suffix}") for t in targets]
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     try:
         result = write(*partials)

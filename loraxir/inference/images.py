@@ -54,6 +54,7 @@ _EXIF_ORIENTATION = 0x0112
 # TIFF tags read from the header: BitsPerSample, SampleFormat (1 unsigned, 2 signed).
 _TIFF_BITS, _TIFF_SAMPLE_FORMAT = 258, 339
 _TIFF_ICC_PROFILE = 34675
+_TIFF_ASSOCIATED_ALPHA = 1  # ExtraSamples: colour premultiplied by this alpha
 #: Array operations that make an image upright, by EXIF orientation (as ``exif_transpose``).
 _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: lambda a: a[:, ::-1],
@@ -238,11 +239,15 @@ def read_picture(path: str | Path) -> Picture:
         with _open(path) as image:
             if header.bits == 16 and header.format == "PPM" and image.mode == "RGB":
                 picture = _read_ppm(path, image)
-            elif header.bits == 16 and header.mode in ("RGB", "RGBA", "LA"):
+            elif header.bits == 16 and (
+                header.mode in ("RGB", "RGBA", "LA") or "transparency" in image.info
+            ):
                 picture = _read_deep(path, header)
             else:
                 picture = _from_pil(ImageOps.exif_transpose(image))
-            picture.icc_profile = image.info.get("icc_profile") or None
+            # CMYK comes out RGB (Pillow's conversion), which a CMYK profile does not describe.
+            cmyk = image.mode == "CMYK"
+            picture.icc_profile = None if cmyk else image.info.get("icc_profile") or None
             picture.exif = _exif_block(image)
     except DataError:
         raise
@@ -259,6 +264,26 @@ def check_output(path: str | Path, picture: Picture) -> None:
             f"write_picture takes a Picture, got {type(picture).__name__}; wrap an array "
             "with Picture(pixels) ((H, W, 3) uint8 or uint16)."
         )
+    pixels, alpha = picture.pixels, picture.alpha
+    if (
+        not isinstance(pixels, np.ndarray)
+        or pixels.dtype not in (np.uint8, np.uint16)
+        or pixels.ndim != 3
+        or pixels.shape[-1] != 3
+        or (
+            alpha is not None
+            and (
+                getattr(alpha, "dtype", None) != pixels.dtype
+                or getattr(alpha, "shape", None) != pixels.shape[:2]
+            )
+        )
+    ):
+        raise DataError(
+            f"write_picture takes (H, W, 3) uint8 or uint16 pixels (and an (H, W) alpha of the "
+            f"same dtype), got {_described(pixels)}"
+            + ("" if alpha is None else f" with alpha {_described(alpha)}")
+            + "; convert floats with np.rint(x * 255).clip(0, 255).astype(np.uint8)."
+        )
     suffix = Path(path).suffix.lower()
     deep = picture.pixels.dtype == np.uint16
     if suffix not in IMAGE_EXTENSIONS:  # others (GIF: a 256-colour palette) lose colour
@@ -274,6 +299,12 @@ def check_output(path: str | Path, picture: Picture) -> None:
         problem = None if deep else _format_problem(suffix, picture.alpha is not None)
     if problem is not None:
         raise DataError(f"{str(path)!r}: {problem}; use a .png output name.")
+
+
+def _described(array: Any) -> str:
+    if isinstance(array, np.ndarray):
+        return f"{array.dtype} of shape {array.shape}"
+    return type(array).__name__
 
 
 def write_picture(path: str | Path, picture: Picture) -> None:
@@ -425,6 +456,7 @@ def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
         page = tiff.pages.first
         array = page.asarray()
         axes, photometric = page.axes, int(page.photometric)
+        premultiplied = tuple(page.extrasamples)[:1] == (_TIFF_ASSOCIATED_ALPHA,)
         icc_profile = page.tags.valueof(_TIFF_ICC_PROFILE)
         stored = (page.imagelength, page.imagewidth)
     if "S" in axes and axes.index("S") < axes.index("Y"):  # planar: samples first
@@ -440,9 +472,21 @@ def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
             f"interpretation {photometric} is not gray or RGB (with alpha); convert it to "
             "16-bit RGB"
         )
+    if premultiplied and channels in (2, 4):
+        array = _straight_alpha(array)
     picture = _from_samples(array, header, alpha=channels in (2, 4))
     picture.icc_profile = bytes(icc_profile) if icc_profile is not None else None
     return picture
+
+
+def _straight_alpha(array: np.ndarray) -> np.ndarray:
+    """16-bit samples with premultiplied ("associated") alpha, last, made straight: the
+    colour divided by the alpha (zero where fully transparent), as restored images keep
+    colour and alpha apart and are written with straight alpha."""
+    alpha = array[..., -1:].astype(np.float64)
+    colour = array[..., :-1] * np.divide(65535.0, alpha, out=np.zeros_like(alpha), where=alpha > 0)
+    straight = np.rint(colour).clip(0, 65535).astype(np.uint16)
+    return np.concatenate([straight, array[..., -1:]], axis=-1)
 
 
 def _read_ppm(path: str | Path, image: Image.Image) -> Picture:
@@ -462,19 +506,25 @@ def _read_ppm(path: str | Path, image: Image.Image) -> Picture:
 
 
 def _read_deep(path: str | Path, header: ImageHeader) -> Picture:
-    """16-bit colour or grayscale with alpha (PNG), decoded by FFmpeg, made upright here."""
+    """A 16-bit PNG in colour, or gray with alpha or a transparent value (``tRNS``, decoded
+    as alpha), decoded by FFmpeg's PNG codec from the file's bytes and made upright here.
+    The bytes, not the path: FFmpeg's file reader would read ``%d`` in a name as a frame
+    number (and restore another file) and ``10:30.png`` as a ``10:`` protocol."""
     import av
 
     try:
-        with av.open(str(path)) as container:
-            frame = next(container.decode(video=0))
-            if header.mode == "LA":
-                array = _ya16_array(frame)
-            else:
-                array = frame.to_ndarray(format="rgba64le" if header.mode == "RGBA" else "rgb48le")
-    except (av.FFmpegError, StopIteration, ValueError) as error:
+        codec = av.CodecContext.create("png", "r")
+        frame = codec.decode(av.Packet(Path(path).read_bytes()))[0]
+        name = frame.format.name
+        if name.startswith("ya16"):
+            array = _ya16_array(frame)
+        elif name.startswith(("rgba64", "rgb48")):
+            array = frame.to_ndarray(format="rgba64le" if name.startswith("rgba") else "rgb48le")
+        else:
+            raise ValueError(f"expected 16-bit samples, FFmpeg decoded {name}")
+    except (av.FFmpegError, IndexError, ValueError) as error:
         raise DataError(f"Cannot decode 16-bit image {str(path)!r}: {error}.") from None
-    return _from_samples(array, header, alpha=header.mode in ("LA", "RGBA"))
+    return _from_samples(array, header, alpha=array.shape[-1] in (2, 4))
 
 
 def _ya16_array(frame: Any) -> np.ndarray:

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -48,12 +49,17 @@ class VideoInfo:
     rotation: int = 0
 
 
+def _ffmpeg_path(path: str | Path) -> str:
+    """``path`` made absolute for FFmpeg, which reads ``12:00.mp4`` as a ``12:`` protocol."""
+    return os.path.abspath(path)
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Frame count, size, frame rate and display rotation (degrees counter-clockwise) of
     the first video stream; the count by decoding when the container does not store it."""
     av = _av()
     try:
-        with av.open(str(path)) as container:
+        with av.open(_ffmpeg_path(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{str(path)!r} holds no video stream.")
             stream = container.streams.video[0]
@@ -71,7 +77,7 @@ def read_frames(path: str | Path) -> Iterator[np.ndarray]:
     """Decode the first video stream as ``(H, W, 3)`` ``uint8`` RGB frames."""
     av = _av()
     try:
-        with av.open(str(path)) as container:
+        with av.open(_ffmpeg_path(path)) as container:
             for frame in container.decode(video=0):
                 yield frame.to_ndarray(format="rgb24")
     except av.FFmpegError as error:
@@ -98,7 +104,7 @@ class VideoWriter:
         make_parent_folder(self._path, DataError)
         codec, options = _ENCODERS.get(self._path.suffix.lower(), _DEFAULT_ENCODER)
         with self._errors():
-            self._container = av.open(str(self._path), "w")
+            self._container = av.open(_ffmpeg_path(self._path), "w")
             stream = self._container.add_stream(codec, rate=fps, options=dict(options))
             stream.width, stream.height = width, height
             odd = width % 2 or height % 2
