@@ -132,6 +132,8 @@ class FormPlan:
                 NAFNet-w32, 4 images of 128² with soft top-2 rows, 1.26-1.44× the bare
                 backbone against 1.82-2.07× for ``"weight"`` (2-core CPU, two runs of a
                 throwaway script; ``benchmarks/overhead.py``: 1.49× against 1.87-2.16×).
+                With kept folds (inference, ``cache_folds``) and top-2 rows, the layer
+                mixes each image's weight from them instead (``LoraIRLayer``).
         """
         if dropout:
             return "activation"
@@ -347,6 +349,15 @@ def folded_forward(
     distinct row of ``groups``, with weight ``fold(row)`` (``W0 + sum_e row[e] dW_e``, e.g.
     kept from an earlier call by the layer's fold cache)."""
     return _grouped_weight_form(_ops_for(base, output_padding), x, groups, fold)
+
+
+def per_image_forward(
+    base: nn.Module, x: torch.Tensor, weights: torch.Tensor, output_padding: Any = None
+) -> torch.Tensor:
+    """The base op with ``weights[n]`` for image ``n`` (``x`` image-major, ``N * m`` rows),
+    as one call: a batched matrix product for a ``Linear`` or 1x1 convolution, a grouped
+    convolution over the batch otherwise."""
+    return _ops_for(base, output_padding).batched(x, weights, with_bias=True)
 
 
 def weight_op(base: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -1039,6 +1039,29 @@ def test_a_batch_of_soft_rows_runs_the_backbone_once(monkeypatch):
     assert rel_err(out, one_by_one) < 1e-5
 
 
+def test_a_batch_of_soft_rows_mixes_kept_folds_image_by_image(monkeypatch):
+    """Each image's weight is the lerp of its two experts' kept folds, made once per layer
+    and expert and reused by later batches, instead of gathering and folding the factors in
+    every layer and call; equal to the per-call forms up to float rounding, images sharing
+    a row apart included."""
+    model = _trained_model()
+    x = torch.rand(4, 3, 32, 32)
+    first = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7], [0.5, 0.5, 0.0], [0.9, 0.0, 0.1]])
+    second = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.6, 0.4], [0.7, 0.0, 0.3], [0.2, 0.8, 0.0]])
+    with torch.no_grad():
+        model.cache_folds = False
+        references = [model(x, gates=gates) for gates in (first, second)]
+        model.cache_folds = True
+        folds = _count_folds(monkeypatch)
+        outputs = [model(x, gates=first)]
+        assert len(folds) == 3 * len(list(model.expert_layers()))  # every expert once
+        kept = len(folds)
+        outputs.append(model(x, gates=second))
+        assert len(folds) == kept
+    for output, reference in zip(outputs, references, strict=True):
+        assert rel_err(output, reference) < 1e-6
+
+
 def _count_calls(model, monkeypatch) -> list[int]:
     """The batch size of every backbone call the model makes from now on."""
     batches: list[int] = []
