@@ -144,17 +144,6 @@ class _KeptFolds(NamedTuple):
 _version = operator.attrgetter("_version")
 
 
-def _image_rows(groups: compute.RowGroups) -> tuple[int, ...]:
-    """The index in ``groups.rows`` of each image's row, in image order."""
-    rows: dict[int, int] = {}
-    for index, members in enumerate(groups.members):
-        images = (
-            range(members.start, members.stop) if isinstance(members, slice) else members.tolist()
-        )
-        rows.update(dict.fromkeys(images, index))
-    return tuple(rows[image] for image in range(len(rows)))
-
-
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     """Whether autocast is on for ``device_type`` and its dtype: a fold made under autocast
     has autocast's dtype, so it serves only calls under the same autocast."""
@@ -422,13 +411,11 @@ class LoraIRLayer(BaseTunerLayer):
         path several small operations (NAFNet-w32, one 128² image, soft top-2: 1.11× the
         bare backbone against 1.24× with the rank path on such layers; 2-core CPU,
         freed memory kept, a throwaway script). It is not kept (such rows rarely repeat).
-        A batch of such rows (:meth:`FormPlan.pick`'s ``mixed_rows``) runs in one base call
-        with each image's mixture, instead of the per-call ``"gathered"`` form, whose
-        factor gathering is a score of small operations in every layer (NAFNet-w32, 4 images
-        of 128², soft top-2: 0.88× the time of that form, 0.85× at 16 images; paired, in one
-        process, 2-core CPU, a throwaway script).
-        ``None`` for other rows. When the kept weights are dropped: see :meth:`_kept_folds`;
-        they cost up to one copy of the layer's weight per expert in use.
+        A batch of several rows runs in one base call, each image with its row's weight
+        (see ``compute._grouped_weight_form``): soft rows too, instead of the per-call
+        ``"gathered"`` form, whose factor gathering is a score of small operations in every
+        layer. ``None`` for other rows. When the kept weights are dropped: see
+        :meth:`_kept_folds`; they cost up to one copy of the layer's weight per expert in use.
         """
         kept = self._kept_folds(adapter)
         if kept is None:
@@ -466,17 +453,6 @@ class LoraIRLayer(BaseTunerLayer):
             (_, c_a), (_, c_b) = support
             return torch.lerp(one_expert(alone[1]), one_expert(alone[0]), c_a / (c_a + c_b))
 
-        if groups.mixed and len(groups.rows) > 1:  # a weight per image, one base call
-            rows = self.routing.derived(
-                ("image_rows", kept.rows_key), lambda _: _image_rows(groups)
-            )
-            weights = [fold(row) for row in groups.rows]
-            return compute.per_image_forward(
-                self.base_layer,
-                x,
-                torch.stack([weights[r] for r in rows]),
-                options.get("output_padding"),
-            )
         return compute.folded_forward(
             self.base_layer, x, groups, fold, options.get("output_padding")
         )

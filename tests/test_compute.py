@@ -333,6 +333,37 @@ def test_weight_form_puts_groups_back_in_image_order(name):
     assert rel_err(out, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["linear_windows", "conv3x3", "convT"])
+def test_weight_form_runs_several_rows_in_one_base_call_in_inference(name, monkeypatch):
+    """Without gradients, images of different rows share one base call, each with its row's
+    weight (cheaper than a call per row); with gradients, each row has a call of its own,
+    so that its folded weight gets its gradient."""
+    _, factory, shape, options = CASES[IDS.index(name)]
+    base = factory()
+    a, b = _factors(base)
+    coeffs = _coeffs("top1")
+    coeffs[2] = coeffs[0]
+    x = torch.randn(shape)
+    groups = compute.group_rows(coeffs)
+    padding = _output_padding(base, x, options)
+    calls = []
+    for ops in (compute._LinearOps, compute._ConvOps, compute._ConvTransposeOps):
+        monkeypatch.setattr(
+            ops, "op", lambda self, *args, op=ops.op: calls.append(1) or op(self, *args)
+        )
+
+    def run() -> torch.Tensor:
+        fold = lambda row: compute.fold_weight(base, a, b, row)  # noqa: E731
+        return compute.folded_forward(base, x, groups, fold, padding)
+
+    with torch.no_grad():
+        out = run()
+    assert calls == [] and len(groups.rows) > 1
+    assert rel_err(out, _reference(base, x, a, b, coeffs, padding)) <= 1e-5
+    run()
+    assert len(calls) == len(groups.rows)
+
+
 @pytest.mark.parametrize(
     ("name", "fused"),
     [("conv1x1", True), ("linear_nobias", True), ("conv1x1_bottleneck", False), ("linear", False)],

@@ -1070,21 +1070,29 @@ def _count_calls(model, monkeypatch) -> list[int]:
     return batches
 
 
-def test_inference_runs_the_backbone_once_per_gate_row(monkeypatch):
+@pytest.mark.parametrize(
+    ("rows", "passes"),
+    [([0, 2, 0, 1, 0, 2], [1, 2, 3]), ([0, 2, 0, 1], [4]), ([0, 2, 1, 0, 1], [5])],
+)
+def test_inference_runs_the_backbone_once_per_gate_row_of_several_images(monkeypatch, rows, passes):
     """Images routed to different experts go through the backbone one group at a time and
-    come back in order, as they would one by one; calls with gradients stay whole."""
+    come back in order, as they would one by one, when groups hold two images or more on
+    average; else in one pass, each image with its expert's weight in every layer. Calls
+    with gradients stay whole."""
     model = _trained_model()
-    x = torch.rand(4, 3, 32, 32)
-    gates = torch.eye(3)[[0, 2, 0, 1]]
+    x = torch.rand(len(rows), 3, 32, 32)
+    gates = torch.eye(3)[rows]
     batches = _count_calls(model, monkeypatch)
     with torch.no_grad():
         out = model(x, gates=gates)
-        assert sorted(batches) == [1, 1, 2]
-        one_by_one = torch.cat([model(x[i : i + 1], gates=gates[i : i + 1]) for i in range(4)])
+        assert sorted(batches) == passes
+        one_by_one = torch.cat(
+            [model(x[i : i + 1], gates=gates[i : i + 1]) for i in range(len(rows))]
+        )
     assert rel_err(out, one_by_one) < 1e-6
     batches.clear()
     model(x, gates=gates)
-    assert batches == [4]
+    assert batches == [len(rows)]
 
 
 def test_cpu_inference_splits_large_batches_and_keeps_each_images_gates(monkeypatch):
