@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -336,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     from loraxir.errors import LoraIRError
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Only the main thread may set a handler (a caller may run main() in a thread).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.run(args)
     except LoraIRError as error:
@@ -358,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(KeyboardInterrupt):

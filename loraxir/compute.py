@@ -150,6 +150,14 @@ class FormPlan:
         return self.training if training else self.inference
 
 
+# A layer runs a batch of several gate rows in one call with a weight per image from this
+# many positions (pixels, tokens) per image (NAFNet-w32's 16² bottleneck at 128² inputs
+# gained), or when its weights for the batch hold at most this many numbers (a channel
+# attention's 1x1 on a pooled map, for a few images).
+STACK_MIN_POSITIONS = 256
+STACK_MAX_ELEMENTS = 1 << 20
+
+
 def plan_forms(base: nn.Module, rank: int, experts_per_image: int) -> FormPlan:
     """The cost model's choice for ``base`` with rank-``rank`` experts, ``experts_per_image``
     of them used per image (the router's ``top_k``); see the module docstring."""
@@ -372,6 +380,18 @@ def fold_weight(
     return _ops_for(base, None).fold(a, b, row)
 
 
+def stacks_weights(base: nn.Module, x: torch.Tensor, groups: RowGroups) -> bool:
+    """Whether :func:`folded_forward` runs ``x`` in one base call with a weight per image
+    rather than a call per row of ``groups`` (see ``_grouped_weight_form``)."""
+    images, linear = len(groups.image_rows), _kind(base) == "linear"
+    if torch.is_grad_enabled() or len(groups.rows) < 2 or (x.shape[0] != images and not linear):
+        return False  # a convolution over windows or frames would repeat each weight
+    channels = x.shape[-1] if linear else x.shape[1]
+    positions = x.numel() // max(channels * images, 1)
+    small = images * base.weight.numel() <= STACK_MAX_ELEMENTS
+    return (positions >= STACK_MIN_POSITIONS or small) and all(any(row) for row in groups.rows)
+
+
 def _grouped_weight_form(
     ops: _Ops,
     x: torch.Tensor,
@@ -386,13 +406,19 @@ def _grouped_weight_form(
     are soft mixtures or one expert each (NAFNet-w32, 128², paired in one process on a
     2-core CPU, throwaway scripts: 4 images with soft top-2 rows 0.88× the time of the
     ``"gathered"`` form; 4, 8 and 16 images over 4-5 experts, 0.75×, 0.84× and 0.81× a call
-    per row). With gradients, a call per row gives each row's weight its gradient.
+    per row). Not with gradients (a call per row gives each row's weight its gradient), for a
+    row of zeros (images routed only to fresh experts, skipped: they keep the base op's own
+    output, bit for bit), for a convolution over windows or frames of an image (each would
+    need a weight copy; a ``Linear`` takes them as rows of the image's product)
+    or under ``STACK_MIN_POSITIONS`` positions per image unless the batch's weights are
+    small (``STACK_MAX_ELEMENTS``), where a weight copy per image costs more than it saves
+    (NAFNet-w32 on 64 images of 32²: 4× the time and 3.6× the memory of a call per row).
     Rows are grouped only when they need no gradient: a folded weight shared by several
     images cannot tell which image's coefficient a gradient belongs to.
     """
     if len(groups.rows) == 1:
         return ops.op(x, fold(groups.rows[0]))
-    if not torch.is_grad_enabled():
+    if stacks_weights(ops.module, x, groups):
         weights = [fold(row) for row in groups.rows]
         return ops.batched(x, torch.stack([weights[r] for r in groups.image_rows]), True)
     num_images = sum(

@@ -613,6 +613,22 @@ def test_names_ffmpeg_reads_as_protocols_and_names_near_the_length_limit_are_res
     assert names == ["12:00.frames.csv", "12:00.frames.png", "12:00.mp4", long_name]
 
 
+def test_the_command_line_runs_in_a_thread_and_names_of_long_characters_are_written(tmp_path):
+    """main() set a SIGTERM handler, which only the main thread may do; a temporary name
+    cut to 64 characters, not bytes, was too long for a 252-byte name of 4-byte ones."""
+    import threading
+
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(["degradations", "--list"])))
+    thread.start()
+    thread.join()
+    assert codes == [0]
+    target = tmp_path / ("\U0001f600" * 62 + ".png")
+    assert len(os.fsencode(target.name)) == 252
+    _replace(target, lambda path: path.write_bytes(b"image"))
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_ctrl_c_exits_130_saying_what_is_kept(adapter, tmp_path, capsys, monkeypatch):
     from loraxir.inference import batch
 

@@ -364,6 +364,23 @@ def test_weight_form_runs_several_rows_in_one_base_call_in_inference(name, monke
     assert len(calls) == len(groups.rows)
 
 
+def test_weight_form_keeps_a_call_per_row_where_a_weight_per_image_costs_more():
+    """Few positions per image and a large weight (a U-Net bottleneck on small images), a
+    convolution over windows, a row of zeros or gradients: a call per row."""
+    coeffs = _coeffs("top1")
+    groups = compute.group_rows(coeffs)
+    images = len(groups.image_rows)
+    small, large = nn.Conv2d(8, 8, 1), nn.Conv2d(1024, 1024, 1)
+    assert not compute.stacks_weights(small, torch.randn(images, 8, 1, 1), groups)  # gradients
+    zero_row = compute.group_rows(torch.cat([coeffs[:2], torch.zeros(1, coeffs.shape[1])]))
+    with torch.no_grad():
+        assert compute.stacks_weights(small, torch.randn(images, 8, 1, 1), groups)
+        assert not compute.stacks_weights(large, torch.randn(images, 1024, 4, 4), groups)
+        assert compute.stacks_weights(large, torch.randn(images, 1024, 16, 16), groups)
+        assert not compute.stacks_weights(small, torch.randn(2 * images, 8, 16, 16), groups)
+        assert not compute.stacks_weights(small, torch.randn(3, 8, 16, 16), zero_row)
+
+
 @pytest.mark.parametrize(
     ("name", "fused"),
     [("conv1x1", True), ("linear_nobias", True), ("conv1x1_bottleneck", False), ("linear", False)],

@@ -1062,6 +1062,28 @@ def test_a_batch_of_soft_rows_mixes_kept_folds_image_by_image(monkeypatch):
         assert rel_err(output, reference) < 1e-6
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_images_routed_to_a_fresh_expert_in_a_mixed_batch_get_the_backbones_output(soft):
+    """A fresh expert (B = 0) is skipped, so its images have a row of zeros: they keep the
+    base op's own output, bit for bit, beside images whose experts change theirs."""
+    torch.manual_seed(0)
+    backbone = loraxir.create_backbone("nafnet-tiny").eval()
+    plain = copy.deepcopy(backbone)
+    model = loraxir.get_loraxir_model(backbone, LoraIRConfig(degradations=["a", "b", "c"])).eval()
+    with torch.no_grad():
+        for _, layer in model.expert_layers():
+            for chunk in layer.loraxir_experts["default"].B:
+                chunk.normal_(0, 0.05)
+                chunk[1].zero_()
+        gates = torch.eye(3)[[0, 1, 2, 1]]
+        if soft:
+            gates[[0, 2]] = torch.tensor([[0.5, 0.0, 0.5], [0.3, 0.0, 0.7]])
+        x = torch.rand(4, 3, 32, 32)
+        out, expected = model(x, gates=gates), plain(x)
+    assert torch.equal(out[[1, 3]], expected[[1, 3]])
+    assert not torch.equal(out[[0, 2]], expected[[0, 2]])
+
+
 def _count_calls(model, monkeypatch) -> list[int]:
     """The batch size of every backbone call the model makes from now on."""
     batches: list[int] = []

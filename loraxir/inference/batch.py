@@ -11,6 +11,7 @@ replaced without ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -328,8 +329,7 @@ def _replace(targets: Path | tuple[Path, ...], write: Any) -> Any:
     # A name no input or output can have (a fixed one was another job's output, or a
     # user's file), ending in the target's suffix, from which the format is chosen.
     tag = secrets.token_hex(4)
-    # The stem shortened: a name near the 255-byte limit must still have a temporary twin.
-    partials = [t.with_name(f".{t.stem[:64]}.{tag}.partial{t.suffix}") for t in targets]
+    partials = [t.with_name(f".{_short(t.stem)}.{tag}.partial{t.suffix}") for t in targets]
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     try:
         result = write(*partials)
@@ -344,5 +344,14 @@ def _replace(targets: Path | tuple[Path, ...], write: Any) -> Any:
         raise DataError(message) from error
     finally:
         for partial in partials:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the error raised above says what went wrong
+                partial.unlink(missing_ok=True)
     return result
+
+
+def _short(stem: str) -> str:
+    """``stem`` cut to at most 64 bytes (whole characters): a name near the 255-byte limit
+    must still have a temporary twin."""
+    while len(os.fsencode(stem)) > 64:
+        stem = stem[:-1]
+    return stem
