@@ -433,7 +433,8 @@ class LoraIRLayer(BaseTunerLayer):
             weight = folds.get(groups.rows[0])
             if weight is not None:
                 return kept.op(x, weight)
-        if groups.mixed and not compute.stacks_weights(self.base_layer, x, groups):
+        several = len(groups.rows) > 1
+        if groups.mixed and several and not compute.stacks_weights(self.base_layer, x, groups):
             return None  # a weight per image would cost more: the per-call forms
         bank = self.loraxir_experts[adapter]
         unit = _gate_of_one(*kept.rows_key[1:])
