@@ -413,8 +413,8 @@ def _grouped_weight_form(
     or under ``STACK_MIN_POSITIONS`` positions per image unless the batch's weights are
     small (``STACK_MAX_ELEMENTS``), where a weight copy per image costs more than it saves
     (NAFNet-w32 on 64 images of 32²: 4× the time and 3.6× the memory of a call per row).
-    Rows are grouped only when they need no gradient: a folded weight shared by several
-    images cannot tell which image's coefficient a gradient belongs to.
+    Images share a row's call only when no gradient is needed: a folded weight shared by
+    several images cannot tell which image's coefficient a gradient belongs to.
     """
     if len(groups.rows) == 1:
         return ops.op(x, fold(groups.rows[0]))
