@@ -402,14 +402,15 @@ def test_hidden_files_and_folders_in_an_input_folder_are_not_inputs(tmp_path):
 def test_an_output_folder_that_cannot_be_written_is_found_before_restoring(tmp_path, monkeypatch):
     from loraxir.inference import batch
 
-    for name in ("a.png", "b.png", "taken.png"):
+    for name in ("a.png", "b.png"):
         Image.fromarray(photo(8, 8)).save(tmp_path / name)
+    (tmp_path / "taken").write_text("a file without a suffix")
     jobs, outcome = batch.collect(
-        [str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "taken.png"
+        [str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "taken"
     )
     assert batch.pending(jobs, outcome, overwrite=False) == []
     assert [why for _, why in outcome.failed] == [
-        f"cannot write into {tmp_path / 'taken.png'}: it is a file, not a folder"
+        f"cannot write into {tmp_path / 'taken'}: it is a file, not a folder"
     ] * 2
 
     def refused(*args, **kwargs):
@@ -493,6 +494,34 @@ def test_a_folder_style_output_is_a_folder(adapter, tmp_path, output):
                  "--adapter", str(adapter), "--quiet"])  # fmt: skip
     assert code == 0
     assert (tmp_path / output.rstrip("/") / "x.png").is_file()
+
+
+def test_a_file_output_after_a_folder_or_glob_that_finds_one_image_is_that_file(adapter, tmp_path):
+    """``-o out.png`` after a glob or folder of one image writes out.png, not a folder of
+    that name; the output file in the searched folder is not an input on a rerun."""
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    Image.fromarray(photo(16, 16)).save(shots / "x.png")
+    (shots / "notes.txt").write_text("not an image")
+    code = main(["restore", f"{tmp_path}/*/*.png", "-o", str(tmp_path / "out.png"),
+                 "--adapter", str(adapter), "--quiet"])  # fmt: skip
+    assert code == 0 and (tmp_path / "out.png").is_file()
+    for _ in range(2):  # notes.txt is listed as unsupported (exit 1); x.png is restored
+        code = main(["restore", str(shots), "-o", str(shots / "out.PNG"), "--overwrite",
+                     "--adapter", str(adapter), "--quiet"])  # fmt: skip
+        assert code == 1 and (shots / "out.PNG").is_file()
+    assert sorted(p.name for p in shots.iterdir()) == ["notes.txt", "out.PNG", "x.png"]
+
+
+def test_a_file_output_for_several_images_exits_2_naming_a_folder(adapter, tmp_path, capsys):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(photo(16, 16)).save(tmp_path / name)
+    code = main(["restore", f"{tmp_path}/*.png", "-o", str(tmp_path / "out.png"),
+                 "--adapter", str(adapter), "--quiet"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and "names one file, but the inputs hold 2 files" in error
+    assert f"-o {str(tmp_path / 'out')!r}/" in error
+    assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,8 @@ from loraxir.inference.images import (
 from loraxir.inference.restorer import Restorer, Routing
 from loraxir.inference.video import VIDEO_EXTENSIONS, probe_video, restore_video
 
+_KNOWN = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # the suffixes restore reads
+
 
 @dataclass(frozen=True)
 class Job:
@@ -78,12 +80,17 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
     under an output folder inside a searched folder are not inputs, so running the same
     command twice does not restore the first run's results. A file named twice is one job;
     a job whose output would be its input is refused, ``--overwrite`` or not. A single
-    output file whose
-    suffix does not suit its input (an image suffix for a video) raises
+    output file whose suffix does not suit its input (an image suffix for a video) raises
     :class:`ConfigError`, before anything runs.
+
+    An ``output`` with an image or video suffix (``-o out.png``) after a folder or a glob
+    is that file when they find one file (the output file itself left out, as a result),
+    and a :class:`ConfigError` when they find several: a folder named ``out.png`` is never
+    what was meant.
     """
     single = len(inputs) == 1 and Path(inputs[0]).is_file()
     single = single and Path(output).suffix != "" and not _is_folder(output)
+    file_named = _names_a_file(output)
     output = Path(output)
     outcome = Outcome()
     found: list[tuple[Path, Path]] = []  # (source, path relative to the output folder)
@@ -119,8 +126,19 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
             found += [(match, Path(match.name)) for match in matches]
         else:
             outcome.failed.append((spec, "no such file or folder"))
+    if not single and file_named:  # the output file is a result, not an input
+        found = [(source, rel) for source, rel in found if source.resolve() != output.resolve()]
+        distinct = {source.resolve() for source, _ in found if source.suffix.lower() in _KNOWN}
+        if len(distinct) > 1:
+            raise ConfigError(
+                f"-o {str(output)!r} names one file, but the inputs hold {len(distinct)} "
+                f"files. Name a folder for them (-o {str(output.with_suffix(''))!r}/), or "
+                "give one input file."
+            )
+        single = len(distinct) == 1
     if single and found:
-        _check_single_output(found[0][0], output)
+        sole = next((source for source, _ in found if source.suffix.lower() in _KNOWN), None)
+        _check_single_output(sole or found[0][0], output)
     jobs, writers, seen = [], {}, set()
     sources = {source.resolve() for source, _ in found}  # none may be written over
     for source, relative in found:
@@ -128,7 +146,7 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
             continue
         seen.add(source.resolve())
         suffix = source.suffix.lower()
-        if suffix not in IMAGE_EXTENSIONS and suffix not in VIDEO_EXTENSIONS:
+        if suffix not in _KNOWN:
             outcome.failed.append((str(source), f"unsupported file type {suffix or '(none)'}"))
             continue
         job = Job(source, output if single else output / relative)
@@ -156,6 +174,11 @@ def _is_folder(output: str | Path) -> bool:
     """``-o`` names a folder: it ends in a slash or is an existing folder."""
     text = str(output)
     return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def _names_a_file(output: str | Path) -> bool:
+    """``-o`` has an image or video suffix and does not name a folder."""
+    return Path(output).suffix.lower() in _KNOWN and not _is_folder(output)
 
 
 def _nested(output: Path, searched: Path) -> Path | None:
