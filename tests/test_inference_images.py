@@ -51,10 +51,11 @@ def test_rgba_alpha_is_kept(tmp_path):
         np.testing.assert_array_equal(np.asarray(out)[..., 3], rgba[..., 3])
 
 
-def _png16(path, values, exif=None, transparent=None):
+def _png16(path, values, exif=None, transparent=None, interlaced=False):
     """A 16-bit PNG written byte by byte (gray, gray+alpha, RGB or RGBA by channel count),
     so the reader is tested against files it did not write; ``exif``: an eXIf chunk;
-    ``transparent``: the sample value(s) a tRNS chunk makes transparent."""
+    ``transparent``: the sample value(s) a tRNS chunk makes transparent; ``interlaced``:
+    the seven Adam7 passes."""
 
     def chunk(kind, data):
         return (
@@ -63,9 +64,13 @@ def _png16(path, values, exif=None, transparent=None):
 
     height, width, channels = values.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = values.astype(">u2").reshape(height, -1)
+    samples = values.astype(">u2")
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2)]
+    passes = [*passes, (0, 1, 1, 2)] if interlaced else [(0, 0, 1, 1)]
+    images = [samples[y::dy, x::dx] for x, y, dx, dy in passes]
+    rows = [row for image in images if image.size for row in image.reshape(len(image), -1)]
     data = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlaced))
     extra = chunk(b"eXIf", exif.tobytes()[6:]) if exif is not None else b""  # no "Exif\0\0"
     if transparent is not None:
         extra += chunk(b"tRNS", struct.pack(f">{len(transparent)}H", *transparent))
@@ -76,6 +81,21 @@ def _png16(path, values, exif=None, transparent=None):
         + chunk(b"IDAT", data)
         + chunk(b"IEND", b"")
     )
+
+
+@pytest.mark.parametrize(
+    ("channels", "transparent"), [(1, None), (1, (7,)), (2, None), (3, None), (4, None)]
+)
+def test_an_interlaced_16_bit_png_is_read_by_pillow_or_refused(tmp_path, channels, transparent):
+    """FFmpeg's decoder corrupts memory on interlaced 16-bit PNGs: those it would decode are
+    refused naming the fix; plain 16-bit gray (Pillow's own decoder) is read exactly."""
+    values = np.random.default_rng(3).integers(0, 65536, (13, 10, channels), dtype=np.uint16)
+    _png16(tmp_path / "i.png", values, transparent=transparent, interlaced=True)
+    if channels == 1 and transparent is None:
+        np.testing.assert_array_equal(read_picture(tmp_path / "i.png").pixels, values.repeat(3, -1))
+    else:
+        with pytest.raises(DataError, match=r"interlaced \(Adam7\) 16-bit PNG.*-interlace none"):
+            read_picture(tmp_path / "i.png")
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])

@@ -7,7 +7,8 @@ written upright, so the orientation tag is dropped), and the colour profile (ICC
 other EXIF tags are written back. Pillow truncates 16-bit colour and 16-bit
 grayscale-with-alpha to 8 bits, so 16-bit TIFFs are read and written with tifffile (any
 layout: strips, tiles, planar), 16-bit colour PPMs are read from their raw samples, and
-other 16-bit colour files (PNG) go through PyAV's codecs; orientation is applied here.
+other 16-bit colour files (PNG) go through PyAV's codecs (interlaced ones are refused: FFmpeg's
+decoder corrupts memory on them); orientation is applied here.
 Floating-point, signed and 32-bit integer files are refused: their white level is not in
 the file, so any scaling to the restorer's [0, 1] would be a guess. Only headers are read
 by :func:`probe_image`, so a huge input can be planned and refused before it is decoded.
@@ -242,6 +243,13 @@ def read_picture(path: str | Path) -> Picture:
             elif header.bits == 16 and (
                 header.mode in ("RGB", "RGBA", "LA") or "transparency" in image.info
             ):
+                if image.info.get("interlace"):
+                    raise DataError(
+                        f"Cannot read {str(path)!r}: an interlaced (Adam7) 16-bit PNG. FFmpeg's "
+                        "PNG decoder, which reads 16-bit colour here, corrupts memory on those. "
+                        "Save it without interlacing (e.g. ImageMagick: magick IN.png "
+                        "-interlace none OUT.png) and restore that."
+                    )
                 picture = _read_deep(path, header)
             else:
                 picture = _from_pil(ImageOps.exif_transpose(image))
