@@ -142,6 +142,9 @@ class LoraIRModel(BaseTuner):
                 model.peft_config.clear()
                 model.peft_config.update(configs_before)
             raise
+        # The wrapped network's mode, not a new module's default (train): an eval network
+        # stays in eval, so its inference calls take the inference paths.
+        self.training = model.training
         self.last_routing: torch.Tensor | None = None
         self.loraxir_router: nn.Module | None = None
         if router is not None:
@@ -269,10 +272,12 @@ class LoraIRModel(BaseTuner):
         }
         if isinstance(target, LoraIRLayer):
             target.update_layer(adapter_name, **options)
+            target.train(target.training)  # the new bank follows the layer's mode
             return
         layer = wrap_layer(target, self.routing)
         layer.compute = peft_config.compute
         layer.update_layer(adapter_name, **options)
+        layer.train(target.training)  # the network's mode, not a new module's (train)
         self._replace_module(parent, target_name, layer, target)
 
     @classmethod
@@ -1068,6 +1073,14 @@ class LoraIRModel(BaseTuner):
         if gates is not None or degradation is not None:
             self.merge(gates, degradation, safe_merge, adapter_names)
         return super().merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove the experts and return the plain backbone with its own weights: a merged
+        model is unmerged first (peft's unload would hand back the merged weights, and a
+        backbone saved from them would apply the merged experts twice once they are loaded
+        again). The model is consumed, as by :meth:`merge_and_unload`."""
+        self.unmerge()
+        return super().unload()
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> Any:
         """peft's unload, then a recount of merged layers: unloaded layers, merged or not,

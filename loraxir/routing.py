@@ -176,12 +176,13 @@ def check_gates(gates: torch.Tensor, num_experts: int, batch_size: int) -> torch
         raise RoutingError(
             f"gates must be a torch.Tensor of shape (B, E), got {type(gates).__name__}."
         )
+    given = tuple(gates.shape)
     if gates.dim() == 1:
         gates = gates.unsqueeze(0)
     if gates.dim() != 2 or gates.shape[1] != num_experts or gates.shape[0] not in (1, batch_size):
         raise RoutingError(
             f"gates must have shape (B={batch_size}, E={num_experts}) (or (E,) for all images), "
-            f"got {tuple(gates.shape)}."
+            f"got {given}."
         )
     if not gates.is_floating_point():
         raise RoutingError(f"gates must be a floating-point tensor, got dtype {gates.dtype}.")

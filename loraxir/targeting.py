@@ -104,15 +104,14 @@ def resolve_targets(
         if _supported(module):
             targets.append(path)
             continue
-        reason = _refusal(path, module)
+        inner = " Name its inner layers instead." if any(module.children()) else ""
+        reason = _refusal(path, module) or (
+            f"Target {path!r} is a {type(module).__name__}; experts attach to "
+            f"{', '.join(t.__name__ for t in LAYER_TYPES)}.{inner}"
+        )
         if isinstance(target_modules, list):
-            raise TargetModulesError(
-                reason
-                or f"Target {path!r} is a {type(module).__name__}; experts attach to "
-                f"{', '.join(t.__name__ for t in LAYER_TYPES)}. Name its inner layers instead."
-            )
-        if reason:
-            passed_by.append(reason)
+            raise TargetModulesError(reason)
+        passed_by.append(reason)
     if not targets:
         if any(isinstance(m, LoraIRLayer) for m in backbone.modules()):
             raise TargetModulesError(
@@ -139,8 +138,30 @@ def resolve_targets(
             "Names match a module path or its last components; a string is a regex that must "
             "match the whole dotted path."
         )
+    _check_every_name_matches(backbone, target_modules, "target_modules")
+    _check_every_name_matches(backbone, exclude_modules, "exclude_modules")
     check_wrappable(backbone, targets)
     return targets
+
+
+def _check_every_name_matches(
+    backbone: nn.Module, names: str | list[str] | None, argument: str
+) -> None:
+    """A name in a list that matches no module is a typo: the others would be wrapped (or
+    excluded) without it, silently. A regex may match nothing on some networks."""
+    if not isinstance(names, list):
+        return
+    paths = [path for path, _ in backbone.named_modules() if path]
+    unmatched = [name for name in names if not any(matches([name], p) for p in paths)]
+    if unmatched:
+        close = sorted(
+            {c for name in unmatched for c in difflib.get_close_matches(name, paths, n=3)}
+        )
+        raise TargetModulesError(
+            f"{argument} names {unmatched}, which match no module of the "
+            f"{type(backbone).__name__} (closest: {close or 'none'}). Correct or remove them; "
+            "a name matches a module path or its last components."
+        )
 
 
 def _refusal(path: str, module: nn.Module) -> str | None:

@@ -55,6 +55,7 @@ def test_gates_degradation_names_and_one_hot_agree():
     [
         ({}, RoutingError, "No routing for this call"),
         ({"gates": torch.ones(2, 4)}, RoutingError, r"shape \(B=2, E=3\)"),
+        ({"gates": torch.ones(2)}, RoutingError, r"\(or \(E,\) for all images\), got \(2,\)\."),
         ({"gates": -torch.ones(2, 3)}, RoutingError, "non-negative"),
         ({"gates": torch.full((2, 3), float("nan"))}, RoutingError, "NaN"),
         ({"degradation": "snow"}, UnknownNameError, "Unknown degradation 'snow'.*noise"),
@@ -144,6 +145,33 @@ def test_target_patterns_that_match_nothing_list_close_names():
             backbone, LoraIRConfig(degradations=DEGRADATIONS, target_modules="conv[")
         )
     assert not any(isinstance(m, LoraIRLayer) for m in backbone.modules())
+
+
+@pytest.mark.parametrize("argument", ["target_modules", "exclude_modules"])
+def test_a_listed_name_that_matches_nothing_is_refused_even_when_others_match(argument):
+    """A typo in a list would otherwise wrap (or exclude) the other names without it."""
+    net = torch.nn.Sequential()
+    net.add_module("head", torch.nn.Conv2d(3, 8, 3))
+    net.add_module("tail", torch.nn.Conv2d(8, 3, 3))
+    names = {"target_modules": ["head", "tial"], "exclude_modules": ["tial"]}
+    config = LoraIRConfig(num_experts=2, **{argument: names[argument]})
+    if argument == "exclude_modules":
+        config.target_modules = ["head", "tail"]
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(TargetModulesError, match=rf"{argument} names \['tial'\].*\['tail'\]"):
+        loraxir.get_loraxir_model(net, config)
+    assert not any(isinstance(m, LoraIRLayer) for m in net.modules())
+    assert net.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Conv3d(3, 3, 1), torch.nn.Conv1d(3, 3, 1)])
+def test_a_regex_matching_only_an_unsupported_layer_names_its_type(layer):
+    net = torch.nn.Sequential(layer, torch.nn.GELU())
+    kind = type(layer).__name__
+    with pytest.raises(
+        TargetModulesError, match=rf"matched only layers.*'0' is a {kind}; experts attach to"
+    ):
+        loraxir.get_loraxir_model(net, LoraIRConfig(num_experts=2, target_modules="0"))
 
 
 class _StandardisedConv(torch.nn.Conv2d):
@@ -425,6 +453,38 @@ def test_merge_and_unload_returns_plain_backbone_with_experts_folded():
         assert rel_err(plain(x), expected) <= 1e-5
     with pytest.raises(RoutingError, match="needs a fixed gate"):
         _model().merge_and_unload()
+
+
+def test_unload_of_a_merged_model_gives_back_the_networks_own_weights():
+    model = _trained_model()
+    original = {k: v.clone() for k, v in model.model.state_dict().items() if "loraxir" not in k}
+    model.merge(degradation="rain")
+    plain = model.unload()
+    assert not any(isinstance(m, LoraIRLayer) for m in plain.modules())
+    state = plain.state_dict()
+    assert state.keys() == {k.replace(".base_layer", "") for k in original}
+    assert all(torch.equal(state[k.replace(".base_layer", "")], v) for k, v in original.items())
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_wrapping_keeps_the_networks_mode(mode):
+    """New expert layers and the model take the wrapped network's mode (a new module's
+    default is train), so an eval network's calls stay deterministic inference calls."""
+    backbone = loraxir.create_backbone("nafnet-tiny").train(mode)
+    config = LoraIRConfig(degradations=DEGRADATIONS, lora_dropout=0.5)
+    model = loraxir.get_loraxir_model(backbone, config)
+    assert model.training == mode
+    assert {layer.training for _, layer in model.expert_layers()} == {mode}
+    assert {m.training for m in model.modules()} == {mode}
+    # a second adapter on the same layers, as peft's add_adapter adds it
+    model.peft_config["second"] = LoraIRConfig(degradations=DEGRADATIONS, lora_dropout=0.5)
+    model.inject_adapter(model.model, "second")
+    assert {m.training for m in model.modules()} == {mode}
+    randomize_experts(model)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        first, second = model(x, degradation="rain"), model(x, degradation="rain")
+    assert torch.equal(first, second) != mode  # dropout draws anew only in train mode
 
 
 @pytest.mark.parametrize(
