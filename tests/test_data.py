@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import warnings
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -405,10 +406,44 @@ def test_unmatched_names_raise_naming_the_first(tmp_path):
         PairedFolder(tmp_path)
 
 
+@pytest.mark.parametrize("key", [None, r"(\w+)"])
+def test_two_degraded_images_of_one_key_are_refused_naming_both(tmp_path, key):
+    """A stray lq/a.jpg beside lq/a.png paired with gt/a.png: another photo would train
+    as the degraded astronaut. Several degraded images per clean one need a key."""
+    _save(tmp_path / "lq" / "a.png", _rgb(1))
+    _save(tmp_path / "lq" / "a.jpg", _rgb(2))
+    _save(tmp_path / "gt" / "a.png", _rgb(1))
+    with pytest.raises(DataError, match=r"'.*lq/a\.jpg' and '.*lq/a\.png' share the pairing key"):
+        PairedFolder(tmp_path, key=key)
+    (tmp_path / "lq" / "a.jpg").unlink()
+    _save(tmp_path / "lq" / "a_2.png", _rgb(2))  # two versions of "a", told apart by a key
+    assert len(PairedFolder(tmp_path, key=r"^([a-z])")) == 2
+
+
+def test_a_png_whose_pixel_data_is_damaged_under_valid_checksums_is_skipped(tmp_path):
+    """Pillow's verify() checks chunk checksums only: a damaged compressed stream with a
+    recomputed CRC passed the scan and stopped training when its turn came."""
+    for name in ("a", "b"):
+        _save(tmp_path / "lq" / f"{name}.png", _rgb(1, 24, 24))
+        _save(tmp_path / "gt" / f"{name}.png", _rgb(1, 24, 24))
+    data = bytearray((tmp_path / "lq" / "b.png").read_bytes())
+    start = data.index(b"IDAT") + 4
+    length = int.from_bytes(data[start - 8 : start - 4], "big")
+    data[start + 2 : start + length] = bytes(length - 2)  # zlib header kept, deflate zeroed
+    crc = zlib.crc32(bytes(data[start - 4 : start + length])).to_bytes(4, "big")
+    data[start + length : start + length + 4] = crc
+    (tmp_path / "lq" / "b.png").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"1 corrupt"):
+        pairs = PairedFolder(tmp_path)
+    assert [pairs[i]["name"] for i in range(len(pairs))] == ["lq/a.png"]
+
+
 def test_pairs_of_different_sizes_raise_naming_the_first(tmp_path):
     _save(tmp_path / "lq" / "a.png", _rgb(1, 24, 20))
     _save(tmp_path / "gt" / "a.png", _rgb(1, 20, 24))
-    with pytest.raises(DataError, match=r"'lq/a.png' is \(24, 20\).*'gt/a.png' is \(20, 24\)"):
+    with pytest.raises(
+        DataError, match=rf"in '{tmp_path}': 'lq/a.png' is \(24, 20\).*'gt/a.png' is \(20, 24\)"
+    ):
         PairedFolder(tmp_path)
 
 

@@ -452,6 +452,8 @@ def test_finetune_refuses_dropout_with_a_form_that_cannot_apply_it_before_loadin
     [
         ("weight_decay=-1", "weight_decay must be finite and >= 0, got -1"),
         ("weight_decay=.nan", "weight_decay must be finite and >= 0, got nan"),
+        ("fft_weight=.nan", "fft_weight must be finite and >= 0, got nan"),
+        ("max_grad_norm=.nan", "max_grad_norm must be >= 0, got nan"),
         ("train_repeats=0", "train_repeats must be >= 1, got 0"),
     ],
 )
@@ -1071,3 +1073,37 @@ def test_add_degradation_grows_an_adapter_of_ones_own_classes_from_real_pairs(
             paired = _paired(paired_root, classes)
             run("add_degradation", tmp_path / "bad", *grow, *paired)
         assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_resume_after_the_data_folders_files_changed_is_refused(
+    base: Path, paired_root: Path, tmp_path: Path
+) -> None:
+    """Settings name a folder, not what it holds: a resumed run must train on the same
+    pairs, so a removed pair is refused naming the cause, and the same files resume."""
+    data = tmp_path / "data"
+    shutil.copytree(paired_root, data)
+    settings = [*FINETUNE, f"base={base}", *_paired(data, ["noise", "rain"])]
+    settings += ["max_steps=2", "checkpoint_every=1"]
+    run("finetune", tmp_path / "ft", *settings)
+    resumed = run("finetune", tmp_path / "ft", *settings, flags=("--resume", "latest"))
+    assert resumed["resumed_from_step"] == 2
+    for side in ("lq", "gt"):
+        (data / "rain" / "train" / side / "coffee.png").unlink()
+    with pytest.raises(CheckpointError, match="trained on other data than this run finds"):
+        run("finetune", tmp_path / "ft", *settings, flags=("--resume", "latest"))
+
+
+def test_a_metadata_task_that_is_not_the_folders_class_is_refused(
+    base: Path, paired_root: Path, tmp_path: Path
+) -> None:
+    """A metadata.jsonl 'task' column would send a class folder's pairs to another expert."""
+    folder = tmp_path / "noise"
+    shutil.copytree(paired_root / "noise" / "train", folder)
+    rows = [{"lq_file_name": f"lq/{p.name}", "gt_file_name": f"gt/{p.name}", "task": "rain"}
+            for p in sorted((folder / "lq").iterdir())]  # fmt: skip
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    paired = [f"paired_train={{noise: {folder}, rain: {paired_root / 'rain' / 'train'}}}",
+              f"paired_val={{noise: {paired_root / 'noise' / 'val'}}}"]  # fmt: skip
+    with pytest.raises(DataError, match=r"gives the task\(s\) \['rain'\], but paired_train names"):
+        run("finetune", tmp_path / "ft", *FINETUNE, f"base={base}", "max_steps=1", *paired)
+    assert not (tmp_path / "ft").exists()

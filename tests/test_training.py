@@ -406,6 +406,9 @@ def test_clean_images_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> No
     settings[0] = f"source=hf:{tmp_path / 'saved_dict'}@test"
     with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'"):
         build_data(load_config(RestorationConfig, None, settings))
+    settings[0] = f"source=hf:{tmp_path / 'saved'}@test"  # one Dataset: no split to name
+    with pytest.raises(DataError, match=r"one Dataset without splits, so @test names nothing"):
+        build_data(load_config(RestorationConfig, None, settings))
 
 
 def test_paired_folders_give_train_repeats_crops_per_pair(tmp_path: Path) -> None:

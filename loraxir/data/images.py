@@ -165,9 +165,11 @@ def header_size(path: Path) -> tuple[int, int] | None:
     before the pixels), without decoding pixels: Pillow's ``PngImageFile.getexif`` would
     decode the whole image to look for a late chunk, so the base method is called.
     Pillow's TIFF reader already reports (and decodes) a TIFF turned upright.
-    ``verify`` reads no JPEG pixel data, so a JPEG is also decoded at 1/8 scale (all its
-    coded data, about a third of a full decode's time): a truncated one would otherwise
-    pass and stop training when its turn came.
+    ``verify`` checks a PNG's chunk checksums but decodes no pixels, and reads no JPEG
+    pixel data at all, so every file is also decoded once (a JPEG at 1/8 scale: all its
+    coded data, about a third of a full decode's time): a damaged pixel stream under valid
+    checksums, or a truncated JPEG, would otherwise pass and stop training when its turn
+    came.
     """
     try:
         with Image.open(path) as image:
@@ -179,10 +181,10 @@ def header_size(path: Path) -> tuple[int, int] | None:
             )
             jpeg = image.format == "JPEG"
             image.verify()
-        if jpeg:
-            with Image.open(path) as image:
+        with Image.open(path) as image:
+            if jpeg:
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                image.load()
+            image.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return None
     return (width, height) if turned else (height, width)

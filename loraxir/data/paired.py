@@ -136,7 +136,15 @@ class PairedFolder(Dataset):
         self.task_names = list(task_names) if task_names else sorted({p.task for p in pairs})
         for pair in pairs:
             if pair.task not in self.task_names:
-                raise unknown_name("task", pair.task, self.task_names)
+                whence = "task=" if task else "the folder's name"
+                whence = f"its {METADATA} row" if (self.root / METADATA).is_file() else whence
+                raise unknown_name(
+                    "task",
+                    pair.task,
+                    self.task_names,
+                    f"{pair.lq.relative_to(self.root).as_posix()!r} in {str(self.root)!r} has "
+                    f"it from {whence}.",
+                )
         self.pairs = pairs
         self.patch_size = patch_size
         self.seed = seed
@@ -275,7 +283,21 @@ def _pairs_from_folders(
         if len(paths) > 1:
             raise DataError(
                 f"Clean images {str(paths[0])!r} and {str(paths[1])!r} share the pairing key "
-                f"{pair_key!r}; adjust key= so that each clean image has its own."
+                f"{pair_key!r}; adjust key= (or list the pairs in {METADATA}) so that each "
+                "clean image has its own."
+            )
+    for pair_key, paths in sides[lq].items():
+        # Several degraded images of one clean image come through a key= pattern only;
+        # without one (or for one name in two formats) a stray file would pair with it.
+        stems = [path.with_suffix("") for path in paths]
+        twins = [p for p, stem in zip(paths, stems, strict=True) if stems.count(stem) > 1]
+        clash = paths[:2] if pattern is None and len(paths) > 1 else twins[:2]
+        if clash:
+            raise DataError(
+                f"Degraded images {str(clash[0])!r} and {str(clash[1])!r} share the pairing "
+                f"key {pair_key!r}, so both would pair with one clean image. Remove or rename "
+                f"the stray one; several degraded versions of one clean image need a key= "
+                f"pattern or a {METADATA}."
             )
     _check_matched(root, sides[lq], sides[gt], lq, gt)
     sizes = {image.path: image.size for image in found.images}
@@ -312,16 +334,16 @@ def _check_matched(
     if missing_gt:
         first = lq[missing_gt[0]][0].relative_to(root)
         raise DataError(
-            f"{len(missing_gt)} degraded image(s) have no clean partner in a {gt_name!r} folder; "
-            f"the first is {first.as_posix()!r} (key {missing_gt[0]!r}). Check the file names "
-            "or pass key= to pair differing names."
+            f"{len(missing_gt)} degraded image(s) in {str(root)!r} have no clean partner in a "
+            f"{gt_name!r} folder; the first is {first.as_posix()!r} (key {missing_gt[0]!r}). "
+            f"Check the file names, or pair differing names with key= or a {METADATA}."
         )
     if missing_lq:
         first = gt[missing_lq[0]][0].relative_to(root)
         raise DataError(
-            f"{len(missing_lq)} clean image(s) have no degraded partner in a {lq_name!r} "
-            f"folder; the first is {first.as_posix()!r} (key {missing_lq[0]!r}). Check the file "
-            "names or pass key= to pair differing names."
+            f"{len(missing_lq)} clean image(s) in {str(root)!r} have no degraded partner in a "
+            f"{lq_name!r} folder; the first is {first.as_posix()!r} (key {missing_lq[0]!r}). "
+            f"Check the file names, or pair differing names with key= or a {METADATA}."
         )
 
 
@@ -329,7 +351,7 @@ def _check_sizes(root: Path, pairs: list[_Pair]) -> None:
     for pair in pairs:
         if pair.lq_size != pair.gt_size:
             raise DataError(
-                f"LQ/GT sizes differ: {pair.lq.relative_to(root).as_posix()!r} is "
-                f"{pair.lq_size} (H, W) but {pair.gt.relative_to(root).as_posix()!r} is "
+                f"LQ/GT sizes differ in {str(root)!r}: {pair.lq.relative_to(root).as_posix()!r} "
+                f"is {pair.lq_size} (H, W) but {pair.gt.relative_to(root).as_posix()!r} is "
                 f"{pair.gt_size}. Pairs must be aligned and equally sized."
             )

@@ -143,13 +143,18 @@ def _load_hf_dataset(spec: str) -> Any:
     """The split named by ``"<name or folder>[@split]"`` of a 🤗 dataset."""
     import datasets
 
-    name, _, split = spec.partition("@")
-    split = split or "train"
+    name, _, named_split = spec.partition("@")
+    split = named_split or "train"
     saved = Path(name)
     if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
         # A folder written by save_to_disk, which load_dataset refuses.
         loaded = datasets.load_from_disk(name)
         if not isinstance(loaded, datasets.DatasetDict):
+            if named_split:
+                raise DataError(
+                    f"The 🤗 dataset saved in {name!r} is one Dataset without splits, so "
+                    f"@{named_split} names nothing in it; write hf:{name} to use all its rows."
+                )
             return loaded
         if split not in loaded:
             raise DataError(

@@ -39,10 +39,12 @@ FIGURES_DIR = "figures"
 
 @dataclass
 class TrainState:
-    """Where training stands: optimizer ``step`` and ``batches`` consumed since the start."""
+    """Where training stands: optimizer ``step`` and ``batches`` consumed since the start,
+    and a digest of the training ``data`` (``None``: not recorded)."""
 
     step: int = 0
     batches: int = 0
+    data: str | None = None
 
 
 def checkpoint_dir(config: RecipeConfig, step: int) -> Path:
@@ -175,21 +177,23 @@ def last_checkpoint(config: RecipeConfig) -> Path | None:
     return found[-1] if found else None
 
 
-def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
+def resume(accelerator: Any, config: RecipeConfig, data: str | None = None) -> TrainState:
     """Restore the checkpoint named by ``config.resume`` (after ``accelerator.prepare``).
 
     ``None``: a fresh start. ``"latest"``: the newest complete checkpoint in
     ``output_dir`` that loads (a damaged one, say a truncated weights file, is reported and
     the one before it tried), or a fresh start when there is none. A path: that
     checkpoint. The checkpoint's fingerprint must match this run's
-    (:class:`CheckpointError` otherwise). Each load restores every state the checkpoint
+    (:class:`CheckpointError` otherwise), and so must its ``data`` digest when both
+    record one: settings name a data folder, not what it holds, and a run resumed on other
+    files would not be the run it continues. Each load restores every state the checkpoint
     holds, so one that loads after a damaged one leaves nothing of it behind.
     """
     folder = _resume_folder(config)
     if folder is None:
         if config.resume is not None:
             accelerator.print(f"No checkpoint in {config.output_dir}; starting from scratch.")
-        return TrainState()
+        return TrainState(data=data)
     candidates = complete_checkpoints(config)[::-1] if config.resume == "latest" else [folder]
     problems = []
     for candidate in candidates:
@@ -201,6 +205,13 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
                 "or shapes) than the one this run built, although the settings match (was the "
                 "base network or the router replaced on disk?). Start a new run (another "
                 "output_dir, or --overwrite)."
+            )
+        if None not in (data, record.get("data")) and record["data"] != data:
+            raise CheckpointError(
+                f"Cannot resume from {str(candidate)!r}: it trained on other data than this "
+                "run finds (files of a data folder were added, removed or replaced since), "
+                "although the settings match. Put the data back as it was, or start a new "
+                "run (another output_dir, or --overwrite)."
             )
         readable = _random_states_load(candidate, accelerator.process_index)
         if not bool(accelerator.gather(torch.tensor([readable], device=accelerator.device)).all()):
@@ -216,7 +227,7 @@ def resume(accelerator: Any, config: RecipeConfig) -> TrainState:
             problems.append(f"{candidate.name}: {type(error).__name__}: {error}")
             accelerator.print(f"Cannot load checkpoint {candidate} ({problems[-1]}).")
             continue
-        state = TrainState(step=record["step"], batches=record["batches"])
+        state = TrainState(step=record["step"], batches=record["batches"], data=data)
         accelerator.print(f"Resumed from {candidate} at step {state.step}.")
         return state
     raise CheckpointError(

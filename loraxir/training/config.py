@@ -87,7 +87,7 @@ class RecipeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("warmup_steps", "max_grad_norm", "num_workers", "checkpoint_every"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         check_seed_range("seed", self.seed)
         if self.lr_schedule not in ("cosine", "constant"):

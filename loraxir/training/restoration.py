@@ -14,6 +14,7 @@ written by :func:`loraxir.backbones.save_backbone`, read by
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -196,8 +197,8 @@ class RestorationConfig(RecipeConfig):
             )
         if self.val_crop_border < 0:
             raise ConfigError(f"val_crop_border must be >= 0 pixels, got {self.val_crop_border}.")
-        if self.fft_weight < 0:
-            raise ConfigError(f"fft_weight must be >= 0, got {self.fft_weight}.")
+        if not 0 <= self.fft_weight < math.inf:  # NaN fails both comparisons
+            raise ConfigError(f"fft_weight must be finite and >= 0, got {self.fft_weight}.")
         if self.patch_context < 0:
             raise ConfigError(f"patch_context must be >= 0 pixels, got {self.patch_context}.")
         if self.ema_decay and not 0 < self.ema_decay < 1:
@@ -416,6 +417,7 @@ def _checked_source(source: str) -> str:
 
 def _paired_data(config: RestorationConfig) -> RestorationData:
     from loraxir.data import PairedFolder
+    from loraxir.data.paired import METADATA
 
     names = list(config.paired_train or {})
     if set(config.paired_val or {}) - set(names):
@@ -427,20 +429,29 @@ def _paired_data(config: RestorationConfig) -> RestorationData:
         repeats = config.train_repeats if train else config.val_repeats
         if not train and config.val_patch_size is None:
             repeats = 1
-        return EpochConcat(
-            [
-                PairedFolder(
-                    folder,
-                    task=name,
-                    task_names=names,
-                    patch_size=config.patch_size if train else config.val_patch_size,
-                    seed=config.seed if train else config.seed + 1,
-                    augment=train,
-                    repeats=repeats,
+        parts = {
+            name: PairedFolder(
+                folder,
+                task=name,
+                task_names=names,
+                patch_size=config.patch_size if train else config.val_patch_size,
+                seed=config.seed if train else config.seed + 1,
+                augment=train,
+                repeats=repeats,
+            )
+            for name, folder in mapping.items()
+        }
+        for name, part in parts.items():
+            # A metadata.jsonl 'task' column would send this folder's pairs to another class.
+            other = sorted({pair.task for pair in part.pairs} - {name})
+            if other:
+                raise DataError(
+                    f"{str(part.root / METADATA)!r} gives the task(s) {other}, but "
+                    f"{'paired_train' if train else 'paired_val'} names this folder {name!r}: "
+                    f"its pairs would train another class. Make its 'task' column {name!r} "
+                    "or leave the column out."
                 )
-                for name, folder in mapping.items()
-            ]
-        )
+        return EpochConcat(list(parts.values()))
 
     train, val = folders(config.paired_train, True), folders(config.paired_val, False)
     return RestorationData(train, val, names, names, names, names)
@@ -508,6 +519,18 @@ def validate(
     return metrics
 
 
+def data_signature(dataset: Dataset) -> str:
+    """A digest of what a training set holds: its length and, for paired folders, every
+    pair's files (relative to their folder) and size. Checkpoints record it, so a run is
+    not resumed on a folder whose files changed (see :func:`resume`)."""
+    digest = hashlib.sha256(f"{len(dataset)};".encode())
+    for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
+        for pair in getattr(part, "pairs", ()):
+            names = [path.relative_to(part.root).as_posix() for path in (pair.lq, pair.gt)]
+            digest.update(f"{names}:{pair.lq_size};".encode())
+    return digest.hexdigest()[:16]
+
+
 def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """A backbone's own tensors under its native keys, also while it carries experts or
     DAM blocks: expert layers' ``base_layer`` unwrapped, every ``loraxir_`` part (experts,
@@ -567,7 +590,7 @@ class RestorationRun:
 
     def resume(self) -> int:
         """Restore ``config.resume`` (if any); returns the step training resumes from."""
-        self.state = resume(self.accelerator, self.config)
+        self.state = resume(self.accelerator, self.config, data_signature(self.data.train))
         self.start_step = self.state.step
         return self.start_step
 
