@@ -229,7 +229,6 @@ class LoraIRConfig(PeftConfig):
         check_choice("trainable", self.trainable, TRAINABLE_POLICIES)
         check_choice("init", self.init, INIT_SCHEMES)
         check_choice("compute", self.compute, COMPUTE_MODES)
-        check_dropout_form(self.compute, self.lora_dropout)
         if self.tuned is not None:
             if not isinstance(self.tuned, dict) or set(self.tuned) - {"inference", "training"}:
                 raise ConfigError(
@@ -372,15 +371,3 @@ class LoraIRConfig(PeftConfig):
 
 # The InitVar's default would otherwise read as a class attribute `temperature = None`.
 del LoraIRConfig.temperature
-
-
-def check_dropout_form(compute: str, lora_dropout: float) -> None:
-    """Refuse ``lora_dropout`` with a compute form that cannot apply it, when the config is
-    made rather than at the first training call: only ``"activation"`` drops the experts'
-    input (``"auto"`` picks it while dropout trains)."""
-    if lora_dropout > 0 and compute not in ("auto", "activation"):
-        raise ConfigError(
-            f"compute={compute!r} cannot apply lora_dropout={lora_dropout}: only 'activation' "
-            "drops the experts' input. Use compute='activation' (or 'auto', which picks it "
-            "while dropout trains) or lora_dropout=0."
-        )

@@ -71,6 +71,7 @@ def resolve_targets(
     that already carry experts are skipped, or with ``count_wrapped`` counted as the layers
     they wrap (what a second adapter on the same layers would target).
     """
+    named = target_modules  # the user's own names: a preset's list may suit some variants only
     chosen = resolve_preset(backbone, preset, target_modules)
     if target_modules is None or (chosen is not None and target_modules == chosen.name):
         if chosen is None:
@@ -138,7 +139,7 @@ def resolve_targets(
             "Names match a module path or its last components; a string is a regex that must "
             "match the whole dotted path."
         )
-    _check_every_name_matches(backbone, target_modules, "target_modules")
+    _check_every_name_matches(backbone, named, "target_modules")
     _check_every_name_matches(backbone, exclude_modules, "exclude_modules")
     check_wrappable(backbone, targets)
     return targets

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from loraxir.config import LoraIRConfig, check_dropout_form
+from loraxir.config import LoraIRConfig
 from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError
 from loraxir.pretrained import find_adapter
@@ -149,7 +149,11 @@ class FinetuneConfig(RestorationConfig):
                 "trained) classes."
             )
         _check_policy(self.trainable, self.route_by, self.class_embeddings)
-        check_dropout_form(self.compute, self.lora_dropout)  # the tiny config pins "batched"
+        if self.lora_dropout > 0 and self.compute not in ("auto", "activation"):
+            raise ConfigError(  # the tiny config pins compute: batched
+                f"compute={self.compute!r} cannot apply lora_dropout={self.lora_dropout}; set "
+                "compute=activation (or auto) with it."
+            )
 
     def _check_adapter_settings(self) -> None:
         """With ``adapter``, the experts' shape and policy are the adapter's own: a setting

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,36 @@ def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     base = np.resize(data.astronaut(), (max(height, 1), max(width, 1), 3)).astype(np.float32)
     noise = np.random.default_rng(seed).normal(0, 8, base.shape)
     return np.clip(base[:height, :width] + noise, 0, 255).astype(np.uint8)
+
+
+def png16(path, values, exif=None, transparent=None, interlaced=False):
+    """A 16-bit PNG written byte by byte (gray, gray+alpha, RGB or RGBA by channel count),
+    so the reader is tested against files it did not write; ``exif``: an eXIf chunk;
+    ``transparent``: the sample value(s) a tRNS chunk makes transparent; ``interlaced``:
+    the seven Adam7 passes."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width, channels = values.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    samples = values.astype(">u2")
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2)]
+    passes = [*passes, (0, 1, 1, 2)] if interlaced else [(0, 0, 1, 1)]
+    images = [samples[y::dy, x::dx] for x, y, dx, dy in passes]
+    rows = [row for image in images if image.size for row in image.reshape(len(image), -1)]
+    data = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlaced))
+    extra = chunk(b"eXIf", exif.tobytes()[6:]) if exif is not None else b""  # no "Exif\0\0"
+    if transparent is not None:
+        extra += chunk(b"tRNS", struct.pack(f">{len(transparent)}H", *transparent))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + extra
+        + chunk(b"IDAT", data)
+        + chunk(b"IEND", b"")
+    )

@@ -141,6 +141,10 @@ def test_user_presets_register_detect_and_refuse_duplicates(monkeypatch):
     model = loraxir.get_loraxir_model(MyNet(), LoraIRConfig(num_experts=2))
     assert [path for path, _ in model.expert_layers()] == ["body"]
     assert model.inference_chunk_pixels == loraxir.model.CPU_CHUNK_PIXELS
+    # A preset's list may name layers some variants of the family lack: not a user's typo.
+    register_preset(Preset(name="mynet2", target_modules=["body", "skip"], module_classes=()))
+    variant = loraxir.get_loraxir_model(MyNet(), LoraIRConfig(num_experts=2, preset="mynet2"))
+    assert [path for path, _ in variant.expert_layers()] == ["body"]
 
 
 def test_a_user_preset_with_side_multiple_1_passes_inputs_as_they_are(monkeypatch):

@@ -511,6 +511,12 @@ def test_a_file_output_after_a_folder_or_glob_that_finds_one_image_is_that_file(
                      "--adapter", str(adapter), "--quiet"])  # fmt: skip
         assert code == 1 and (shots / "out.PNG").is_file()
     assert sorted(p.name for p in shots.iterdir()) == ["notes.txt", "out.PNG", "x.png"]
+    clips = tmp_path / "clips"
+    _video(clips / "c.mp4")
+    for _ in range(2):  # a video's report (out.frames.png) is a result, not an input, too
+        code = main(["restore", str(clips), "-o", str(clips / "out.mp4"), "--overwrite",
+                     "--adapter", str(adapter), "--quiet"])  # fmt: skip
+        assert code == 0 and (clips / "out.frames.png").is_file()
 
 
 def test_a_file_output_for_several_images_exits_2_naming_a_folder(adapter, tmp_path, capsys):
@@ -520,7 +526,7 @@ def test_a_file_output_for_several_images_exits_2_naming_a_folder(adapter, tmp_p
                  "--adapter", str(adapter), "--quiet"])  # fmt: skip
     error = capsys.readouterr().err
     assert code == 2 and "names one file, but the inputs hold 2 files" in error
-    assert f"-o {str(tmp_path / 'out')!r}/" in error
+    assert f"-o {str(tmp_path / 'out') + '/'!r}" in error
     assert not (tmp_path / "out.png").exists()
 
 

@@ -189,11 +189,3 @@ def test_configs_import_nothing_of_the_method(module):
     method = {name for name in imported if name.startswith("loraxir")} - allowed
     assert not method, f"{module} imports {method}"
     assert not {name for name in imported if name.split(".")[0] == "torch"}
-
-
-@pytest.mark.parametrize("compute", ["weight", "batched", "gathered"])
-def test_dropout_with_a_form_that_cannot_apply_it_is_refused_when_the_config_is_made(compute):
-    with pytest.raises(ConfigError, match=rf"compute='{compute}' cannot apply lora_dropout=0.1"):
-        LoraIRConfig(num_experts=2, compute=compute, lora_dropout=0.1)
-    for allowed in ("auto", "activation"):
-        assert LoraIRConfig(num_experts=2, compute=allowed, lora_dropout=0.1).lora_dropout == 0.1

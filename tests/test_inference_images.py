@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from inference_helpers import photo
+from inference_helpers import photo, png16
 from PIL import Image
 
 from loraxir.errors import DataError
@@ -51,38 +51,6 @@ def test_rgba_alpha_is_kept(tmp_path):
         np.testing.assert_array_equal(np.asarray(out)[..., 3], rgba[..., 3])
 
 
-def _png16(path, values, exif=None, transparent=None, interlaced=False):
-    """A 16-bit PNG written byte by byte (gray, gray+alpha, RGB or RGBA by channel count),
-    so the reader is tested against files it did not write; ``exif``: an eXIf chunk;
-    ``transparent``: the sample value(s) a tRNS chunk makes transparent; ``interlaced``:
-    the seven Adam7 passes."""
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    height, width, channels = values.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    samples = values.astype(">u2")
-    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2)]
-    passes = [*passes, (0, 1, 1, 2)] if interlaced else [(0, 0, 1, 1)]
-    images = [samples[y::dy, x::dx] for x, y, dx, dy in passes]
-    rows = [row for image in images if image.size for row in image.reshape(len(image), -1)]
-    data = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlaced))
-    extra = chunk(b"eXIf", exif.tobytes()[6:]) if exif is not None else b""  # no "Exif\0\0"
-    if transparent is not None:
-        extra += chunk(b"tRNS", struct.pack(f">{len(transparent)}H", *transparent))
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + extra
-        + chunk(b"IDAT", data)
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize(
     ("channels", "transparent"), [(1, None), (1, (7,)), (2, None), (3, None), (4, None)]
 )
@@ -90,7 +58,7 @@ def test_an_interlaced_16_bit_png_is_read_by_pillow_or_refused(tmp_path, channel
     """FFmpeg's decoder corrupts memory on interlaced 16-bit PNGs: those it would decode are
     refused naming the fix; plain 16-bit gray (Pillow's own decoder) is read exactly."""
     values = np.random.default_rng(3).integers(0, 65536, (13, 10, channels), dtype=np.uint16)
-    _png16(tmp_path / "i.png", values, transparent=transparent, interlaced=True)
+    png16(tmp_path / "i.png", values, transparent=transparent, interlaced=True)
     if channels == 1 and transparent is None:
         np.testing.assert_array_equal(read_picture(tmp_path / "i.png").pixels, values.repeat(3, -1))
     else:
@@ -101,7 +69,7 @@ def test_an_interlaced_16_bit_png_is_read_by_pillow_or_refused(tmp_path, channel
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_16_bit_png_keeps_its_bit_depth(tmp_path, channels):
     values = np.random.default_rng(0).integers(0, 65536, (9, 11, channels), dtype=np.uint16)
-    _png16(tmp_path / "deep.png", values)
+    png16(tmp_path / "deep.png", values)
     picture = read_picture(tmp_path / "deep.png")
     assert picture.grayscale == (channels < 3)
     assert picture.pixels.dtype == np.uint16 and probe_image(tmp_path / "deep.png").bits == 16
@@ -142,7 +110,7 @@ def test_exif_oriented_16_bit_colour_png_is_read_upright_as_pillow_turns_8_bits(
     values = np.random.default_rng(2).integers(0, 65536, (6, 10, 3), dtype=np.uint16)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    _png16(tmp_path / "r.png", values, exif)
+    png16(tmp_path / "r.png", values, exif)
     picture = read_picture(tmp_path / "r.png")
     assert picture.pixels.dtype == np.uint16
     eight = Image.fromarray((values >> 8).astype(np.uint8))
@@ -399,9 +367,9 @@ def test_16_bit_png_names_ffmpeg_would_misread_are_read_as_named(tmp_path, monke
     pixels, and ``10:30.png`` for a ``10:`` protocol (an error)."""
     rng = np.random.default_rng(8)
     own, other = (rng.integers(0, 65536, (6, 7, 3), dtype=np.uint16) for _ in range(2))
-    _png16(tmp_path / "scan%d.png", own)
-    _png16(tmp_path / "scan1.png", other)
-    _png16(tmp_path / "10:30.png", own)
+    png16(tmp_path / "scan%d.png", own)
+    png16(tmp_path / "scan1.png", other)
+    png16(tmp_path / "10:30.png", own)
     np.testing.assert_array_equal(read_picture(tmp_path / "scan%d.png").pixels, own)
     monkeypatch.chdir(tmp_path)
     np.testing.assert_array_equal(read_picture("10:30.png").pixels, own)
@@ -413,7 +381,7 @@ def test_16_bit_png_transparent_value_is_read_as_alpha(tmp_path, channels):
     values = np.random.default_rng(9).integers(0, 65536, (6, 7, channels), dtype=np.uint16)
     values[4, 1] = values[2, 3]
     key = tuple(int(v) for v in values[2, 3])
-    _png16(tmp_path / "t.png", values, transparent=key)
+    png16(tmp_path / "t.png", values, transparent=key)
     picture = read_picture(tmp_path / "t.png")
     assert picture.grayscale == (channels == 1)
     np.testing.assert_array_equal(picture.pixels[..., :channels], values)

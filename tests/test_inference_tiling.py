@@ -141,6 +141,21 @@ def test_a_given_routing_is_the_one_restored_with():
         np.testing.assert_allclose(restored, direct, atol=1e-5)
 
 
+def test_a_routing_or_router_of_other_classes_is_refused_not_applied_by_index():
+    """Gate i drives expert i: a Routing of another adapter's class order, or a router of
+    other classes (grown after attaching), restored with the wrong experts, silently."""
+    model = tiny_model()
+    image = photo(32, 40).astype(np.float32) / 255
+    restorer = Restorer(model, tile=None)
+    reordered = Routing([*CLASSES[1:], CLASSES[0]], torch.eye(len(CLASSES))[0])
+    with pytest.raises(RoutingError, match=r"routing is for the classes \['blur'.*restorer.route"):
+        restorer.restore(image, reordered)
+    model.loraxir_router.add_degradation("snow")
+    for call in (restorer.route, restorer.restore):
+        with pytest.raises(ConfigError, match=r"Router classes \[.*'snow'\] differ from the"):
+            call(image)
+
+
 @pytest.mark.parametrize(("height", "width"), [(37, 50), (1, 1), (16, 33)])
 def test_model_call_reflect_pads_like_the_restorer(height, width):
     """``model(x)`` at sides NAFNet would pad with zeros inside itself: the model pads by

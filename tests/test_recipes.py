@@ -1075,8 +1075,9 @@ def test_add_degradation_grows_an_adapter_of_ones_own_classes_from_real_pairs(
         assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("change", ["removed", "replaced"])
 def test_resume_after_the_data_folders_files_changed_is_refused(
-    base: Path, paired_root: Path, tmp_path: Path
+    base: Path, paired_root: Path, tmp_path: Path, change: str
 ) -> None:
     """Settings name a folder, not what it holds: a resumed run must train on the same
     pairs, so a removed pair is refused naming the cause, and the same files resume."""
@@ -1087,8 +1088,12 @@ def test_resume_after_the_data_folders_files_changed_is_refused(
     run("finetune", tmp_path / "ft", *settings)
     resumed = run("finetune", tmp_path / "ft", *settings, flags=("--resume", "latest"))
     assert resumed["resumed_from_step"] == 2
-    for side in ("lq", "gt"):
-        (data / "rain" / "train" / side / "coffee.png").unlink()
+    lq = data / "rain" / "train" / "lq"
+    if change == "removed":
+        for side in ("lq", "gt"):
+            (data / "rain" / "train" / side / "coffee.png").unlink()
+    else:  # another picture of the same size under the same name
+        shutil.copyfile(lq / "astronaut.png", lq / "coffee.png")
     with pytest.raises(CheckpointError, match="trained on other data than this run finds"):
         run("finetune", tmp_path / "ft", *settings, flags=("--resume", "latest"))
 

@@ -406,8 +406,11 @@ def test_clean_images_can_come_from_a_hugging_face_dataset(tmp_path: Path) -> No
     settings[0] = f"source=hf:{tmp_path / 'saved_dict'}@test"
     with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'"):
         build_data(load_config(RestorationConfig, None, settings))
-    settings[0] = f"source=hf:{tmp_path / 'saved'}@test"  # one Dataset: no split to name
-    with pytest.raises(DataError, match=r"one Dataset without splits, so @test names nothing"):
+    settings[0] = f"source=hf:{tmp_path / 'saved'}@train"  # the split it was saved from
+    assert torch.equal(build_data(load_config(RestorationConfig, None, settings)).train[3]["gt"],
+                       data.train[3]["gt"])  # fmt: skip
+    settings[0] = f"source=hf:{tmp_path / 'saved'}@test"  # one Dataset: no other split
+    with pytest.raises(DataError, match=r"one Dataset \(of split 'train'\), so @test names"):
         build_data(load_config(RestorationConfig, None, settings))
 
 

@@ -61,12 +61,15 @@ def read_image(path: str | Path) -> Tensor:
 
     16-bit colour files, which Pillow truncates to their high byte, are decoded at full
     depth by :func:`loraxir.inference.images.read_picture` and rounded like other 16-bit
-    images."""
+    images; but an interlaced 16-bit PNG, which that refuses (FFmpeg's decoder corrupts
+    memory on it), is read by Pillow: its high byte is within one level of the rounded
+    value, and training reads 8 bits."""
     if isinstance(path, str | os.PathLike) and not Path(path).is_file():
         what = "is a folder" if Path(path).is_dir() else "does not exist"
         raise DataError(f"Image {str(path)!r} {what}; pass an image file.")
     try:
-        deep = probe_image(path).bits == 16
+        header = probe_image(path)
+        deep = header.bits == 16 and not header.interlaced
     except DataError:  # float or 32-bit files: Pillow's own reading below says what it can
         deep = False
     try:
@@ -165,11 +168,9 @@ def header_size(path: Path) -> tuple[int, int] | None:
     before the pixels), without decoding pixels: Pillow's ``PngImageFile.getexif`` would
     decode the whole image to look for a late chunk, so the base method is called.
     Pillow's TIFF reader already reports (and decodes) a TIFF turned upright.
-    ``verify`` checks a PNG's chunk checksums but decodes no pixels, and reads no JPEG
-    pixel data at all, so every file is also decoded once (a JPEG at 1/8 scale: all its
-    coded data, about a third of a full decode's time): a damaged pixel stream under valid
-    checksums, or a truncated JPEG, would otherwise pass and stop training when its turn
-    came.
+    ``verify`` reads no JPEG pixel data, so a JPEG is also decoded at 1/8 scale (all its
+    coded data, about a third of a full decode's time): a truncated one would otherwise
+    pass and stop training when its turn came.
     """
     try:
         with Image.open(path) as image:
@@ -181,10 +182,10 @@ def header_size(path: Path) -> tuple[int, int] | None:
             )
             jpeg = image.format == "JPEG"
             image.verify()
-        with Image.open(path) as image:
-            if jpeg:
+        if jpeg:
+            with Image.open(path) as image:
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
+                image.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return None
     return (width, height) if turned else (height, width)

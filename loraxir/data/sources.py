@@ -150,10 +150,11 @@ def _load_hf_dataset(spec: str) -> Any:
         # A folder written by save_to_disk, which load_dataset refuses.
         loaded = datasets.load_from_disk(name)
         if not isinstance(loaded, datasets.DatasetDict):
-            if named_split:
+            if named_split and named_split != str(loaded.split):  # saved from that split
                 raise DataError(
-                    f"The 🤗 dataset saved in {name!r} is one Dataset without splits, so "
-                    f"@{named_split} names nothing in it; write hf:{name} to use all its rows."
+                    f"The 🤗 dataset saved in {name!r} is one Dataset (of split "
+                    f"{str(loaded.split)!r}), so @{named_split} names nothing in it; write "
+                    f"hf:{name} to use all its rows."
                 )
             return loaded
         if split not in loaded:

@@ -84,9 +84,9 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
     :class:`ConfigError`, before anything runs.
 
     An ``output`` with an image or video suffix (``-o out.png``) after a folder or a glob
-    is that file when they find one file (the output file itself left out, as a result),
-    and a :class:`ConfigError` when they find several: a folder named ``out.png`` is never
-    what was meant.
+    is that file when they find one file (the output file and a video's report left out,
+    as results), and a :class:`ConfigError` when they find several: a folder named
+    ``out.png`` is never what was meant.
     """
     single = len(inputs) == 1 and Path(inputs[0]).is_file()
     single = single and Path(output).suffix != "" and not _is_folder(output)
@@ -126,13 +126,14 @@ def collect(inputs: Sequence[str], output: str | Path) -> tuple[list[Job], Outco
             found += [(match, Path(match.name)) for match in matches]
         else:
             outcome.failed.append((spec, "no such file or folder"))
-    if not single and file_named:  # the output file is a result, not an input
-        found = [(source, rel) for source, rel in found if source.resolve() != output.resolve()]
+    if not single and file_named:  # the output file (and a video's report) are results
+        results = {path.resolve() for path in Job(output, output).outputs}
+        found = [(source, rel) for source, rel in found if source.resolve() not in results]
         distinct = {source.resolve() for source, _ in found if source.suffix.lower() in _KNOWN}
         if len(distinct) > 1:
             raise ConfigError(
                 f"-o {str(output)!r} names one file, but the inputs hold {len(distinct)} "
-                f"files. Name a folder for them (-o {str(output.with_suffix(''))!r}/), or "
+                f"files. Name a folder for them (-o {str(output.with_suffix('')) + '/'!r}), or "
                 "give one input file."
             )
         single = len(distinct) == 1

@@ -99,7 +99,8 @@ class ImageHeader:
 
     ``mode`` is the form of the samples in the file (``LA`` for 16-bit grayscale with
     alpha, which Pillow opens as ``RGBA``); ``height`` and ``width`` are as stored, before
-    ``orientation`` (EXIF, 1 = upright) is applied; ``format`` is Pillow's name for it.
+    ``orientation`` (EXIF, 1 = upright) is applied; ``format`` is Pillow's name for it;
+    ``interlaced``: a PNG stored in Adam7 passes.
     """
 
     height: int
@@ -108,6 +109,7 @@ class ImageHeader:
     bits: int
     orientation: int = 1
     format: str = ""
+    interlaced: bool = False
 
     @property
     def pixels(self) -> int:
@@ -157,10 +159,12 @@ def _pillow_header(path: str | Path) -> ImageHeader:
         orientation = int(Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1))
         image_format = image.format or ""
         signed = image_format == "TIFF" and 2 in _tiff_tag(image, _TIFF_SAMPLE_FORMAT)
+        interlaced = bool(image.info.get("interlace"))
         _refuse_frames(path, _frames(path, image))
     if mode == "F" or signed or (mode == "I" and not deep):
         raise _unscalable(path, mode == "F", f"raw mode {raw}")
-    return ImageHeader(height, width, mode, 16 if deep else 8, orientation, image_format)
+    bits = 16 if deep else 8
+    return ImageHeader(height, width, mode, bits, orientation, image_format, interlaced)
 
 
 def _unscalable(path: str | Path, floating: bool, detail: str) -> DataError:
@@ -243,7 +247,7 @@ def read_picture(path: str | Path) -> Picture:
             elif header.bits == 16 and (
                 header.mode in ("RGB", "RGBA", "LA") or "transparency" in image.info
             ):
-                if image.info.get("interlace"):
+                if header.interlaced:
                     raise DataError(
                         f"Cannot read {str(path)!r}: an interlaced (Adam7) 16-bit PNG. FFmpeg's "
                         "PNG decoder, which reads 16-bit colour here, corrupts memory on those. "

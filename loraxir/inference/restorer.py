@@ -25,6 +25,7 @@ from loraxir.backbones import input_channels
 from loraxir.errors import ConfigError, DataError, RoutingError
 from loraxir.inference.tiling import TilePlan, check_tiling, plan_tiles, run_tiled
 from loraxir.padding import size_multiple
+from loraxir.routing import check_degradations
 from loraxir.targeting import resolve_preset
 from loraxir.validation import far_outside_unit
 
@@ -195,6 +196,11 @@ class Restorer:
         :meth:`~loraxir.LoraIRModel.attach_router`) gives gates only, read as the
         probabilities too."""
         router = self.model.loraxir_router
+        # Gate i drives expert i: a router of other classes (the model switched to another
+        # adapter, or the router grew) would restore with the wrong experts, silently.
+        classes = getattr(router, "degradations", None)
+        if classes is not None:
+            check_degradations(classes, self.degradations)
         view = _routing_view(pixels, self.route_pixels).to(self.device)
         if not hasattr(router, "route"):
             gates = router(view)[0].float().cpu()
@@ -214,6 +220,12 @@ class Restorer:
         if routing is None:
             routing = self.route(pixels)  # which checks the pixels
         elif isinstance(routing, Routing):
+            if list(routing.degradations) != self.degradations:
+                raise RoutingError(
+                    f"routing is for the classes {list(routing.degradations)}, but this "
+                    f"restorer's adapter has {self.degradations}: gate i drives expert i. "
+                    "Route the image with this restorer (restorer.route(pixels))."
+                )
             _check_pixels(pixels)
         else:
             raise ConfigError(

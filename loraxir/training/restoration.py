@@ -521,13 +521,17 @@ def validate(
 
 def data_signature(dataset: Dataset) -> str:
     """A digest of what a training set holds: its length and, for paired folders, every
-    pair's files (relative to their folder) and size. Checkpoints record it, so a run is
-    not resumed on a folder whose files changed (see :func:`resume`)."""
+    pair's files (relative to their folder), pixel size and byte sizes (a file replaced
+    under its name). Checkpoints record it, so a run is not resumed on a folder whose
+    files changed (see :func:`resume`)."""
     digest = hashlib.sha256(f"{len(dataset)};".encode())
     for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
         for pair in getattr(part, "pairs", ()):
-            names = [path.relative_to(part.root).as_posix() for path in (pair.lq, pair.gt)]
-            digest.update(f"{names}:{pair.lq_size};".encode())
+            files = [
+                (path.relative_to(part.root).as_posix(), path.stat().st_size)
+                for path in (pair.lq, pair.gt)
+            ]
+            digest.update(f"{files}:{pair.lq_size};".encode())
     return digest.hexdigest()[:16]
 
 
