@@ -14,6 +14,7 @@ import loraxir
 from loraxir import (
     ConfigError,
     DAMConfig,
+    DataError,
     LoraIRConfig,
     RoutingError,
     TargetModulesError,
@@ -66,6 +67,24 @@ def test_bad_routing_raises_documented_error(kwargs, error, message):
     model = _model()
     with pytest.raises(error, match=message):
         model(torch.rand(2, 3, 32, 32), **kwargs)
+
+
+def test_inference_refuses_nan_or_0_255_images_however_they_are_routed():
+    """A given class or gates skip the router, which refuses such images: one NaN pixel
+    came out as an all-NaN image (global pooling), 0-255 values as garbage. A network of
+    one's own may take other ranges (normalised inputs), and is not checked."""
+    model = _trained_model()
+    x = torch.rand(1, 3, 32, 32)
+    nan = x.clone()
+    nan[0, 1, 5, 7] = float("nan")
+    cases = ((nan, "NaN or infinite values"), (x * 255, r"got values in \[.*\]; divide 0-255"))
+    with torch.no_grad():
+        for images, message in cases:
+            for routing in ({"degradation": "rain"}, {"gates": torch.tensor([[0.0, 1, 0]])}):
+                with pytest.raises(DataError, match=message):
+                    model(images, **routing)
+        own = loraxir.get_loraxir_model(UserUNet(), LoraIRConfig(num_experts=2, **USER_UNET_CONFIG))
+        assert own(x * 4 - 2, gates=torch.tensor([[1.0, 0.0]])).isfinite().all()
 
 
 def test_deleting_the_last_adapter_leaves_a_model_that_says_what_to_do():

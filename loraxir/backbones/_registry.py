@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from loraxir.errors import CheckpointError, ConfigError, DataError, unknown_name
+from loraxir.validation import far_outside_unit
 
 BACKBONE_CONFIG = "backbone.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
@@ -172,7 +174,8 @@ def check_input(backbone: nn.Module, x: Any) -> None:
     """Refuse images ``x`` that ``backbone`` would reject from deep inside torch: a
     non-tensor, an integer tensor, one image without its batch dimension, a built-in
     family's network given other than a 4-D batch of its channel count, or a float dtype
-    other than the weights' (outside autocast)."""
+    other than the weights' (outside autocast); and, in inference calls of a built-in
+    family's network, NaN or infinite values and values far outside [0, 1]."""
     if not isinstance(x, torch.Tensor):
         raise DataError(
             f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
@@ -214,6 +217,29 @@ def check_input(backbone: nn.Module, x: Any) -> None:
             f"The images are {x.dtype} but the model's weights are {weight.dtype}; pass "
             f"x.to({weight.dtype}), convert the model with model.to({x.dtype}), or run "
             "under torch.autocast."
+        )
+    if channels is not None and x.numel() and not torch.is_grad_enabled():
+        _check_unit_range(x)
+
+
+def _check_unit_range(x: torch.Tensor) -> None:
+    """A built-in family's network restores images in [0, 1]: a NaN spreads through its
+    global pooling to every output pixel, and 0-255 values come out as garbage, both
+    silently (the router refuses them, but a given class or gates skip it). Inference
+    calls only: one pass over the input, and no device sync in a training step."""
+    if torch.compiler.is_compiling():
+        return
+    low, high = (float(value) for value in torch.aminmax(x.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise DataError(
+            "The images hold NaN or infinite values, which spread to every output pixel; "
+            "check the decoding or the arithmetic that produced them (torch.nan_to_num "
+            "clears them)."
+        )
+    if far_outside_unit(low, high):
+        raise DataError(
+            f"The network restores images in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+            "divide 0-255 images by 255."
         )
 
 
