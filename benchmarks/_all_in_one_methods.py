@@ -99,6 +99,8 @@ def router_settings(config: BenchConfig, paths: Paths) -> dict[str, Any]:
         "seed": paths.seed,
         "split_seed": config.split_seed,
         "output_dir": str(paths.router_run),
+        "checkpoint_every": config.checkpoint_every,  # an interrupted router resumes too
+        "keep_checkpoints": 1,
     }
 
 

@@ -92,8 +92,8 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
 
     A missing or empty folder starts a fresh run. A folder of a run with the same settings
     resumes it. Another run's folder, or a folder that is no benchmark output, raises
-    :class:`ConfigError` unless ``overwrite`` (then a benchmark folder is deleted first;
-    a foreign folder never is).
+    :class:`ConfigError` unless ``overwrite`` (then a benchmark folder is moved aside, kept
+    until the new run completes (:func:`replaced_run`); a foreign folder is never touched).
     """
     record = output_dir / RUN_FILE
     blocking = output_dir if output_dir.is_file() else file_in_the_way(output_dir)
@@ -110,12 +110,17 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
         )
     if occupied:
         if overwrite:
-            # Out of the way in one rename, then deleted: a Ctrl-C halfway through a plain
-            # rmtree left a folder without run.json, which every later run refused.
             folder = output_dir.resolve()  # through a link: the run, not the link, goes
-            retired = tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent)
-            os.replace(folder, Path(retired) / folder.name)  # into a fresh folder
-            shutil.rmtree(retired, ignore_errors=True)
+            kept = replaced_run(output_dir)
+            if kept.exists():  # the folder is an unfinished replacement of that run
+                # Out of the way in one rename, then deleted: a Ctrl-C halfway through a
+                # plain rmtree left a folder without run.json, which later runs refused.
+                retired = tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent)
+                os.replace(folder, Path(retired) / folder.name)  # into a fresh folder
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(folder, kept)
+            print(f"The earlier run is kept in {kept} until this one completes.", flush=True)
         elif earlier == settings:
             return True
         else:
@@ -128,6 +133,19 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
     output_dir.resolve().mkdir(parents=True, exist_ok=True)
     write_json(record, {"settings": settings})
     return False
+
+
+def replaced_run(output_dir: Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces until the new one has written its
+    results (:func:`discard_replaced_run`): a Ctrl-C, crash or full disk in the new run
+    would otherwise leave neither."""
+    folder = output_dir.resolve()
+    return folder.with_name(f".{folder.name}.replaced")
+
+
+def discard_replaced_run(output_dir: Path) -> None:
+    """Delete the run ``--overwrite`` kept, once this run's results are written."""
+    shutil.rmtree(replaced_run(output_dir), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- stages

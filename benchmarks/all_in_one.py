@@ -47,6 +47,7 @@ from _all_in_one_report import figures, headline, summarise, write_markdown
 from _all_in_one_stages import (
     RESUME_HINT,
     atomic_path,
+    discard_replaced_run,
     prepare_run,
     recipe,
     recipe_argv,
@@ -213,6 +214,7 @@ def run(config: BenchConfig, root: Path, command: str, log: Log = _print) -> dic
         "headline": str(headline_path),
     }
     write_json(root / "results.json", results)
+    discard_replaced_run(root)
     log("\n" + table)
     return results
 
@@ -246,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     config = load_bench_config(args.scale, args.config, args.overrides)
-    root = Path(args.output_dir or f"outputs/all_in_one_{config.scale}")
+    # Absolute: the stages record their folders in their checkpoints' settings, and a
+    # rerun must find the same ones however the folder is spelled.
+    root = Path(args.output_dir or f"outputs/all_in_one_{config.scale}").resolve()
     resuming = prepare_run(root, config_json(config), args.overwrite)
     _print(f"{'Resuming' if resuming else 'Starting'} the all-in-one benchmark in {root}")
     command = shlex.join(["python", "benchmarks/all_in_one.py", *argv])

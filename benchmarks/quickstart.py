@@ -18,6 +18,8 @@ settings is never overwritten without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,11 +92,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="Seed of pre-training, the methods and the test draws (default 0; the shared "
         "router keeps seed 0).",
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     config = load_bench_config(
         args.scale, overrides=[] if args.seed is None else [f"seeds=[{args.seed}]"]
     )
-    root = Path(args.output_dir)
+    root = Path(args.output_dir).resolve()  # as all_in_one.py: however it is spelled
     resuming = prepare_run(root, config_json(config), args.overwrite)
     suite, seed = config.suites[0], config.seeds[0]
     print(
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "held-out photos. Ctrl-C to stop; rerun to resume.",
         flush=True,
     )
-    command = "python benchmarks/quickstart.py" + (f" --output-dir {root}" if argv else "")
+    command = shlex.join(["python", "benchmarks/quickstart.py", *argv])
     results = all_in_one.run(config, root, command)
     photos = root / "restored_photos"
     done = stage_done(photos)

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -78,6 +78,7 @@ def check_expert_shapes(
             )
         if tuple(tensors[key].shape) != shape:
             layer = key.removeprefix("base_model.model.").split(".loraxir_experts.")[0]
+            _refuse_an_edited_config(backbone, key, tuple(tensors[key].shape), shape, config)
             raise BackboneMismatchError(
                 f"Layer {layer!r} does not fit: the checkpoint has {key.rsplit('.', 3)[-3:]} of "
                 f"shape {tuple(tensors[key].shape)}, this backbone needs {shape}. The adapter was "
@@ -128,6 +129,50 @@ def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A backbone's own tensors under its native keys, also while it carries experts or
+    DAM blocks: expert layers' ``base_layer`` unwrapped, every ``loraxir_`` part (experts,
+    DAM) left out. Load it into a fresh backbone to save a fine-tuned base network."""
+    state = {}
+    for key, value in module.state_dict().items():
+        if any(part.startswith("loraxir_") for part in key.split(".")):
+            continue
+        state[key.replace(".base_layer.", ".")] = value.detach().cpu()
+    return state
+
+
+def _refuse_an_edited_config(
+    backbone: nn.Module,
+    key: str,
+    saved: tuple[int, ...],
+    needed: tuple[int, ...],
+    config: LoraIRConfig,
+) -> None:
+    """A tensor that differs from what the backbone needs only in its expert count, or
+    that fits the layer at another rank, points at the config (``degradations``,
+    ``expert_chunks`` or ``r`` edited or missing), not at another backbone: say so
+    (:class:`CheckpointError`)."""
+    layer = key.removeprefix("base_model.model.").split(".loraxir_experts.")[0]
+    if len(saved) != len(needed):
+        return
+    if saved[0] != needed[0] and saved[1:] == needed[1:]:
+        raise CheckpointError(
+            f"Layer {layer!r} holds {saved[0]} experts in a chunk, but adapter_config.json "
+            f"gives {needed[0]} (degradations {config.degradations}, expert_chunks "
+            f"{config.expert_chunks}): the config was edited or does not belong to these "
+            "weights. Restore it as saved."
+        )
+    base = backbone.get_submodule(layer)
+    factor = 0 if key.rsplit(".", 2)[-2] == "A" else 1
+    for rank in sorted(set(saved[1:]) - {config.r}):
+        if (needed[0], *LAYER_TYPES[type(base)].factor_shapes(base, rank)[factor]) == saved:
+            raise CheckpointError(
+                f"The experts of layer {layer!r} have rank {rank}, but adapter_config.json "
+                f"gives r={config.r}: the config was edited or lacks 'r'. Set "
+                f'"r": {rank} there.'
+            )
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save ``tensors`` (detached, on the CPU, contiguous) as a safetensors file."""
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -135,16 +180,22 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(directory: str | os.PathLike, carry_over: bool = True) -> Iterator[Path]:
+def staged_folder(
+    directory: str | os.PathLike, carry_over: bool = True, drop: Collection[str] = ()
+) -> Iterator[Path]:
     """Write a folder atomically: yield an empty staging folder, then swap it in.
 
     The staging folder is a sibling of ``directory``; when the block ends without error it
     replaces ``directory`` by renames, carrying over files of the old folder that the
     block did not write (logs, images, a router next to an adapter) unless ``carry_over``
-    is false (a folder replaced whole, where an old file would be stale). A crash inside
-    the block leaves the previous folder exactly as it was and no staging folder behind.
+    is false (a folder replaced whole, where an old file would be stale), and except the
+    names in ``drop`` (files known to be stale). A crash inside the block leaves the
+    previous folder exactly as it was and no staging folder behind. A link to a folder
+    is followed: the folder it points at is replaced, the link stays.
     """
-    target = Path(directory)
+    # A link to a folder (on a data disk, say) is written through: the swap below happens
+    # beside the real folder, and the link keeps pointing at it.
+    target = Path(directory).resolve() if Path(directory).is_symlink() else Path(directory)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} is a file, not a folder; choose a folder path.")
     make_parent_folder(target, CheckpointError)
@@ -154,7 +205,7 @@ def staged_folder(directory: str | os.PathLike, carry_over: bool = True) -> Iter
         with_default_modes(staging)
         if target.exists():
             for item in target.iterdir() if carry_over else ():
-                if not (staging / item.name).exists():
+                if item.name not in drop and not (staging / item.name).exists():
                     copy = shutil.copytree if item.is_dir() else shutil.copy2
                     copy(item, staging / item.name)
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -186,16 +237,18 @@ def write(
     tensors: dict[str, torch.Tensor],
     backbone: str,
     metrics: dict[str, float] | None = None,
+    drop: Collection[str] = (),
 ) -> None:
     """Write a checkpoint folder atomically.
 
     Everything is written to a temporary sibling folder first, then swapped in with
-    renames; files of the old folder that are not ours (logs, images) are carried over.
-    A crash before the swap leaves the previous checkpoint exactly as it was.
+    renames; files of the old folder that are not ours (logs, images) are carried over,
+    except those named in ``drop`` (stale ones). A crash before the swap leaves the
+    previous checkpoint exactly as it was.
     """
     from loraxir.hub import render_model_card
 
-    with staged_folder(directory) as staging:
+    with staged_folder(directory, drop=drop) as staging:
         (staging / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
         write_safetensors(staging / WEIGHTS_NAME, tensors)
         (staging / CARD_NAME).write_text(

@@ -17,6 +17,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from loraxir.compute import FORMS, RowGroups, check_form, group_rows
 from loraxir.config import LoraIRConfig
 from loraxir.errors import (
     BackboneMismatchError,
+    CheckpointError,
     ConfigError,
     DataError,
     RoutingError,
@@ -1148,7 +1150,38 @@ class LoraIRModel(BaseTuner):
             self.adapter_state_dict(adapter),
             backbone=base_model or type(self.model).__name__,
             metrics=metrics,
+            drop=self._stale_files(Path(save_directory)),
         )
+
+    def _stale_files(self, folder: Path) -> list[str]:
+        """Files of an earlier save in ``folder`` that would not describe these experts:
+        ``metrics.json`` (measured on the earlier weights) and a backbone pair holding
+        another network than this model's base (loading the folder would run these
+        experts on it, silently). Not checked for a merged model, whose base weights hold
+        the merged experts: its backbone pair is kept."""
+        from loraxir.pretrained import BACKBONE_CONFIG, BACKBONE_WEIGHTS, METRICS_NAME
+
+        stale = [METRICS_NAME] if (folder / METRICS_NAME).is_file() else []
+        weights = folder / BACKBONE_WEIGHTS
+        if weights.is_file() and not self.merged:
+            try:
+                saved = checkpoint.read_safetensors(folder, BACKBONE_WEIGHTS)
+            except CheckpointError:  # damaged: stale as well
+                saved = {}
+            own = checkpoint.plain_state_dict(self.model)
+            if saved.keys() != own.keys() or any(
+                not torch.equal(saved[key], own[key].to(saved[key].dtype)) for key in own
+            ):
+                stale += [BACKBONE_CONFIG, BACKBONE_WEIGHTS]
+        if stale:
+            warnings.warn(
+                f"Saving into {str(folder)!r} drops its {stale}: they describe another "
+                "network or earlier weights than these experts. Save this model's base "
+                "network there too (loraxir.backbones.save_backbone) if the folder should "
+                "carry one.",
+                stacklevel=3,
+            )
+        return stale
 
     @classmethod
     def from_pretrained(

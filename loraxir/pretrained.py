@@ -174,9 +174,18 @@ def save_merged(
     _check_spandrel_reads_as(network, state)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))
-    with_default_modes(partial)
-    os.replace(partial, output)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial))
+        with_default_modes(partial)
+        os.replace(partial, output)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(
+                f"Cannot write {str(output)!r}: {error.strerror or error}. Free space or "
+                "choose another -o; nothing was written."
+            ) from None
+        raise
     return output
 
 

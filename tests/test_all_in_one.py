@@ -176,8 +176,13 @@ def test_quickstart_resumes_then_restores_photos_with_the_saved_adapter(
 
     monkeypatch.setattr(stages, "run_recipe", refuse)
     monkeypatch.setattr(all_in_one, "run_recipe", refuse)
-    again = quickstart.main(["--scale", "tiny", "--output-dir", str(root), "--max-side", "48"])
+    kept = stages.replaced_run(root)  # what --overwrite kept, gone once the run completes
+    kept.mkdir()
+    argv = ["--scale", "tiny", "--output-dir", str(root), "--max-side", "48"]
+    again = quickstart.main(argv)
     assert again["suites"] == results["suites"], "resumed: every stage's record reused"
+    assert not kept.exists()
+    assert again["command"] == "python benchmarks/quickstart.py " + " ".join(argv)
     out = capsys.readouterr().out
     assert "resuming" in out and "Where everything is" in out and "loraxir.load_adapter" in out
     restored = sorted((root / "restored_photos" / "rain").glob("*_restored.png"))
@@ -226,7 +231,14 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     (stale / "x").mkdir(parents=True)
     stages.prepare_run(tmp_path / "run", {**settings, "seeds": [1]}, overwrite=True)
     assert not (tmp_path / "run" / "result.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "run"], "replaced: deleted"
+    kept = tmp_path / ".run.replaced"  # until the new run completes: a Ctrl-C loses nothing
+    assert (kept / "result.txt").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, kept.name, "run"]
+    # --overwrite again before that run completed: its unfinished folder goes, the kept stays
+    stages.prepare_run(tmp_path / "run", {**settings, "seeds": [3]}, overwrite=True)
+    assert (kept / "result.txt").read_text() == "earlier"
+    stages.discard_replaced_run(tmp_path / "run")  # what a completed run does
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "run"]
     (tmp_path / "linked").symlink_to(tmp_path / "run")  # a run folder reached by a link
     stages.prepare_run(tmp_path / "linked", {**settings, "seeds": [2]}, overwrite=True)
     assert (tmp_path / "linked").is_symlink(), "the link stays; the run it points to goes"
@@ -375,10 +387,11 @@ def test_the_shared_router_has_seed_0_whichever_seeds_run(
         @staticmethod
         def main(argv: list[str]) -> None:
             assert "seed=0" in argv
+            assert "checkpoint_every=10" in argv, "an interrupted router resumes too"
             raise Stop
 
     monkeypatch.setattr(all_in_one, "recipe", lambda name: Recipe)
-    config = load_bench_config("tiny", overrides=[f"seeds={seeds}"])
+    config = load_bench_config("tiny", overrides=[f"seeds={seeds}", "checkpoint_every=10"])
     with pytest.raises(Stop):
         all_in_one.run_seed(config, tmp_path, config.suites[0], 1, print)
 

@@ -50,6 +50,47 @@ def test_save_writes_config_weights_and_model_card(tmp_path):
     assert "noise, rain, haze" in card and "psnr_rain" in card
 
 
+def test_saving_over_another_networks_folder_drops_its_backbone_and_metrics(tmp_path):
+    """Adapter B saved into adapter A's folder kept A's backbone pair, so loading the
+    folder ran B's experts on A's network, silently; A's metrics.json described it too."""
+    from loraxir.backbones import save_backbone
+
+    folder = tmp_path / "adapter"
+    model = _trained_model()
+    save_backbone(_backbone(), folder)
+    model.save_pretrained(folder)
+    (folder / "metrics.json").write_text('{"psnr_rain": 31.0}\n')
+    with pytest.warns(UserWarning, match=r"drops its \['metrics.json'\]"):
+        model.save_pretrained(folder)  # the same base, further trained experts: kept
+    with torch.no_grad():
+        loaded = loraxir.load_adapter(folder).eval()(X, degradation=["rain", "haze"])
+    torch.testing.assert_close(loaded, _outputs(model))
+    other = _backbone()
+    with torch.no_grad():
+        other.intro.weight.add_(0.1)
+    moved = loraxir.get_loraxir_model(other, LoraIRConfig(degradations=DEGRADATIONS)).eval()
+    with pytest.warns(UserWarning, match=r"drops its \['backbone.json', 'backbone.safetensors'\]"):
+        moved.save_pretrained(folder)
+    assert not (folder / "backbone.safetensors").exists()
+    with pytest.raises(CheckpointError, match=r"carries no backbone\.json"):
+        loraxir.load_adapter(folder)
+
+
+def test_saving_through_a_link_updates_the_folder_it_points_at(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "adapter", target_is_directory=True)
+    first = loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    second = _trained_model()
+    assert not torch.equal(_outputs(first.eval()), _outputs(second))
+    first.save_pretrained(tmp_path / "data" / "adapter")
+    second.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "link"]
+    with torch.no_grad():
+        loaded = loraxir.load_adapter(tmp_path / "data" / "adapter", _backbone())
+        torch.testing.assert_close(loaded.eval()(X, degradation=["rain", "haze"]), _outputs(second))
+
+
 def test_saved_folders_are_readable_by_others_as_the_umask_allows(tmp_path):
     """Staging folders and safetensors files start private (0700 / 0600); a saved adapter
     gets a plain mkdir's and open's permissions."""
@@ -154,6 +195,30 @@ def test_other_backbone_shapes_name_first_mismatched_layer_and_leave_it_unchange
         loraxir.LoraIRModel.from_pretrained(wider, tmp_path / "a")
     assert not any(isinstance(m, LoraIRLayer) for m in wider.modules())
     assert wider.state_dict().keys() == state.keys()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"r": 8}, r"layer 'intro' have rank 2, but adapter_config.json gives r=8.*\"r\": 2"),
+        ({"r": None}, r"have rank 2, but adapter_config.json gives r=8: .* lacks 'r'"),
+        (
+            {"degradations": ["noise", "rain"], "num_experts": 2, "expert_chunks": [2]},
+            r"'intro' holds 3 experts in a chunk, but adapter_config.json gives 2",
+        ),
+    ],
+)
+def test_a_hand_edited_config_is_named_not_blamed_on_the_backbone(tmp_path, edit, message):
+    _trained_model(r=2).save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update({k: v for k, v in edit.items() if v is not None})
+    for key in [k for k, v in edit.items() if v is None]:
+        del config[key]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as raised:
+        loraxir.LoraIRModel.from_pretrained(_backbone(), tmp_path / "a")
+    assert not isinstance(raised.value, loraxir.BackboneMismatchError)
 
 
 def test_an_adapter_of_a_deeper_backbone_of_the_same_width_is_refused(tmp_path):

@@ -275,6 +275,21 @@ def test_merge_writes_a_plain_spandrel_checkpoint_equal_to_routing(adapter, tmp_
     assert main(["merge", str(adapter), "--degradation", name, "-o", str(target)]) == 2
 
 
+def test_merge_out_of_disk_exits_2_leaving_no_partial_file(adapter, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    target = tmp_path / "out" / "noise.safetensors"
+    code = main(["merge", str(adapter), "--degradation", "noise", "-o", str(target)])
+    assert code == 2 and "No space left on device. Free space" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_merge_refuses_dam_blocks_before_touching_the_model(tmp_path, capsys):
     """The shipped adapter has DAM blocks, which no plain checkpoint can hold: `merge`
     exits 2 naming them and writes nothing, and the library call leaves the model whole."""

@@ -4,8 +4,11 @@ status 2, other outcomes keep their exit status."""
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,14 @@ def test_ctrl_c_exits_130_with_the_hint_and_a_bug_keeps_its_traceback(capsys) ->
     with pytest.raises(SystemExit) as exited:
         run_script(interrupted, "Add --resume latest.")
     assert exited.value.code == 130 and "Add --resume latest." in capsys.readouterr().err
+
+    def terminated() -> None:  # what `timeout` and job schedulers send
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    with pytest.raises(SystemExit) as exited:
+        run_script(terminated, "Add --resume latest.")
+    assert exited.value.code == 143 and "Interrupted. Add --resume" in capsys.readouterr().err
 
     def buggy() -> None:
         raise ZeroDivisionError

@@ -233,6 +233,14 @@ def test_resume_with_nothing_to_resume_keeps_a_finished_run(tmp_path: Path) -> N
         prepare_output_dir(latest, ("adapter",))
     prepare_output_dir(dataclasses.replace(latest, overwrite=True), ("adapter",))
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new"), resume="latest"))
+    # A first checkpoint cut short (a full disk) in a result folder is no finished result:
+    # the same command starts again instead of being refused for good.
+    folds = tmp_path / "router_run"
+    (folds / "folds" / "fold-0" / "checkpoints" / "step-0000002").mkdir(parents=True)
+    prepare_output_dir(RecipeConfig(output_dir=str(folds), resume="latest"), ("folds",))
+    (folds / "folds" / "fold-0" / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"Nothing to resume.*\['folds'\]"):
+        prepare_output_dir(RecipeConfig(output_dir=str(folds), resume="latest"), ("folds",))
 
 
 def test_every_set_option_counts() -> None:

@@ -69,6 +69,18 @@ def _any_checkpoint(output_dir: Path) -> bool:
     )
 
 
+def _holds_results(path: Path) -> bool:
+    """Whether ``path`` holds anything of a finished run: a file outside checkpoint
+    folders (a run stopped while writing its first checkpoint, say on a full disk, leaves
+    only an incomplete one, from which the same command must start again)."""
+    if not path.is_dir():
+        return True
+    return any(
+        item.is_file() and CHECKPOINTS_DIR not in item.relative_to(path).parts
+        for item in path.rglob("*")
+    )
+
+
 def _read_state(folder: Path) -> dict[str, Any] | None:
     """``folder``'s ``trainer_state.json``, or ``None`` when it is missing or unreadable."""
     try:
@@ -96,7 +108,9 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
         name for name in (CHECKPOINTS_DIR, "metrics.json", *results) if (output_dir / name).exists()
     ]
     if config.resume == "latest" and not config.overwrite and not _any_checkpoint(output_dir):
-        finished = [name for name in found if name != CHECKPOINTS_DIR]
+        finished = [
+            name for name in found if name != CHECKPOINTS_DIR and _holds_results(output_dir / name)
+        ]
         if finished:
             raise ConfigError(
                 f"Nothing to resume in {str(output_dir)!r}: it has no complete checkpoint, but "

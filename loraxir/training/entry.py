@@ -36,7 +36,7 @@ _MACHINE_MESSAGES = (
     "file write failed",  # torch.save's zip writer
 )
 
-_interrupted = False
+_interrupted = 0  # the signal that interrupted the run (SIGINT, SIGTERM), 0 for none
 
 
 def _machine_error(error: Exception) -> bool:
@@ -57,9 +57,10 @@ def _out_of_memory(error: Exception) -> bool:
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C: remember it (see :func:`raise_if_interrupted`), then interrupt as usual."""
+    """Ctrl-C or SIGTERM (what ``timeout`` and job schedulers send): remember which (see
+    :func:`raise_if_interrupted`), then interrupt as Ctrl-C does."""
     global _interrupted
-    _interrupted = True
+    _interrupted = signum
     raise KeyboardInterrupt
 
 
@@ -81,16 +82,17 @@ def script_description(doc: str) -> str:
 
 def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoReturn:
     """Call ``main()`` and exit: 0 on success, 2 with ``<script>: error: <message>`` on a
-    loraxir error, 130 on Ctrl-C with ``resume_hint``, 1 with one line and ``resume_hint``
-    when the disk is full, a file cannot be written or memory runs out (with what to
-    lower). Other exceptions are bugs and keep their traceback."""
+    loraxir error, 130 on Ctrl-C (143 on SIGTERM) with ``resume_hint``, 1 with one line
+    and ``resume_hint`` when the disk is full, a file cannot be written or memory runs out
+    (with what to lower). Other exceptions are bugs and keep their traceback."""
     from loraxir.errors import LoraIRError
 
     global _interrupted
     script = Path(sys.argv[0]).name
-    _interrupted = False
+    _interrupted = 0
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_interrupt)
+        signal.signal(signal.SIGTERM, _on_interrupt)
     try:
         main()
     except LoraIRError as error:
@@ -98,7 +100,7 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\nInterrupted. {resume_hint}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (_interrupted or signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as error:
         if _out_of_memory(error):
             reason = (str(error) or type(error).__name__).splitlines()[0]

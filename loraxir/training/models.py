@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from loraxir.checkpoint import plain_state_dict
 from loraxir.errors import CheckpointError
-from loraxir.training.restoration import RestorationData, plain_state_dict
+from loraxir.training.restoration import RestorationData
 
 DAM_WEIGHTS = "dam.safetensors"
 DAM_ATTRIBUTE = "loraxir_dam"

@@ -535,18 +535,6 @@ def data_signature(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """A backbone's own tensors under its native keys, also while it carries experts or
-    DAM blocks: expert layers' ``base_layer`` unwrapped, every ``loraxir_`` part (experts,
-    DAM) left out. Load it into a fresh backbone to save a fine-tuned base network."""
-    state = {}
-    for key, value in module.state_dict().items():
-        if any(part.startswith("loraxir_") for part in key.split(".")):
-            continue
-        state[key.replace(".base_layer.", ".")] = value.detach().cpu()
-    return state
-
-
 @dataclass
 class RestorationRun:
     """One restoration recipe's run after ``accelerator.prepare``: what every recipe's
