@@ -112,13 +112,16 @@ def prepare_run(output_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
         if overwrite:
             folder = output_dir.resolve()  # through a link: the run, not the link, goes
             kept = replaced_run(output_dir)
-            if kept.exists():  # the folder is an unfinished replacement of that run
+            # An unfinished replacement of the kept run goes; a finished run is kept instead.
+            unfinished = kept.exists() and not (folder / "results.json").is_file()
+            gone = folder if unfinished else kept
+            if gone.exists():
                 # Out of the way in one rename, then deleted: a Ctrl-C halfway through a
                 # plain rmtree left a folder without run.json, which later runs refused.
                 retired = tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent)
-                os.replace(folder, Path(retired) / folder.name)  # into a fresh folder
+                os.replace(gone, Path(retired) / folder.name)  # into a fresh folder
                 shutil.rmtree(retired, ignore_errors=True)
-            else:
+            if not unfinished:
                 os.replace(folder, kept)
             print(f"The earlier run is kept in {kept} until this one completes.", flush=True)
         elif earlier == settings:

@@ -1169,8 +1169,12 @@ class LoraIRModel(BaseTuner):
             except CheckpointError:  # damaged: stale as well
                 saved = {}
             own = checkpoint.plain_state_dict(self.model)
+            # In the model's precision: a bf16 model's base, saved in float32, rounds back
+            # to itself, while widening it would not give the saved values.
             if saved.keys() != own.keys() or any(
-                not torch.equal(saved[key], own[key].to(saved[key].dtype)) for key in own
+                saved[key].shape != own[key].shape
+                or not torch.equal(saved[key].to(own[key].dtype), own[key])
+                for key in own
             ):
                 stale += [BACKBONE_CONFIG, BACKBONE_WEIGHTS]
         if stale:

@@ -310,6 +310,7 @@ def ship(
         if class_photos is not None:
             with warnings.catch_warnings():  # the backbone files were copied above
                 warnings.filterwarnings("ignore", message="trainable='all'")
+                warnings.filterwarnings("ignore", message="Saving into .* drops its")  # below
                 model.save_pretrained(str(staging))
         metrics = {"held_out": scores, "clean_photos": clean, **notes}
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -239,6 +239,11 @@ def test_another_runs_folder_is_refused_without_overwrite(tmp_path: Path) -> Non
     assert (kept / "result.txt").read_text() == "earlier"
     stages.discard_replaced_run(tmp_path / "run")  # what a completed run does
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "run"]
+    (kept / "x").mkdir(parents=True)  # a kept run a failed discard left beside a finished one
+    (tmp_path / "run" / "results.json").write_text("{}")
+    stages.prepare_run(tmp_path / "run", {**settings, "seeds": [4]}, overwrite=True)
+    assert sorted(p.name for p in kept.iterdir()) == ["results.json", "run.json"]
+    stages.discard_replaced_run(tmp_path / "run")
     (tmp_path / "linked").symlink_to(tmp_path / "run")  # a run folder reached by a link
     stages.prepare_run(tmp_path / "linked", {**settings, "seeds": [2]}, overwrite=True)
     assert (tmp_path / "linked").is_symlink(), "the link stays; the run it points to goes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import peft
@@ -65,6 +66,9 @@ def test_saving_over_another_networks_folder_drops_its_backbone_and_metrics(tmp_
     with torch.no_grad():
         loaded = loraxir.load_adapter(folder).eval()(X, degradation=["rain", "haze"])
     torch.testing.assert_close(loaded, _outputs(model))
+    half = copy.deepcopy(model).to(torch.bfloat16)  # its base rounds to the saved one
+    half.save_pretrained(folder)
+    assert (folder / "backbone.safetensors").exists()
     other = _backbone()
     with torch.no_grad():
         other.intro.weight.add_(0.1)

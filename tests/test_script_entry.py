@@ -54,9 +54,11 @@ def test_ctrl_c_exits_130_with_the_hint_and_a_bug_keeps_its_traceback(capsys) ->
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exited:
         run_script(terminated, "Add --resume latest.")
     assert exited.value.code == 143 and "Interrupted. Add --resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before, "the process's own handling is back"
 
     def buggy() -> None:
         raise ZeroDivisionError

@@ -85,14 +85,28 @@ def run_script(main: Callable[[], Any], resume_hint: str = RESUME_HINT) -> NoRet
     loraxir error, 130 on Ctrl-C (143 on SIGTERM) with ``resume_hint``, 1 with one line
     and ``resume_hint`` when the disk is full, a file cannot be written or memory runs out
     (with what to lower). Other exceptions are bugs and keep their traceback."""
-    from loraxir.errors import LoraIRError
 
     global _interrupted
-    script = Path(sys.argv[0]).name
     _interrupted = 0
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_interrupt)
-        signal.signal(signal.SIGTERM, _on_interrupt)
+        # Restored when the script ends: a process that goes on (the tests, a benchmark
+        # calling recipes) keeps its own handling of Ctrl-C and SIGTERM.
+        handlers = {
+            sig: signal.signal(sig, _on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+    try:
+        _run_and_exit(main, resume_hint)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run_and_exit(main: Callable[[], Any], resume_hint: str) -> NoReturn:
+    """:func:`run_script`'s body: ``main()``, then the exit its outcome calls for."""
+    from loraxir.errors import LoraIRError
+
+    script = Path(sys.argv[0]).name
     try:
         main()
     except LoraIRError as error:

@@ -98,8 +98,9 @@ def save_adapter(model: Any, folder: str | Path, base: str | Path, metrics: dict
     plain = load_backbone(base)
     plain.load_state_dict(plain_state_dict(model.model))
     spec = (backbone_spec(plain) or {}).get("name", type(plain).__name__)
-    with warnings.catch_warnings():  # the base network is saved below
+    with warnings.catch_warnings():  # the base network is saved below (an earlier one too)
         warnings.filterwarnings("ignore", message="trainable='all'")
+        warnings.filterwarnings("ignore", message="Saving into .* drops its")
         model.save_pretrained(str(folder), metrics=card_metrics(metrics), base_model=spec)
     save_backbone(plain, folder)
 
