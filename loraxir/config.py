@@ -313,11 +313,12 @@ class LoraIRConfig(PeftConfig):
     def from_dict(cls, data: dict[str, Any], strict: bool = True) -> LoraIRConfig:
         """Build a config from a dict (e.g. a parsed ``adapter_config.json``).
 
-        Keys this version does not know come from another loraxir version: with
-        ``strict=True`` they raise :class:`ConfigError` naming them; with ``strict=False``
-        they are dropped with a warning. ``temperature``, written by loraxir 0.1 but never
-        used (the router's own temperature drove the gates), is dropped silently, so old
-        adapters load with the behaviour they had.
+        Keys this version does not know (also inside ``router`` and ``dam``) come from
+        another loraxir version: with ``strict=True`` they raise :class:`ConfigError`
+        naming them; with ``strict=False`` they are dropped with a warning.
+        ``temperature``, written by loraxir 0.1 but never used (the router's own
+        temperature drove the gates), is dropped silently, so old adapters load with the
+        behaviour they had.
         """
         if not isinstance(data, dict):
             raise ConfigError(f"A LoraIRConfig is built from a dict, got {type(data).__name__}.")
@@ -330,6 +331,16 @@ class LoraIRConfig(PeftConfig):
             )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
+        nested = {}  # the router's and DAM blocks' own configs, as dicts in the file
+        for key, part, extra in (
+            ("router", RouterConfig, {"format", "version"}),
+            ("dam", DAMConfig, set()),
+        ):
+            if isinstance(data.get(key), dict):
+                allowed = {f.name for f in fields(part)} | extra
+                unknown += [f"{key}.{name}" for name in sorted(set(data[key]) - allowed)]
+                nested[key] = {k: v for k, v in data[key].items() if k in allowed}
+        unknown.sort()
         if unknown:
             version = data.get("loraxir_version", "unknown")
             message = (
@@ -342,7 +353,7 @@ class LoraIRConfig(PeftConfig):
                     "to ignore them."
                 )
             warnings.warn(message + " They are ignored.", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in {**data, **nested}.items() if k in known})
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, strict: bool = True) -> LoraIRConfig:

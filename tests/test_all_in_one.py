@@ -371,12 +371,19 @@ def test_the_quickstart_takes_a_seed(
     class Ran(Exception):
         pass
 
-    def run(config: BenchConfig, *args: Any) -> None:
-        raise Ran(config.seeds)
+    def run(config: BenchConfig, root: Path, *args: Any) -> None:
+        raise Ran(config.seeds, root)
 
     monkeypatch.setattr(all_in_one, "run", run)
     with pytest.raises(Ran, match=r"\[7\]"):
         quickstart.main(["--scale", "tiny", "--output-dir", str(tmp_path / "q"), "--seed", "7"])
+    # The stages record their folders in their checkpoints' settings: a folder spelled
+    # relatively must resume as the same run, so both scripts work in the absolute path.
+    monkeypatch.chdir(tmp_path)
+    for main in (quickstart.main, all_in_one.main):
+        with pytest.raises(Ran) as ran:
+            main(["--scale", "tiny", "--output-dir", "relative"])
+        assert ran.value.args[1] == tmp_path / "relative"
 
 
 @pytest.mark.parametrize("seeds", [[1], [0, 1], [2, 1]])

@@ -80,6 +80,21 @@ def test_unknown_keys_from_another_version_are_named(tmp_path):
         LoraIRConfig.from_file(path)
     with pytest.warns(UserWarning, match="expert_sharding"):
         assert LoraIRConfig.from_file(path, strict=False).degradations == ["noise"]
+    # Inside the router's and DAM blocks' configs too: strict=False covers them as well.
+    from loraxir import DAMConfig
+    from loraxir.router import RouterConfig
+
+    router = RouterConfig(degradations=["noise"])
+    dam = DAMConfig(embed_dim=router.embed_dim)
+    nested = LoraIRConfig(degradations=["noise"], router=router, dam=dam).to_dict()
+    nested["router"]["pooling_v3"] = "median"
+    nested["dam"]["gain"] = 2.0
+    path.write_text(json.dumps(nested))
+    with pytest.raises(ConfigError, match=r"\['dam.gain', 'router.pooling_v3'\].*strict=False"):
+        LoraIRConfig.from_file(path)
+    with pytest.warns(UserWarning, match=r"\['dam.gain', 'router.pooling_v3'\].*ignored"):
+        loaded = LoraIRConfig.from_file(path, strict=False)
+    assert loaded.router == router and loaded.dam == dam
 
 
 def test_corrupt_json_and_foreign_peft_type_are_refused(tmp_path):
