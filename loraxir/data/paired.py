@@ -136,8 +136,10 @@ class PairedFolder(Dataset):
         self.task_names = list(task_names) if task_names else sorted({p.task for p in pairs})
         for pair in pairs:
             if pair.task not in self.task_names:
-                whence = "task=" if task else "the folder's name"
-                whence = f"its {METADATA} row" if (self.root / METADATA).is_file() else whence
+                if (self.root / METADATA).is_file():
+                    whence = f"its {METADATA} row"
+                else:
+                    whence = "task=" if task else "the folder's name"
                 raise unknown_name(
                     "task",
                     pair.task,
