@@ -343,6 +343,12 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterInfo:
             f"{folder / CONFIG_NAME} has degradations={degradations!r}; a loraxir adapter "
             "lists its classes as names (re-save it with save_pretrained)."
         )
+    for key in ("router", "dam"):  # read as their dict form (importing the config is slow)
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CheckpointError(
+                f"{folder / CONFIG_NAME} has {key}={config[key]!r}; a saved adapter holds its "
+                f"{key} settings as a JSON object (re-save it with save_pretrained)."
+            )
     experts = dam = router = 0
     class_embeddings = False
     for key, count in _tensor_sizes(folder / WEIGHTS_NAME).items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -233,6 +234,13 @@ def check_wrappable(backbone: nn.Module, targets: list[str]) -> None:
                 f"Target {path!r} is one module placed at {list(uses[id(module)].values())}: "
                 "experts would attach at one of them only. Give each use its own layer "
                 f"(copy.deepcopy), or leave it out (exclude_modules=[{path!r}])."
+            )
+        if not isinstance(module.weight, torch.Tensor) or not module.weight.is_floating_point():
+            held = "no weight" if module.weight is None else f"a {module.weight.dtype} weight"
+            raise TargetModulesError(
+                f"Target {path!r} holds {held}; experts add a float update to a layer's float "
+                "weight. Dequantize the layer (or give it a weight) first, or leave it out "
+                f"(exclude_modules=[{path!r}])."
             )
         weight = id(module.weight)
         if weight in weights:

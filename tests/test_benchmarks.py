@@ -173,7 +173,7 @@ def test_outputs_and_choices_are_checked_before_anything_runs(tmp_path, monkeypa
     assert "is a file, not a folder" in error and "invalid choice: 'bogus'" in error
     assert "File name too long" in error
     assert as_root or "Permission denied" in error
-    with pytest.raises(ConfigError, match="at least 3 x --overlap 64"):
+    with pytest.raises(ConfigError, match="at least 3 x overlap=64"):
         tiled_inference.main(["--random", "--tile", "16", "--overlap", "64"])
     assert (tmp_path / "afile").read_text() == "mine"
 

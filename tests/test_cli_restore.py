@@ -548,10 +548,10 @@ def test_a_file_output_for_several_images_exits_2_naming_a_folder(adapter, tmp_p
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--tile", "64", "--overlap", "32"], "--tile 64 must be at least 3 x --overlap 32"),
-        (["--tile", "0"], "--tile must be a positive number of pixels, got 0"),
-        (["--tile", "4", "--overlap", "0"], "--tile 4 is under this network's size unit of 8"),
-        (["--overlap", "-8"], "--overlap must be >= 0, got -8"),
+        (["--tile", "64", "--overlap", "32"], "tile=64 must be at least 3 x overlap=32"),
+        (["--tile", "0"], "tile (--tile) must be a positive number of pixels, got 0"),
+        (["--tile", "4", "--overlap", "0"], "tile=4 is under this network's size unit of 8 pixels"),
+        (["--overlap", "-8"], "overlap (--overlap) must be >= 0, got -8"),
         (["--smooth", "1.5"], r"--smooth must be in [0, 1), got 1.5"),
     ],
 )
@@ -698,13 +698,17 @@ def test_ctrl_c_exits_130_saying_what_is_kept(adapter, tmp_path, capsys, monkeyp
         ({"peft_type": "LORA"}, "peft adapter of type 'LORA'"),
         ({"degradations": "noise"}, "lists its classes as names"),
         ([1, 2], "holds a JSON list, not an object"),
+        (
+            {"router": "cnn"},
+            "has router='cnn'; a saved adapter holds its router settings",
+        ),  # printed as "router: none"
     ],
 )
 def test_info_refuses_what_is_not_a_loraxir_adapter(
     adapter, tmp_path, capsys, monkeypatch, edit, message
 ):
     """A plain peft LoRA folder was described (and listed) as a loraxir adapter; a string
-    of classes was printed letter by letter."""
+    of classes was printed letter by letter; a config that loading refuses was described."""
     import shutil
 
     folder = tmp_path / "odd"
@@ -717,7 +721,9 @@ def test_info_refuses_what_is_not_a_loraxir_adapter(
     assert message in capsys.readouterr().err
     monkeypatch.setenv(ADAPTER_PATH_ENV, str(tmp_path))
     # Listed only when it is a loraxir config (a broken one, for `info` to explain).
-    assert ("odd" in loraxir.list_adapters()) == (edit == {"degradations": "noise"})
+    assert ("odd" in loraxir.list_adapters()) == (
+        edit in ({"degradations": "noise"}, {"router": "cnn"})
+    )
 
 
 @pytest.mark.parametrize("layout", ["under_a_file", "a_folder"])

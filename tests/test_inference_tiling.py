@@ -36,19 +36,23 @@ def test_plan_covers_a_20000_pixel_image():
 
 
 def test_tile_must_hold_three_overlaps():
-    with pytest.raises(ConfigError, match="--tile 64 must be at least 3 x --overlap 32 = 96"):
+    with pytest.raises(ConfigError, match="tile=64 must be at least 3 x overlap=32 = 96"):
         plan_tiles(100, 100, tile=64, overlap=32)
 
 
 @pytest.mark.parametrize(
     ("tile", "overlap", "message"),
     [
-        (8, 0, "--tile 8 is under this network's size unit of 16"),
-        (100, 33, r"--tile 100 \(rounded down to 96\) must be at least 3 x --overlap 33 = 99"),
-        (64, -8, "--overlap must be >= 0, got -8"),
-        (64.5, 8, "--tile must be a whole number of pixels, got 64.5"),
-        (64, 8.5, "--overlap must be a whole number of pixels, got 8.5"),
-        (True, 0, "--tile must be a whole number of pixels, got True"),
+        (8, 0, r"tile=8 is under this network's size unit of 16 pixels.*Use tile=16 \(--tile 16\)"),
+        (100, 33, r"tile=100 \(rounded down to 96\) must be at least 3 x overlap=33 = 99"),
+        (64, -8, r"overlap \(--overlap\) must be >= 0, got -8"),
+        (
+            64.5,
+            8,
+            r"tile \(--tile on the command line\) must be a whole number of pixels, got 64.5",
+        ),
+        (64, 8.5, r"overlap \(--overlap .*\) must be a whole number of pixels, got 8.5"),
+        (True, 0, "must be a whole number of pixels, got True"),
     ],
 )
 def test_tiling_errors_quote_the_values_given(tile, overlap, message):

@@ -263,9 +263,23 @@ def _tied() -> torch.nn.Module:
     return net
 
 
+def _weightless() -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Conv2d(3, 3, 1))
+    net[1].weight = None
+    return net
+
+
+def _quantized() -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Conv2d(3, 3, 1))
+    net[1].weight = torch.nn.Parameter(net[1].weight.to(torch.int8), requires_grad=False)
+    return net
+
+
 @pytest.mark.parametrize(
     ("network", "message"),
     [
+        (_weightless, r"'1' holds no weight.*exclude_modules=\['1'\]"),
+        (_quantized, r"'1' holds a torch\.int8 weight.*Dequantize"),
         (_weight_normed, r"'0' has forward hooks \(WeightNorm\).*remove_weight_norm"),
         (_one_conv_twice, r"'0' is one module placed at \['0', '2'\].*copy\.deepcopy"),
         (_tied, r"'0' and '1' share one weight tensor"),
@@ -274,7 +288,8 @@ def _tied() -> torch.nn.Module:
 @pytest.mark.parametrize("by_name", [True, False])
 def test_layers_whose_experts_would_compute_something_else_are_refused(network, message, by_name):
     """Experts skipped weight_norm's hook (outputs off by 1.1 when fresh), reached one of a
-    module's two uses, or corrupted a tied weight on unmerge, silently."""
+    module's two uses, or corrupted a tied weight on unmerge, silently; a layer without a
+    float weight failed deep inside torch."""
     net = network()
     before = _plain_layers(net)
     convs = [path for path, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]

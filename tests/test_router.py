@@ -720,6 +720,7 @@ def test_class_embeddings_need_every_class_and_known_names_and_follow_the_router
         router.fit_class_embeddings([(images, torch.tensor([0, 1, 2, 9]))])
     for batches, message in [
         ([(images, torch.tensor([0.7, 1.2, 2.9, 0.0]))], "whole numbers"),  # not truncated
+        ([(images, torch.tensor([True, False, True, False]))], "not booleans"),  # a mask
         ([(images, "noise")], r"one per image: pass \['noise'\] \* batch_size"),
         ((images, torch.arange(4)), r"\(images, labels\) pairs"),  # one pair, not a list
         ([(images.numpy(), [0, 1, 2, 0])], r"\(B, C, H, W\) torch\.Tensor"),

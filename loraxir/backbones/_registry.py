@@ -22,10 +22,8 @@ import torch
 from torch import nn
 
 from loraxir.errors import CheckpointError, ConfigError, DataError, unknown_name
+from loraxir.pretrained import BACKBONE_CONFIG, BACKBONE_WEIGHTS  # a torch-free module
 from loraxir.validation import far_outside_unit
-
-BACKBONE_CONFIG = "backbone.json"
-BACKBONE_WEIGHTS = "backbone.safetensors"
 
 
 @dataclass(frozen=True)

@@ -97,27 +97,31 @@ def check_tiling(tile: int | None, overlap: int, multiple: int, whole: bool = Fa
     tile any image; ``whole``: one tile covers this image, so the overlap is not used.
     ``tile=None`` (no tiling) always can. Callers check once before a run, not per image.
     """
-    for name, value in (("--overlap", overlap), ("--tile", tile)):
+    for name, value in (("overlap", overlap), ("tile", tile)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{name} must be a whole number of pixels, got {value!r}.")
+            raise ConfigError(
+                f"{name} (--{name} on the command line) must be a whole number of pixels, "
+                f"got {value!r}."
+            )
     if overlap < 0:
-        raise ConfigError(f"--overlap must be >= 0, got {overlap}.")
+        raise ConfigError(f"overlap (--overlap) must be >= 0, got {overlap}.")
     if tile is None:
         return
     if tile < 1:
-        raise ConfigError(f"--tile must be a positive number of pixels, got {tile}.")
+        raise ConfigError(f"tile (--tile) must be a positive number of pixels, got {tile}.")
     rounded = tile // multiple * multiple
     if rounded < multiple:
         smallest = max(multiple, _round_up(3 * overlap, multiple))
         raise ConfigError(
-            f"--tile {tile} is under this network's size unit of {multiple} pixels; tiles "
-            f"are whole multiples of it. Use --tile {smallest} or more."
+            f"tile={tile} is under this network's size unit of {multiple} pixels; tiles are "
+            f"whole multiples of it. Use tile={smallest} (--tile {smallest}) or more."
         )
     if rounded < 3 * overlap and not whole:
-        shown = f"--tile {tile}" + (f" (rounded down to {rounded})" if rounded != tile else "")
+        shown = f"tile={tile}" + (f" (rounded down to {rounded})" if rounded != tile else "")
         raise ConfigError(
-            f"{shown} must be at least 3 x --overlap {overlap} = {3 * overlap}, so the blend "
-            "bands of a tile's two sides never meet. Raise --tile or lower --overlap."
+            f"{shown} must be at least 3 x overlap={overlap} = {3 * overlap}, so the blend "
+            "bands of a tile's two sides never meet. Raise the tile (--tile) or lower the "
+            "overlap (--overlap)."
         )
 
 

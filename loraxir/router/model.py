@@ -630,6 +630,11 @@ def _class_indices(labels: torch.Tensor | Sequence[str], classes: list[str]) -> 
     ):
         labels = torch.tensor(list(labels))
     if isinstance(labels, torch.Tensor):
+        if labels.dtype == torch.bool:
+            raise RoutingError(
+                "Labels are class indices or names, not booleans: convert a mask with "
+                "mask.long() if 0/1 are the classes you mean."
+            )
         if labels.is_floating_point() and not bool((labels == labels.round()).all()):
             raise RoutingError(f"Class indices must be whole numbers, got {labels}.")
         index = labels.long().flatten()
