@@ -87,6 +87,18 @@ def far_outside_unit(low: float, high: float) -> bool:
     return low < -1.0 or high > 2.0
 
 
+def tensor_hint(images: Any) -> str:
+    """How to turn ``images``, which is not a tensor, into a ``(B, C, H, W)`` batch: a list
+    of images is stacked (one call per size), a NumPy image converted. Shared by the
+    model's and the router's input checks."""
+    if isinstance(images, (list, tuple)):
+        return (
+            "stack images of one size into a batch with torch.stack(images); images of "
+            "different sizes need one call each (or loraxir.Restorer, one image at a time)."
+        )
+    return "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+
+
 def make_parent_folder(path: str | Path, error: type[Exception] = ConfigError) -> None:
     """Create the folder ``path`` is written in; raise ``error`` naming the file in the way
     when a part of that folder path is a file (``mkdir`` says only "File exists")."""

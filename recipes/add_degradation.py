@@ -40,6 +40,7 @@ from torch import nn
 from loraxir.degradations import Suite, Task
 from loraxir.degradations import suite as load_suite
 from loraxir.errors import ConfigError
+from loraxir.pretrained import find_adapter
 from loraxir.training import format_table, parse_recipe_args, prepare_output_dir
 from loraxir.training.entry import run_script, script_description
 from loraxir.training.models import routing_arguments, save_adapter
@@ -64,7 +65,11 @@ class AddDegradationConfig(RestorationConfig):
     )
     adapter: str = field(
         default="outputs/finetune/adapter",
-        metadata={"help": "Self-contained adapter folder to grow (finetune.py's adapter/)."},
+        metadata={
+            "help": "The adapter to grow: a self-contained adapter folder (finetune.py's "
+            "adapter/), a shipped adapter's name or a Hub repo id. The grown adapter keeps "
+            "its trainable policy."
+        },
     )
     new_degradation: str = field(default="snow", metadata={"help": "Name of the new class."})
     new_suite: str = field(
@@ -168,14 +173,12 @@ class _GrowthModule(nn.Module):
         return restored, logits
 
 
-def build_model(config: AddDegradationConfig, data: RestorationData) -> _GrowthModule:
-    """The adapter with the new class added and only the new parts trainable."""
+def build_model(config: AddDegradationConfig, data: RestorationData, folder: Path) -> _GrowthModule:
+    """The adapter in ``folder`` with the new class added and only the new parts trainable."""
     from loraxir import LoraIRModel
     from loraxir.backbones import load_backbone
 
-    model = LoraIRModel.from_pretrained(
-        load_backbone(config.adapter), config.adapter, is_trainable=True
-    )
+    model = LoraIRModel.from_pretrained(load_backbone(folder), str(folder), is_trainable=True)
     if config.new_degradation in model.degradations:
         raise ConfigError(
             f"The adapter already has the class {config.new_degradation!r}: {model.degradations}."
@@ -265,14 +268,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from loraxir import LoraIRConfig
 
     config = parse_recipe_args(AddDegradationConfig, script_description(__doc__), argv)
-    adapter_config = Path(config.adapter) / "adapter_config.json"
+    folder = find_adapter(config.adapter)
+    adapter_config = folder / "adapter_config.json"
     if not adapter_config.is_file():
         raise ConfigError(
             f"adapter={config.adapter!r} holds no adapter_config.json; point it at an adapter "
             "folder, such as the adapter/ that recipes/finetune.py writes in its output_dir."
         )
-    prepare_output_dir(config, ("adapter",))
-    old_classes = LoraIRConfig.from_file(adapter_config).degradations
+    prepare_output_dir(config, ("adapter",), {"adapter": folder})
+    saved = LoraIRConfig.from_file(adapter_config)
+    old_classes = saved.degradations
     if config.paired_train is not None:
         old_tasks = paired_old_classes(config, old_classes)
         data = build_data(config)
@@ -284,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config,
         data,
         "add_degradation",
-        lambda: build_model(config, data),
+        lambda: build_model(config, data, folder),
         param_groups=_param_groups,
         find_unused_parameters=True,
     )
@@ -322,11 +327,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         new_degradation=config.new_degradation,
         experts=lora_model.degradations,
     )
+    # The grown adapter keeps the policy it came with: 'new_experts' is how this run
+    # trains, and saved it would let a later finetune.py train the new class only.
+    lora_model.config.trainable = saved.trainable
     run.finish(
         metrics,
-        lambda: save_adapter(
-            lora_model, Path(config.output_dir) / "adapter", config.adapter, after
-        ),
+        lambda: save_adapter(lora_model, Path(config.output_dir) / "adapter", folder, after),
         format_table(before, f"before (new expert at zero), routed by {config.route_by}")
         + "\n"
         + format_table(after, f"after {run.state.step} steps"),

@@ -257,6 +257,14 @@ def _continued_adapter(config: FinetuneConfig, data: RestorationData, folder: Pa
     _check_policy(model.config.trainable, config.route_by, class_embeddings=False)
     fix = "keep to its classes with tasks=[...], or add a class with recipes/add_degradation.py"
     _check_classes(model.degradations, data, config.route_by, fix)
+    last = model.degradations[-1]
+    if model.config.trainable == "new_experts" and last not in data.train_classes:
+        raise ConfigError(
+            f"The adapter {config.adapter!r} trains by its own policy, trainable='new_experts': "
+            f"the experts of its last class {last!r} only, and the data has no {last!r} "
+            f'images, so nothing would train. To train its other classes, set "trainable": '
+            f'"experts" in {str(folder / "adapter_config.json")!r}.'
+        )
     if config.route_by == "router" and model.loraxir_router is None:
         raise ConfigError(f"The adapter {config.adapter!r} has no router; set route_by='label'.")
     return model
@@ -282,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     adapter = None if config.adapter is None else find_adapter(config.adapter)
     if adapter is not None:
         config = _validating_every_class(config, adapter)
-    prepare_output_dir(config, ("adapter",))
+    reads = {"adapter": adapter} if adapter is not None else {"base": config.base}
+    prepare_output_dir(config, ("adapter",), {**reads, "router": config.router})
     data = build_data(config)
     run = start_run(config, data, "finetune", lambda: build_model(config, data, adapter))
     model, unwrapped = run.model, run.unwrapped

@@ -151,7 +151,8 @@ def _warn_of_router_classes(model: nn.Module, classes: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe (``argv`` as on the command line); returns the metrics it wrote."""
     config = parse_recipe_args(PretrainConfig, script_description(__doc__), argv)
-    prepare_output_dir(config, (RESULT_DIR,))
+    reads = {"init_checkpoint": config.init_checkpoint, "router": config.router}
+    prepare_output_dir(config, (RESULT_DIR,), reads)
     data = build_data(config)
     run = start_run(config, data, "pretrain", lambda: build_model(config))
     run.resume()

@@ -66,6 +66,17 @@ def test_an_interlaced_16_bit_png_is_read_by_pillow_or_refused(tmp_path, channel
             read_picture(tmp_path / "i.png")
 
 
+@pytest.mark.parametrize("keep", [0.3, 0.95])
+def test_a_truncated_16_bit_png_is_named_as_such(tmp_path, keep):
+    """FFmpeg's own words ('avcodec_send_packet()') were passed on."""
+    values = np.random.default_rng(0).integers(0, 65536, (40, 50, 3), dtype=np.uint16)
+    png16(tmp_path / "deep.png", values)
+    data = (tmp_path / "deep.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(DataError, match=r"'.*cut\.png'.* corrupt or truncated\.$"):
+        read_picture(tmp_path / "cut.png")
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_16_bit_png_keeps_its_bit_depth(tmp_path, channels):
     values = np.random.default_rng(0).integers(0, 65536, (9, 11, channels), dtype=np.uint16)

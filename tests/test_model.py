@@ -102,6 +102,12 @@ def test_deleting_the_last_adapter_leaves_a_model_that_says_what_to_do():
     ("images", "kwargs", "error", "message"),
     [
         (lambda: torch.rand(1, 3, 16, 16).numpy(), {}, loraxir.DataError, "torch.Tensor.*ndarray"),
+        (
+            lambda: [torch.rand(3, 16, 16), torch.rand(3, 8, 8)],
+            {},
+            loraxir.DataError,
+            r"got list; stack images of one size .* one call each",
+        ),
         (lambda: torch.zeros(1, 3, 16, 16, dtype=torch.uint8), {}, loraxir.DataError, "/ 255"),
         (lambda: torch.rand(1, 3, 16, 16).double(), {}, loraxir.DataError, "float64.*float32"),
         (

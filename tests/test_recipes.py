@@ -205,6 +205,22 @@ def test_resumed_finetune_is_bit_identical(
     assert resumed["final"] == metrics["final"]
 
 
+def test_a_resume_on_another_process_count_says_it_is_not_bit_exact(
+    base: Path, finetuned: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Resuming a 2-process checkpoint on 1 process went on silently, though the docs
+    promise bit-identical continuations."""
+    out, _ = finetuned
+    step3 = tmp_path / "checkpoints" / "step-0000003"
+    shutil.copytree(out / "checkpoints" / step3.name, step3)
+    state = json.loads((step3 / "trainer_state.json").read_text())
+    assert state["processes"] == 1
+    (step3 / "trainer_state.json").write_text(json.dumps({**state, "processes": 2}))
+    run("finetune", tmp_path, *FINETUNE, f"base={base}", "max_steps=6", "checkpoint_every=3",
+        "keep_checkpoints=5", flags=("--resume", "latest"))  # fmt: skip
+    assert "saved by 2 process(es), and 1 resume it" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "damage", ["interrupted", "truncated_weights", "unreadable_state", "truncated_random_states"]
 )
@@ -621,14 +637,16 @@ def test_two_processes_resume_bit_identically(
 
 # ------------------------------------------------------------- new degradation
 def test_add_degradation_keeps_old_outputs_and_learns_the_new_class(
-    finetuned: tuple[Path, dict], tmp_path: Path
+    finetuned: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from loraxir import LoraIRModel
     from loraxir.backbones import load_backbone
+    from loraxir.pretrained import ADAPTER_PATH_ENV
 
     source, _ = finetuned
+    monkeypatch.setenv(ADAPTER_PATH_ENV, str(source))  # named as an installed adapter
     metrics = run(
-        "add_degradation", tmp_path, *DATA, f"adapter={source / 'adapter'}", "max_steps=12",
+        "add_degradation", tmp_path, *DATA, "adapter=adapter", "max_steps=12",
         "learning_rate=5e-3", "val_patch_size=64", "train_repeats=4", "replay_repeats=2",
     )  # fmt: skip
     old = ["noise", "rain", "haze", "blur", "low_light"]
@@ -649,6 +667,46 @@ def test_add_degradation_keeps_old_outputs_and_learns_the_new_class(
             assert torch.equal(grown(images, degradation=name), before(images, degradation=name))
         base_only = grown(images, gates=torch.zeros(2, 6))
         assert not torch.equal(grown(images, degradation="snow"), base_only), "own expert"
+    # Saved with the policy it came with: 'new_experts' (how the recipe trains) made a
+    # later finetune.py train the new class only, and nothing when given other classes.
+    assert grown.config.trainable == before.config.trainable == "experts"
+
+
+def test_finetune_refuses_an_adapter_whose_policy_trains_no_class_of_the_data(
+    finetuned: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """An adapter saved with trainable='new_experts' (grown through the Python API) trained
+    nothing on its old classes, saying it trained 'new_experts'."""
+    source, _ = finetuned
+    shutil.copytree(source / "adapter", tmp_path / "grown")
+    config = json.loads((tmp_path / "grown" / "adapter_config.json").read_text())
+    config["trainable"] = "new_experts"  # its last class, low_light, is not trained below
+    (tmp_path / "grown" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"'new_experts'.*no 'low_light' images.*\"experts\""):
+        run("finetune", tmp_path / "out", *DATA, f"adapter={tmp_path / 'grown'}",
+            "tasks=[noise]")  # fmt: skip
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("where", ["run_folder", "adapter_folder"])
+def test_a_recipe_never_writes_over_the_adapter_it_reads(
+    finetuned: tuple[Path, dict], tmp_path: Path, where: str
+) -> None:
+    """With --overwrite, add_degradation wrote the grown adapter over its input (output_dir
+    = the run that holds it) or replaced the adapter folder's metrics.json (output_dir = the
+    adapter itself): the refusal's own advice led there."""
+    source, _ = finetuned
+    shutil.copytree(source, tmp_path / "run")
+    adapter = tmp_path / "run" / "adapter"
+    before = {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()}
+    output = tmp_path / "run" if where == "run_folder" else adapter
+    expected = "lies in its adapter/" if where == "run_folder" else "is output_dir itself"
+    for recipe_name in ("add_degradation", "finetune"):
+        with pytest.raises(ConfigError, match=f"adapter=.* is read by this run but {expected}"):
+            run(recipe_name, output, *DATA, f"adapter={adapter}", flags=("--overwrite",))
+    assert {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigError, match=r"init_checkpoint=.* is output_dir itself"):
+        run("pretrain", adapter, *DATA, f"init_checkpoint={adapter}", flags=("--overwrite",))
 
 
 # ------------------------------------------------------- DAM: pretrain -> finetune

@@ -610,6 +610,8 @@ def test_gating_errors_are_routing_errors() -> None:
         cnn_router()(torch.linspace(0, 255, 768).view(1, 3, 16, 16))
     with pytest.raises(RoutingError, match=r"torch\.Tensor batch .* got ndarray"):
         cnn_router()(torch.rand(1, 3, 16, 16).numpy())
+    with pytest.raises(RoutingError, match=r"got tuple; stack images of one size"):
+        cnn_router()((torch.rand(3, 16, 16),))
     with pytest.raises(RoutingError, match="empty batch"):
         cnn_router()(torch.rand(0, 3, 16, 16))
     with pytest.raises(RoutingError, match=r"size 64×0: an image needs at least one pixel"):

@@ -223,6 +223,19 @@ def test_output_folder_of_an_earlier_run_needs_overwrite_or_resume(tmp_path: Pat
     prepare_output_dir(RecipeConfig(output_dir=str(tmp_path / "new")), ("adapter",))
 
 
+@pytest.mark.parametrize("name", ["figures", "checkpoints", "logs", "adapter"])
+def test_a_file_where_the_run_writes_a_folder_is_refused_before_training(
+    tmp_path: Path, name: str
+) -> None:
+    """A file named figures crashed the run at its first validation, losing its steps."""
+    (tmp_path / name).write_text("mine")
+    for config in (RecipeConfig(output_dir=str(tmp_path), overwrite=True),
+                   RecipeConfig(output_dir=str(tmp_path), resume="latest")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"'.*{name}' is a file, where the run writes"):
+            prepare_output_dir(config, ("adapter",))
+    assert (tmp_path / name).read_text() == "mine"
+
+
 def test_resume_with_nothing_to_resume_keeps_a_finished_run(tmp_path: Path) -> None:
     """--resume latest over results without a complete checkpoint would start from scratch
     and replace them."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from loraxir.errors import CheckpointError, ConfigError, DataError, unknown_name
 from loraxir.pretrained import BACKBONE_CONFIG, BACKBONE_WEIGHTS  # a torch-free module
-from loraxir.validation import far_outside_unit
+from loraxir.validation import far_outside_unit, tensor_hint
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def check_input(backbone: nn.Module, x: Any) -> None:
     if not isinstance(x, torch.Tensor):
         raise DataError(
             f"Expected images as a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
-            "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+            + tensor_hint(x)
         )
     if not x.is_floating_point():
         raise DataError(

@@ -534,7 +534,11 @@ def _read_deep(path: str | Path, header: ImageHeader) -> Picture:
             array = frame.to_ndarray(format="rgba64le" if name.startswith("rgba") else "rgb48le")
         else:
             raise ValueError(f"expected 16-bit samples, FFmpeg decoded {name}")
-    except (av.FFmpegError, IndexError, ValueError) as error:
+    except (av.error.InvalidDataError, IndexError):
+        raise DataError(
+            f"Cannot decode 16-bit image {str(path)!r}: its PNG data is corrupt or truncated."
+        ) from None
+    except (av.FFmpegError, ValueError) as error:
         raise DataError(f"Cannot decode 16-bit image {str(path)!r}: {error}.") from None
     return _from_samples(array, header, alpha=array.shape[-1] in (2, 4))
 

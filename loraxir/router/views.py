@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxir.errors import ConfigError, RoutingError, unknown_name
-from loraxir.validation import far_outside_unit
+from loraxir.validation import far_outside_unit, tensor_hint
 
 ViewFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 # Native views: the global view keeps 1/_GLOBAL_LOW_PASS of the tower's resolution.
@@ -69,7 +69,7 @@ def check_image_batch(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor):
         raise RoutingError(
             f"The router reads a torch.Tensor batch (N, C, H, W), got {type(images).__name__}; "
-            "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+            + tensor_hint(images)
         )
     if images.dim() != 4:
         raise RoutingError(

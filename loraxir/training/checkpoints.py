@@ -90,7 +90,11 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> None:
+def prepare_output_dir(
+    config: RecipeConfig,
+    results: tuple[str, ...] = (),
+    reads: dict[str, str | os.PathLike | None] | None = None,
+) -> None:
     """Refuse to start a fresh run over an earlier one, unless ``overwrite`` is set.
 
     An ``output_dir`` holding checkpoints, ``metrics.json`` or one of the ``results``
@@ -100,10 +104,21 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
     checkpoints and logs go only when the new run has been built
     (:func:`~loraxir.training.start_recording`), so that a setting refused on the way (a
     bad value, a missing router) costs nothing.
+
+    ``reads`` maps settings to the files or folders the run reads (``{"adapter": ...}``):
+    one that is ``output_dir`` itself or lies in what the run writes there is refused
+    whatever the flags, since ``overwrite`` would replace the run's own input.
     """
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir {str(output_dir)!r} is a file; name a folder.")
+    for name in (CHECKPOINTS_DIR, LOGS_DIR, FIGURES_DIR, *results):
+        if (output_dir / name).exists() and not (output_dir / name).is_dir():
+            raise ConfigError(
+                f"{str(output_dir / name)!r} is a file, where the run writes its {name}/ "
+                "folder; move it, or choose another output_dir."
+            )
+    _refuse_writing_over_inputs(output_dir, results, reads or {})
     found = [
         name for name in (CHECKPOINTS_DIR, "metrics.json", *results) if (output_dir / name).exists()
     ]
@@ -125,6 +140,28 @@ def prepare_output_dir(config: RecipeConfig, results: tuple[str, ...] = ()) -> N
             "--overwrite to replace it, --resume latest to continue it, or choose another "
             "output_dir."
         )
+
+
+def _refuse_writing_over_inputs(
+    output_dir: Path, results: tuple[str, ...], reads: dict[str, str | os.PathLike | None]
+) -> None:
+    """Raise :class:`ConfigError` when a setting in ``reads`` names ``output_dir`` or a
+    path inside the folders a run writes there (its ``results``, checkpoints, logs and
+    figures)."""
+    out = output_dir.resolve()
+    written = [out / name for name in (*results, CHECKPOINTS_DIR, LOGS_DIR, FIGURES_DIR)]
+    for name, value in reads.items():
+        if value is None or not Path(value).exists():  # a name (a Hub id, a variant)
+            continue
+        path = Path(value).resolve()
+        hit = next((w for w in written if path == w or w in path.parents), None)
+        if path == out or hit is not None:
+            where = "is output_dir itself" if path == out else f"lies in its {hit.name}/"
+            raise ConfigError(
+                f"{name}={str(value)!r} is read by this run but {where} "
+                f"(output_dir={str(output_dir)!r}), which the run writes over, --overwrite or "
+                "not. Choose another output_dir."
+            )
 
 
 def clear_earlier_run(config: RecipeConfig) -> None:
@@ -168,6 +205,7 @@ def save_checkpoint(accelerator: Any, config: RecipeConfig, state: TrainState) -
             **dataclasses.asdict(state),
             "config": fingerprint(config),
             "model": model_signature(accelerator),
+            "processes": accelerator.num_processes,
         }
         partial = folder / f".{STATE_NAME}.partial"
         partial.write_text(json.dumps(record, indent=1) + "\n")
@@ -243,6 +281,13 @@ def resume(accelerator: Any, config: RecipeConfig, data: str | None = None) -> T
             continue
         state = TrainState(step=record["step"], batches=record["batches"], data=data)
         accelerator.print(f"Resumed from {candidate} at step {state.step}.")
+        saved_by, now = record.get("processes"), accelerator.num_processes
+        if saved_by not in (None, now):
+            accelerator.print(
+                f"The checkpoint was saved by {saved_by} process(es), and {now} resume it: the "
+                "run goes on with the same global batches, equal to an uninterrupted run to "
+                "float rounding, not bit for bit (per-process random states do not carry over)."
+            )
         return state
     raise CheckpointError(
         f"No checkpoint could be loaded ({'; '.join(problems)}). Their files are damaged; "
