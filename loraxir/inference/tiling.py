@@ -8,8 +8,9 @@ tiles: the first and last quarter of the band are "guard" pixels where only the 
 tile counts, the middle half a raised-cosine cross-fade. The weights of all tiles sum to
 exactly one at every pixel, and a tile never contributes within ``overlap // 4`` pixels
 of an inner edge, so a network whose receptive field is no wider than that gives the
-same result tiled and untiled (NAFNet's channel attention pools globally, so it is only
-close, not equal; see ``docs/cli.md``).
+same result tiled and untiled (NAFNet's and Restormer's attention pool over the whole
+tile and SCUNet's windows reach far past the band, so they are only close, not equal;
+see ``docs/cli.md``).
 
 Memory: padding is never materialised (tiles read reflected indices); tiles are processed
 one row of tiles at a time, and only a float32 strip of one tile row (plus the overlap
