@@ -49,19 +49,24 @@ class TrainingError(LoraIRError, RuntimeError):
     good checkpoint."""
 
 
-def unknown_name(kind: str, name: object, known: Iterable[str], hint: str = "") -> UnknownNameError:
-    """Build an :class:`UnknownNameError` that lists the known names, closest first."""
+def unknown_name(
+    kind: str, name: object, known: Iterable[str], hint: str = "", where: str = ""
+) -> UnknownNameError:
+    """Build an :class:`UnknownNameError` that lists the known names, closest first.
+    ``kind`` is a noun (``"parameter"``), ``where`` what it belongs to (``"of 'noise'"``)."""
     known = sorted(set(known))
+    where = f" {where}" if where else ""
+    listed = f"Known {kind}s{where}: {', '.join(known) if known else '(none)'}."
     if not isinstance(name, str):
         return UnknownNameError(
-            f"A {kind} name must be a string, got {type(name).__name__}. Known {kind}s: "
-            f"{', '.join(known) if known else '(none)'}.{' ' + hint if hint else ''}"
+            f"A {kind} name{where} must be a string, got {type(name).__name__}. {listed}"
+            f"{' ' + hint if hint else ''}"
         )
     close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
-    message = f"Unknown {kind} {name!r}."
+    message = f"Unknown {kind} {name!r}{where}."
     if close:
         message += f" Did you mean {', '.join(repr(c) for c in close)}?"
-    message += f" Known {kind}s: {', '.join(known) if known else '(none)'}."
+    message += f" {listed}"
     if hint:
         message += f" {hint}"
     return UnknownNameError(message)

@@ -233,9 +233,10 @@ class TrainRouterConfig(RecipeConfig):
                 "eval_sizes must name at least one size (0 for full size): the held-out "
                 "accuracy is measured at those sizes."
             )
-        if not 0 <= self.train_widen <= self.test_widen:
+        if not 0 <= self.train_widen < self.test_widen:
             raise ConfigError(
-                f"Need 0 <= train_widen <= test_widen, got {self.train_widen} and "
+                f"Need 0 <= train_widen < test_widen (the 'outside' test draws between the "
+                f"two), got {self.train_widen} and "
                 f"{self.test_widen}."
             )
         allowed = {f.name for f in dataclasses.fields(RouterConfig)} - {"degradations"}

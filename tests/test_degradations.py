@@ -298,7 +298,12 @@ def test_out_of_range_parameters_raise_config_error(name, params, photo):
 
 
 def test_unknown_parameter_names_the_known_ones(photo):
-    with pytest.raises(UnknownNameError, match="sigma"):
+    """The message once read "Known parameter of 'noise's"."""
+    with pytest.raises(
+        UnknownNameError,
+        match=r"Unknown parameter 'sigmaa' of 'noise'\. Did you mean 'sigma'\? Known parameters "
+        r"of 'noise': seed, sigma\.",
+    ):
         D.apply("noise", photo, sigmaa=3)
 
 
@@ -362,13 +367,54 @@ def test_downsample_keeps_half_precision_on_the_cpu(dtype, photo):
         ("noise", {}, "already registered"),
         ("custom", {"seed": D.Param(0, 1, 0.5, "s")}, "'seed'"),
         ("custom", {"a": (0, 1)}, "must be a Param"),
+        ("custom", {"images": D.Param(0, 1, 0.5, "s")}, "'images' and 'generator'"),
+        ("custom", {"generator": D.Param(0, 1, 0.5, "s")}, "'images' and 'generator'"),
     ],
 )
 def test_register_refuses_bad_names_and_params_at_once(name, params, match):
+    """A parameter named images failed every apply with "got multiple values"."""
     before = D.available()
     with pytest.raises(ConfigError, match=match):
         D.register(name, params, "a summary")(lambda images, generator, **kwargs: images)
     assert D.available() == before  # --list keeps working
+
+
+def test_register_refuses_extras_that_are_not_a_tuple_of_names():
+    """extras='depth' passed d=1 through (membership by substring)."""
+    with pytest.raises(ConfigError, match=r"extras must be a tuple of names, got 'depth'"):
+        D.register("custom", {}, "a summary", extras="depth")
+    with pytest.raises(ConfigError, match="both a parameter and an extra"):
+        D.register("custom", {"depth": D.Param(0, 1, 0.5, "d")}, "s", extras=("depth",))
+
+
+@pytest.mark.parametrize(
+    ("returned", "error", "match"),
+    [
+        (lambda x: x * torch.nan, DataError, r"'custom_out' returned NaN or infinite"),
+        (lambda x: x[:, :1], DataError, r"returned \(2, 1, 8, 8\), not a tensor of its input"),
+        (lambda x: x.numpy(), DataError, "returned ndarray"),
+    ],
+)
+def test_a_registered_function_that_breaks_the_contract_is_named(returned, error, match):
+    """A NaN, a channel or a NumPy array came back unchecked into the training data."""
+    D.register("custom_out", {}, "breaks the contract")(lambda images, generator: returned(images))
+    try:
+        with pytest.raises(error, match=match):
+            D.apply("custom_out", torch.rand(2, 3, 8, 8))
+    finally:
+        D.registry._REGISTRY.pop("custom_out")
+
+
+def test_a_registered_function_gets_its_output_in_the_input_dtype():
+    """The docs' own vignette (a float32 mask) turned float16 images into float32."""
+    D.register("custom_dtype", {}, "computes in float32")(
+        lambda images, generator: images.float() * 0.5
+    )
+    try:
+        out, _ = D.apply("custom_dtype", torch.rand(1, 3, 8, 8, dtype=torch.float16))
+        assert out.dtype == torch.float16
+    finally:
+        D.registry._REGISTRY.pop("custom_dtype")
 
 
 @pytest.mark.parametrize(
@@ -381,6 +427,8 @@ def test_register_refuses_bad_names_and_params_at_once(name, params, match):
         ((0, math.nan, 0.5, "h"), {}, "finite"),
         ((2, 4, (2, 4), "h"), {"integer": True, "choices": (2, 8)}, "choices"),
         ((2, 4, (2, 3), "h"), {"integer": True, "choices": (2, 4)}, "not one of"),
+        # drawn as int(0.25) = 0, then refused on replay
+        ((0, 1, (0.25, 0.75), "h"), {"choices": (0.25, 0.5, 0.75)}, "whole numbers"),
     ],
 )
 def test_param_checks_itself_when_built(args, kwargs, match):
@@ -490,6 +538,21 @@ def test_a_suite_yaml_may_write_numbers_with_an_exponent(tmp_path, photo):
             "tasks: [{name: a, steps: [noise]}]\nschedule: {period: 2, order: [b]}",
             UnknownNameError,
             "b",
+        ),
+        (
+            "tasks: [{name: a, steps: [noise]}]\nschedule: {period: 2, order: [1]}",
+            UnknownNameError,
+            r"Unknown task '1' in .*bad\.yaml's schedule\. Known tasks in .*: a\.",
+        ),
+        (
+            "tasks: [{name: a, steps: [{haze: {depth: 3}}]}]",
+            ConfigError,
+            r"task 0 \(a\): haze's \['depth'\] are inputs given in code",
+        ),
+        (
+            "tasks: [{name: a, steps: [{noise: {on: 3}}]}]",
+            ConfigError,
+            r"task 0 \(a\): step 'noise' has a parameter key read as a boolean.*quote the key",
         ),
         ("tasks: [", ConfigError, "not valid YAML"),
         (

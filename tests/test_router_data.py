@@ -50,8 +50,17 @@ def test_widen_outside_draws_only_beyond_the_inner_band() -> None:
         ).steps
         sides.add(tuple(params["sigma"]))
     assert sides == {(12.5, 18.75), (31.25, 37.5)}
-    with pytest.raises(ConfigError, match="inside <= margin"):
-        widen(blur, 0.2, inside=0.3)
+    for inside in (0.3, 0.2):  # inside = margin drew the suite's own values as "outside"
+        with pytest.raises(ConfigError, match="inside < margin"):
+            widen(blur, 0.2, inside=inside)
+
+
+def test_widen_warns_of_a_parameter_with_no_room_outside() -> None:
+    """sigma: 0 (and a range at its limits) stayed inside without a word."""
+    pipeline = compose([("noise", {"sigma": 0}), ("haze", {"beta": [0.8, 2.0]})])
+    with pytest.warns(UserWarning, match=r"widen: .* = 0 has no room outside it"):
+        steps = dict(widen(pipeline, 0.5, inside=0.25).steps)
+    assert steps["noise"] == {"sigma": 0} and steps["haze"]["beta"] != [0.8, 2.0]
 
 
 def test_widened_pipelines_pass_the_degradations_checks() -> None:

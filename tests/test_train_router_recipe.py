@@ -186,6 +186,7 @@ def test_an_overwrite_refused_late_or_a_path_resume_with_a_final_fit_keeps_the_e
         ("train_images=-3", "train_images must be"),
         ("label_smoothing=2", "label_smoothing must be in"),
         ("encoder_learning_rate=-1", "encoder_learning_rate must be > 0"),
+        ("test_widen=0.25", r"train_widen < test_widen"),  # "outside" = the training range
         (f"suite={one_class}", r"train on \['noise'\] only"),
     )
     for bad, message in late:

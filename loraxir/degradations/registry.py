@@ -63,11 +63,14 @@ class Param:
         if self.choices is not None and (
             not isinstance(self.choices, tuple)
             or not self.choices
-            or not all(_is_number(c) and self.low <= c <= self.high for c in self.choices)
+            or not all(
+                _is_number(c) and c == int(c) and self.low <= c <= self.high for c in self.choices
+            )
         ):
             raise ConfigError(
-                f"{where}: choices={self.choices!r} must be a non-empty tuple of numbers "
-                f"inside [{self.low:g}, {self.high:g}]."
+                f"{where}: choices={self.choices!r} must be a non-empty tuple of whole numbers "
+                f"inside [{self.low:g}, {self.high:g}] (choices are for integer parameters; "
+                "give a float parameter a [low, high] range)."
             )
         self.validate(where, "default", self.default)
 
@@ -155,10 +158,11 @@ class Degradation:
                 self.params[key].validate(self.name, key, value)
             elif key not in self.extras:
                 raise unknown_name(
-                    f"parameter of {self.name!r}",
+                    "parameter",
                     key,
                     [*self.params, *self.extras, "seed"],
                     hint=f"See `loraxir degradations --list` for {self.name!r}'s parameters.",
+                    where=f"of {self.name!r}",
                 )
         return params
 
@@ -191,7 +195,27 @@ class Degradation:
         kwargs = {key: value for key, value in drawn.items() if key != "seed"}
         with torch.no_grad():
             out = self.fn(images, local, **kwargs)
-        return quantize(out), drawn
+        return quantize(_checked_output(self.name, images, out)), drawn
+
+
+def _checked_output(name: str, images: Tensor, out: Any) -> Tensor:
+    """``out`` as the contract has it (the input's shape, dtype and device, finite), or a
+    :class:`DataError` naming the degradation: a registered function of one's own is
+    otherwise trusted, and a NaN would survive clipping into the training data."""
+    if not isinstance(out, Tensor) or out.shape != images.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise DataError(
+            f"Degradation {name!r} returned {got}, not a tensor of its input's shape "
+            f"{tuple(images.shape)}; a degradation keeps the batch, channels and size."
+        )
+    out = out.to(device=images.device, dtype=images.dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise DataError(
+            f"Degradation {name!r} returned NaN or infinite values for parameters within "
+            "its ranges; guard its arithmetic (e.g. divisions by zero) or narrow its Param "
+            "ranges."
+        )
+    return out
 
 
 _REGISTRY: dict[str, Degradation] = {}
@@ -219,12 +243,22 @@ def register(
             f"register({name!r}): params must map parameter names to Param, got "
             f"{type(params).__name__}."
         )
-    for key, spec in params.items():
-        if not isinstance(key, str) or not key or key == "seed" or key in extras:
+    if not isinstance(extras, tuple) or not all(isinstance(e, str) and e for e in extras):
+        raise ConfigError(
+            f"register({name!r}): extras must be a tuple of names, got {extras!r}; e.g. "
+            "extras=('depth',)."
+        )
+    reserved = {"seed", "images", "generator"}  # the reported seed and fn's own arguments
+    for key in (*params, *extras):
+        if not isinstance(key, str) or not key or key in reserved:
             raise ConfigError(
                 f"register({name!r}): parameter name {key!r} must be a non-empty string other "
-                "than 'seed' (reserved for the reported seed) and the names in extras."
+                "than 'seed' (the reported seed), 'images' and 'generator' (the function's "
+                "own arguments)."
             )
+    for key, spec in params.items():
+        if key in extras:
+            raise ConfigError(f"register({name!r}): {key!r} is both a parameter and an extra.")
         if not isinstance(spec, Param):
             raise ConfigError(
                 f"register({name!r}): parameter {key!r} must be a Param, got {type(spec).__name__}."

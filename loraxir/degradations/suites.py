@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loraxir.degradations.registry import Compose, check_images, compose
+from loraxir.degradations.registry import Compose, check_images, compose, get
 from loraxir.errors import ConfigError, UnknownNameError, unknown_name
 from loraxir.validation import read_yaml_file
 
@@ -230,6 +230,13 @@ def _parse_task(data: Any, where: str) -> Task:
     except (ConfigError, UnknownNameError) as error:
         # The registry's message names the degradation and parameter; add the file and task.
         raise type(error)(f"{where}: {error}") from None
+    for step, params in pipeline.steps:
+        inputs = sorted(set(params) & set(get(step).extras))
+        if inputs:  # checked by the function only when it runs, mid-training
+            raise ConfigError(
+                f"{where}: {step}'s {inputs} are inputs given in code (tensors, such as a "
+                "depth map), not suite settings; drop them from the file."
+            )
     label = _text(data, "label", name, where)
     return Task(name, label, pipeline, _text(data, "description", "", where, empty=True))
 
@@ -256,6 +263,11 @@ def _parse_step(step: Any, where: str) -> str | tuple[str, Mapping[str, Any]]:
         return step
     if isinstance(step, Mapping) and len(step) == 1:
         ((name, params),) = step.items()
+        if isinstance(params, Mapping) and any(isinstance(key, bool) for key in params):
+            raise ConfigError(
+                f"{where}: step {name!r} has a parameter key read as a boolean: YAML reads "
+                "on, off, yes and no as true or false; quote the key ('on': ...)."
+            )
         if params is None or isinstance(params, Mapping):
             return str(name), dict(params or {})
     raise ConfigError(
@@ -273,9 +285,10 @@ def _parse_schedule(data: Any, task_names: Sequence[str], where: str) -> Schedul
         raise ConfigError(f"{where}: schedule.period must be an integer >= 1, got {period!r}.")
     if not isinstance(order, list) or not order:
         raise ConfigError(f"{where}: schedule.order must be a non-empty list of task names.")
+    order = [str(name) if isinstance(name, int | float) else name for name in order]  # as tasks
     for name in order:
         if name not in task_names:
-            raise unknown_name(f"task in {where} schedule", name, task_names)
+            raise unknown_name("task", name, task_names, where=f"in {where}'s schedule")
     return Schedule(period, tuple(order))
 
 

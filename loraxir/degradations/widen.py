@@ -22,6 +22,7 @@ parameters with a fixed list of choices are left alone.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -37,9 +38,10 @@ def widen(
     generator: torch.Generator | None = None,
 ) -> Compose:
     """A copy of ``pipeline`` whose explicit parameter ranges are widened (see module)."""
-    if not 0 <= inside <= margin:
+    if not (0 <= inside < margin or inside == 0 <= margin):
         raise ConfigError(
-            f"widen needs 0 <= inside <= margin, got inside={inside}, margin={margin}."
+            f"widen needs 0 <= inside < margin (or inside = 0), got inside={inside}, "
+            f"margin={margin}: nothing lies between the two."
         )
     steps = []
     for name, params in pipeline.steps:
@@ -81,6 +83,12 @@ def _widened(
     else:
         sides = [(a, b) for a, b in sides if a < b or inside == 0]
     if not sides:
+        if inside > 0:
+            warnings.warn(
+                f"widen: {spec.help!r} = {value!r} has no room outside it (a zero, or its "
+                f"allowed range [{spec.low:g}, {spec.high:g}]), so it is kept as it is.",
+                stacklevel=3,
+            )
         return value
     pick = int(torch.randint(len(sides), (), generator=generator)) if len(sides) > 1 else 0
     below, above = sides[pick]

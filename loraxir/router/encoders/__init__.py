@@ -108,7 +108,7 @@ def encoder_from_spec(spec: dict[str, Any], module: nn.Module | None = None) -> 
     """
     kind = spec.get("type")
     if kind not in ENCODER_KINDS:
-        raise unknown_name("encoder type in router config", kind, ENCODER_KINDS)
+        raise unknown_name("encoder type", kind, ENCODER_KINDS, where="in the router config")
     encoder = ENCODER_KINDS[kind].from_spec(spec, module=module)
     encoder.trained = bool(spec.get("trained", False))
     return encoder.set_trainable(bool(spec.get("trainable", False)))
