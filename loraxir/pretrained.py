@@ -127,9 +127,10 @@ def load_adapter(
     if backbone is None:
         if not (folder / BACKBONE_CONFIG).is_file():
             raise CheckpointError(
-                f"Adapter {str(folder)!r} carries no {BACKBONE_CONFIG}: its base network is a "
-                "public checkpoint. Pass it with --backbone PATH (backbone= in Python); the "
-                f"card says which: {folder / CARD_NAME}."
+                f"Adapter {str(folder)!r} carries no {BACKBONE_CONFIG}, so its base network is "
+                "not in the folder: pass it with --backbone PATH (backbone= in Python); the "
+                f"card may say which ({folder / CARD_NAME}). To make the folder self-contained, "
+                "save the network into it: loraxir.backbones.save_backbone(network, folder)."
             )
         backbone = load_backbone(folder)
     elif isinstance(backbone, str | os.PathLike):
@@ -264,7 +265,7 @@ class AdapterInfo:
     @property
     def backbone_label(self) -> str:
         if self.backbone is None:
-            return "a public checkpoint (see its card)"
+            return "a network not in the folder (see its card)"
         settings = self.backbone.get("hyperparameters", {})
         return f"{self.backbone.get('name')}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 

@@ -89,14 +89,33 @@ def far_outside_unit(low: float, high: float) -> bool:
 
 def tensor_hint(images: Any) -> str:
     """How to turn ``images``, which is not a tensor, into a ``(B, C, H, W)`` batch: a list
-    of images is stacked (one call per size), a NumPy image converted. Shared by the
-    model's and the router's input checks."""
-    if isinstance(images, (list, tuple)):
+    of tensors is stacked (one call per size), a NumPy array converted as its layout and
+    dtype need. Shared by the model's and the router's input checks (which have imported
+    torch already)."""
+    import torch
+
+    if (
+        isinstance(images, list | tuple)
+        and images
+        and all(isinstance(i, torch.Tensor) for i in images)
+    ):
         return (
             "stack images of one size into a batch with torch.stack(images); images of "
-            "different sizes need one call each (or loraxir.Restorer, one image at a time)."
+            "different sizes need one call each (or loraxir.inference.restorer.Restorer, "
+            "one image at a time)."
         )
-    return "convert with torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255."
+    array = images[0] if isinstance(images, list | tuple) and images else images
+    shape, kind = getattr(array, "shape", ()), getattr(getattr(array, "dtype", None), "kind", "")
+    batched = len(shape) == 4 and shape[1] in (1, 3, 4)  # (B, C, H, W) already
+    convert = "torch.from_numpy(array)" + ("" if batched else ".permute(2, 0, 1)[None]")
+    if kind == "u":  # 8 or 16 bits: to [0, 1] from the dtype's full range
+        scale = f" / {2 ** (8 * array.dtype.itemsize) - 1}"
+    else:  # a float array is taken to be in [0, 1] already
+        scale = "" if kind == "f" else " / 255"
+    how = f"convert with {convert}.float(){scale}"
+    if isinstance(images, list | tuple):
+        how += ", each image, then torch.cat the batch"
+    return how + "."
 
 
 def make_parent_folder(path: str | Path, error: type[Exception] = ConfigError) -> None:

@@ -268,13 +268,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from loraxir import LoraIRConfig
 
     config = parse_recipe_args(AddDegradationConfig, script_description(__doc__), argv)
+    hint = (
+        "point it at an adapter folder, such as the adapter/ that recipes/finetune.py writes "
+        "in its output_dir (or name a shipped adapter or a Hub repo id)."
+    )
+    path = Path(config.adapter).expanduser()
+    if not path.exists() and (len(path.parts) > 2 or config.adapter.startswith((".", "~"))):
+        raise ConfigError(f"adapter={config.adapter!r} does not exist; {hint}")  # not a name
     folder = find_adapter(config.adapter)
     adapter_config = folder / "adapter_config.json"
     if not adapter_config.is_file():
-        raise ConfigError(
-            f"adapter={config.adapter!r} holds no adapter_config.json; point it at an adapter "
-            "folder, such as the adapter/ that recipes/finetune.py writes in its output_dir."
-        )
+        raise ConfigError(f"adapter={config.adapter!r} holds no adapter_config.json; {hint}")
     prepare_output_dir(config, ("adapter",), {"adapter": folder})
     saved = LoraIRConfig.from_file(adapter_config)
     old_classes = saved.degradations

@@ -108,6 +108,19 @@ def test_deleting_the_last_adapter_leaves_a_model_that_says_what_to_do():
             loraxir.DataError,
             r"got list; stack images of one size .* one call each",
         ),
+        (
+            lambda: [np.zeros((16, 16, 3), np.uint8)],  # torch.stack would refuse arrays
+            {},
+            loraxir.DataError,
+            r"got list; convert with torch\.from_numpy\(array\)\.permute\(2, 0, 1\)\[None\]"
+            r"\.float\(\) / 255, each image",
+        ),
+        (  # a float batch needs neither a permute nor a / 255
+            lambda: np.random.rand(1, 3, 16, 16).astype(np.float32),
+            {},
+            loraxir.DataError,
+            r"got ndarray; convert with torch\.from_numpy\(array\)\.float\(\)\.$",
+        ),
         (lambda: torch.zeros(1, 3, 16, 16, dtype=torch.uint8), {}, loraxir.DataError, "/ 255"),
         (lambda: torch.rand(1, 3, 16, 16).double(), {}, loraxir.DataError, "float64.*float32"),
         (

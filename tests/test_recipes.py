@@ -492,6 +492,9 @@ def test_add_degradation_without_an_adapter_folder_says_what_to_point_at(
 ) -> None:
     with pytest.raises(ConfigError, match=r"holds no adapter_config\.json.*finetune"):
         run("add_degradation", tmp_path / "out", *DATA, f"adapter={base}")
+    # A path that does not exist (finetune.py not run yet) is not looked up as a name.
+    with pytest.raises(ConfigError, match=r"'.*no/adapter' does not exist; .*finetune\.py"):
+        run("add_degradation", tmp_path / "out", *DATA, f"adapter={tmp_path / 'no' / 'adapter'}")
     assert not (tmp_path / "out").exists()
 
 
@@ -688,19 +691,23 @@ def test_finetune_refuses_an_adapter_whose_policy_trains_no_class_of_the_data(
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("where", ["run_folder", "adapter_folder"])
+@pytest.mark.parametrize("where", ["run_folder", "adapter_folder", "linked"])
 def test_a_recipe_never_writes_over_the_adapter_it_reads(
     finetuned: tuple[Path, dict], tmp_path: Path, where: str
 ) -> None:
     """With --overwrite, add_degradation wrote the grown adapter over its input (output_dir
-    = the run that holds it) or replaced the adapter folder's metrics.json (output_dir = the
-    adapter itself): the refusal's own advice led there."""
+    = the run that holds it, or whose adapter/ links to it) or replaced the adapter folder's
+    metrics.json (output_dir = the adapter itself): the refusal's own advice led there."""
     source, _ = finetuned
     shutil.copytree(source, tmp_path / "run")
     adapter = tmp_path / "run" / "adapter"
+    if where == "linked":  # saving writes through the link, into the adapter it reads
+        (tmp_path / "models").mkdir()
+        adapter = adapter.rename(tmp_path / "models" / "mine")
+        (tmp_path / "run" / "adapter").symlink_to(adapter)
     before = {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()}
-    output = tmp_path / "run" if where == "run_folder" else adapter
-    expected = "lies in its adapter/" if where == "run_folder" else "is output_dir itself"
+    output = adapter if where == "adapter_folder" else tmp_path / "run"
+    expected = "is output_dir itself" if where == "adapter_folder" else "lies in its adapter/"
     for recipe_name in ("add_degradation", "finetune"):
         with pytest.raises(ConfigError, match=f"adapter=.* is read by this run but {expected}"):
             run(recipe_name, output, *DATA, f"adapter={adapter}", flags=("--overwrite",))

@@ -149,14 +149,17 @@ def _refuse_writing_over_inputs(
     path inside the folders a run writes there (its ``results``, checkpoints, logs and
     figures)."""
     out = output_dir.resolve()
-    written = [out / name for name in (*results, CHECKPOINTS_DIR, LOGS_DIR, FIGURES_DIR)]
+    # Resolved one by one: a run writes through a link at one of them (staged_folder).
+    written = {
+        (out / name).resolve(): name for name in (*results, CHECKPOINTS_DIR, LOGS_DIR, FIGURES_DIR)
+    }
     for name, value in reads.items():
         if value is None or not Path(value).exists():  # a name (a Hub id, a variant)
             continue
         path = Path(value).resolve()
         hit = next((w for w in written if path == w or w in path.parents), None)
         if path == out or hit is not None:
-            where = "is output_dir itself" if path == out else f"lies in its {hit.name}/"
+            where = "is output_dir itself" if path == out else f"lies in its {written[hit]}/"
             raise ConfigError(
                 f"{name}={str(value)!r} is read by this run but {where} "
                 f"(output_dir={str(output_dir)!r}), which the run writes over, --overwrite or "
