@@ -263,11 +263,90 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_counting_warning(tmp_pat
     (tmp_path / ".hidden.png").write_bytes(b"ignored")
     _save(tmp_path / ".ipynb_checkpoints" / "good-checkpoint.png", _rgb(5))  # a hidden folder
     _save(tmp_path / "UPPER.PNG", _rgb(6))  # suffixes in any case
-    with pytest.warns(UserWarning, match=r"2 file\(s\).*1 corrupt, 1 without an image extension"):
+    with pytest.warns(
+        UserWarning,
+        match=r"2 file\(s\).*1 corrupt or unsupported .*, 1 without a supported image extension",
+    ):
         data = SyntheticPairs(tmp_path, "five_task", 16)
     assert data.image_ids == ["UPPER.PNG", "good.png", "nested/good2.png"]
     with pytest.raises(DataError, match="strict=False"):
         SyntheticPairs(tmp_path, "five_task", 16, strict=True)
+
+
+def test_a_rotated_uncompressed_gray_tiff_is_read_upright(tmp_path):
+    """Pillow decoded it as stripes of the stored shape, trained on without a word."""
+    import tifffile
+
+    upright = np.random.default_rng(0).integers(0, 256, (20, 12), dtype=np.uint8)
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # orientation 6 turns it back
+    tifffile.imwrite(tmp_path / "scan.tif", stored, extratags=[(274, "H", 1, 6, True)])
+    assert SyntheticPairs(tmp_path, "five_task", 8, split="all").image_ids == ["scan.tif"]
+    np.testing.assert_array_equal(read_image(tmp_path / "scan.tif")[0].numpy(), upright)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.int32])
+def test_float_signed_and_32_bit_files_are_skipped_as_restoring_refuses_them(tmp_path, dtype):
+    """A float TIFF of 0-255 trained as white, a signed one dimmed, a 32-bit one clipped."""
+    import tifffile
+
+    _save(tmp_path / "good.png", _rgb(0))
+    tifffile.imwrite(tmp_path / "odd.tif", (np.arange(480).reshape(24, 20) % 256).astype(dtype))
+    with pytest.warns(UserWarning, match=r"1 file\(s\).*1 corrupt or unsupported"):
+        assert SyntheticPairs(tmp_path, "five_task", 8, split="all").image_ids == ["good.png"]
+    with pytest.raises(DataError, match="cannot be scaled"):
+        read_image(tmp_path / "odd.tif")
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(DataError, match=r"No images .* corrupt or unsupported .*'odd\.tif'"):
+        SyntheticPairs(tmp_path, "five_task", 8)
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.bmp", "a.ppm"])
+def test_a_truncated_tiff_bmp_or_pnm_is_skipped_at_the_scan(tmp_path, name):
+    """It passed the scan and stopped training at its turn (or at validation)."""
+    _save(tmp_path / "good.png", _rgb(0))
+    _save(tmp_path / name, _rgb(1, 64, 64))
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) * 2 // 3])
+    with pytest.warns(UserWarning, match="1 corrupt or unsupported"):
+        assert SyntheticPairs(tmp_path, "five_task", 8, split="all").image_ids == ["good.png"]
+
+
+def test_a_decompression_bomb_header_is_skipped_not_a_traceback(tmp_path):
+    import struct
+    import zlib
+
+    _save(tmp_path / "good.png", _rgb(0))
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
+    bomb += struct.pack(">I", zlib.crc32(chunk)) + struct.pack(">I", 0) + b"IEND"
+    (tmp_path / "bomb.png").write_bytes(bomb + struct.pack(">I", zlib.crc32(b"IEND")))
+    with pytest.warns(UserWarning, match="1 corrupt or unsupported"):
+        assert SyntheticPairs(tmp_path, "five_task", 8, split="all").image_ids == ["good.png"]
+
+
+def test_linked_folders_are_read_and_a_linked_photo_is_used_once(tmp_path):
+    """rglob skipped a linked folder's photos; a link to a listed photo put it on both
+    sides of the train/test split."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    for index in range(4):
+        _save(photos / f"p{index}.png", _rgb(index))
+    _save(elsewhere / "e.png", _rgb(9))
+    (photos / "set").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(photos, target_is_directory=True)  # ends
+    (photos / "again.png").symlink_to(photos / "p0.png")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) .* are links to photos listed already"):
+        data = SyntheticPairs(photos, "five_task", 8, split="all")
+    assert data.image_ids == ["p0.png", "p1.png", "p2.png", "p3.png", "set/e.png"]
+
+
+def test_a_name_written_in_two_unicode_forms_pairs(tmp_path):
+    """lq/café.png from a Mac (e + accent) found no gt/café.png (one character)."""
+    import unicodedata
+
+    for side, form in (("lq", "NFD"), ("gt", "NFC")):
+        _save(tmp_path / side / unicodedata.normalize(form, "café.png"), _rgb(0))
+    assert len(PairedFolder(tmp_path, task="noise")) == 1
 
 
 def test_empty_folder_raises(tmp_path):

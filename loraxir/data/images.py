@@ -33,6 +33,8 @@ from loraxir.inference.images import IMAGE_EXTENSIONS, probe_image, read_picture
 # EXIF orientations that turn the picture by 90° (transpose, rotate 270°, transverse,
 # rotate 90°): what :func:`ImageOps.exif_transpose` does to them swaps height and width.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# TIFF tags locating a page's pixel data.
+_STRIP_OFFSETS, _STRIP_BYTE_COUNTS, _TILE_OFFSETS, _TILE_BYTE_COUNTS = 273, 279, 324, 325
 
 
 def to_rgb8(image: Image.Image | np.ndarray) -> Tensor:
@@ -63,17 +65,14 @@ def read_image(path: str | Path) -> Tensor:
     depth by :func:`loraxir.inference.images.read_picture` and rounded like other 16-bit
     images; but an interlaced 16-bit PNG, which that refuses (FFmpeg's decoder corrupts
     memory on it), is read by Pillow: its high byte is within one level of the rounded
-    value, and training reads 8 bits."""
+    value, and training reads 8 bits. TIFFs of any depth go through ``read_picture`` too,
+    which reads the stored samples of one that Pillow turns upright wrongly."""
     if isinstance(path, str | os.PathLike) and not Path(path).is_file():
         what = "is a folder" if Path(path).is_dir() else "does not exist"
         raise DataError(f"Image {str(path)!r} {what}; pass an image file.")
+    header = probe_image(path)  # refuses float, signed and 32-bit samples, as restoring does
     try:
-        header = probe_image(path)
-        deep = header.bits == 16 and not header.interlaced
-    except DataError:  # float or 32-bit files: Pillow's own reading below says what it can
-        deep = False
-    try:
-        if deep:
+        if (header.bits == 16 and not header.interlaced) or header.format == "TIFF":
             return to_rgb8(read_picture(path).pixels)
         with Image.open(path) as image:
             image.load()
@@ -115,8 +114,9 @@ class FolderScan:
         names = [p.relative_to(self.root).as_posix() for p in [*self.corrupt, *self.not_images]]
         message = (
             f"{len(names)} file(s) in {str(self.root)!r} are not readable images: "
-            f"{len(self.corrupt)} corrupt, {len(self.not_images)} without an image extension "
-            f"(e.g. {', '.join(names[:3])})."
+            f"{len(self.corrupt)} corrupt or unsupported (floating-point, signed or 32-bit "
+            f"samples, several frames, too many pixels), {len(self.not_images)} without a "
+            f"supported image extension (e.g. {', '.join(names[:3])})."
         )
         if strict:
             raise DataError(f"{message} Remove them, or pass strict=False to skip them.")
@@ -124,16 +124,15 @@ class FolderScan:
 
 
 def scan(folder: str | Path) -> FolderScan:
-    """Sort the files under ``folder`` (recursive, hidden ones ignored) into readable images,
-    corrupt image files and files without an image extension. Only headers are read (and
-    Pillow's integrity check run); pixels are decoded when the file is used."""
+    """Sort the files under ``folder`` (recursive, hidden ones ignored, linked folders
+    followed) into readable images, corrupt image files and files without an image
+    extension. Only headers are read (and Pillow's integrity check run); pixels are decoded
+    when the file is used."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"Image folder {str(root)!r} does not exist or is not a folder.")
     result = FolderScan(root, [])
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or any(p.startswith(".") for p in path.relative_to(root).parts):
-            continue
+    for path in _files_under(root):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             result.not_images.append(path)
             continue
@@ -145,15 +144,38 @@ def scan(folder: str | Path) -> FolderScan:
     return result
 
 
+def _files_under(root: Path) -> list[Path]:
+    """The files under ``root``, sorted, hidden ones left out. Linked folders are followed
+    (``Path.rglob`` skips them, dropping their photos without a word), each real folder
+    once, so a link loop ends; a broken link is no file."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [Path(folder, n) for n in names if not n.startswith(".")]
+    return sorted(path for path in files if path.is_file())
+
+
 def scan_folder(folder: str | Path, strict: bool = False) -> list[ImageFile]:
     """The readable images under ``folder``; skipped files are reported by
     :meth:`FolderScan.report`. An empty result raises :class:`DataError`."""
     found = scan(folder)
     found.report(strict)
     if not found.images:
+        skipped = (
+            f" Its {len(found.corrupt)} image file(s) are corrupt or unsupported (e.g. "
+            f"{found.corrupt[0].relative_to(found.root).as_posix()!r}): 8- or 16-bit files "
+            "are read."
+            if found.corrupt
+            else ""
+        )
         raise DataError(
             f"No images in {str(found.root)!r}. Expected files with one of the extensions "
-            f"{sorted(IMAGE_EXTENSIONS)}."
+            f"{sorted(IMAGE_EXTENSIONS)}.{skipped}"
         )
     return found.images
 
@@ -170,7 +192,10 @@ def header_size(path: Path) -> tuple[int, int] | None:
     Pillow's TIFF reader already reports (and decodes) a TIFF turned upright.
     ``verify`` reads no JPEG pixel data, so a JPEG is also decoded at 1/8 scale (all its
     coded data, about a third of a full decode's time): a truncated one would otherwise
-    pass and stop training when its turn came.
+    pass and stop training when its turn came. ``verify`` checks no TIFF, BMP or PNM data
+    either: a TIFF's strips must lie inside the file, and the uncompressed BMP and PNM are
+    read whole (a read of the file, no more). A TIFF :func:`read_image` would refuse
+    (floating-point, signed or 32-bit samples; several pages) is None too.
     """
     try:
         with Image.open(path) as image:
@@ -180,15 +205,35 @@ def header_size(path: Path) -> tuple[int, int] | None:
                 and Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
                 in _SWAPPING_ORIENTATIONS
             )
-            jpeg = image.format == "JPEG"
+            image_format = image.format
+            complete = image_format != "TIFF" or _tiff_data_in_file(image, path)
             image.verify()
-        if jpeg:
+        if image_format == "TIFF":
+            probe_image(path)
+        if image_format in ("JPEG", "BMP", "PPM"):
             with Image.open(path) as image:
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                if image_format == "JPEG":
+                    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, DataError):
+        return None
+    except Image.DecompressionBombError:  # not an OSError
+        return None
+    if not complete:
         return None
     return (width, height) if turned else (height, width)
+
+
+def _tiff_data_in_file(image: Image.Image, path: Path) -> bool:
+    """Whether every strip (or tile) of the TIFF's first page ends inside the file: a
+    truncated TIFF opens and verifies, and fails only when decoded."""
+    tags = image.tag_v2  # type: ignore[attr-defined]
+    offsets = tags.get(_STRIP_OFFSETS) or tags.get(_TILE_OFFSETS) or ()
+    counts = tags.get(_STRIP_BYTE_COUNTS) or tags.get(_TILE_BYTE_COUNTS) or ()
+    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+    counts = counts if isinstance(counts, tuple) else (counts,)
+    size = path.stat().st_size
+    return all(offset + count <= size for offset, count in zip(offsets, counts, strict=False))
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,7 +326,9 @@ def _pair_key(path: Path, parts: tuple[str, ...], side: str, pattern: re.Pattern
         stem = match.group(1) if match.groups() else match.group(0)
     folders = list(parts)
     folders.remove(side)
-    return "/".join([*folders, stem])
+    # One name typed on two systems: macOS writes "é" as e + accent (NFD), others as one
+    # character (NFC), so files copied from a Mac would not find their partners.
+    return unicodedata.normalize("NFC", "/".join([*folders, stem]))
 
 
 def _check_matched(

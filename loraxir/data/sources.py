@@ -6,6 +6,7 @@ train/test split is made on, so one image never lands on both sides.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +82,23 @@ class FolderSource(ImageSource):
 
     def __init__(self, folder: str | Path, strict: bool = False) -> None:
         self.root = Path(folder)
-        self._files = [image.path for image in scan_folder(self.root, strict)]
+        found = [image.path for image in scan_folder(self.root, strict)]
+        kept, seen, links = set(), set(), []
+        for path in sorted(found, key=lambda p: (p.is_symlink(), p)):  # the file over a link
+            real = path.resolve()
+            if real in seen:
+                links.append(path)
+            else:
+                kept.add(path)
+                seen.add(real)
+        self._files = [path for path in found if path in kept]
+        if links:  # one photo under two names would land on both sides of a split
+            warnings.warn(
+                f"{len(links)} file(s) in {str(self.root)!r} are links to photos listed "
+                f"already (e.g. {links[0].relative_to(self.root).as_posix()!r}); each photo "
+                "is used once.",
+                stacklevel=2,
+            )
         self.ids = [path.relative_to(self.root).as_posix() for path in self._files]
 
     def load(self, index: int) -> Tensor:

@@ -257,6 +257,11 @@ def read_picture(path: str | Path) -> Picture:
                 picture = _read_deep(path, header)
             else:
                 picture = _from_pil(ImageOps.exif_transpose(image))
+                upright = (header.height, header.width)  # Pillow's size of a TIFF is upright
+                if header.format == "TIFF" and picture.pixels.shape[:2] != upright:
+                    # Pillow 13 turns an uncompressed TIFF oriented 5-8 into stripes of the
+                    # wrong shape: read its stored samples and turn them upright here.
+                    picture = _read_tiff(path, header)
             # CMYK comes out RGB (Pillow's conversion), which a CMYK profile does not describe.
             cmyk = image.mode == "CMYK"
             picture.icc_profile = None if cmyk else image.info.get("icc_profile") or None
@@ -461,7 +466,8 @@ def _from_samples(array: np.ndarray, header: ImageHeader, alpha: bool) -> Pictur
 
 
 def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
-    """A 16-bit TIFF of any layout (strips, tiles, planar), through tifffile."""
+    """An 8- or 16-bit gray or RGB TIFF (with alpha) of any layout (strips, tiles, planar),
+    through tifffile."""
     import tifffile
 
     with tifffile.TiffFile(path) as tiff:
@@ -478,11 +484,12 @@ def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
     array = array.reshape(*stored, -1)
     channels = array.shape[-1]
     # Photometric 1 is gray ("min is black"), 2 is RGB; extra samples beyond are alpha.
-    if array.dtype != np.uint16 or (photometric, channels) not in {(1, 1), (1, 2), (2, 3), (2, 4)}:
+    layouts = {(1, 1), (1, 2), (2, 3), (2, 4)}
+    if array.dtype not in (np.uint8, np.uint16) or (photometric, channels) not in layouts:
         raise ValueError(
-            f"a 16-bit TIFF of {channels} samples ({array.dtype}) with photometric "
-            f"interpretation {photometric} is not gray or RGB (with alpha); convert it to "
-            "16-bit RGB"
+            f"a TIFF of {channels} samples ({array.dtype}) with photometric interpretation "
+            f"{photometric} is not gray or RGB (with alpha) of 8 or 16 bits; convert it to "
+            "a PNG"
         )
     if premultiplied and channels in (2, 4):
         array = _straight_alpha(array)
@@ -492,12 +499,13 @@ def _read_tiff(path: str | Path, header: ImageHeader) -> Picture:
 
 
 def _straight_alpha(array: np.ndarray) -> np.ndarray:
-    """16-bit samples with premultiplied ("associated") alpha, last, made straight: the
-    colour divided by the alpha (zero where fully transparent), as restored images keep
-    colour and alpha apart and are written with straight alpha."""
+    """Samples with premultiplied ("associated") alpha, last, made straight: the colour
+    divided by the alpha (zero where fully transparent), as restored images keep colour
+    and alpha apart and are written with straight alpha."""
+    top = float(np.iinfo(array.dtype).max)
     alpha = array[..., -1:].astype(np.float64)
-    colour = array[..., :-1] * np.divide(65535.0, alpha, out=np.zeros_like(alpha), where=alpha > 0)
-    straight = np.rint(colour).clip(0, 65535).astype(np.uint16)
+    colour = array[..., :-1] * np.divide(top, alpha, out=np.zeros_like(alpha), where=alpha > 0)
+    straight = np.rint(colour).clip(0, top).astype(array.dtype)
     return np.concatenate([straight, array[..., -1:]], axis=-1)
 
 
