@@ -180,6 +180,17 @@ class LoraIRModel(BaseTuner):
                 f"adapter_name must be a non-empty string without '.' (it names a module), "
                 f"got {adapter_name!r}."
             )
+        # peft's save_pretrained drops every key holding another adapter's name as a part
+        # of its path: a name that is also a module's (or an expert's A, B, chunk index)
+        # would lose tensors from the saved adapters without a word.
+        parts = {part for path, _ in model.named_modules() for part in path.split(".")}
+        taken = (parts - (set(self.peft_config) - {adapter_name})) | {"A", "B"}
+        if adapter_name in taken or adapter_name.isdigit():
+            raise ConfigError(
+                f"adapter_name {adapter_name!r} is also a part of the model's tensor names (a "
+                "module, or an expert's A, B or chunk number), which peft's save_pretrained "
+                "would confuse with it; choose another name."
+            )
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
             second = self.peft_config[adapter_name]
@@ -203,7 +214,27 @@ class LoraIRModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """peft's, then the newly active adapter's ``trainable`` policy (peft makes every
-        expert of it trainable, ``new_experts`` or not, and leaves the base as it was)."""
+        expert of it trainable, ``new_experts`` or not, and leaves the base as it was).
+
+        Checked first, so that a refused switch leaves the model as it was: one known name
+        (experts of two adapters are not mixed), and inside a ``loraxir.route`` block an
+        adapter of the same classes (the pinned gates are columns of the active one's)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise unknown_name("adapter", name, list(self.peft_config))
+        if len(names) > 1:  # none: peft's own call when the last adapter is deleted
+            raise RoutingError(
+                f"Exactly one adapter can be active, got {names}: each routes its own "
+                "classes. Call set_adapter(name) with one of them."
+            )
+        pinned = self._built and self.routing.pinned and names and self.active_adapters
+        if pinned and self.peft_config[names[0]].degradations != self.config.degradations:
+            raise RoutingError(
+                "A loraxir.route block is open, and its gates are columns of the active "
+                f"adapter's classes {self.config.degradations}, not {names[0]!r}'s "
+                f"{self.peft_config[names[0]].degradations}. End the block before set_adapter."
+            )
         super().set_adapter(adapter_name, inference_mode)
         if not inference_mode and self._built:  # peft's __init__ calls it before the router
             self._apply_trainable_policy()
@@ -294,7 +325,7 @@ class LoraIRModel(BaseTuner):
         )
         selected.update({k: v for k, v in state_dict.items() if guidance.is_dam_key(k)})
         tuner = getattr(model, "base_model", model)
-        router = _router_of(getattr(tuner, "loraxir_router", None), config)
+        router = _owned_router(tuner, adapter_name, config)
         _record_router(config, router)  # peft writes this (live) config next
         saved = set(router.adapter_state_dict()) if router is not None else set()
         marker = "loraxir_router."
@@ -1142,7 +1173,7 @@ class LoraIRModel(BaseTuner):
                 stacklevel=2,
             )
         config = copy.deepcopy(self.peft_config[adapter])
-        _record_router(config, _router_of(self.loraxir_router, config))
+        _record_router(config, _owned_router(self, adapter, config))
         config.inference_mode = False
         checkpoint.write(
             save_directory,
@@ -1441,6 +1472,17 @@ def _record_router(config: LoraIRConfig, router: nn.Module | None) -> None:
     config.router = router.to_config() if hasattr(router, "to_config") else None
     if config.router is not None:
         config.top_k = config.router.top_k
+
+
+def _owned_router(tuner: Any, adapter_name: str, config: LoraIRConfig) -> nn.Module | None:
+    """The router saved with ``adapter_name``: the model's, when that adapter is the first
+    (the one the router was attached for). A second adapter of the same classes is routed by
+    it but saved plain, as it was added: saved with the router, it could not be loaded back
+    beside the first."""
+    peft_config = getattr(tuner, "peft_config", {})
+    if peft_config and next(iter(peft_config)) != adapter_name:
+        return None
+    return _router_of(getattr(tuner, "loraxir_router", None), config)
 
 
 def _router_of(router: nn.Module | None, config: LoraIRConfig) -> nn.Module | None:

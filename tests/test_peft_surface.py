@@ -279,3 +279,59 @@ def test_low_cpu_mem_usage_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(ConfigError, match="low_cpu_mem_usage=True is not supported"):
         peft.PeftModel.from_pretrained(backbone, str(tmp_path), low_cpu_mem_usage=True)
     assert not any("loraxir" in name for name, _ in backbone.named_modules())
+
+
+@pytest.mark.parametrize("name", ["A", "B", "0", "intro", "ending"])
+def test_an_adapter_name_that_is_part_of_the_tensor_names_is_refused(name) -> None:
+    """peft's save_pretrained of 'default' beside an adapter named A kept 36 of its 72
+    tensors (beside '0', none), and neither loader read the folder back."""
+    model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=f"adapter_name '{name}' is also a part of the model"):
+        model.add_adapter(name, LoraIRConfig(degradations=DEGRADATIONS))
+    assert list(model.peft_config) == ["default"]
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_set_adapter_is_checked_before_it_changes_anything() -> None:
+    """An unknown name raised a bare KeyError and left the model with it active; two names
+    left both active; inside a route block, the pinned gates of one adapter's classes ran
+    another's experts by position (or an IndexError deep in the fold)."""
+    model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS)).eval()
+    model.add_adapter("pair", LoraIRConfig(degradations=["x", "y"]))
+    tuner = model.base_model
+    with pytest.raises(loraxir.UnknownNameError, match="Unknown adapter 'rain_adapter'"):
+        tuner.set_adapter("rain_adapter")
+    with pytest.raises(RoutingError, match="Exactly one adapter can be active"):
+        tuner.set_adapter(["default", "pair"])
+    assert tuner.active_adapters == ["default"]
+    with torch.no_grad(), loraxir.route(model, degradation="rain"):
+        with pytest.raises(RoutingError, match=r"route block is open.*not 'pair''s \['x', 'y'\]"):
+            model.set_adapter("pair")
+        assert tuner.active_adapters == ["default"]
+    model.set_adapter("pair")  # outside the block
+    assert tuner.active_adapters == ["pair"]
+
+
+def test_a_second_adapter_beside_the_router_saves_plain_and_loads_back(tmp_path) -> None:
+    """Saved with the first adapter's router in its config, it was refused on loading as
+    a second adapter ('cannot bring a router')."""
+    torch.manual_seed(1)
+    router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16)
+    model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    model.base_model.attach_router(router)
+    model.add_adapter("b", LoraIRConfig(degradations=DEGRADATIONS))
+    randomize_experts(model.base_model)
+    model.eval()
+    model.save_pretrained(tmp_path)  # the first in tmp_path, the second in tmp_path / "b"
+    with torch.no_grad(), loraxir.route(model, degradation="haze"):
+        model.set_adapter("b")
+        expected = model(X)
+    saved = LoraIRConfig.from_file(tmp_path / "b" / "adapter_config.json")
+    assert saved.router is None
+    assert LoraIRConfig.from_file(tmp_path / "adapter_config.json").router is not None
+    loaded = peft.PeftModel.from_pretrained(_backbone(), tmp_path).eval()
+    loaded.load_adapter(tmp_path / "b", adapter_name="b")
+    loaded.set_adapter("b")
+    with torch.no_grad(), loraxir.route(loaded, degradation="haze"):
+        assert torch.equal(loaded(X), expected)
