@@ -66,6 +66,8 @@ def output_file(text: str) -> Path:
     try:
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a .json file")
+        if path.suffix.lower() == ".png":  # the plots are written beside it, as .png
+            raise argparse.ArgumentTypeError(f"{text!r} names a PNG; name a .json file")
         blocking = file_in_the_way(path)
         if blocking is not None:
             raise argparse.ArgumentTypeError(f"{str(blocking)!r} is a file, not a folder")

@@ -33,11 +33,10 @@ import contextlib
 import copy
 import json
 import math
-import signal
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import peft
 import torch
@@ -142,6 +141,14 @@ def _gates(batch: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
     return gates
 
 
+def _training_gates(
+    batch: int, top_k: int, experts: int, generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`_gates` of the ``EXPERTS`` experts, or all ones for a single expert (top-k
+    columns of five experts cut to one would leave most images without an expert)."""
+    return _gates(batch, top_k, generator) if experts == EXPERTS else torch.ones(batch, 1)
+
+
 def _routed(
     base: nn.Module, generator: torch.Generator, experts: int = EXPERTS, rank: int = RANK
 ) -> loraxir.LoraIRModel:
@@ -188,17 +195,17 @@ def _training_bytes(bench: Bench, model: nn.Module, step: Callable[[], None], ca
         with bench.autocast():
             step()
         return float(torch.cuda.max_memory_allocated(bench.device))
-    storages: dict[int, int] = {}
+    kept: list[torch.UntypedStorage] = []  # held, so that no address is reused in the call
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        kept.append(tensor.untyped_storage())
         return tensor
 
     with bench.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         call()
+    saved = {storage.data_ptr(): storage.nbytes() for storage in kept}
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return float(sum(storages.values()) + 3 * trainable)
+    return float(sum(saved.values()) + 3 * trainable)
 
 
 def _set_forms(model: loraxir.LoraIRModel, form: str) -> None:
@@ -375,8 +382,7 @@ def bench_training(bench: Bench, setting: tuple[str, int, int], seed: int) -> No
     ]
     for label, top_k, experts, rank in variants:
         model = _routed(base, generator, experts, rank).train()
-        gates = _gates(batch, top_k, generator)[:, :experts].to(bench.device)
-        gates = gates / gates.sum(1, keepdim=True).clamp_min(1e-12)
+        gates = _training_gates(batch, top_k, experts, generator).to(bench.device)
         step = _train_step(model, lambda m=model, g=gates: m(x, gates=g))
         ratio = bench.ratio(step, full_step)
         bench.record(setting, f"experts-only train step {label} / full base step", ratio)
@@ -411,13 +417,14 @@ def _bench_peft_training(bench, setting, base, model, x, full_step, full_memory)
 
 # --------------------------------------------------------------------------- output
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'backbone':<13}{'size':>5}{'batch':>6}  {'measure':<58}{'value':>9}  spread"]
+    width = max([58, *(len(r["measure"]) + 1 for r in rows)])  # values in one column
+    lines = [f"{'backbone':<13}{'size':>5}{'batch':>6}  {'measure':<{width}}{'value':>9}  spread"]
     for r in rows:
         spread = f"{r['low']:.2f}-{r['high']:.2f}" if "low" in r else ""
         flag = " !" if "warning" in r else ""
         unit = r["unit"] if r["unit"] == "x" else f" {r['unit']}"
         lines.append(
-            f"{r['backbone']:<13}{r['size']:>5}{r['batch']:>6}  {r['measure']:<58}"
+            f"{r['backbone']:<13}{r['size']:>5}{r['batch']:>6}  {r['measure']:<{width}}"
             f"{r['value']:>8.3f}{unit}  {spread}{flag}"
         )
     return "\n".join(lines)
@@ -472,39 +479,49 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_cpu_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick and (args.backbones or args.sizes or args.batches):
+        parser.error("--quick runs its own subset; drop it, or --backbones/--sizes/--batches")
+    unknown = sorted(set(args.backbones or []) - set(loraxir.list_backbones()))
+    if unknown:  # before minutes of other settings, whose rows an error would lose
+        parser.error(f"unknown backbone(s) {unknown}; see loraxir.list_backbones()")
     bench = Bench(args.device, args.amp, args.repeats, torch.get_num_threads())
     inference, training = _settings(args)
     sections = {"inference": (inference, bench_inference), "training": (training, bench_training)}
     planned = [(section, setting) for section in args.sections for setting in sections[section][0]]
     # A setting takes minutes on a CPU: a bar over them, each table printed as it completes.
-    # Stopped early (Ctrl-C, or `timeout`'s SIGTERM in gpu_overhead.sh), it writes the rows
-    # of the settings it finished, marked incomplete, and exits 130.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    stopped, start = False, 0
+    # Stopped early (Ctrl-C, `timeout`'s SIGTERM in gpu_overhead.sh: run_script's handler,
+    # exit 130 or 143) or by an error in a later setting (out of memory on a GPU), it writes
+    # the rows of the settings it finished, marked incomplete, then stops as it was stopped.
+    start = 0
     try:
         for section, setting in tqdm(planned, desc="overhead settings", unit="setting"):
             start = len(bench.rows)
             sections[section][1](bench, setting, args.seed)
+            bench.check_machine()  # the load average now counts this run's own threads
             tqdm.write(_table(bench.rows[start:]))
-    except KeyboardInterrupt:
-        stopped = True
+    except BaseException:
         del bench.rows[start:]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        _write(args, bench, complete=False)
+        raise
+    _write(args, bench, complete=True)
+
+
+def _write(args: argparse.Namespace, bench: Bench, complete: bool) -> None:
+    """The JSON of the finished settings, written whole (a temporary file renamed over the
+    output); none when no setting finished, so that an earlier run's file stays."""
     for warning in bench.warnings:
         print(f"WARNING: {warning}", flush=True)
+    if not bench.rows:
+        print(f"Nothing finished; {args.output} was not written.", flush=True)
+        return
     args.output.parent.mkdir(parents=True, exist_ok=True)
     settings_json = vars(args) | {"output": str(args.output), "threads": bench.threads}
-    record = {"settings": settings_json, "complete": not stopped, "warnings": bench.warnings}
-    args.output.write_text(json.dumps(record | {"rows": bench.rows}, indent=2))
-    print(f"wrote {args.output}" + (f" (stopped early: {len(bench.rows)} rows)" if stopped else ""))
-    if stopped:
-        raise KeyboardInterrupt
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM as Ctrl-C: stop timing and write what was measured."""
-    raise KeyboardInterrupt
+    record = {"settings": settings_json, "complete": complete, "warnings": bench.warnings}
+    partial = args.output.with_name(f".{args.output.name}.partial")
+    partial.write_text(json.dumps(record | {"rows": bench.rows}, indent=2))
+    os.replace(partial, args.output)
+    early = "" if complete else f" (stopped early: {len(bench.rows)} rows)"
+    print(f"wrote {args.output}{early}", flush=True)
 
 
 if __name__ == "__main__":

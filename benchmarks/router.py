@@ -28,8 +28,9 @@ from _timing import median_time, output_file, positive_int, seed_type
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from loraxir import create_backbone
+from loraxir import create_backbone, list_backbones
 from loraxir.router import DegradationRouter
+from loraxir.router.encoders import available_encoders
 from loraxir.training.entry import run_script, script_description
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
@@ -153,6 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument("--output", type=output_file, default="benchmarks/results/router.json")
     args = parser.parse_args(argv)
+    known = set(available_encoders())
+    unknown = [e for e in args.encoders if e not in known and not Path(e).exists()]
+    if unknown:  # before the other encoders' minutes, whose rows an error would lose
+        parser.error(
+            f"unknown encoder(s) {unknown}: name cnn-tiny, an open_clip model "
+            "(open_clip.list_models()) or a folder"
+        )
+    if args.backbone not in list_backbones():
+        parser.error(f"unknown backbone {args.backbone!r}; see loraxir.list_backbones()")
 
     print(f"backbone {args.backbone}, {torch.get_num_threads()} threads, batch 1")
     repeats = 0 if args.flops_only else args.repeats

@@ -26,6 +26,7 @@ import numpy as np
 from _timing import output_file, positive_float, positive_int, seed_type
 
 from loraxir.inference.tiling import check_tiling
+from loraxir.pretrained import describe_adapter, find_adapter
 from loraxir.training.entry import run_script, script_description
 
 
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         adapter = _random_adapter(Path(scratch) / "random", args.seed) if args.random else None
         adapter = adapter or args.adapter
+        classes = describe_adapter(find_adapter(adapter)).degradations
+        if args.degradation is not None and args.degradation not in classes:
+            # checked here, not when the folder is restored after every size is measured
+            parser.error(f"--degradation {args.degradation!r}: the adapter's classes are {classes}")
         context = multiprocessing.get_context("spawn")
         sizes = []
         for megapixels in args.sizes:
@@ -166,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
                 sizes.append(pool.apply(_measure_size, (task,)))
         _allocator(args.system_allocator)
         folder = _folder_throughput(adapter, args.images, args.image_size, args.degradation)
-    result = {"adapter": adapter or "(shipped default)", "tile": args.tile, "sizes": sizes}
+    named = f"random nafnet-tiny (seed {args.seed})" if args.random else adapter
+    result = {"adapter": named or "(shipped default)", "tile": args.tile, "sizes": sizes}
+    result |= {"overlap": args.overlap, "seed": args.seed}
     result["allocator"] = "system" if args.system_allocator else "keep freed memory"
     result["folder"] = folder
     print(f"{'MP':>7} {'tiles':>6} {'s':>8} {'s/MP':>7} {'peak MiB':>9} {'work MiB/MP':>12}")

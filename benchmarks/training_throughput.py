@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -172,13 +173,30 @@ def scaling_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 *(["--keep-freed-memory"] if args.keep_freed_memory else []),
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-            result = subprocess.run(command, env=env, capture_output=True, text=True)
+            result = _run_group(command, env)
             if result.returncode != 0:
                 raise RuntimeError(f"{processes}-process run failed:\n{result.stderr[-3000:]}")
             record = json.loads(out.read_text())
             rows.append({"measure": "fine-tuning under Accelerate", **record})
     rows[1]["speedup_vs_1_process"] = rows[1]["patches_per_s"] / rows[0]["patches_per_s"]
     return rows
+
+
+def _run_group(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``command`` in a process group of its own, the whole group killed if this run is
+    stopped: torchrun's workers outlived it (stuck, ignoring SIGTERM) when ``timeout`` or a
+    scheduler signalled this process alone."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

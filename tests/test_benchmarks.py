@@ -79,6 +79,42 @@ def test_overhead_benchmark_stopped_early_writes_the_finished_settings(tmp_path,
     assert record["complete"] is False
     assert any(m.startswith("routed top-1 inference") for m in measures), "inference is kept"
     assert "half-measured" not in measures, "the unfinished setting's rows are dropped"
+    # An error in a later setting (out of memory on a GPU) kept nothing; a run that
+    # finished nothing replaced an earlier file with an empty one.
+    output.unlink()
+
+    def fail_in_training(bench, setting, seed):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(overhead, "bench_training", fail_in_training)
+    with pytest.raises(RuntimeError):
+        overhead.main([*argv, "--output", str(output)])
+    assert json.loads(output.read_text())["complete"] is False
+    before = output.read_text()
+    with pytest.raises(RuntimeError):
+        overhead.main([*argv, "--sections", "training", "--output", str(output)])
+    assert output.read_text() == before
+
+
+def test_overhead_training_gates_and_memory_count(monkeypatch):
+    """The single-expert row gave 6 of 8 images no expert; the saved-tensor byte count
+    moved between identical calls (addresses reused)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("overhead", None)
+    import overhead
+    import torch
+
+    import loraxir
+
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(overhead._training_gates(8, 1, 1, generator), torch.ones(8, 1))
+    gates = overhead._training_gates(8, 2, overhead.EXPERTS, generator)
+    assert gates.shape == (8, overhead.EXPERTS) and (gates > 0).sum(1).eq(2).all()
+    bench = overhead.Bench("cpu", None, 1, 1)
+    model = loraxir.create_backbone("nafnet-tiny").train()
+    x = torch.rand(2, 3, 16, 16)
+    counts = {overhead._training_bytes(bench, model, None, lambda: model(x)) for _ in range(4)}
+    assert len(counts) == 1
 
 
 def test_training_floor_trains_one_parameter_and_leaves_the_backbone_alone(monkeypatch):
@@ -131,11 +167,17 @@ def test_counts_and_sizes_below_one_are_refused_before_anything_runs(monkeypatch
     sys.modules.pop("overhead", None)
     import overhead
 
-    for argv in (["--repeats", "0"], ["--batches", "4", "-2"], ["--sizes", "x"]):
+    for argv in (
+        ["--repeats", "0"],
+        ["--batches", "4", "-2"],
+        ["--sizes", "x"],
+        ["--backbones", "nafnet-tiny", "nosuch"],  # found after the first backbone's rows
+    ):
         with pytest.raises(SystemExit) as exit_info:
             overhead.main(argv)
         assert exit_info.value.code == 2
-    assert "must be >= 1, got 0" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "must be >= 1, got 0" in error and "unknown backbone(s) ['nosuch']" in error
 
 
 def test_outputs_and_choices_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
