@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from loraxir import create_backbone, list_backbones
 from loraxir.router import DegradationRouter
 from loraxir.router.encoders import available_encoders
+from loraxir.router.encoders.open_clip import LOCAL_DIR_PREFIX
 from loraxir.training.entry import run_script, script_description
 
 CLASSES = ["noise", "rain", "haze", "blur", "low_light"]
@@ -154,8 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument("--output", type=output_file, default="benchmarks/results/router.json")
     args = parser.parse_args(argv)
-    known = set(available_encoders())
-    unknown = [e for e in args.encoders if e not in known and not Path(e).exists()]
+    known = available_encoders()
+    local = [e for e in args.encoders if e.startswith(LOCAL_DIR_PREFIX)]
+    unknown = [
+        e for e in args.encoders if e not in known + local and not Path(e).expanduser().exists()
+    ]
     if unknown:  # before the other encoders' minutes, whose rows an error would lose
         parser.error(
             f"unknown encoder(s) {unknown}: name cnn-tiny, an open_clip model "

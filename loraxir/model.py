@@ -181,15 +181,15 @@ class LoraIRModel(BaseTuner):
                 f"got {adapter_name!r}."
             )
         # peft's save_pretrained drops every key holding another adapter's name as a part
-        # of its path: a name that is also a module's (or an expert's A, B, chunk index)
-        # would lose tensors from the saved adapters without a word.
-        parts = {part for path, _ in model.named_modules() for part in path.split(".")}
-        taken = (parts - (set(self.peft_config) - {adapter_name})) | {"A", "B"}
+        # of its path: a name that is also a module's or a tensor's (weight, an expert's A,
+        # B or chunk number, a router's head) would lose tensors of the saved adapters.
+        router = getattr(self, "loraxir_router", None)
+        taken = _tensor_name_parts(model, router) - (set(self.peft_config) - {adapter_name})
         if adapter_name in taken or adapter_name.isdigit():
             raise ConfigError(
                 f"adapter_name {adapter_name!r} is also a part of the model's tensor names (a "
-                "module, or an expert's A, B or chunk number), which peft's save_pretrained "
-                "would confuse with it; choose another name."
+                "module or a tensor, e.g. weight, an expert's A, B or chunk number), which "
+                "peft's save_pretrained would confuse with it; choose another name."
             )
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
@@ -825,6 +825,13 @@ class LoraIRModel(BaseTuner):
         router's logit order).
         """
         check_router(router, self.config)
+        clashing = sorted(set(self.peft_config) & _tensor_name_parts(nn.Module(), router))
+        if clashing:
+            raise ConfigError(
+                f"The adapter name(s) {clashing} are also parts of the router's tensor names, "
+                "which peft's save_pretrained would confuse with them; add the adapters under "
+                "other names."
+            )
         self.loraxir_router = router.to(next(self.model.parameters()).device)
         self._apply_trainable_policy()
 
@@ -1472,6 +1479,15 @@ def _record_router(config: LoraIRConfig, router: nn.Module | None) -> None:
     config.router = router.to_config() if hasattr(router, "to_config") else None
     if config.router is not None:
         config.top_k = config.router.top_k
+
+
+def _tensor_name_parts(model: nn.Module, router: nn.Module | None) -> set[str]:
+    """Every part of the model's and the router's tensor names, and the prefixes peft puts
+    before them (``base_model.model.``, ``loraxir_router.``), with an expert's ``A`` and
+    ``B``."""
+    keys = [*model.state_dict(), *(router.state_dict() if router is not None else ())]
+    parts = {part for key in keys for part in key.split(".")}
+    return parts | {"model", "base_model", "loraxir_router", "A", "B"}
 
 
 def _owned_router(tuner: Any, adapter_name: str, config: LoraIRConfig) -> nn.Module | None:

@@ -77,7 +77,7 @@ def test_unreadable_image_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     assert cli.main(["degradations", "--image", str(bad), "-o", str(tmp_path / "x.png")]) == 2
-    assert "Cannot decode image" in capsys.readouterr().err
+    assert "Cannot read image" in capsys.readouterr().err  # from its header, before decoding
 
 
 def test_no_subcommand_prints_help(capsys):

@@ -335,9 +335,33 @@ def test_linked_folders_are_read_and_a_linked_photo_is_used_once(tmp_path):
     (photos / "set").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "loop").symlink_to(photos, target_is_directory=True)  # ends
     (photos / "again.png").symlink_to(photos / "p0.png")
+    for index in range(8):  # the walk's own order put some links first
+        _save(photos / f"real{index}" / "z.png", _rgb(10 + index))
+        (photos / f"link{index}").symlink_to(photos / f"real{index}", target_is_directory=True)
     with pytest.warns(UserWarning, match=r"1 file\(s\) .* are links to photos listed already"):
         data = SyntheticPairs(photos, "five_task", 8, split="all")
-    assert data.image_ids == ["p0.png", "p1.png", "p2.png", "p3.png", "set/e.png"]
+    # A folder reached as itself and through a link keeps its own path, on every machine.
+    reals = [f"real{index}/z.png" for index in range(8)]
+    assert data.image_ids == ["p0.png", "p1.png", "p2.png", "p3.png", *reals, "set/e.png"]
+
+
+def test_animations_and_turned_palette_tiffs_are_skipped_at_the_scan(tmp_path):
+    """The scan listed them and reading them stopped training at their turn."""
+    import tifffile
+
+    _save(tmp_path / "good.png", _rgb(0))
+    frames = [Image.fromarray(_rgb(seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    palette = np.zeros((256, 3), np.uint16)
+    tifffile.imwrite(
+        tmp_path / "pal.tif",
+        np.zeros((12, 20), np.uint8),
+        photometric="palette",
+        colormap=palette.T,
+        extratags=[(274, "H", 1, 6, True)],
+    )
+    with pytest.warns(UserWarning, match="2 corrupt or unsupported"):
+        assert SyntheticPairs(tmp_path, "five_task", 8, split="all").image_ids == ["good.png"]
 
 
 def test_a_name_written_in_two_unicode_forms_pairs(tmp_path):

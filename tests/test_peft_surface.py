@@ -281,7 +281,7 @@ def test_low_cpu_mem_usage_is_refused_by_name(tmp_path) -> None:
     assert not any("loraxir" in name for name, _ in backbone.named_modules())
 
 
-@pytest.mark.parametrize("name", ["A", "B", "0", "intro", "ending"])
+@pytest.mark.parametrize("name", ["A", "B", "0", "intro", "ending", "weight", "bias", "model"])
 def test_an_adapter_name_that_is_part_of_the_tensor_names_is_refused(name) -> None:
     """peft's save_pretrained of 'default' beside an adapter named A kept 36 of its 72
     tensors (beside '0', none), and neither loader read the folder back."""
@@ -291,6 +291,17 @@ def test_an_adapter_name_that_is_part_of_the_tensor_names_is_refused(name) -> No
         model.add_adapter(name, LoraIRConfig(degradations=DEGRADATIONS))
     assert list(model.peft_config) == ["default"]
     assert model.state_dict().keys() == before.keys()
+
+
+def test_a_router_whose_tensor_names_hold_an_adapter_name_is_refused() -> None:
+    """Beside an adapter named head or encoder, the router's tensors were dropped from the
+    first adapter's saved folder, which then did not load."""
+    model = peft.get_peft_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
+    model.add_adapter("head", LoraIRConfig(degradations=DEGRADATIONS))
+    router = DegradationRouter.from_encoder("cnn-tiny", DEGRADATIONS, image_size=16)
+    with pytest.raises(ConfigError, match=r"\['head'\] are also parts of the router's tensor"):
+        model.base_model.attach_router(router)
+    assert model.base_model.loraxir_router is None
 
 
 def test_set_adapter_is_checked_before_it_changes_anything() -> None:

@@ -35,6 +35,7 @@ from loraxir.inference.images import IMAGE_EXTENSIONS, probe_image, read_picture
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # TIFF tags locating a page's pixel data.
 _STRIP_OFFSETS, _STRIP_BYTE_COUNTS, _TILE_OFFSETS, _TILE_BYTE_COUNTS = 273, 279, 324, 325
+_PHOTOMETRIC, _ORIENTATION = 262, 274
 
 
 def to_rgb8(image: Image.Image | np.ndarray) -> Tensor:
@@ -155,7 +156,12 @@ def _files_under(root: Path) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        # Real folders before links, by name: a folder reached both ways keeps the same
+        # (real) path, and so the same image ids and split, on every machine.
+        subfolders[:] = sorted(
+            (name for name in subfolders if not name.startswith(".")),
+            key=lambda name: (os.path.islink(os.path.join(folder, name)), name),
+        )
         files += [Path(folder, n) for n in names if not n.startswith(".")]
     return sorted(path for path in files if path.is_file())
 
@@ -207,8 +213,9 @@ def header_size(path: Path) -> tuple[int, int] | None:
             )
             image_format = image.format
             complete = image_format != "TIFF" or _tiff_data_in_file(image, path)
+            complete = complete and not _turned_tiff_of_other_colours(image)
             image.verify()
-        if image_format == "TIFF":
+        if image_format in ("TIFF", "PNG", "WEBP"):  # samples, frames: what read_image refuses
             probe_image(path)
         if image_format in ("JPEG", "BMP", "PPM"):
             with Image.open(path) as image:
@@ -222,6 +229,18 @@ def header_size(path: Path) -> tuple[int, int] | None:
     if not complete:
         return None
     return (width, height) if turned else (height, width)
+
+
+def _turned_tiff_of_other_colours(image: Image.Image) -> bool:
+    """A TIFF turned by 90° whose colours are neither gray nor RGB (palette, CMYK): Pillow
+    decodes an uncompressed one wrongly, and the stored samples are read (and turned) only
+    for gray and RGB."""
+    if image.format != "TIFF":
+        return False
+    tags = image.tag_v2  # type: ignore[attr-defined]
+    return tags.get(_ORIENTATION, 1) in _SWAPPING_ORIENTATIONS and tags.get(
+        _PHOTOMETRIC, 1
+    ) not in (1, 2)
 
 
 def _tiff_data_in_file(image: Image.Image, path: Path) -> bool:
