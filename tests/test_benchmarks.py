@@ -153,6 +153,7 @@ def test_training_throughput_benchmark_runs_and_writes_every_measure(tmp_path, m
         "fine-tuning under Accelerate",
     ]
     assert [row["processes"] for row in rows[-2:]] == [1, 2]  # two processes really ran
+    assert rows[-2]["threads"] == 2 * rows[-1]["threads"], "the same cores in total"
     assert all(math.isfinite(row["patches_per_s"]) and row["patches_per_s"] > 0 for row in rows)
     # both fine-tuning rows train the same experts, whatever form computes them
     assert rows[2]["trainable_parameters"] == rows[3]["trainable_parameters"] > 0
