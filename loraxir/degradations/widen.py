@@ -38,7 +38,7 @@ def widen(
     generator: torch.Generator | None = None,
 ) -> Compose:
     """A copy of ``pipeline`` whose explicit parameter ranges are widened (see module)."""
-    if not (0 <= inside < margin or inside == 0 <= margin):
+    if inside < 0 or margin < 0 or (inside > 0 and inside >= margin):
         raise ConfigError(
             f"widen needs 0 <= inside < margin (or inside = 0), got inside={inside}, "
             f"margin={margin}: nothing lies between the two."
