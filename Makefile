@@ -6,10 +6,11 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: install quickstart test test-all lint bench
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the environment the published figures were measured in.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade "pip>=24,<27"
-	$(PYTHON) -m pip install --quiet -e ".[restormer,dev]"
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e ".[restormer,dev]"
 	touch $@
 
 install: $(VENV)/.installed

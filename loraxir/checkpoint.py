@@ -10,9 +10,11 @@ folder written here loads with ``peft.PeftModel.from_pretrained`` and the other 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -270,7 +272,7 @@ def refuse_file(path: Path) -> NoReturn:
 def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path:
     path = Path(model_id)
     if path.is_dir():
-        return path
+        return local_folder(path, hub_kwargs)
     if path.is_file():
         refuse_file(path)
     if str(model_id).count("/") != 1 or str(model_id).startswith((".", "/")):
@@ -280,14 +282,66 @@ def _resolve_folder(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> 
     return download(str(model_id), [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], hub_kwargs)
 
 
+def _split_hub_kwargs(hub_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``subfolder`` (a folder inside the repo or local folder, as in peft's
+    ``from_pretrained``) and the arguments for ``snapshot_download``. Any other name is
+    refused here: ``snapshot_download`` would raise a bare ``TypeError``."""
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(hub_kwargs)
+    subfolder = kwargs.pop("subfolder", None) or ""
+    if (
+        not isinstance(subfolder, str)
+        or Path(subfolder).is_absolute()
+        or ".." in Path(subfolder).parts
+    ):
+        raise ConfigError(
+            f"subfolder={subfolder!r} must be a relative folder inside the repo or folder, "
+            "e.g. subfolder='five-task'."
+        )
+    accepted = set(inspect.signature(snapshot_download).parameters) - {
+        "repo_id", "allow_patterns", "ignore_patterns"
+    }  # fmt: skip
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"Unknown Hub argument(s) {unknown}: loading takes subfolder= and "
+            f"huggingface_hub.snapshot_download's {sorted(accepted)}."
+        )
+    return subfolder.strip("/"), kwargs
+
+
+def local_folder(path: Path, hub_kwargs: dict[str, Any]) -> Path:
+    """``path`` (a local folder), or its ``subfolder``. Hub download arguments given with
+    a local folder are ignored, with a warning: a folder of the repo id's name in the
+    working directory is loaded before the Hub, and ``revision=`` would silently not
+    apply."""
+    subfolder, kwargs = _split_hub_kwargs(hub_kwargs)
+    ignored = sorted(name for name, value in kwargs.items() if value is not None)
+    if ignored:
+        warnings.warn(
+            f"{str(path)!r} is a local folder, which loads before any Hub repo of that name, "
+            f"so the Hub arguments {ignored} are ignored. To load the Hub repo, run from a "
+            "directory without that folder.",
+            stacklevel=3,
+        )
+    folder = path / subfolder
+    if not folder.is_dir():
+        raise CheckpointError(f"{path} has no folder {subfolder!r} (subfolder=).")
+    return folder
+
+
 def download(repo_id: str, files: list[str], hub_kwargs: dict[str, Any]) -> Path:
-    """Fetch ``files`` of a Hub repo through the Hub cache (offline: from the cache only)
-    and return the snapshot folder; errors say whether it was offline or the Hub refused."""
+    """Fetch ``files`` of a Hub repo (or of its ``subfolder``) through the Hub cache
+    (offline: from the cache only) and return their folder; errors say whether it was
+    offline, the Hub refused or the repo lacks the subfolder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    subfolder, kwargs = _split_hub_kwargs(hub_kwargs)
+    patterns = [f"{subfolder}/{name}" if subfolder else name for name in files]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=files, **hub_kwargs))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, **kwargs))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{repo_id!r} is not a local folder and is not in the Hub cache, and the Hub cannot "
@@ -297,3 +351,8 @@ def download(repo_id: str, files: list[str], hub_kwargs: dict[str, Any]) -> Path
         raise CheckpointError(f"Could not fetch {repo_id!r} from the Hub: {error}.") from None
     except ValueError as error:
         raise ConfigError(f"Invalid Hub repo id {repo_id!r}: {error}.") from None
+    if subfolder and not (snapshot / subfolder / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"Hub repo {repo_id!r} has no adapter in its folder {subfolder!r} (subfolder=)."
+        )
+    return snapshot / subfolder

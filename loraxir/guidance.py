@@ -468,7 +468,7 @@ class GuidedBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         check_input(self.backbone, x)
-        with self.routing.lock:  # the embedding lives in the shared routing state
+        with self.routing.turn(True):  # the embedding lives in the shared routing state
             with torch.no_grad():
                 embedding = self.router.route(x).embedding
             with self.routing.activate(None, embedding):  # any size, as LoraIRModel runs it

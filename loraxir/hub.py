@@ -6,8 +6,10 @@ we upload the folder that ``save_pretrained`` wrote, card included, with ``HfApi
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from loraxir import __version__
 from loraxir.config import LoraIRConfig
 from loraxir.errors import CheckpointError, ConfigError
 from loraxir.pretrained import (
+    BACKBONE_CONFIG,
     CARD_NAME,
     CONFIG_NAME,
     FOLDER_FILES,
@@ -24,6 +27,9 @@ from loraxir.pretrained import (
 )
 from loraxir.router.config import RouterConfig
 
+_USAGE_HEADING = "## Use it from the Hub"
+_LIBRARY_LINE = "library_name: loraxir"  # in a card's front matter: a card of ours
+
 
 def render_model_card(
     config: LoraIRConfig, backbone: str, metrics: dict[str, Any] | None = None
@@ -31,7 +37,7 @@ def render_model_card(
     """A ``README.md`` for an adapter: base backbone, degradations, metrics, how to load."""
     lines = [
         "---",
-        "library_name: loraxir",
+        _LIBRARY_LINE,
         "tags: [image-restoration, all-in-one, lora, mixture-of-experts, loraxir]",
         "---",
         "",
@@ -84,14 +90,37 @@ def push_to_hub(
     private: bool = True,
     token: str | None = None,
     endpoint: str | None = None,
+    include_backbone: bool = True,
     **card: Any,
 ) -> str:
     """Save ``model`` (a :class:`~loraxir.model.LoraIRModel`) and upload the folder to
     ``repo_id`` as :func:`push_folder` does; returns the commit URL. ``card`` goes to
-    ``save_pretrained`` (``metrics=``, ``base_model=``)."""
+    ``save_pretrained`` (``metrics=``, ``base_model=``).
+
+    With ``include_backbone`` the base network goes too (``backbone.json`` +
+    ``backbone.safetensors``, its own weights even when the model is merged), so that the
+    repo restores by itself as the card says; a network that
+    :func:`~loraxir.backbones.save_backbone` cannot describe (your own module) is pushed
+    without it, with a warning, and the card says to pass it. The model is not changed."""
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **card)
+        if include_backbone:
+            _save_base_network(model, folder, repo_id)
         return push_folder(folder, repo_id, private=private, token=token, endpoint=endpoint)
+
+
+def _save_base_network(model: Any, folder: str, repo_id: str) -> None:
+    """The backbone pair of ``model``'s plain network, from a copy (unloading consumes)."""
+    from loraxir.backbones import save_backbone
+
+    try:
+        save_backbone(copy.deepcopy(model).unload(), folder)
+    except ConfigError as error:
+        warnings.warn(
+            f"Pushing {repo_id!r} without its base network: {error} Its users pass the "
+            "network themselves (backbone= in Python, --backbone on the command line).",
+            stacklevel=3,
+        )
 
 
 def push_folder(
@@ -104,15 +133,16 @@ def push_folder(
     """Upload an adapter folder to ``repo_id`` (created if needed); returns the commit URL.
 
     Uploads the adapter files and, when present, ``backbone.json``/``backbone.safetensors``
-    and ``metrics.json``. The folder's ``README.md`` is the card (rendered from the config
-    when missing); a "use it" section naming ``repo_id`` is added to the uploaded copy when
-    the card does not mention the repo yet. The folder itself is not modified. Its config
-    is checked as loading would check it, card or not. A push over an earlier one removes
-    the earlier push's adapter files that this folder lacks (a stale backbone pair would
-    load under the new experts). An invalid ``repo_id`` raises :class:`ConfigError` before
-    any upload; offline mode, an unreachable endpoint and a refused upload raise
-    :class:`CheckpointError` saying which it was. ``private`` applies to a repo created here;
-    an existing repo keeps its visibility.
+    and ``metrics.json``. The folder's ``README.md`` is the card when its front matter says
+    ``library_name: loraxir`` (otherwise, missing or peft's, one is rendered from the config
+    and metrics); the uploaded copy gets a "use it" section naming ``repo_id`` (replacing
+    one of an earlier push), whose commands pass a network when the folder has none. The
+    folder itself is not modified. Its config is checked as loading would check it, card
+    or not. A push over an earlier one removes the earlier push's adapter files that this
+    folder lacks (a stale backbone pair would load under the new experts). An invalid
+    ``repo_id`` raises :class:`ConfigError` before any upload; offline mode, an unreachable
+    endpoint and a refused upload raise :class:`CheckpointError` saying which it was.
+    ``private`` applies to a repo created here; an existing repo keeps its visibility.
     """
     import httpx2
     from huggingface_hub import HfApi
@@ -127,13 +157,16 @@ def push_folder(
         raise CheckpointError(f"{folder} has no adapter_model.safetensors; nothing to push.")
     config = LoraIRConfig.from_file(folder / CONFIG_NAME)  # what loading it would check
     card_path = folder / CARD_NAME
-    if card_path.is_file():
-        card = card_path.read_text(encoding="utf-8")
-    else:
+    card = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
+    if _LIBRARY_LINE not in card.split("\n---", 1)[0]:  # none, or peft's (library_name: peft)
         card = render_model_card(config, info.backbone_label, info.metrics or None)
-    if repo_id not in card:
-        degradation = info.degradations[0] if info.degradations else "noise"
-        card += _usage_section(repo_id, degradation, mergeable=config.dam is None)
+    degradation = info.degradations[0] if info.degradations else "noise"
+    card = _without_usage_section(card) + _usage_section(
+        repo_id,
+        degradation,
+        mergeable=config.dam is None,
+        self_contained=(folder / BACKBONE_CONFIG).is_file(),
+    )
     api = HfApi(token=token, endpoint=endpoint)
     files = (*FOLDER_FILES, METRICS_NAME)
     with tempfile.TemporaryDirectory() as staging:
@@ -185,25 +218,42 @@ def _check_repo_id(repo_id: str) -> None:
         )
 
 
-def _usage_section(repo_id: str, degradation: str, mergeable: bool) -> str:
+def _without_usage_section(card: str) -> str:
+    """``card`` without a "use it" section of an earlier push (a card downloaded from
+    another repo names that repo; a repo id test would take ``me/a`` for ``me/a-v2``)."""
+    head, found, rest = card.partition(f"\n{_USAGE_HEADING}\n")
+    if not found:
+        return card
+    after = rest.find("\n## ")
+    return head if after < 0 else head + rest[after:]
+
+
+def _usage_section(repo_id: str, degradation: str, mergeable: bool, self_contained: bool) -> str:
     """How to use the pushed adapter; ``merge`` only for adapters without DAM blocks (which
-    no plain checkpoint can hold)."""
-    merge = f"loraxir merge {repo_id} --degradation {degradation} -o plain.safetensors"
+    no plain checkpoint can hold); without a backbone pair in the repo, every command
+    names the network to pass."""
+    backbone = "" if self_contained else " --backbone NETWORK.pth"
+    merge = f"loraxir merge {repo_id} --degradation {degradation} -o plain.safetensors{backbone}"
+    load = (
+        f"model = loraxir.load_adapter({repo_id!r})  # with the network the repo carries"
+        if self_contained
+        else f"model = loraxir.load_adapter({repo_id!r}, backbone='NETWORK.pth')  # not in the repo"
+    )
     return "\n".join(
         [
             "",
-            "## Use it from the Hub",
+            _USAGE_HEADING,
             "",
             "```bash",
             "pip install ./loraxir  # a checkout of loraxir's source (not on PyPI)",
-            f"loraxir restore photo.png -o restored/ --adapter {repo_id}",
-            f"loraxir restore clip.mp4 -o restored/ --adapter {repo_id} --smooth 0.5",
+            f"loraxir restore photo.png -o restored/ --adapter {repo_id}{backbone}",
+            f"loraxir restore clip.mp4 -o restored/ --adapter {repo_id}{backbone} --smooth 0.5",
             *([merge] if mergeable else []),
             "```",
             "",
             "```python",
             "import loraxir",
-            f"model = loraxir.load_adapter({repo_id!r})  # backbone from the repo when it has one",
+            load,
             "```",
             "",
         ]

@@ -5,7 +5,8 @@ The convention: images on the 0–255 scale; optionally only the luma channel Y 
 every side; SSIM with an 11×11 Gaussian window (σ = 1.5), constants ``(0.01·255)²`` and
 ``(0.03·255)²``, "valid" borders (no padding), computed per channel and averaged; both
 metrics per image. Defaults of other libraries differ silently: kornia's YCbCr is full
-range, torchmetrics pools PSNR over the batch and pads SSIM. These functions equal
+range, torchmetrics pools PSNR over the batch and infers SSIM's data range from the
+images unless ``data_range`` is given. These functions equal
 scikit-image's ``peak_signal_noise_ratio(data_range=255)`` and
 ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
 data_range=255)`` on the same 0–255 arrays.

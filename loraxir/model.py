@@ -144,6 +144,9 @@ class LoraIRModel(BaseTuner):
                 model.peft_config.clear()
                 model.peft_config.update(configs_before)
             raise
+        # A peft load that fails after this injection undoes it too, and must put back DAM
+        # blocks the network had before (pre-trained by a GuidedBackbone, say), not drop them.
+        self.__dict__["_dam_before_injection"] = dam_before
         # The wrapped network's mode, not a new module's default (train): an eval network
         # stays in eval, so its inference calls take the inference paths.
         self.training = model.training
@@ -236,6 +239,8 @@ class LoraIRModel(BaseTuner):
                 f"{self.peft_config[names[0]].degradations}. End the block before set_adapter."
             )
         super().set_adapter(adapter_name, inference_mode)
+        if names:
+            self._follow_active_compute()
         if not inference_mode and self._built:  # peft's __init__ calls it before the router
             self._apply_trainable_policy()
 
@@ -243,15 +248,31 @@ class LoraIRModel(BaseTuner):
         """peft's, then the ``trainable`` policy of the adapter it makes active."""
         super().delete_adapter(adapter_name)
         if self.active_adapters:
+            self._follow_active_compute()
             self._apply_trainable_policy()
+
+    def _follow_active_compute(self) -> None:
+        """Each expert layer runs the active adapter's ``compute`` and tuned choice: both
+        belong to an adapter (its config saves them), while a layer keeps one of each, set
+        when the first adapter wrapped it."""
+        config = self.config
+        for _, layer in self.expert_layers():
+            layer.compute = config.compute
+            layer.tuned = dict(config.tuned or {})
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Nothing: peft upcasts half-precision adapter weights to float32 here, but every
+        compute form works in the base weight's dtype (experts are created in it), so an
+        upcast bank on a bf16 network failed in torch at its first call."""
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         """peft's ``disable_adapter()`` runs the bare backbone: merged experts are taken out
         (as peft's LoRA does) and DAM blocks pass their input through."""
-        if not enabled and self.merged:
-            self.unmerge()
-        super()._enable_adapter_layers(enabled)
-        self.routing.adapters_enabled = enabled
+        with self.routing.lock:  # a call running in another thread keeps its experts
+            if not enabled and self.merged:
+                self.unmerge()
+            super()._enable_adapter_layers(enabled)
+            self.routing.adapters_enabled = enabled
 
     def unmerge_adapter(self) -> None:
         """peft's name for :meth:`unmerge` (which also forgets the merged gate)."""
@@ -364,7 +385,7 @@ class LoraIRModel(BaseTuner):
             _check_loaded_keys(tuner, adapter_name, model.state_dict(), remapped)
         except checkpoint.CheckpointError:
             if fresh and list(tuner.peft_config) == [adapter_name]:
-                _undo_injection(tuner.model, set(), [])
+                _undo_injection(tuner.model, set(), tuner.__dict__.get("_dam_before_injection", []))
                 tuner.model.__dict__.pop("peft_config", None)  # peft's mark on the backbone
                 tuner._unloaded = True
             elif fresh:
@@ -391,8 +412,9 @@ class LoraIRModel(BaseTuner):
                 "peft_model.base_model(x, gates=...)."
             )
         images = args[0] if args else next(iter(kwargs.values()))
-        with self.routing.lock, self.routing.activate(*self._routing_for(images, None, None)):
-            yield
+        with self.routing.turn(False):
+            with self.routing.activate(*self._routing_for(images, None, None)):
+                yield
 
     # ---------------------------------------------------------------- access
     @property
@@ -518,7 +540,8 @@ class LoraIRModel(BaseTuner):
         check_input(self.model, x)
         _check_backbone_args(args)
         self._awaiting().clear()  # in use: a failed load no longer takes it out
-        with self.routing.lock:  # threads sharing the model take turns (gates live there)
+        own = gates is not None or degradation is not None
+        with self.routing.turn(own):  # threads sharing the model take turns (gates live there)
             if self.training and torch.is_grad_enabled() and self._merged_now():
                 raise RoutingError(
                     "The model is merged: its experts are folded into the base weights and would "
@@ -1060,35 +1083,37 @@ class LoraIRModel(BaseTuner):
         # (exact), float32 otherwise, so that a float64 NumPy gate still serves as float32.
         wide = next(self.model.parameters()).dtype == torch.float64
         gate = gate.to(torch.float64 if wide else torch.float32)
-        earlier = None
-        if self.merged:
-            layer = next(layer for _, layer in self.expert_layers() if layer.merged)
-            earlier = (self.routing.merge_gate, list(layer.merged_adapters))
-            self.unmerge()
-        self.routing.merge_gate = gate
-        merged: list[LoraIRLayer] = []
-        try:
-            for path, layer in self.expert_layers():
-                try:
-                    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                except RoutingError as error:
-                    raise RoutingError(f"Layer {path!r}: {error}") from None
-                merged.append(layer)
-        except BaseException:
-            for layer in merged:
-                layer.unmerge()
-            self.routing.merge_gate = None
-            if earlier is not None:
-                # Experts edited while merged may no longer fold finite: then stay unmerged.
-                with contextlib.suppress(RoutingError):
-                    self.merge(earlier[0], adapter_names=earlier[1], safe_merge=safe_merge)
-            raise
+        with self.routing.lock:  # a call running in another thread keeps its weights
+            earlier = None
+            if self.merged:
+                layer = next(layer for _, layer in self.expert_layers() if layer.merged)
+                earlier = (self.routing.merge_gate, list(layer.merged_adapters))
+                self.unmerge()
+            self.routing.merge_gate = gate
+            merged: list[LoraIRLayer] = []
+            try:
+                for path, layer in self.expert_layers():
+                    try:
+                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    except RoutingError as error:
+                        raise RoutingError(f"Layer {path!r}: {error}") from None
+                    merged.append(layer)
+            except BaseException:
+                for layer in merged:
+                    layer.unmerge()
+                self.routing.merge_gate = None
+                if earlier is not None:
+                    # Experts edited while merged may no longer fold finite: then stay unmerged.
+                    with contextlib.suppress(RoutingError):
+                        self.merge(earlier[0], adapter_names=earlier[1], safe_merge=safe_merge)
+                raise
 
     def unmerge(self) -> None:
         """Restore the exact base weights saved by :meth:`merge`."""
-        for _, layer in self.expert_layers():
-            layer.unmerge()
-        self.routing.merge_gate = None
+        with self.routing.lock:  # a call running in another thread keeps its weights
+            for _, layer in self.expert_layers():
+                layer.unmerge()
+            self.routing.merge_gate = None
 
     def merge_and_unload(
         self,
@@ -1180,6 +1205,14 @@ class LoraIRModel(BaseTuner):
                 stacklevel=2,
             )
         config = copy.deepcopy(self.peft_config[adapter])
+        inserted = guidance.dam_config(self.model)
+        if config.dam is None and inserted is not None:  # the folder would not load again
+            raise ConfigError(
+                f"The network carries DAM blocks at {inserted.points} that adapter "
+                f"{adapter!r}'s config does not list (dam=None): they were inserted after "
+                "wrapping. Insert them before get_loraxir_model, with LoraIRConfig(dam="
+                f"DAMConfig(points={inserted.points}, embed_dim={inserted.embed_dim}))."
+            )
         _record_router(config, _owned_router(self, adapter, config))
         config.inference_mode = False
         checkpoint.write(

@@ -76,17 +76,19 @@ def _is_loraxir_config(path: Path) -> bool:
 def find_adapter(adapter: str | os.PathLike | None = None, **hub_kwargs: Any) -> Path:
     """The local folder of ``adapter``: a folder path, an adapter name (see
     :func:`list_adapters`), or a Hub repo id ``owner/name`` (downloaded through the Hub
-    cache, ``hub_kwargs`` going to ``snapshot_download``). ``None`` is
-    :data:`DEFAULT_ADAPTER`."""
+    cache, ``hub_kwargs`` going to ``snapshot_download``; ``subfolder=`` picks a folder
+    inside the repo or folder). ``None`` is :data:`DEFAULT_ADAPTER`."""
+    from loraxir.checkpoint import local_folder
+
     spec = DEFAULT_ADAPTER if adapter is None else str(adapter)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return path
+        return local_folder(path, hub_kwargs)
     if path.is_file():
         raise CheckpointError(f"{spec!r} is a file; pass the adapter folder that contains it.")
     for root in adapter_roots():
         if (root / spec / CONFIG_NAME).is_file():
-            return root / spec
+            return local_folder(root / spec, hub_kwargs)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _download(spec, hub_kwargs)
     if spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)):

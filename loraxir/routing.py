@@ -10,9 +10,10 @@ When gates may be read (issue 7, "stale gates"): a routed call
 ``PeftModel.forward`` path) makes its gates and embedding *live* for the duration of the
 call. After the call they stay stored, because activation checkpointing recomputes
 segments during ``backward`` and must read the same gates, but expert layers refuse them
-outside a call, outside a ``loraxir.route(...)`` block and outside autograd's backward: a
-later direct ``model.model(x)`` raises :class:`RoutingError` instead of silently reusing
-the previous routing. They are replaced at the start of the next call. (Consequence: with
+outside a call (in the call's own thread), outside a ``loraxir.route(...)`` block and
+outside autograd's backward: a later direct ``model.model(x)``, compiled or not, or one
+made in another thread while a call runs, raises :class:`RoutingError` instead of silently
+reusing that routing. They are replaced at the start of the next call. (Consequence: with
 activation checkpointing, run ``backward`` before the next routed call, as a training step
 does.)
 
@@ -57,8 +58,9 @@ class RoutingState:
         lock: held for each call of the model (and to pin or unpin gates), so that
             threads sharing one model take turns instead of reading each other's gates
             (the gates live here, not in the call's arguments).
-        pin_lock: held for each ``loraxir.route`` block: a block in another thread waits
-            for it to end, while calls from any thread inside it run (a thread pool).
+        pin_lock: held for each ``loraxir.route`` block: a block in another thread, and a
+            call of another thread that brings its own routing, wait for it to end, while
+            calls that use the pinned gates run from any thread (a thread pool).
     """
 
     def __init__(self) -> None:
@@ -70,6 +72,7 @@ class RoutingState:
         self.cache_folds = True
         self.adapters_enabled = True
         self._calls = 0  # routed calls running now (nested calls count once each)
+        self._caller: int | None = None  # the thread of the running call
         # (gates, version, values): what derived() computed from those gates.
         self._derived: tuple[torch.Tensor, int | None, dict[Hashable, Any]] | None = None
         self.lock = threading.RLock()
@@ -79,18 +82,37 @@ class RoutingState:
         # Copies (deepcopy, pickle) start without the last call's routing, as they start
         # without kept folds: after a training call its gates are part of an autograd graph
         # (a router that trains), which deepcopy refuses, and no copy is inside that call.
-        # Pinned routing (a copy made inside loraxir.route) stays. A lock is not copied.
+        # Nor inside a loraxir.route block (maybe another thread's Restorer's): no block would
+        # ever end on the copy, which would run every later call with those gates. A lock
+        # is not copied.
         state = dict(self.__dict__)
         del state["lock"], state["pin_lock"]
-        if not self.pinned:
-            state["gates"] = state["embedding"] = None
-        state["_derived"], state["_calls"] = None, 0
+        state["gates"] = state["embedding"] = None
+        state["pinned"], state["_derived"], state["_calls"], state["_caller"] = False, None, 0, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"_caller": None, **state})  # a model pickled before it existed
         self.lock = threading.RLock()
         self.pin_lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def turn(self, own_routing: bool) -> Iterator[None]:
+        """This thread's turn for one call: the routing lock, and, for a call that brings
+        its own routing (gates, names or the router's), the pin lock too. Such a call waits
+        for another thread's ``loraxir.route`` block to end, because direct backbone calls
+        in that block read whatever gates are live and would take this call's. A call that
+        uses pinned gates (a worker thread of the block) runs inside the block."""
+        held = self.pin_lock.acquire(blocking=False)
+        if not held and (own_routing or not self.pinned):
+            self.pin_lock.acquire()
+            held = True
+        try:
+            with self.lock:
+                yield
+        finally:
+            if held:
+                self.pin_lock.release()
 
     @contextlib.contextmanager
     def activate(
@@ -102,18 +124,28 @@ class RoutingState:
         ends: a call may run with other gates (none on a merged model) and the next call in
         the block must still find the pinned ones."""
         pinned = (self.gates, self.embedding) if self.pinned else None
+        caller = self._caller
         self.gates, self.embedding = gates, embedding
         self._derived = None
         self._calls += 1
+        # (A compiled graph reads _calls only: threads are no part of what it traces.)
+        self._caller = None if torch.compiler.is_compiling() else threading.get_ident()
         try:
             yield
         finally:
             self._calls -= 1
+            self._caller = caller
             if pinned is not None:
                 self.gates, self.embedding = pinned
 
     def _readable(self) -> bool:
-        if self._calls or self.pinned or torch.compiler.is_compiling():
+        if self.pinned:
+            return True
+        if torch.compiler.is_compiling():  # a compiled direct call reads no finished call's gates
+            return bool(self._calls)
+        # The call's own thread: a direct backbone call of another thread, made while this
+        # call runs, would otherwise read its gates.
+        if self._calls and self._caller == threading.get_ident():
             return True
         # Activation checkpointing recomputes forward segments inside autograd's backward.
         return torch._C._current_graph_task_id() != -1

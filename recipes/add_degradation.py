@@ -302,8 +302,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     class_index = torch.tensor([lora_model.degradations.index(n) for n in data.class_names])
 
     def restore(batch: dict[str, Any]) -> torch.Tensor:
+        # lora_model is inside the prepared module, whose autocast it would not get: the
+        # metrics are measured in the precision training runs in, as finetune.py's are.
         lora_model.eval()
-        return lora_model(batch["lq"], **routing_arguments(config.route_by, batch, data))
+        with run.accelerator.autocast():
+            restored = lora_model(batch["lq"], **routing_arguments(config.route_by, batch, data))
+        return restored.float()
 
     def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
         restored, logits = module(batch["lq"], **routing_arguments("label", batch, data))

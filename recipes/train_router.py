@@ -89,6 +89,7 @@ from loraxir.validation import check_choice, check_int
 OBJECTIVES = ("classification", "contrastive")
 ROUTE_BY = ("label", "task")
 CLEAN = "clean"
+_REGIMES = ("suite", "outside", CLEAN)  # the evaluation's; mixtures must not take them
 
 
 @dataclass
@@ -261,6 +262,11 @@ class TrainRouterConfig(RecipeConfig):
             compose(steps)  # fail now, with the step named, rather than after training
             if not isinstance(name, str):
                 raise ConfigError(f"mixture names must be strings, got {name!r}.")
+            if name in _REGIMES:  # its rows would be scored as that regime's
+                raise ConfigError(
+                    f"mixture name {name!r} is an evaluation regime's ({', '.join(_REGIMES)}); "
+                    "rename the mixture, e.g. 'noise+jpeg'."
+                )
 
     def sizing(self) -> Sizing:
         """How training images are cut from the photos."""
@@ -509,8 +515,7 @@ def score(predictions: Predictions, config: TrainRouterConfig, data: RouterData)
         "calibration": calibration(probabilities, labels),
         "unsure_below": unsure_below,
         "unsure_rate": {
-            regime: _unsure_rate(predictions.select(regime)[0], unsure_below)
-            for regime in ("suite", "outside", CLEAN)
+            regime: _unsure_rate(predictions.select(regime)[0], unsure_below) for regime in _REGIMES
         },
         "confusion_matrix": confusion_matrix(
             probabilities.argmax(1), labels, len(classes)
@@ -540,16 +545,19 @@ def score(predictions: Predictions, config: TrainRouterConfig, data: RouterData)
 
 
 def save_router_choices(router: DegradationRouter, items: Sequence[Any], path: Path) -> None:
-    """A figure of the router's probabilities and choices on one full-size test image per class."""
+    """A figure of the router's probabilities and choices on one full-size test image per
+    class, as the test read them: the classes' images of the first full-size shape (one
+    photo's draws), never resampled (that would change noise grain and streak widths)."""
     first: dict[int, torch.Tensor] = {}
     for image, label, size, regime in items:
         if regime == "suite" and size == "full":
-            first.setdefault(label, image)
+            shape = next(iter(first.values())).shape if first else image.shape
+            if image.shape == shape:
+                first.setdefault(label, image)
     if not first:
         return
     shown = sorted(first)
-    side = min(min(first[i].shape[-2:]) for i in shown)
-    batch = torch.stack([resize_image(first[i], side, side) for i in shown])
+    batch = torch.stack([first[i] for i in shown])
     router.explain(batch).plot(path, labels=[router.degradations[i] for i in shown])
 
 

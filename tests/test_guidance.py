@@ -314,6 +314,42 @@ def test_adapter_with_dam_restores_outputs_through_loraxir_and_peft(tmp_path):
         assert torch.equal(reloaded(x), expected)
 
 
+def test_a_failed_peft_load_keeps_the_networks_pretrained_dam_blocks(tmp_path):
+    """The undo of a refused load took out every DAM block, also those a GuidedBackbone
+    had pre-trained before: it then ran without them, silently."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _dam_model().save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    with safe_open(weights, "pt") as handle:
+        metadata = handle.metadata()
+    del tensors[next(key for key in tensors if ".loraxir_experts." in key)]
+    save_file(tensors, weights, metadata=metadata)
+    guided = GuidedBackbone(_backbone(), _router()).eval()
+    _perturb_dam(guided.backbone)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = guided(x)
+    with pytest.raises(loraxir.CheckpointError, match="missing"):
+        PeftModel.from_pretrained(guided.backbone, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(guided(x), before)
+
+
+def test_dam_blocks_inserted_after_wrapping_are_refused_at_save(tmp_path):
+    """The folder held DAM tensors under a config without DAM, which no loader takes."""
+    model = loraxir.get_loraxir_model(
+        _backbone(), LoraIRConfig(degradations=DEGRADATIONS), router=_router()
+    )
+    insert_dam(model.model, None, EMBED_DIM, model.routing)
+    with pytest.raises(ConfigError, match=r"inserted after wrapping.*dam=DAMConfig\(points="):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_old_classes_given_by_name_keep_their_outputs_when_a_class_is_added():
     """Their DAM embeddings are the router's fitted rows; dropping them changed the outputs
     (by 0.56 on the shipped adapter)."""
@@ -528,6 +564,24 @@ def test_a_block_compiles_after_eager_calls_at_several_sizes():
             assert torch.equal(compiled(x, embedding), block(x, embedding)), side
 
 
+def test_a_compiled_direct_call_reads_no_finished_calls_routing():
+    """Compiled, a direct backbone call ran with the last routed call's embedding and gates
+    (eager raises): reading was allowed whenever torch was compiling."""
+    model = _dam_model()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x, degradation="rain")
+        torch._dynamo.reset()
+        compiled = torch.compile(model.model, backend="eager")
+        with pytest.raises(RoutingError, match="gates of a finished call are not reused"):
+            compiled(x)
+        gates = torch.tensor([[0.0, 1.0, 0.0]])
+        embedding = model.loraxir_router.route(x).embedding
+        with loraxir.route(model, gates=gates, embedding=embedding):  # how to run it compiled
+            out = compiled(x)
+        torch.testing.assert_close(out, model(x, gates=gates))
+
+
 @pytest.mark.parametrize(
     "route",
     [
@@ -607,6 +661,92 @@ def test_worker_threads_inside_a_route_block_find_its_gates():
             outputs = [future.result(timeout=60) for future in futures]
     for out in outputs:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_direct_backbone_call_never_reads_another_threads_call():
+    """Direct calls take no lock: one made in a route block, or outside any, while another
+    thread's call ran read that call's gates (its experts, silently)."""
+    model = _dam_model()
+    x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    embedding = model.loraxir_router.route(x).embedding
+    with torch.no_grad(), loraxir.route(model, degradation="rain", embedding=embedding):
+        pinned = model.model(x)
+        alone = model(y, degradation="haze")
+    started, inside, release = threading.Event(), threading.Event(), threading.Event()
+    found = {}
+
+    def pause(module, args):
+        if threading.current_thread().name == "other":
+            inside.set()
+            assert release.wait(30)
+
+    def other() -> None:
+        started.set()
+        with torch.no_grad():
+            found["other"] = model(y, degradation="haze")
+
+    hook = model.model.register_forward_pre_hook(pause)
+    try:
+        with torch.no_grad(), loraxir.route(model, degradation="rain", embedding=embedding):
+            thread = threading.Thread(target=other, name="other")
+            thread.start()
+            assert started.wait(30)
+            inside.wait(0.5)  # it must not get in: it waits for this block to end
+            assert torch.equal(model.model(x), pinned)
+            release.set()
+        thread.join(60)
+        torch.testing.assert_close(found["other"], alone)
+        inside.clear()
+        release.clear()
+        thread = threading.Thread(target=other, name="other")
+        thread.start()
+        assert inside.wait(30)  # its call is running, with its gates live
+        with torch.no_grad(), pytest.raises(RoutingError, match="not reused"):
+            model.model(x)
+        release.set()
+        thread.join(60)
+    finally:
+        release.set()
+        hook.remove()
+
+
+def test_a_merge_from_another_thread_waits_for_a_running_call():
+    """merge() took no lock: a call's later layers ran weights merged for another class."""
+    model = _dam_model()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        alone = model(x, degradation="rain")
+    inside, release, merged = threading.Event(), threading.Event(), threading.Event()
+    found = {}
+
+    def pause(module, args):
+        if threading.current_thread().name == "caller":
+            inside.set()
+            assert release.wait(30)
+
+    def caller() -> None:
+        with torch.no_grad():
+            found["out"] = model(x, degradation="rain")
+
+    def merger() -> None:
+        model.merge(degradation="haze")
+        merged.set()
+
+    hook = model.model.encoders[1].register_forward_pre_hook(pause)  # mid-network
+    threads = [threading.Thread(target=caller, name="caller"), threading.Thread(target=merger)]
+    try:
+        threads[0].start()
+        assert inside.wait(30)
+        threads[1].start()
+        assert not merged.wait(0.5), "the merge waits for the call"
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        release.set()
+        hook.remove()
+    assert merged.is_set() and model.merged
+    torch.testing.assert_close(found["out"], alone)
 
 
 def test_route_blocks_in_two_threads_take_turns():

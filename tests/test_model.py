@@ -156,7 +156,9 @@ def test_target_names_match_whole_path_components():
     assert not matches(["conv"], "conv2") and matches(r".*conv\d", "body.conv2")
 
 
-def test_merge_takes_one_gate_and_copies_inside_a_route_block_keep_its_gates():
+def test_merge_takes_one_gate_and_copies_inside_a_route_block_start_unpinned():
+    """A copy kept the block's gates pinned for good (no block ever ends on it), so a copy
+    made while another thread's Restorer ran restored every later image with them."""
     model = _trained_model()
     with pytest.raises(RoutingError, match="exactly one of gates"):
         model.merge(gates=torch.tensor([0.0, 1.0, 0.0]), degradation="rain")
@@ -164,7 +166,13 @@ def test_merge_takes_one_gate_and_copies_inside_a_route_block_keep_its_gates():
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad(), loraxir.route(model, degradation="rain"):
         copied = copy.deepcopy(model)
-        assert torch.equal(copied.model(x), model.model(x))  # the pinned gates came along
+        expected = model.model(x)
+    assert not copied.routing.pinned
+    with torch.no_grad():
+        with pytest.raises(RoutingError, match="not reused"):
+            copied.model(x)
+        with loraxir.route(copied, degradation="rain"):
+            assert torch.equal(copied.model(x), expected)
 
 
 def test_target_patterns_that_match_nothing_list_close_names():

@@ -119,6 +119,37 @@ def test_switching_adapters_keeps_each_ones_trainable_policy() -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
 
 
+def test_each_adapter_runs_its_own_compute_form_and_tuned_choice() -> None:
+    """A layer kept the first adapter's form: a second adapter with dropout ("auto", which
+    takes a dropout form) was refused as if it had asked for "weight"."""
+    wrapped = peft.get_peft_model(
+        _backbone(), LoraIRConfig(degradations=DEGRADATIONS, compute="weight")
+    )
+    model = wrapped.base_model
+    model.set_compute_choice({"inference": "batched"})
+    wrapped.add_adapter("drop", LoraIRConfig(degradations=DEGRADATIONS, lora_dropout=0.1))
+    wrapped.set_adapter("drop")
+    assert model.compute_choice() == {}
+    model.train()(X, degradation="rain").mean().backward()  # dropout applies
+    wrapped.set_adapter("default")
+    assert model.compute_choice() == {"inference": "batched"}
+    layers = [layer for _, layer in model.expert_layers()]
+    assert {layer.compute for layer in layers} == {"weight"}
+
+
+def test_a_half_precision_network_through_peft_keeps_its_experts_dtype() -> None:
+    """peft upcast the experts to float32 beside bf16 weights, and the first call failed
+    inside torch."""
+    network = _backbone().to(torch.bfloat16)
+    model = peft.get_peft_model(network, LoraIRConfig(degradations=DEGRADATIONS))
+    randomize_experts(model.base_model)
+    assert {p.dtype for n, p in model.named_parameters() if "loraxir_experts" in n} == {
+        torch.bfloat16
+    }
+    with torch.no_grad(), loraxir.route(model.base_model, degradation="rain"):
+        assert model(X.bfloat16()).dtype == torch.bfloat16
+
+
 def test_unsupported_peft_operations_are_refused_by_name() -> None:
     model = loraxir.get_loraxir_model(_backbone(), LoraIRConfig(degradations=DEGRADATIONS))
     with pytest.raises(ConfigError, match="add_weighted_adapter is not supported"):

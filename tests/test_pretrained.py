@@ -101,12 +101,29 @@ def test_push_uploads_the_promised_files_and_card(adapter_root, online):
 
 
 def test_push_to_hub_uploads_what_save_pretrained_writes(adapter_root, online, tmp_path):
+    """With the base network: the card said ``load_adapter('me/mem')`` and ``restore
+    --adapter me/mem`` work alone, and a push over a self-contained repo deleted its pair."""
     model = loraxir.load_adapter(adapter_root / "tiny-three")
     model.save_pretrained(tmp_path / "saved", metrics={"psnr_noise": 30.0})
+    model.merge(degradation=CLASSES[1])  # the pair holds the network's own weights all the same
+    cache = tmp_path / "hub-cache"
     with LocalHub() as hub:
         url = push_to_hub(
             model, "me/mem", endpoint=hub.url, token="test-token", metrics={"psnr_noise": 30.0}
         )
+        pushed = loraxir.load_adapter("me/mem", endpoint=hub.url, cache_dir=cache)
+        push_to_hub(model, "me/lean", endpoint=hub.url, token="test-token", include_backbone=False)
+    assert model.merged  # pushing left the model as it was
+    for name in ("backbone.json", "backbone.safetensors"):
+        assert hub.repos["me/mem"][name] == (adapter_root / "tiny-three" / name).read_bytes()
+        assert name not in hub.repos["me/lean"]
+    x = torch.rand(1, 3, 24, 32)
+    local = loraxir.load_adapter(adapter_root / "tiny-three")
+    for a, b in zip(_restore(pushed, x), _restore(local, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    lean_card = hub.repos["me/lean"]["README.md"].decode()
+    assert "--adapter me/lean --backbone NETWORK.pth\n" in lean_card
+    assert "load_adapter('me/lean', backbone='NETWORK.pth')" in lean_card
     files = hub.repos["me/mem"]
     assert "/me/mem/commit/" in url
     assert (
@@ -117,6 +134,64 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(adapter_root, online, t
         (tmp_path / "saved" / "adapter_config.json").read_text()
     )
     assert "psnr_noise" in files["README.md"].decode()
+
+
+def test_a_card_naming_another_repo_gets_this_repos_usage(adapter_root, online, tmp_path):
+    """A folder downloaded from me/tiny-v2 kept its card's commands for me/tiny-v2 when
+    pushed to me/tiny (a substring of it)."""
+    import shutil
+
+    folder = tmp_path / "from-v2"
+    shutil.copytree(adapter_root / "tiny-three", folder)
+    with LocalHub() as hub:
+        push_folder(folder, "me/tiny-v2", endpoint=hub.url, token="test-token")
+        (folder / "README.md").write_bytes(hub.repos["me/tiny-v2"]["README.md"])
+        push_folder(folder, "me/tiny", endpoint=hub.url, token="test-token")
+    card = hub.repos["me/tiny"]["README.md"].decode()
+    assert "me/tiny-v2" not in card and card.count("## Use it from the Hub") == 1
+    assert "loraxir restore photo.png -o restored/ --adapter me/tiny\n" in card
+    assert card.startswith((folder / "README.md").read_text().split("\n## Use it")[0])
+
+
+def test_a_folder_saved_by_peft_is_pushed_with_a_loraxir_card(adapter_root, online, tmp_path):
+    """peft's save_pretrained writes its own card (library_name: peft), which went up as is."""
+    import peft
+
+    model = peft.get_peft_model(
+        load_backbone(adapter_root / "tiny-three"), loraxir.LoraIRConfig(degradations=CLASSES)
+    )
+    model.save_pretrained(tmp_path / "by-peft")
+    assert "library_name: peft" in (tmp_path / "by-peft" / "README.md").read_text()
+    with LocalHub() as hub:
+        push_folder(tmp_path / "by-peft", "me/p", endpoint=hub.url, token="test-token")
+    card = hub.repos["me/p"]["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: loraxir") and ", ".join(CLASSES) in card
+
+
+def test_hub_arguments_subfolders_and_local_folders(adapter_root, online, tmp_path):
+    """subfolder= (peft's name) picks a folder of the repo or folder; a misspelt argument
+    was a bare TypeError from huggingface_hub, and revision= beside a local folder of the
+    repo's name was dropped in silence."""
+    by_subfolder = loraxir.load_adapter(adapter_root, subfolder="tiny-three")
+    direct = loraxir.load_adapter(adapter_root / "tiny-three")
+    x = torch.rand(1, 3, 16, 16)
+    for a, b in zip(_restore(by_subfolder, x), _restore(direct, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match=r"local folder.*\['revision'\] are ignored"):
+        loraxir.load_adapter(adapter_root / "tiny-three", revision="v2")
+    with pytest.raises(ConfigError, match=r"Unknown Hub argument\(s\) \['revison'\].*revision"):
+        loraxir.load_adapter("me/tiny", revison="v2")
+    with pytest.raises(ConfigError, match="must be a relative folder"):
+        loraxir.load_adapter(adapter_root, subfolder="../tiny-three")
+    with pytest.raises(CheckpointError, match="has no folder 'nope'"):
+        loraxir.load_adapter(adapter_root, subfolder="nope")
+    with LocalHub() as hub:
+        push_folder(adapter_root / "tiny-three", "me/tiny", endpoint=hub.url, token="test-token")
+        with pytest.raises(CheckpointError, match="has no adapter in its folder 'nope'"):
+            loraxir.LoraIRModel.from_pretrained(
+                load_backbone(adapter_root / "tiny-three"), "me/tiny", subfolder="nope",
+                endpoint=hub.url, cache_dir=tmp_path / "cache",
+            )  # fmt: skip
 
 
 def test_a_second_push_leaves_no_stale_file_and_checks_the_config(adapter_root, online, tmp_path):

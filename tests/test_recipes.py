@@ -400,10 +400,16 @@ def test_an_existing_output_is_not_overwritten_without_the_flag(base: Path, tmp_
 
 
 def test_a_refused_run_leaves_the_earlier_one_as_it_was(
-    finetuned: tuple[Path, dict], base: Path, tmp_path: Path
+    finetuned: tuple[Path, dict], base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused resume, or an --overwrite whose settings fail while the model is built,
-    keeps the earlier run's config.yaml, checkpoints and logs."""
+    keeps the earlier run's config.yaml, checkpoints and logs (activation checkpointing
+    refusing a network without blocks came after the clearing)."""
+    from loraxir.training import restoration
+
+    def no_blocks(model: torch.nn.Module) -> None:
+        raise ConfigError("gradient_checkpointing found no block in this network")
+
     out = tmp_path / "run"
     shutil.copytree(finetuned[0], out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -413,6 +419,11 @@ def test_a_refused_run_leaves_the_earlier_one_as_it_was(
     _reset_accelerate()
     with pytest.raises(ConfigError, match="route_by=router needs"):
         run("finetune", out, *FINETUNE, f"base={base}", "route_by=router",
+            flags=("--overwrite",))  # fmt: skip
+    _reset_accelerate()
+    monkeypatch.setattr(restoration, "enable_activation_checkpointing", no_blocks)
+    with pytest.raises(ConfigError, match="found no block"):
+        run("finetune", out, *FINETUNE, f"base={base}", "gradient_checkpointing=true",
             flags=("--overwrite",))  # fmt: skip
     _reset_accelerate()
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -869,6 +880,30 @@ def test_add_degradation_trains_only_the_routers_new_class(
     assert torch.equal(after[:5], before), "old classes' logits unchanged"
     for task in CLASSES:
         assert abs(metrics["per_task"][task]["change"]) < 1e-5, task
+
+
+def test_add_degradation_validates_in_the_precision_it_trains_in(
+    guided: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under bf16 it trained with autocast but validated the inner model in float32, so its
+    "before" and "after" were other measures than finetune.py's (the docs say bf16)."""
+    grow = recipe("add_degradation")
+    build = grow.build_model
+    seen: set[tuple[bool, bool]] = set()
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        model = build(*args, **kwargs)
+        model.model.model.register_forward_pre_hook(
+            lambda module, inputs: seen.add(
+                (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
+            )
+        )
+        return model
+
+    monkeypatch.setattr(grow, "build_model", spied)
+    run("add_degradation", tmp_path, *DATA, f"adapter={guided['root'] / 'ft' / 'adapter'}",
+        "max_steps=1", "val_patch_size=32", "mixed_precision=bf16")  # fmt: skip
+    assert seen == {(True, True), (False, True)}, "training and validation both under autocast"
 
 
 def test_add_degradation_keeps_the_fitted_class_embeddings(

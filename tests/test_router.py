@@ -292,6 +292,23 @@ def test_explain_reports_probabilities_and_chosen_experts(tmp_path: Path) -> Non
     assert buffer.getvalue().startswith(b"\x89PNG")
 
 
+def test_figures_leave_the_callers_plotting_backend_alone(tmp_path: Path) -> None:
+    """explain().plot switched every later figure of a notebook or GUI session to Agg."""
+    import matplotlib
+
+    from loraxir.training import save_confusion_matrix
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        figure = cnn_router().eval().explain(torch.rand(2, 3, 16, 16)).plot(tmp_path / "a.png")
+        save_confusion_matrix(torch.eye(2, dtype=torch.long), ["a", "b"], tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert figure.axes and (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_saved_router_loads_with_identical_gates(tmp_path: Path) -> None:
     router = cnn_router(top_k=2, temperature=0.7)
     with torch.no_grad():

@@ -339,6 +339,8 @@ def test_bad_configs_raise_with_the_setting_named(
         ("eval_repeats=0", "eval_repeats must be an integer >= 1, got 0"),
         ("run_folds=0", "run_folds must be an integer >= 1, got 0"),
         ("crops=0", "crops must be an integer >= 1, got 0"),
+        # Its rows were scored as that regime's, then crashed the confusion matrix.
+        ("mixtures={outside: [noise, rain]}", "mixture name 'outside' is an evaluation regime"),
     ],
 )
 def test_router_settings_are_checked_when_the_config_loads(setting: str, message: str) -> None:
@@ -365,6 +367,18 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(tmp_path: Path) -> None
     folder.mkdir(parents=True)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         run_recipe(tmp_path, "max_steps=6", f"resume={folder}")
+
+
+def test_the_choices_figure_shows_the_test_images_at_their_own_size(tmp_path: Path) -> None:
+    """They were resized to squares of the shorter side, which thins noise and streaks."""
+    router = DegradationRouter.from_encoder("cnn-tiny", ["noise", "rain"], image_size=16)
+    read: list[tuple[int, ...]] = []
+    explain = router.explain
+    router.explain = lambda images: read.append(tuple(images.shape)) or explain(images)
+    wide = [(torch.rand(3, 40, 60), label, "full", "suite") for label in (1, 0)]
+    other = [(torch.rand(3, 50, 50), 0, "full", "suite"), (torch.rand(3, 64, 64), 1, "64", "suite")]
+    _recipe().save_router_choices(router, [*wide, *other], tmp_path / "choices.png")
+    assert read == [(2, 3, 40, 60)] and (tmp_path / "choices.png").stat().st_size > 1000
 
 
 def test_flatten_config_gives_tensorboard_scalars() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,19 @@ def test_cosine_schedule_warms_up_and_ends_at_the_floor() -> None:
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-4)
     assert all(a >= b for a, b in itertools.pairwise(rates[1:]))
     assert optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_a_warm_up_as_long_as_the_run_is_named() -> None:
+    """A shipped config's warm-up with a short ``--set max_steps`` never reaches the rate."""
+    weight = nn.Parameter(torch.zeros(1))
+    long = RecipeConfig(max_steps=10, warmup_steps=20, learning_rate=1e-3)
+    with pytest.warns(UserWarning, match=r"warmup_steps \(20\) >= max_steps \(10\).*0\.5x"):
+        make_optimizer_and_scheduler([{"params": [weight]}], long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_optimizer_and_scheduler(
+            [{"params": [weight]}], RecipeConfig(max_steps=21, warmup_steps=20)
+        )
 
 
 def test_ema_averages_swaps_in_and_restores_its_state() -> None:

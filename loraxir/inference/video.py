@@ -201,15 +201,11 @@ class FrameReport:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Gates per class over time (top) and, with a reference, PSNR (bottom)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: the caller's backend stays
 
         has_psnr = "psnr" in self.rows[0]
-        fig, axes = plt.subplots(
-            2 if has_psnr else 1, 1, figsize=(8, 5 if has_psnr else 3), sharex=True, squeeze=False
-        )
+        fig = Figure(figsize=(8, 5 if has_psnr else 3))
+        axes = fig.subplots(2 if has_psnr else 1, 1, sharex=True, squeeze=False)
         frames = [row["frame"] for row in self.rows]
         for name in self.degradations:
             axes[0, 0].plot(frames, [row[f"gate_{name}"] for row in self.rows], label=name)
@@ -224,10 +220,7 @@ class FrameReport:
             axes[1, 0].legend(loc="lower right", fontsize="small")
         axes[-1, 0].set_xlabel("frame")
         fig.tight_layout()
-        try:
-            return save_figure(fig, path, dpi=110)
-        finally:
-            plt.close(fig)
+        return save_figure(fig, path, dpi=110)
 
 
 def restore_video(

@@ -112,14 +112,12 @@ def mean_gates(probabilities: torch.Tensor, classes: Sequence[str]) -> dict[str,
 
 def plot_evaluation(metrics: dict[str, Any], path: str | Path) -> None:
     """One PNG: accuracy per class × size (suite and outside regimes), calibration, mixtures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays
 
     classes = metrics["classes"]
     panels = [k for k in ("suite", "outside") if k in metrics["whole_image"]]
-    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(5 * (len(panels) + 2), 4.2))
+    fig = Figure(figsize=(5 * (len(panels) + 2), 4.2))
+    axes = fig.subplots(1, len(panels) + 2)
     for ax, regime in zip(axes, panels, strict=False):
         table = metrics["whole_image"][regime]
         sizes = list(table["per_size"])
@@ -169,7 +167,6 @@ def plot_evaluation(metrics: dict[str, Any], path: str | Path) -> None:
     ax.set_title("mean soft gates on mixtures")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _nan(value: float | None) -> float:

@@ -83,19 +83,19 @@ class RouterExplanation:
         ``labels`` names the rows (e.g. the true degradation); unsure rows get a ``?``.
         Saves a PNG when ``path`` is given; returns the matplotlib figure.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own, not pyplot's: the caller's backend (a notebook's) stays.
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
 
         probs = self.probabilities.detach().float().cpu()
         rows, cols = probs.shape
         if labels is not None and (isinstance(labels, str) or len(labels) != rows):
             raise ConfigError(f"labels names the {rows} image(s), one each; got {labels!r}.")
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * cols, 0.8 + 0.4 * rows))
+        fig = Figure(figsize=(1.2 + 0.9 * cols, 0.8 + 0.4 * rows))
+        ax = fig.subplots()
         image = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for b, i in (self.gates.detach().cpu() > 0).nonzero().tolist():
-            ax.add_patch(plt.Rectangle((i - 0.5, b - 0.5), 1, 1, fill=False, ec="red", lw=2))
+            ax.add_patch(Rectangle((i - 0.5, b - 0.5), 1, 1, fill=False, ec="red", lw=2))
         names = (
             [str(n) for n in labels] if labels is not None else [f"image {b}" for b in range(rows)]
         )

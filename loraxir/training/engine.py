@@ -147,6 +147,13 @@ def make_optimizer_and_scheduler(
     )
     warmup, total, cosine = config.warmup_steps, config.max_steps, config.lr_schedule == "cosine"
     floor = config.min_learning_rate / config.learning_rate if config.learning_rate else 0.0
+    if warmup >= total:  # a shipped config's warm-up with a short --set max_steps
+        warnings.warn(
+            f"warmup_steps ({warmup}) >= max_steps ({total}): the learning rate climbs for "
+            f"the whole run and ends at {total / warmup:.2g}x learning_rate"
+            f"{', never decaying' if cosine else ''}. Lower it: --set warmup_steps=N.",
+            stacklevel=2,
+        )
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -169,15 +169,13 @@ def save_confusion_matrix(
     matrix: torch.Tensor, names: Sequence[str], path: str | Path, title: str = ""
 ) -> None:
     """Draw a confusion matrix (row-normalised colours, counts written) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays
 
     counts = matrix.float()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     size = 1.6 + 0.75 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
     for (row, col), value in zip(
         torch.cartesian_prod(torch.arange(len(names)), torch.arange(len(names))).tolist(),
@@ -194,7 +192,6 @@ def save_confusion_matrix(
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_json(path: str | Path, data: Any) -> None:

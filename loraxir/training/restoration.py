@@ -647,9 +647,9 @@ def start_run(
     accelerator = setup_accelerator(config, find_unused_parameters)
     val_batch = _validation_batch(config, accelerator.num_processes)
     model = build_model()
-    start_recording(accelerator, config, project)
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing:  # may refuse the network: before an earlier run is cleared
         enable_activation_checkpointing(model)
+    start_recording(accelerator, config, project)
     groups = param_groups(model) if param_groups else [{"params": list(model.parameters())}]
     optimizer, scheduler = make_optimizer_and_scheduler(groups, config)
     train_loader = make_loader(data.train, config, shuffle=True)
