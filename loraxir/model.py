@@ -238,11 +238,12 @@ class LoraIRModel(BaseTuner):
                 f"adapter's classes {self.config.degradations}, not {names[0]!r}'s "
                 f"{self.peft_config[names[0]].degradations}. End the block before set_adapter."
             )
-        super().set_adapter(adapter_name, inference_mode)
-        if names:
-            self._follow_active_compute()
-        if not inference_mode and self._built:  # peft's __init__ calls it before the router
-            self._apply_trainable_policy()
+        with self.routing.lock:  # a call running in another thread keeps its adapter
+            super().set_adapter(adapter_name, inference_mode)
+            if names:
+                self._follow_active_compute()
+            if not inference_mode and self._built:  # peft's __init__ calls it before the router
+                self._apply_trainable_policy()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """peft's, then the ``trainable`` policy of the adapter it makes active."""

@@ -99,10 +99,11 @@ class RoutingState:
     @contextlib.contextmanager
     def turn(self, own_routing: bool) -> Iterator[None]:
         """This thread's turn for one call: the routing lock, and, for a call that brings
-        its own routing (gates, names or the router's), the pin lock too. Such a call waits
-        for another thread's ``loraxir.route`` block to end, because direct backbone calls
-        in that block read whatever gates are live and would take this call's. A call that
-        uses pinned gates (a worker thread of the block) runs inside the block."""
+        its own routing (gates or names given; the router's when nothing is pinned), the pin
+        lock too. Such a call waits for another thread's ``loraxir.route`` block to end,
+        because direct backbone calls in that block read whatever gates are live and would
+        take this call's. A call that gives no routing while a block is open uses its pinned
+        gates (a worker thread of the block) and runs inside the block."""
         held = self.pin_lock.acquire(blocking=False)
         if not held and (own_routing or not self.pinned):
             self.pin_lock.acquire()

@@ -691,7 +691,7 @@ def test_a_direct_backbone_call_never_reads_another_threads_call():
             thread = threading.Thread(target=other, name="other")
             thread.start()
             assert started.wait(30)
-            inside.wait(0.5)  # it must not get in: it waits for this block to end
+            assert not inside.wait(0.5), "it waits for this block to end"
             assert torch.equal(model.model(x), pinned)
             release.set()
         thread.join(60)
