@@ -549,9 +549,10 @@ def save_router_choices(router: DegradationRouter, items: Sequence[Any], path: P
     class, as the test read them: the classes' images of the first full-size shape (one
     photo's draws), never resampled (that would change noise grain and streak widths)."""
     first: dict[int, torch.Tensor] = {}
+    shape = None
     for image, label, size, regime in items:
         if regime == "suite" and size == "full":
-            shape = next(iter(first.values())).shape if first else image.shape
+            shape = shape or image.shape
             if image.shape == shape:
                 first.setdefault(label, image)
     if not first:
